@@ -1,0 +1,70 @@
+"""The ``platform`` command. Each sub-command lives in its own module exposing
+``register(subparsers)``; heavy imports (torch) happen inside the command, so ``--help`` is fast.
+Errors the user can fix (:class:`~splitserve.errors.SplitserveError`) print as one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .. import __version__
+
+# Order is the order in `platform --help`.
+COMMAND_MODULES = [
+    "serve",
+    "infer",
+    "encode",
+    "bundle",
+    "tasks",
+    "data",
+    "teacher",
+    "distill",
+    "finetune",
+    "train",
+    "bench",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="platform",
+        description="splitserve: tiny edge encoders, a decode-once gateway, task heads fine-tuned on a shared code.",
+    )
+    parser.add_argument("--version", action="version", version=f"splitserve {__version__}")
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as e:
+            if e.name == f"{__name__}.{name}":
+                continue  # command not built yet
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "func"):
+        parser.print_help()
+        return 0
+    from ..errors import SplitserveError
+
+    try:
+        return int(args.func(args) or 0)
+    except SplitserveError as e:
+        print(f"platform {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"platform {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def add_command(sub, name: str, func, help: str, description: str | None = None) -> argparse.ArgumentParser:
+    """Add a sub-command whose handler is ``func(args)``; the first line of help is the summary."""
+    p = sub.add_parser(name, help=help, description=description or help)
+    p.set_defaults(func=func, command=name)
+    return p

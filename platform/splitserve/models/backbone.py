@@ -1,0 +1,109 @@
+"""ResNet backbones split at layer1: the teacher keeps its stem, the student's tail consumes h.
+
+Real users start from torchvision weights (``weights="DEFAULT"`` or an enum name); where the
+download is impossible, :func:`build_resnet` says so in one line.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torchvision
+from torch import Tensor, nn
+
+from ..errors import SplitserveError
+
+FEATURE_CHANNELS = {"resnet18": 64, "resnet34": 64, "resnet50": 256, "resnet101": 256}
+"""Channels of layer1's output, the feature h every codec rebuilds."""
+
+TAIL_CHANNELS = {
+    "resnet18": (128, 256, 512),
+    "resnet34": (128, 256, 512),
+    "resnet50": (512, 1024, 2048),
+    "resnet101": (512, 1024, 2048),
+}
+"""Output channels of layer2, layer3, layer4."""
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """What a head consumes: channel count and stride (relative to the input) of h."""
+
+    channels: int
+    stride: int = 4
+
+    def describe(self) -> str:
+        return f"{self.channels} channels at stride {self.stride}"
+
+
+def check_arch(arch: str) -> str:
+    if arch not in FEATURE_CHANNELS:
+        raise SplitserveError(f"unsupported backbone {arch!r}; choose one of {', '.join(FEATURE_CHANNELS)}")
+    return arch
+
+
+def feature_spec(arch: str) -> FeatureSpec:
+    return FeatureSpec(FEATURE_CHANNELS[check_arch(arch)], 4)
+
+
+def resolve_weights(arch: str, weights: str | None):
+    """Map ``"DEFAULT"`` / an enum member name to a torchvision ``WeightsEnum`` (or None)."""
+    if weights is None:
+        return None
+    enum = torchvision.models.get_model_weights(arch)
+    try:
+        return enum[weights] if weights != "DEFAULT" else enum.DEFAULT
+    except KeyError:
+        names = ", ".join(["DEFAULT", *enum.__members__])
+        raise SplitserveError(f"unknown weights {weights!r} for {arch}; choose one of {names}") from None
+
+
+def build_resnet(
+    arch: str,
+    *,
+    num_classes: int = 1000,
+    weights: str | None = None,
+    dilation: tuple[bool, bool, bool] | None = None,
+) -> torchvision.models.ResNet:
+    """A torchvision ResNet, optionally pretrained through the weights API."""
+    check_arch(arch)
+    w = resolve_weights(arch, weights)
+    kwargs = {} if dilation is None else {"replace_stride_with_dilation": list(dilation)}
+    if w is not None:
+        kwargs["num_classes"] = len(w.meta["categories"])
+    else:
+        kwargs["num_classes"] = num_classes
+    try:
+        return torchvision.models.get_model(arch, weights=w, **kwargs)
+    except (OSError, RuntimeError) as e:  # URLError is an OSError
+        if w is None:
+            raise
+        raise SplitserveError(
+            f"could not download {arch} weights {w} ({type(e).__name__}); "
+            "pass a local checkpoint instead"
+        ) from None
+
+
+def resnet_stem(resnet: torchvision.models.ResNet) -> nn.Sequential:
+    """conv1 → bn1 → relu → maxpool → layer1: the part the codec replaces; its output is h."""
+    return nn.Sequential(resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool, resnet.layer1)
+
+
+class ResNetTail(nn.Module):
+    """layer2..4 of a ResNet applied to h; returns every stage (FPN and distillation need them)."""
+
+    def __init__(self, layer2: nn.Module, layer3: nn.Module, layer4: nn.Module):
+        super().__init__()
+        self.layer2, self.layer3, self.layer4 = layer2, layer3, layer4
+
+    @classmethod
+    def from_resnet(cls, resnet: torchvision.models.ResNet) -> "ResNetTail":
+        return cls(resnet.layer2, resnet.layer3, resnet.layer4)
+
+    def forward(self, h: Tensor) -> "OrderedDict[str, Tensor]":
+        out = OrderedDict()
+        out["layer2"] = x = self.layer2(h)
+        out["layer3"] = x = self.layer3(x)
+        out["layer4"] = self.layer4(x)
+        return out

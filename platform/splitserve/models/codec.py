@@ -1,0 +1,143 @@
+"""FeatureCodec: encoder f_θ + factorized prior + decoder g_φ, the unit shared by edge and server.
+
+The edge runs :meth:`FeatureCodec.compress`; the server runs :meth:`decompress` then :meth:`decode`
+and hands the rebuilt feature ``h`` to every task head.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+
+import torch
+from compressai.entropy_models import EntropyBottleneck
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class CodecOutput:
+    """Training-path output: the rebuilt feature and the prior's likelihoods of the noisy latent."""
+
+    features: Tensor
+    likelihoods: Tensor
+
+    def bits(self) -> Tensor:
+        """Total information content in bits (the rate term), summed over the batch."""
+        return -torch.log2(self.likelihoods).sum()
+
+
+class FeatureCodec(nn.Module):
+    """Encoder + entropy bottleneck + decoder with the CompressAI calling conventions.
+
+    ``stride`` is the downsampling factor of the decoded feature relative to the input (4, the
+    ResNet layer1 scale); ``input_multiple`` is what input sides must be divisible by for the
+    decoded feature to be exactly ``input/stride`` (8 for patch-embedding encoders).
+    """
+
+    stride: int = 4
+
+    def __init__(
+        self,
+        family: str,
+        config: dict,
+        encoder: nn.Module,
+        decoder: nn.Module,
+        latent_channels: int,
+        feature_channels: int,
+        input_multiple: int,
+    ):
+        super().__init__()
+        self.family = family
+        self.config = dict(config)
+        self.encoder = encoder
+        self.entropy_bottleneck = EntropyBottleneck(latent_channels)
+        self.decoder = decoder
+        self.latent_channels = latent_channels
+        self.feature_channels = feature_channels
+        self.input_multiple = input_multiple
+
+    # -- training path ---------------------------------------------------------------------
+    def forward(self, x: Tensor) -> CodecOutput:
+        """Noisy (training) or rounded (eval) path: z̃ = f(x) + U(-½, ½), h = g(z̃)."""
+        y = self.encoder(x)
+        y_hat, likelihoods = self.entropy_bottleneck(y)
+        return CodecOutput(self.decoder(y_hat), likelihoods)
+
+    def aux_loss(self) -> Tensor:
+        """The prior's quantile loss; optimise it every step so update() builds good CDFs."""
+        return self.entropy_bottleneck.loss()
+
+    def update(self, force: bool = True) -> bool:
+        """Rebuild the prior's CDF tables; must run after any change to the prior, before coding."""
+        return self.entropy_bottleneck.update(force=force)
+
+    # -- coding path -----------------------------------------------------------------------
+    def quantize(self, x: Tensor) -> Tensor:
+        """The latent the server will reconstruct, computed locally (round around the medians)."""
+        y = self.encoder(x)
+        medians = self.entropy_bottleneck._get_medians()
+        return self.entropy_bottleneck.quantize(y, "dequantize", medians)
+
+    @torch.no_grad()
+    def compress(self, x: Tensor) -> tuple[list[bytes], tuple[int, int]]:
+        """Encode a batch to one rANS string per image plus the latent's spatial size."""
+        y = self.encoder(x)
+        strings = self.entropy_bottleneck.compress(y)
+        return strings, (int(y.shape[-2]), int(y.shape[-1]))
+
+    @torch.no_grad()
+    def decompress(self, strings: list[bytes], latent_hw: tuple[int, int]) -> Tensor:
+        """Entropy-decode rANS strings back to the exact rounded latent."""
+        return self.entropy_bottleneck.decompress(strings, tuple(latent_hw))
+
+    def decode(self, y_hat: Tensor) -> Tensor:
+        """Rebuild the backbone feature h from a (de)quantized latent."""
+        return self.decoder(y_hat)
+
+    # -- geometry --------------------------------------------------------------------------
+    def latent_hw(self, height: int, width: int) -> tuple[int, int]:
+        """Spatial size of the latent for an input of ``height × width`` (shape arithmetic only)."""
+        return self.encoder.output_hw(height, width)
+
+    # -- identity --------------------------------------------------------------------------
+    def fingerprint(self) -> str:
+        """SHA-256 over family, config, encoder weights and the prior's coding tables.
+
+        Two codecs with the same fingerprint produce and decode identical bitstreams, so the
+        edge and the server can prove they speak the same code. Requires :meth:`update`.
+        """
+        eb = self.entropy_bottleneck
+        if eb._offset.numel() == 0:
+            raise RuntimeError("call update() before fingerprint(): the prior has no CDF tables yet")
+        h = hashlib.sha256()
+        h.update(json.dumps({"family": self.family, "config": self.config}, sort_keys=True).encode())
+        tensors = {f"encoder.{k}": v for k, v in self.encoder.state_dict().items()}
+        tensors.update(
+            {
+                "prior.quantized_cdf": eb._quantized_cdf,
+                "prior.cdf_length": eb._cdf_length,
+                "prior.offset": eb._offset,
+                "prior.medians": eb._get_medians().detach(),
+            }
+        )
+        for name in sorted(tensors):
+            t = tensors[name].detach().cpu().contiguous()
+            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+            h.update(t.numpy().tobytes())
+        return h.hexdigest()
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Device side = encoder + prior (what the edge must hold); server side = decoder."""
+        count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+        return {
+            "encoder": count(self.encoder),
+            "prior": count(self.entropy_bottleneck),
+            "decoder": count(self.decoder),
+        }
+
+
+def conv_out(size: int, kernel: int, stride: int = 1, padding: int = 0) -> int:
+    """Output length of a convolution, for exact shape arithmetic without a forward pass."""
+    return math.floor((size + 2 * padding - kernel) / stride) + 1
