@@ -129,9 +129,18 @@ class TaskPlugin(ABC):
         return None
 
     def evaluate(
-        self, head: nn.Module, features_fn: FeatureFn, batches: Iterable[TaskBatch]
+        self,
+        head: nn.Module,
+        features_fn: FeatureFn,
+        batches: Iterable[TaskBatch],
+        *,
+        dataset: Dataset | None = None,
     ) -> dict[str, float]:
-        """Validation metrics; must include ``metric_name``."""
+        """Validation metrics; must include ``metric_name``.
+
+        ``dataset`` is the dataset the batches come from (default: ``batches.dataset`` when
+        ``batches`` is a DataLoader); metrics such as COCO mAP need its ground-truth index.
+        """
         raise PluginError(f"task {self.name!r} does not provide an evaluation metric")
 
 

@@ -7,6 +7,7 @@ download is impossible, :func:`build_resnet` says so in one line.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torchvision
@@ -65,11 +66,17 @@ def build_resnet(
     num_classes: int = 1000,
     weights: str | None = None,
     dilation: tuple[bool, bool, bool] | None = None,
+    norm_layer: Callable[..., nn.Module] | None = None,
 ) -> torchvision.models.ResNet:
-    """A torchvision ResNet, optionally pretrained through the weights API."""
+    """A torchvision ResNet, optionally pretrained through the weights API.
+
+    ``norm_layer`` replaces BatchNorm2d (detection uses ``FrozenBatchNorm2d`` like torchvision).
+    """
     check_arch(arch)
     w = resolve_weights(arch, weights)
-    kwargs = {} if dilation is None else {"replace_stride_with_dilation": list(dilation)}
+    kwargs: dict = {} if dilation is None else {"replace_stride_with_dilation": list(dilation)}
+    if norm_layer is not None:
+        kwargs["norm_layer"] = norm_layer
     if w is not None:
         kwargs["num_classes"] = len(w.meta["categories"])
     else:

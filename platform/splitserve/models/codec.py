@@ -101,6 +101,15 @@ class FeatureCodec(nn.Module):
         """Spatial size of the latent for an input of ``height × width`` (shape arithmetic only)."""
         return self.encoder.output_hw(height, width)
 
+    def input_hw(self, latent_h: int, latent_w: int) -> tuple[int, int]:
+        """Input size that produced a latent of this size (inputs are multiples of ``input_multiple``)."""
+        return self.encoder.input_hw(latent_h, latent_w)
+
+    def check_input_size(self, height: int, width: int) -> None:
+        m = self.input_multiple
+        if height % m or width % m or height < 2 * m or width < 2 * m:
+            raise ValueError(f"{self.family} needs input sides that are multiples of {m} (>= {2 * m}), got {height}x{width}")
+
     # -- identity --------------------------------------------------------------------------
     def fingerprint(self) -> str:
         """SHA-256 over family, config, encoder weights and the prior's coding tables.

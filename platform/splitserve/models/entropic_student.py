@@ -29,6 +29,10 @@ class EntropicStudentEncoder(nn.Sequential):
         f = lambda n: conv_out(conv_out(conv_out(n, 5, 2, 2), 5, 2, 2), 2)  # noqa: E731
         return f(height), f(width)
 
+    @staticmethod
+    def input_hw(latent_h: int, latent_w: int) -> tuple[int, int]:
+        return 4 * (latent_h + 1), 4 * (latent_w + 1)
+
 
 class EntropicStudentDecoder(nn.Sequential):
     def __init__(self, latent_channels: int = 24, feature_channels: int = 256):

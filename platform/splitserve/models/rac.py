@@ -44,6 +44,10 @@ class RACEncoder(nn.Sequential):
     def output_hw(height: int, width: int) -> tuple[int, int]:
         return height // 8, width // 8
 
+    @staticmethod
+    def input_hw(latent_h: int, latent_w: int) -> tuple[int, int]:
+        return 8 * latent_h, 8 * latent_w
+
 
 class RACDecoder(nn.Sequential):
     def __init__(self, latent_channels: int = 64, feature_channels: int = 256):

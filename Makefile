@@ -1,0 +1,49 @@
+# Two commands set everything up: `make serve` and `make test`.
+# Both create .venv on first use and reinstall only when pyproject.toml changes.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: serve test install install-test fmnist bench clean help
+
+help:
+	@echo "make serve   set up .venv and serve the embedded default bundle on http://127.0.0.1:8000 (ARGS='--port 9000 …')"
+	@echo "make test    set up .venv with test extras and the Fashion-MNIST data, run the test suite"
+	@echo "make bench   run the serving benchmark and rewrite docs/benchmarks.md sections"
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e .
+	@touch $@
+
+$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e ".[test,data]"
+	@touch $@ $(VENV)/.installed
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+# Real photos for the training tests: Debian's dataset-fashion-mnist (needs root + apt).
+fmnist:
+	@test -d $(FMNIST_DIR) || { \
+	  echo "installing dataset-fashion-mnist (real Fashion-MNIST photos) into $(FMNIST_DIR)"; \
+	  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null || \
+	  echo "warning: could not install dataset-fashion-mnist; training tests will fail"; }
+
+serve: install
+	$(BIN)/platform serve $(ARGS)
+
+test: install-test fmnist
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: install
+	$(BIN)/platform bench serve --output docs/benchmarks.md
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

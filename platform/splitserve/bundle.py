@@ -1,0 +1,281 @@
+"""Model bundles: a directory with ``manifest.json`` and safetensors weights.
+
+The edge needs only ``encoder`` + ``prior``; the server adds ``decoder`` and one file per task
+head. Every file's SHA-256 is in the manifest and the codec fingerprint is recomputed on load,
+so a bundle whose weights disagree with its manifest is refused instead of serving garbage.
+See ``docs/bundle.md``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, Field, ValidationError
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save_file
+from torch import nn
+
+from . import __version__
+from .errors import BundleError, SplitserveError
+from .models import FeatureCodec, build_encoder
+from .models.backbone import check_arch
+
+FORMAT = "splitserve-bundle"
+FORMAT_VERSION = 1
+CODEC_PARTS = ("encoder", "prior", "decoder")
+EDGE_PARTS = ("encoder", "prior")
+# The prior's coding tables change shape with update(); they are resized before loading.
+_PRIOR_TABLES = ("_quantized_cdf", "_offset", "_cdf_length")
+
+
+class FileEntry(BaseModel):
+    path: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    parameters: int = Field(ge=0)
+
+
+class CodecSpec(BaseModel):
+    family: str
+    config: dict[str, Any]
+
+
+class TaskEntry(BaseModel):
+    file: FileEntry
+    config: dict[str, Any] = {}
+    metrics: dict[str, float] = {}
+    provenance: dict[str, Any] = {}
+
+
+class Manifest(BaseModel):
+    """``manifest.json``: what the bundle is, how to rebuild it, and proof of its weights."""
+
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+    codec: CodecSpec
+    backbone: str
+    input_size: tuple[int, int] = Field(description="(height, width) the edge resizes images to")
+    fingerprint: str = Field(pattern=r"^[0-9a-f]{64}$")
+    files: dict[str, FileEntry]
+    tasks: dict[str, TaskEntry] = {}
+    metrics: dict[str, float] = {}
+    provenance: dict[str, Any] = {}
+
+
+# -- reading -------------------------------------------------------------------------------
+def read_manifest(path: str | Path) -> Manifest:
+    """Parse and validate ``DIR/manifest.json`` with one clear error for anything wrong."""
+    root = Path(path)
+    mpath = root / "manifest.json"
+    if not root.is_dir():
+        raise BundleError(f"{root}: no such bundle directory")
+    if not mpath.is_file():
+        raise BundleError(f"{root}: not a bundle (no manifest.json)")
+    try:
+        raw = json.loads(mpath.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BundleError(f"{mpath}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        raise BundleError(f"{mpath}: not a splitserve bundle manifest")
+    if raw.get("format_version") != FORMAT_VERSION:
+        raise BundleError(
+            f"{mpath}: bundle format version {raw.get('format_version')!r} is not supported "
+            f"(this splitserve reads version {FORMAT_VERSION})"
+        )
+    try:
+        manifest = Manifest.model_validate(raw)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise BundleError(f"{mpath}: invalid manifest at {where}: {first['msg']}") from None
+    missing = [p for p in CODEC_PARTS if p not in manifest.files]
+    if missing:
+        raise BundleError(f"{mpath}: manifest lists no file for {', '.join(missing)}")
+    return manifest
+
+
+def _read_tensors(root: Path, entry: FileEntry, what: str) -> dict[str, torch.Tensor]:
+    fpath = (root / entry.path).resolve()
+    if root.resolve() not in fpath.parents:
+        raise BundleError(f"{root}: {what} path {entry.path!r} escapes the bundle directory")
+    if not fpath.is_file():
+        raise BundleError(f"{root}: {what} weights {entry.path} are missing")
+    data = fpath.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != entry.sha256:
+        raise BundleError(
+            f"{root}: {what} weights {entry.path} do not match the manifest "
+            f"(sha256 {digest[:12]}…, manifest says {entry.sha256[:12]}…)"
+        )
+    try:
+        return load_safetensors(data)
+    except Exception as e:  # SafetensorError, or a header that does not decode at all
+        raise BundleError(f"{root}: {what} weights {entry.path} are not a valid safetensors file ({e})") from None
+
+
+def _load_into(module: nn.Module, tensors: Mapping[str, torch.Tensor], what: str, root: Path) -> None:
+    try:
+        module.load_state_dict(dict(tensors), strict=True)
+    except RuntimeError as e:
+        msg = str(e).split("\n")[0:3]
+        raise BundleError(f"{root}: {what} weights do not fit the manifest's architecture: {' '.join(msg)}") from None
+
+
+def load_codec(path: str | Path, parts: Iterable[str] = CODEC_PARTS, manifest: Manifest | None = None) -> FeatureCodec:
+    """Build the codec from the manifest and load its weights; verify the fingerprint.
+
+    ``parts=EDGE_PARTS`` loads what a device needs and drops the decoder.
+    """
+    root = Path(path)
+    manifest = manifest or read_manifest(root)
+    parts = tuple(parts)
+    try:
+        codec = build_encoder(manifest.codec.family, **manifest.codec.config)
+    except SplitserveError as e:
+        raise BundleError(f"{root}: {e}") from None
+    codec.eval()
+    _load_into(codec.encoder, _read_tensors(root, manifest.files["encoder"], "encoder"), "encoder", root)
+    prior = _read_tensors(root, manifest.files["prior"], "prior")
+    for name in _PRIOR_TABLES:  # size the coding tables like the saved ones before loading
+        if name in prior:
+            getattr(codec.entropy_bottleneck, name).resize_(prior[name].shape)
+    _load_into(codec.entropy_bottleneck, prior, "prior", root)
+    if "decoder" in parts:
+        _load_into(codec.decoder, _read_tensors(root, manifest.files["decoder"], "decoder"), "decoder", root)
+    else:
+        codec.decoder = None  # the device never decodes; don't hold the weights
+    actual = codec.fingerprint()
+    if actual != manifest.fingerprint:
+        raise BundleError(
+            f"{root}: encoder/prior weights have fingerprint {actual[:16]}… but the manifest says "
+            f"{manifest.fingerprint[:16]}…; the bundle is corrupt or was edited"
+        )
+    return codec
+
+
+def load_head(path: str | Path, task: str, head: nn.Module, manifest: Manifest | None = None) -> nn.Module:
+    """Load a task head's weights (built by its plugin) from the bundle."""
+    root = Path(path)
+    manifest = manifest or read_manifest(root)
+    if task not in manifest.tasks:
+        have = ", ".join(manifest.tasks) or "none"
+        raise BundleError(f"{root}: bundle has no {task!r} head (it has: {have})")
+    _load_into(head, _read_tensors(root, manifest.tasks[task].file, f"{task} head"), f"{task} head", root)
+    return head.eval()
+
+
+# -- writing -------------------------------------------------------------------------------
+def _state(module: nn.Module) -> dict[str, torch.Tensor]:
+    # clone: safetensors refuses tensors that share storage (e.g. weights tied across modules)
+    return {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
+
+
+def _write(root: Path, rel: str, module: nn.Module) -> FileEntry:
+    target = root / rel
+    target.parent.mkdir(parents=True, exist_ok=True)
+    save_file(_state(module), str(target))
+    digest = hashlib.sha256(target.read_bytes()).hexdigest()
+    return FileEntry(path=rel, sha256=digest, parameters=sum(p.numel() for p in module.parameters()))
+
+
+def default_provenance(**extra: Any) -> dict[str, Any]:
+    return {
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "splitserve_version": __version__,
+        "torch_version": torch.__version__,
+        **extra,
+    }
+
+
+def save_bundle(
+    path: str | Path,
+    codec: FeatureCodec,
+    *,
+    backbone: str,
+    input_size: tuple[int, int],
+    heads: Mapping[str, tuple[nn.Module, Mapping[str, Any]]] | None = None,
+    head_metrics: Mapping[str, Mapping[str, float]] | None = None,
+    metrics: Mapping[str, float] | None = None,
+    provenance: Mapping[str, Any] | None = None,
+) -> Manifest:
+    """Write a complete bundle atomically (to a temp dir, then renamed into place).
+
+    ``heads`` maps task name → (head module, head config). The prior's CDF tables are rebuilt
+    first (``update()``), so the saved tables are exactly what the fingerprint covers.
+    """
+    check_arch(backbone)
+    codec.check_input_size(*input_size)
+    codec.update(force=True)
+    root = Path(path)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
+    try:
+        files = {
+            "encoder": _write(tmp, "encoder.safetensors", codec.encoder),
+            "prior": _write(tmp, "prior.safetensors", codec.entropy_bottleneck),
+            "decoder": _write(tmp, "decoder.safetensors", codec.decoder),
+        }
+        tasks = {
+            name: TaskEntry(
+                file=_write(tmp, f"heads/{name}.safetensors", module),
+                config=dict(cfg),
+                metrics=dict((head_metrics or {}).get(name, {})),
+            )
+            for name, (module, cfg) in (heads or {}).items()
+        }
+        manifest = Manifest(
+            codec=CodecSpec(family=codec.family, config=codec.config),
+            backbone=backbone,
+            input_size=tuple(input_size),
+            fingerprint=codec.fingerprint(),
+            files=files,
+            tasks=tasks,
+            metrics=dict(metrics or {}),
+            provenance=dict(provenance or default_provenance()),
+        )
+        (tmp / "manifest.json").write_text(manifest.model_dump_json(indent=2) + "\n")
+        if root.exists():
+            shutil.rmtree(root)
+        os.replace(tmp, root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def update_heads(
+    path: str | Path,
+    heads: Mapping[str, tuple[nn.Module, Mapping[str, Any]]],
+    *,
+    head_metrics: Mapping[str, Mapping[str, float]] | None = None,
+    head_provenance: Mapping[str, Mapping[str, Any]] | None = None,
+    decoder: nn.Module | None = None,
+) -> Manifest:
+    """Add or replace task heads (and optionally the decoder) in an existing bundle.
+
+    The encoder and prior are untouched, so the fingerprint — and every deployed device —
+    stays valid.
+    """
+    root = Path(path)
+    manifest = read_manifest(root)
+    for name, (module, cfg) in heads.items():
+        manifest.tasks[name] = TaskEntry(
+            file=_write(root, f"heads/{name}.safetensors", module),
+            config=dict(cfg),
+            metrics=dict((head_metrics or {}).get(name, {})),
+            provenance=dict((head_provenance or {}).get(name, {})),
+        )
+    if decoder is not None:
+        manifest.files["decoder"] = _write(root, "decoder.safetensors", decoder)
+    tmp = root / "manifest.json.tmp"
+    tmp.write_text(manifest.model_dump_json(indent=2) + "\n")
+    os.replace(tmp, root / "manifest.json")
+    return manifest

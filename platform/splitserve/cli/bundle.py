@@ -1,0 +1,69 @@
+"""``platform bundle``: inspect a bundle, or create an untrained one to start from."""
+
+from __future__ import annotations
+
+import json
+
+from . import add_command
+
+
+def register(sub) -> None:
+    p = add_command(sub, "bundle", lambda a: a.bundle_parser.print_help(), "Inspect or create model bundles.")
+    bsub = p.add_subparsers(title="bundle commands", metavar="ACTION")
+    p.set_defaults(bundle_parser=p)
+
+    i = bsub.add_parser("inspect", help="Verify a bundle and print its manifest, parameter counts and fingerprint.")
+    i.add_argument("path", metavar="DIR", nargs="?", help="bundle directory (default: the embedded default)")
+    i.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    i.set_defaults(func=inspect, command="bundle inspect")
+
+    c = bsub.add_parser("init", help="Write a bundle with deterministic untrained weights (a starting point).")
+    c.add_argument("path", metavar="DIR")
+    c.add_argument("--encoder", default="entropic_student", help="encoder family: entropic_student | rac")
+    c.add_argument("--blocks", type=int, default=None, help="residual blocks for the rac family (0, 4, 8, …)")
+    c.add_argument("--backbone", default="resnet18", help="resnet18 | resnet50 | …")
+    c.add_argument("--input-size", type=int, nargs=2, default=(224, 224), metavar=("H", "W"))
+    c.add_argument("--tasks", default=None, help="comma-separated tasks (default: every installed plugin)")
+    c.add_argument("--seed", type=int, default=0)
+    c.set_defaults(func=init, command="bundle init")
+
+
+def inspect(args) -> int:
+    from ..bundle import load_codec, read_manifest
+    from ..defaults import resolve_bundle
+
+    path = resolve_bundle(args.path)
+    manifest = read_manifest(path)
+    codec = load_codec(path, manifest=manifest)  # verifies hashes and fingerprint
+    if args.json:
+        print(json.dumps(manifest.model_dump(mode="json"), indent=2))
+        return 0
+    counts = codec.parameter_counts()
+    heads = {name: t.file.parameters for name, t in manifest.tasks.items()}
+    print(f"bundle       {path}")
+    print(f"fingerprint  {manifest.fingerprint}")
+    print(f"codec        {manifest.codec.family} {json.dumps(manifest.codec.config)}")
+    print(f"backbone     {manifest.backbone}, input {manifest.input_size[0]}x{manifest.input_size[1]}")
+    lat = codec.latent_hw(*manifest.input_size)
+    print(f"latent       {codec.latent_channels}x{lat[0]}x{lat[1]}")
+    print("device side  {:>12,} parameters (encoder {:,} + prior {:,})".format(
+        counts["encoder"] + counts["prior"], counts["encoder"], counts["prior"]))
+    print("server side  {:>12,} parameters (decoder {:,} + heads {:,})".format(
+        counts["decoder"] + sum(heads.values()), counts["decoder"], sum(heads.values())))
+    for name, task in manifest.tasks.items():
+        metrics = ", ".join(f"{k} {v:.2f}" for k, v in task.metrics.items()) or "no metrics"
+        print(f"  {name:<14}{task.file.parameters:>12,} parameters  {metrics}")
+    for key, value in manifest.provenance.items():
+        print(f"provenance   {key}: {value}")
+    return 0
+
+
+def init(args) -> int:
+    from ..defaults import build_untrained_bundle
+
+    cfg = {} if args.blocks is None else {"blocks": args.blocks}
+    tasks = args.tasks.split(",") if args.tasks else None
+    build_untrained_bundle(args.path, family=args.encoder, backbone=args.backbone, input_size=tuple(args.input_size),
+                           tasks=tasks, seed=args.seed, codec_config=cfg)
+    print(f"wrote untrained bundle {args.path}")
+    return 0

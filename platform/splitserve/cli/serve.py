@@ -1,0 +1,53 @@
+"""``platform serve``: the gateway on uvicorn, configured like uvicorn (flags or SPLITSERVE_* env)."""
+
+from __future__ import annotations
+
+from . import add_command
+
+
+def register(sub) -> None:
+    p = add_command(
+        sub, "serve", run, "Serve the REST gateway (POST /infer?tasks=cls,det,seg; docs at /docs).",
+        "Serve a bundle over HTTP. Every flag can also be set as SPLITSERVE_<FLAG> in the environment "
+        "(e.g. SPLITSERVE_MAX_BATCH=32); flags win.")
+    p.add_argument("--bundle", metavar="DIR", help="bundle directory (default: the embedded default bundle)")
+    p.add_argument("--host", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default 8000; 0 picks a free one)")
+    p.add_argument("--tasks", type=lambda s: [t for t in s.split(",") if t],
+                   help="comma-separated tasks to serve (default: every head in the bundle)")
+    p.add_argument("--max-batch", type=int, help="images per decode batch (default 16)")
+    p.add_argument("--max-wait-ms", type=float, help="how long a batch waits to fill (default 5)")
+    p.add_argument("--max-queue", type=int, help="images allowed to wait before 503 (default 256)")
+    p.add_argument("--max-body-bytes", type=int, help="largest request body (default 8 MiB)")
+    p.add_argument("--workers", type=int, help="server processes (default 1)")
+    p.add_argument("--threads", type=int, help="torch threads per process")
+    p.add_argument("--api-key", help="require this key in the X-API-Key header")
+    p.add_argument("--no-warmup", dest="warmup", action="store_const", const=False,
+                   help="skip the warm-up pass before /readyz turns ready")
+    p.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"])
+
+
+def run(args) -> int:
+    import logging
+    import os
+
+    import uvicorn
+
+    from ..defaults import resolve_bundle
+    from ..gateway import ServerConfig, create_app
+
+    overrides = {k: getattr(args, k) for k in ServerConfig.model_fields if hasattr(args, k)}
+    config = ServerConfig.from_env(**overrides)
+    config.bundle = str(resolve_bundle(config.bundle))  # build the default once, before any worker
+    logging.basicConfig(level=config.log_level.upper(), format="%(levelname)s:     %(message)s")
+    if config.workers == 1:
+        app = create_app(config)  # load + validate now: a bad bundle fails here, in one line
+        uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level)
+        return 0
+    from ..bundle import read_manifest
+
+    read_manifest(config.bundle)
+    os.environ.update(config.to_env())  # worker processes read their config from the environment
+    uvicorn.run("splitserve.gateway.app:factory", factory=True, host=config.host, port=config.port,
+                workers=config.workers, log_level=config.log_level)
+    return 0

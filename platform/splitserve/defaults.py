@@ -1,0 +1,79 @@
+"""The embedded default bundle, so ``make serve`` answers real requests with no download.
+
+Until a trained default ships, it is an Entropic Student codec with a ResNet-18 backbone and
+one head per installed plugin, all with deterministic initial weights (seed 0): real coding,
+real decoding, real heads — untrained predictions. Built once into the cache directory.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+DEFAULT_BUNDLE = "default-untrained-v1"
+DEFAULT_BACKBONE = "resnet18"
+DEFAULT_INPUT_SIZE = (224, 224)
+DEFAULT_SEED = 0
+FMNIST_LABELS = [
+    "t-shirt_top", "trouser", "pullover", "dress", "coat",
+    "sandal", "shirt", "sneaker", "bag", "ankle_boot",
+]  # fmt: skip
+
+
+def cache_dir() -> Path:
+    """``$SPLITSERVE_HOME`` or ``~/.cache/splitserve``."""
+    env = os.environ.get("SPLITSERVE_HOME")
+    return Path(env) if env else Path.home() / ".cache" / "splitserve"
+
+
+def default_bundle_path() -> Path:
+    return cache_dir() / "bundles" / DEFAULT_BUNDLE
+
+
+def default_head_config(task: str) -> dict:
+    """Heads of the default bundle speak the fmnist-scenes label set (the benchmark we train on)."""
+    if task == "segmentation":
+        return {"num_classes": 11, "labels": ["background", *FMNIST_LABELS]}
+    if task in ("classification", "detection"):
+        return {"num_classes": 10, "labels": list(FMNIST_LABELS)}
+    return {}
+
+
+def build_untrained_bundle(path: Path, *, family: str = "entropic_student", backbone: str = DEFAULT_BACKBONE,
+                           input_size: tuple[int, int] = DEFAULT_INPUT_SIZE, tasks: list[str] | None = None,
+                           seed: int = DEFAULT_SEED, codec_config: dict | None = None) -> Path:
+    """Write a bundle with deterministic initial weights for every requested (default: installed) task."""
+    from .bundle import default_provenance, save_bundle
+    from .models import build_encoder
+    from .models.backbone import FEATURE_CHANNELS
+    from .plugins import PluginRegistry
+
+    registry = PluginRegistry.discover()
+    plugins = registry.resolve(tasks) if tasks else list(registry)
+    torch.manual_seed(seed)
+    codec = build_encoder(family, feature_channels=FEATURE_CHANNELS[backbone], **(codec_config or {})).eval()
+    heads = {}
+    for plugin in plugins:
+        config = {**plugin.default_config(backbone), **default_head_config(plugin.name)}
+        heads[plugin.name] = (plugin.build_head(backbone, config).eval(), config)
+    save_bundle(
+        path, codec, backbone=backbone, input_size=input_size, heads=heads,
+        provenance=default_provenance(training="none: deterministic initial weights", seed=seed),
+    )
+    return path
+
+
+def ensure_default_bundle() -> Path:
+    """Path of the default bundle, building it on first use (a few seconds)."""
+    path = default_bundle_path()
+    if not (path / "manifest.json").is_file():
+        build_untrained_bundle(path)
+    return path
+
+
+def resolve_bundle(path: str | Path | None) -> Path:
+    """``--bundle`` / ``$SPLITSERVE_BUNDLE`` / the default bundle, in that order."""
+    chosen = path or os.environ.get("SPLITSERVE_BUNDLE")
+    return Path(chosen) if chosen else ensure_default_bundle()

@@ -1,0 +1,273 @@
+"""FastAPI application: thin routes over :class:`Runtime` and :class:`DynamicBatcher`.
+
+Every user error maps to a 4xx with a reason; nothing a client sends can take the server down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from contextlib import asynccontextmanager
+from typing import Annotated, Any, Optional
+
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, Field, create_model
+
+from .. import __version__
+from ..errors import FingerprintMismatch, PayloadError, PluginError, SplitserveError
+from ..plugins import PluginRegistry
+from .batching import DynamicBatcher, QueueFull
+from .config import ServerConfig
+from .metrics import GatewayMetrics
+from .runtime import Job, Runtime
+
+log = logging.getLogger("splitserve.gateway")
+
+PAYLOAD_TYPES = ("application/x-splitserve", "application/octet-stream")
+IMAGE_TYPES = ("image/jpeg", "image/png", "image/webp")
+
+
+class ErrorResponse(BaseModel):
+    detail: str = Field(description="what was wrong with the request")
+
+
+class EncoderInfo(BaseModel):
+    fingerprint: str = Field(description="SHA-256 of encoder weights + prior CDF tables (hex)")
+    fingerprint_id: str = Field(description="the 8-byte prefix carried in every payload (hex)")
+    family: str
+    config: dict[str, Any]
+    backbone: str
+    input_size: tuple[int, int] = Field(description="(height, width) images are resized to on the device")
+    latent_channels: int
+    payload_format_version: int
+
+
+class TaskInfo(BaseModel):
+    name: str
+    aliases: list[str]
+    description: str
+    feature: dict[str, int]
+    config: dict[str, Any]
+    metrics: dict[str, float]
+    response_schema: dict[str, Any]
+
+
+class Health(BaseModel):
+    status: str
+
+
+def _result_models(runtime: Runtime) -> tuple[type[BaseModel], type[BaseModel]]:
+    """Response models built from the served plugins, so OpenAPI shows each task's schema."""
+    fields = {
+        p.name: (Optional[p.response_model], Field(None, description=p.description or p.name))
+        for p in runtime.plugins
+    }
+    tasks_model = create_model("TaskResults", **fields)
+    image_model = create_model(
+        "ImageResult",
+        index=(int, Field(description="position of the image in the payload")),
+        original_size=(tuple[int, int], Field(description="(height, width) of the image on the device")),
+        tasks=(tasks_model, ...),
+    )
+    response = create_model(
+        "InferResponse",
+        fingerprint=(str, Field(description="encoder fingerprint the features were decoded with")),
+        bytes_received=(int, Field(description="request body size in bytes")),
+        input=(str, Field(description="'payload' (edge-encoded) or 'image' (full offloading)")),
+        tasks=(list[str], Field(description="canonical names of the tasks that ran")),
+        results=(list[image_model], ...),
+    )
+    return response, image_model
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """Read at most ``limit`` bytes; refuse early on Content-Length, and while streaming."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise HTTPException(413, f"body of {declared} bytes exceeds the limit of {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise HTTPException(413, f"body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def create_app(config: ServerConfig | None = None, runtime: Runtime | None = None) -> FastAPI:
+    """Build the gateway. Models load at start-up (``/readyz`` turns 200 once warmed up)."""
+    config = config or ServerConfig.from_env()
+    metrics = runtime.metrics if runtime else GatewayMetrics()
+    if runtime is None:
+        from ..defaults import resolve_bundle
+
+        if config.threads:
+            import torch
+
+            torch.set_num_threads(config.threads)
+        runtime = Runtime(resolve_bundle(config.bundle), PluginRegistry.discover(), config.tasks, metrics)
+    state: dict[str, Any] = {"ready": False}
+    batcher = DynamicBatcher(runtime, metrics, max_batch=config.max_batch, max_wait_ms=config.max_wait_ms,
+                             max_queue=config.max_queue)
+    InferResponse, ImageResult = _result_models(runtime)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        batcher.start()
+        if config.warmup:
+            await asyncio.get_running_loop().run_in_executor(batcher._executor, runtime.warmup)
+        state["ready"] = True
+        log.info("serving %s (fingerprint %s) tasks: %s", runtime.path, runtime.fingerprint[:16],
+                 ", ".join(p.name for p in runtime.plugins))
+        yield
+        state["ready"] = False
+        await batcher.stop()
+
+    def require_key(request: Request) -> None:
+        if config.api_key is None:
+            return
+        given = request.headers.get("x-api-key", "")
+        if not secrets.compare_digest(given.encode(), config.api_key.encode()):
+            raise HTTPException(401, "missing or wrong API key (send it in the X-API-Key header)",
+                                headers={"WWW-Authenticate": "X-API-Key"})
+
+    router = APIRouter()
+    errors = {s: {"model": ErrorResponse} for s in (400, 401, 409, 413, 415, 503)}
+
+    @router.post(
+        "/infer",
+        response_model=InferResponse,
+        responses=errors,
+        summary="Decode features once and run the requested tasks",
+        description=(
+            "Body: a splitserve payload (`application/x-splitserve` or `application/octet-stream`) "
+            "holding one or more edge-encoded images, or one plain image (`image/jpeg`, `image/png`, "
+            "`image/webp`) that the server encodes itself (full offloading). The latent is entropy-"
+            "decoded and the feature rebuilt once per batch; each requested task runs on it."
+        ),
+        openapi_extra={"requestBody": {"required": True, "content": {
+            **{t: {"schema": {"type": "string", "format": "binary"}} for t in PAYLOAD_TYPES + IMAGE_TYPES}}}},
+        dependencies=[Depends(require_key)],
+    )
+    async def infer(
+        request: Request,
+        tasks: Annotated[Optional[str], Query(description="comma-separated task names or aliases, e.g. "
+                                                          "cls,det,seg (default: every served task)",
+                                              examples=["cls,det,seg"])] = None,
+    ):
+        start = time.perf_counter()
+        try:
+            plugins = runtime.registry.resolve(tasks) if tasks is not None else list(runtime.plugins)
+        except PluginError as e:
+            metrics.requests.labels(task="?", status="400").inc()
+            raise HTTPException(400, str(e)) from None
+        status = "500"
+        try:
+            ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            if ctype not in PAYLOAD_TYPES + IMAGE_TYPES:
+                status = "415"
+                raise HTTPException(415, f"unsupported content type {ctype or '(none)'!r}; send "
+                                         f"{', '.join(PAYLOAD_TYPES + IMAGE_TYPES)}")
+            try:
+                body = await _read_body(request, config.max_body_bytes)
+            except HTTPException:
+                status = "413"
+                raise
+            kind = "payload" if ctype in PAYLOAD_TYPES else "image"
+            metrics.payload_bytes.labels(kind=kind).observe(len(body))
+            try:
+                if kind == "payload":
+                    payload, metas = runtime.parse_payload(body)
+                    job = Job(plugins=plugins, payload=payload, metas=metas)
+                else:
+                    pixels, metas = await asyncio.get_running_loop().run_in_executor(
+                        None, runtime.preprocess_image, body)
+                    job = Job(plugins=plugins, pixels=pixels, metas=metas)
+            except FingerprintMismatch as e:
+                status = "409"
+                raise HTTPException(409, str(e)) from None
+            except (PayloadError, SplitserveError) as e:
+                status = "400"
+                raise HTTPException(400, str(e)) from None
+            try:
+                per_image = await batcher.submit(job)
+            except QueueFull as e:
+                status = "503"
+                raise HTTPException(503, str(e), headers={"Retry-After": str(e.retry_after)}) from None
+            status = "200"
+            return InferResponse(
+                fingerprint=runtime.fingerprint,
+                bytes_received=len(body),
+                input=kind,
+                tasks=[p.name for p in plugins],
+                results=[
+                    ImageResult(index=i, original_size=m.original_size, tasks=answers)
+                    for i, (m, answers) in enumerate(zip(job.metas, per_image))
+                ],
+            )
+        finally:
+            for p in plugins:
+                metrics.requests.labels(task=p.name, status=status).inc()
+            metrics.request_seconds.observe(time.perf_counter() - start)
+
+    @router.get("/v1/tasks", response_model=list[TaskInfo], summary="Served task plugins and their schemas")
+    async def list_tasks():
+        return [
+            TaskInfo(
+                name=p.name, aliases=list(p.aliases), description=p.description,
+                feature={"channels": runtime.codec.feature_channels, "stride": runtime.codec.stride},
+                config={k: v for k, v in runtime.head_configs[p.name].items() if k != "labels"},
+                metrics=runtime.manifest.tasks[p.name].metrics,
+                response_schema=p.response_model.model_json_schema(),
+            )
+            for p in runtime.plugins
+        ]
+
+    @router.get("/v1/encoder", response_model=EncoderInfo,
+                summary="The encoder an edge client must use (check the fingerprint)")
+    async def encoder_info():
+        from ..payload import FORMAT_VERSION
+
+        return EncoderInfo(
+            fingerprint=runtime.fingerprint, fingerprint_id=runtime.fingerprint_id.hex(),
+            family=runtime.manifest.codec.family, config=runtime.manifest.codec.config,
+            backbone=runtime.manifest.backbone, input_size=runtime.manifest.input_size,
+            latent_channels=runtime.codec.latent_channels, payload_format_version=FORMAT_VERSION,
+        )
+
+    @router.get("/healthz", response_model=Health, summary="Liveness: the process answers")
+    async def healthz():
+        return Health(status="ok")
+
+    @router.get("/readyz", response_model=Health, responses={503: {"model": Health}},
+                summary="Readiness: models loaded and warmed up")
+    async def readyz():
+        if not state["ready"]:
+            return JSONResponse({"status": "starting"}, status_code=503)
+        return Health(status="ready")
+
+    @router.get("/metrics", summary="Prometheus metrics", response_class=Response,
+                responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
+    async def prometheus():
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    app = FastAPI(
+        title="splitserve gateway",
+        version=__version__,
+        description="Decode edge-compressed features once; run classification, detection, segmentation "
+                    "and any installed task plugin on them.",
+        lifespan=lifespan,
+    )
+    app.include_router(router)
+    app.state.runtime = runtime
+    app.state.config = config
+    return app
+
+
+def factory() -> FastAPI:
+    """Entry for ``uvicorn --factory`` / worker processes: configuration from the environment."""
+    return create_app(ServerConfig.from_env())

@@ -1,0 +1,160 @@
+"""Everything the gateway computes: decode once per batch, then every requested head.
+
+Loaded and checked at start-up (plugins vs bundle), so a bad deployment fails before the
+first request rather than on it. Runs in a worker thread; holds no HTTP concepts.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel
+
+from ..bundle import Manifest, load_codec, load_head, read_manifest
+from ..errors import PayloadError, PluginError
+from ..payload import Payload, PayloadLimits, fingerprint_id
+from ..plugins import ImageMeta, PluginRegistry, TaskPlugin
+from ..preprocess import load_image, to_input
+from .metrics import GatewayMetrics
+
+log = logging.getLogger("splitserve.gateway")
+
+
+@dataclass
+class Job:
+    """One request's images: either a parsed payload or preprocessed pixels (full offloading)."""
+
+    plugins: list[TaskPlugin]
+    payload: Payload | None = None
+    pixels: torch.Tensor | None = None  # (B, 3, H, W), normalised
+    metas: list[ImageMeta] = field(default_factory=list)
+
+    @property
+    def num_images(self) -> int:
+        return len(self.metas)
+
+    @property
+    def group_key(self) -> tuple:
+        """Jobs with equal keys share one entropy decode and one decoder forward."""
+        if self.payload is not None:
+            return ("payload", self.payload.latent_shape)
+        return ("pixels", tuple(self.pixels.shape[1:]))
+
+
+class Runtime:
+    """The codec, the heads and the plugins of one bundle, validated and warmed up."""
+
+    def __init__(self, bundle: str | Path, registry: PluginRegistry, tasks: Sequence[str] | None = None,
+                 metrics: GatewayMetrics | None = None, payload_limits: PayloadLimits | None = None):
+        self.path = Path(bundle)
+        self.manifest: Manifest = read_manifest(self.path)
+        self.metrics = metrics or GatewayMetrics()
+        self.payload_limits = payload_limits or PayloadLimits()
+        self.codec = load_codec(self.path, manifest=self.manifest)
+        self.fingerprint = self.codec.fingerprint()
+        self.fingerprint_id = fingerprint_id(self.fingerprint)
+        self.plugins = self._select_plugins(registry, tasks)
+        self.registry = PluginRegistry(self.plugins)  # only what is served resolves
+        self.heads = {}
+        self.head_configs: dict[str, dict[str, Any]] = {}
+        for plugin in self.plugins:
+            config = {**plugin.default_config(self.manifest.backbone), **self.manifest.tasks[plugin.name].config}
+            head = plugin.build_head(self.manifest.backbone, config)
+            self.heads[plugin.name] = load_head(self.path, plugin.name, head, self.manifest)
+            self.head_configs[plugin.name] = config
+
+    def _select_plugins(self, registry: PluginRegistry, tasks: Sequence[str] | None) -> list[TaskPlugin]:
+        if tasks:
+            chosen = registry.resolve(list(tasks))
+            missing = [p.name for p in chosen if p.name not in self.manifest.tasks]
+            if missing:
+                raise PluginError(f"bundle {self.path} has no head for {', '.join(missing)} "
+                                  f"(it has: {', '.join(self.manifest.tasks) or 'none'})")
+        else:
+            chosen = []
+            for name in self.manifest.tasks:
+                try:
+                    chosen.append(registry.get(name))
+                except PluginError:
+                    log.warning("bundle head %r has no installed plugin; not serving it", name)
+            if not chosen:
+                raise PluginError(f"bundle {self.path} has no head for any installed plugin "
+                                  f"(installed: {registry.describe_available()})")
+        for plugin in chosen:
+            spec = plugin.feature_spec(self.manifest.backbone)
+            if (spec.channels, spec.stride) != (self.codec.feature_channels, self.codec.stride):
+                raise PluginError(
+                    f"task {plugin.name!r} consumes {spec.describe()}, but the bundle's codec produces "
+                    f"{self.codec.feature_channels} channels at stride {self.codec.stride}")
+        return chosen
+
+    # -- request side (event loop) -----------------------------------------------------------
+    def parse_payload(self, body: bytes) -> tuple[Payload, list[ImageMeta]]:
+        """Strict parse, fingerprint check, and a latent shape this codec can decode."""
+        with self.metrics.stage("parse"):
+            payload = Payload.from_bytes(body, self.payload_limits)
+            payload.check_fingerprint(self.fingerprint_id)
+            c, h, w = payload.latent_shape
+            if c != self.codec.latent_channels:
+                raise PayloadError(f"latent has {c} channels, this encoder produces {self.codec.latent_channels}")
+            input_hw = self.codec.input_hw(h, w)
+            if self.codec.latent_hw(*input_hw) != (h, w):
+                raise PayloadError(f"latent {h}x{w} does not correspond to any input size of this encoder")
+        return payload, [ImageMeta(tuple(s), input_hw) for s in payload.original_sizes]
+
+    def preprocess_image(self, body: bytes) -> tuple[torch.Tensor, list[ImageMeta]]:
+        """Full-offloading mode: the server resizes/normalises exactly like the edge would."""
+        with self.metrics.stage("image_decode"):
+            img = load_image(body)
+            x = to_input(img, self.manifest.input_size).unsqueeze(0)
+        return x, [ImageMeta((img.height, img.width), tuple(self.manifest.input_size))]
+
+    # -- batch side (worker thread) ------------------------------------------------------------
+    @torch.inference_mode()
+    def run(self, jobs: Sequence[Job]) -> list[list[dict[str, BaseModel]]]:
+        """Per job, per image: {task name: response}. Entropy decode + decoder once per group."""
+        results: list[list[dict[str, BaseModel]]] = [[{} for _ in range(j.num_images)] for j in jobs]
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for i, job in enumerate(jobs):
+            groups[job.group_key].append(i)
+        for members in groups.values():
+            group = [jobs[i] for i in members]
+            features = self._decode(group)
+            metas = [m for job in group for m in job.metas]
+            owners = [(ji, k) for ji in members for k in range(jobs[ji].num_images)]
+            for plugin in self.plugins:
+                rows = [r for r, (ji, _) in enumerate(owners) if plugin in jobs[ji].plugins]
+                if not rows:
+                    continue
+                sel = features if len(rows) == len(owners) else features[rows]
+                with self.metrics.stage(f"task:{plugin.name}"):
+                    answers = plugin.predict(self.heads[plugin.name], sel, [metas[r] for r in rows],
+                                             self.head_configs[plugin.name])
+                for r, answer in zip(rows, answers):
+                    ji, k = owners[r]
+                    results[ji][k][plugin.name] = answer
+        return results
+
+    def _decode(self, group: Sequence[Job]) -> torch.Tensor:
+        if group[0].payload is not None:
+            strings = [s for job in group for s in job.payload.strings]
+            with self.metrics.stage("entropy_decode"):
+                y_hat = self.codec.decompress(strings, group[0].payload.latent_shape[1:])
+        else:
+            with self.metrics.stage("image_encode"):
+                y_hat = self.codec.quantize(torch.cat([job.pixels for job in group]))
+        with self.metrics.stage("feature_decode"):
+            return self.codec.decode(y_hat)
+
+    def warmup(self) -> None:
+        """One full pass through every head, so the first real request is not the slow one."""
+        h, w = self.manifest.input_size
+        x = torch.zeros(1, 3, h, w)
+        metas = [ImageMeta((h, w), (h, w))]
+        self.run([Job(plugins=list(self.plugins), pixels=x, metas=metas)])

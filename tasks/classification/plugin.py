@@ -1,0 +1,171 @@
+"""The classification :class:`TaskPlugin`: serving (top-k) and training hooks (CE + KD, top-1/5)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from splitserve.errors import PluginError
+from splitserve.models.backbone import ResNetTail, build_resnet, check_arch, resnet_stem
+from splitserve.plugins import FeatureFn, ImageMeta, TaskBatch, TaskPlugin
+
+from .._common import label_of, merge_config, module_device, to_device
+from .head import ClassificationHead
+from .schema import ClassificationResult, ClassScore
+
+
+def _imagenet_categories(backbone: str) -> list[str]:
+    return list(torchvision.models.get_model_weights(backbone).DEFAULT.meta["categories"])
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise PluginError(f"classification: {name} must be a positive integer, got {value!r}")
+    return value
+
+
+class ClassificationPlugin(TaskPlugin):
+    """Image classification; the default head mirrors torchvision's ImageNet ResNet."""
+
+    name = "classification"
+    aliases = ("cls",)
+    description = "Image classification (top-k classes with probabilities)."
+    response_model = ClassificationResult
+    metric_name = "top1"
+
+    # -- serving -------------------------------------------------------------------------
+    def default_config(self, backbone: str) -> dict:
+        check_arch(backbone)
+        return {"num_classes": 1000, "labels": _imagenet_categories(backbone), "top_k": 5}
+
+    def config(self, backbone: str, config: Mapping[str, Any]) -> dict:
+        """Defaults merged with ``config``; labels default to ImageNet names for 1000 classes."""
+        defaults = self.default_config(backbone)
+        defaults.pop("labels")
+        cfg = merge_config(self.name, defaults, config, _imagenet_categories(backbone))
+        _positive_int("top_k", cfg["top_k"])
+        return cfg
+
+    def build_head(self, backbone: str, config: Mapping[str, Any]) -> ClassificationHead:
+        cfg = self.config(backbone, config)
+        return ClassificationHead(backbone, cfg["num_classes"], cfg["labels"], cfg["top_k"])
+
+    @torch.no_grad()
+    def predict(
+        self,
+        head: nn.Module,
+        features: Tensor,
+        metas: Sequence[ImageMeta],
+        options: Mapping[str, Any],
+    ) -> list[ClassificationResult]:
+        k = min(_positive_int("top_k", options.get("top_k", head.top_k)), head.num_classes)
+        probs = head(features).float().softmax(dim=1)
+        values, indices = probs.topk(k, dim=1)
+        return [
+            ClassificationResult(
+                top=[
+                    ClassScore(index=i, label=label_of(head.labels, i), probability=min(max(p, 0.0), 1.0))
+                    for p, i in zip(vs, ix)
+                ]
+            )
+            for vs, ix in zip(values.tolist(), indices.tolist())
+        ]
+
+    # -- training hooks -------------------------------------------------------------------
+    def build_teacher(
+        self, backbone: str, config: Mapping[str, Any], weights: str | None = None
+    ) -> tuple[nn.Module, nn.Module]:
+        """Stem and head of a torchvision ResNet; with ``weights`` the ImageNet fc is kept when
+        num_classes is 1000 and replaced by a fresh one otherwise."""
+        cfg = self.config(backbone, config)
+        resnet = build_resnet(backbone, weights=weights, num_classes=cfg["num_classes"])
+        head = self.build_head(backbone, cfg)
+        head.tail.load_state_dict(ResNetTail.from_resnet(resnet).state_dict())
+        if resnet.fc.out_features == head.num_classes:
+            head.fc.load_state_dict(resnet.fc.state_dict())
+        return resnet_stem(resnet), head
+
+    def build_dataset(
+        self, root: Path, split: str, *, train: bool, image_size: tuple[int, int]
+    ) -> Dataset:
+        from splitserve.data import classification_dataset
+
+        return classification_dataset(root, split, train=train, image_size=image_size)
+
+    def dataset_config(self, dataset: Dataset) -> dict:
+        classes = list(dataset.classes)
+        return {"num_classes": len(classes), "labels": classes}
+
+    def collate(self, items: list) -> TaskBatch:
+        images = torch.stack([img for img, _ in items])
+        targets = torch.as_tensor([int(label) for _, label in items], dtype=torch.long)
+        size = (images.shape[-2], images.shape[-1])
+        return TaskBatch(images, targets, [ImageMeta(original_size=size, input_size=size)] * len(items))
+
+    def head_output(self, head: nn.Module, features: Tensor, batch: TaskBatch) -> Tensor:
+        return head(features)
+
+    def loss(
+        self,
+        head: nn.Module,
+        features: Tensor,
+        batch: TaskBatch,
+        *,
+        teacher_output: Any = None,
+        options: Mapping[str, Any] | None = None,
+    ) -> dict[str, Tensor]:
+        """Cross-entropy; with a teacher, ``(1-kd_alpha)*CE + kd_alpha*T²*KL(teacher_T ‖ student_T)``
+        (Hinton et al. knowledge distillation)."""
+        options = options or {}
+        logits = head(features)
+        targets = batch.targets.to(logits.device)
+        ce = F.cross_entropy(logits, targets)
+        if teacher_output is None:
+            return {"ce": ce}
+        t = float(options.get("temperature", 1.0))
+        alpha = float(options.get("kd_alpha", 0.5))
+        if t <= 0 or not 0.0 <= alpha <= 1.0:
+            raise PluginError(f"classification: need temperature > 0 and 0 <= kd_alpha <= 1, got {t}, {alpha}")
+        kd = F.kl_div(
+            F.log_softmax(logits / t, dim=1),
+            F.log_softmax(teacher_output.detach().to(logits.device) / t, dim=1),
+            reduction="batchmean",
+            log_target=True,
+        ) * (t * t)
+        return {"ce": (1.0 - alpha) * ce, "kd": alpha * kd}
+
+    @torch.no_grad()
+    def evaluate(
+        self,
+        head: nn.Module,
+        features_fn: FeatureFn,
+        batches: Iterable[TaskBatch],
+        *,
+        dataset: Dataset | None = None,
+    ) -> dict[str, float]:
+        """Top-1 / top-5 accuracy in percent (top-5 is top-num_classes below 5 classes)."""
+        was_training = head.training
+        head.eval()
+        device = module_device(head)
+        correct1 = correct5 = total = 0
+        try:
+            for batch in batches:
+                images, targets = to_device(batch, device)
+                logits = head(features_fn(images))
+                top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+                hits = top == targets[:, None]
+                correct1 += int(hits[:, 0].sum())
+                correct5 += int(hits.any(dim=1).sum())
+                total += targets.numel()
+        finally:
+            head.train(was_training)
+        if total == 0:
+            raise PluginError("classification: evaluate got no batches")
+        return {"top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total}
