@@ -15,6 +15,8 @@ import torch
 from compressai.entropy_models import EntropyBottleneck
 from torch import Tensor, nn
 
+from ..errors import SplitserveError
+
 
 @dataclass(frozen=True)
 class CodecOutput:
@@ -108,7 +110,7 @@ class FeatureCodec(nn.Module):
     def check_input_size(self, height: int, width: int) -> None:
         m = self.input_multiple
         if height % m or width % m or height < 2 * m or width < 2 * m:
-            raise ValueError(f"{self.family} needs input sides that are multiples of {m} (>= {2 * m}), got {height}x{width}")
+            raise SplitserveError(f"{self.family} needs input sides that are multiples of {m} (>= {2 * m}), got {height}x{width}")
 
     # -- identity --------------------------------------------------------------------------
     def fingerprint(self) -> str:
