@@ -319,8 +319,8 @@ class Payload:
         want = fingerprint_id(expected)
         if self.fingerprint != want:
             raise FingerprintMismatch(
-                f"payload was encoded by codec {self.fingerprint.hex()}, but this server decodes with "
-                f"codec {want.hex()}; re-export the edge encoder from the served bundle"
+                f"payload was encoded by an encoder with fingerprint {self.fingerprint.hex()}, but this server decodes with "
+                f"fingerprint {want.hex()} (see GET /v1/encoder); encode with the bundle this server serves"
             )
 
 
