@@ -46,12 +46,12 @@ def read_idx(path: Path, ndim: int) -> np.ndarray:
     except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError
         raise DataError(f"{path}: not a readable gzip file ({type(e).__name__})") from None
     header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise DataError(f"{path}: not an idx file (only {len(raw)} bytes)")
-    if raw[0] != 0 or raw[1] != 0 or raw[2] != _UBYTE or raw[3] != ndim:
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != _UBYTE or raw[3] != ndim:
         raise DataError(
-            f"{path}: not an idx file of {ndim}-D unsigned bytes (magic {raw[:4].hex()}, expected 000008{ndim:02x})"
+            f"{path}: not an idx file of {ndim}-D unsigned bytes (magic {raw[:4].hex() or 'missing'}, expected 000008{ndim:02x})"
         )
+    if len(raw) < header:
+        raise DataError(f"{path}: truncated idx header ({len(raw)} bytes)")
     shape = tuple(int(s) for s in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
     expected = int(np.prod(shape, dtype=np.int64))
     if len(raw) - header != expected:
