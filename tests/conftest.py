@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from splitserve.gateway.process import GatewayProcess
+
 
 @pytest.fixture(scope="session")
 def bundle_dir(tmp_path_factory) -> Path:
@@ -56,53 +58,14 @@ def rng():
     return np.random.default_rng(0)
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """A real `platform serve` process on loopback; stopped by the fixture that made it."""
+class Server(GatewayProcess):
+    """A real `platform serve` process, started at construction; tests stop it."""
 
     def __init__(self, *args: str, env: dict | None = None):
-        import os
-        import subprocess
-        import sys
+        super().__init__(*args, env=env)
 
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "splitserve", "serve", "--port", str(self.port), "--log-level", "warning", *args]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     env={**os.environ, **(env or {})})
-
-    def wait_ready(self, timeout: float = 120) -> "Server":
-        import time
-
-        import httpx
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited {self.proc.returncode}:\n{self.proc.stdout.read()}")
-            try:
-                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError("server did not become ready")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except Exception:
-                self.proc.kill()
+    def wait_ready(self, timeout: float = 180) -> "Server":
+        return self.start(timeout)
 
 
 @pytest.fixture(scope="session")

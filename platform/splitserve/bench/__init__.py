@@ -1,0 +1,1 @@
+"""Benchmarks (``platform bench …``): ratios measured side by side in one run, machine named."""
