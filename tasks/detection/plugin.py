@@ -1,0 +1,276 @@
+"""The detection :class:`TaskPlugin`: RetinaNet serving, RetinaNet losses, COCO mAP."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+from torchvision.models.detection import RetinaNet_ResNet50_FPN_Weights
+from torchvision.models.detection._utils import overwrite_eps
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from splitserve.errors import PluginError
+from splitserve.models.backbone import ResNetTail, build_resnet, check_arch, resnet_stem
+from splitserve.plugins import FeatureFn, ImageMeta, TaskBatch, TaskPlugin
+
+from .._common import (
+    adapt_class_rows,
+    download_state_dict,
+    label_of,
+    merge_config,
+    module_device,
+    resolve_teacher_weights,
+    source_dataset,
+    split_stem_state,
+    to_device,
+)
+from .head import FeatureRetinaNet, scale_boxes
+from .schema import Detection, DetectionResult
+
+COCO_CATEGORIES: list[str] = list(RetinaNet_ResNet50_FPN_Weights.COCO_V1.meta["categories"])
+"""torchvision's 91 COCO labels: index == COCO category id ("__background__"/"N/A" fill gaps)."""
+
+EVAL_SCORE_THRESHOLD = 0.05  # COCO protocol: keep low-confidence boxes, mAP integrates over them
+EVAL_MAX_DETECTIONS = 100
+_CLS_LOGITS = "head.classification_head.cls_logits."
+
+
+def _threshold(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise PluginError(f"detection: {name} must be a number in [0, 1], got {value!r}")
+    return float(value)
+
+
+def _max_detections(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise PluginError(f"detection: max_detections must be a positive integer, got {value!r}")
+    return value
+
+
+def coco_bbox_metrics(coco_gt, results: list[dict], image_ids: Iterable[int]) -> dict[str, float]:
+    """COCOeval (iouType "bbox") of ``results`` (COCO result dicts) on ``image_ids``, quietly:
+    ``{"mAP": AP@[.5:.95], "AP50": AP@.5}`` in percent."""
+    from pycocotools.cocoeval import COCOeval
+
+    image_ids = sorted(set(image_ids))
+    if not image_ids:
+        raise PluginError("detection: evaluate got no images")
+    if not results:
+        return {"mAP": 0.0, "AP50": 0.0}
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_dt = coco_gt.loadRes(results)
+        ev = COCOeval(coco_gt, coco_dt, iouType="bbox")
+        ev.params.imgIds = image_ids
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    # COCOeval reports -1 where no ground truth exists
+    return {"mAP": 100.0 * max(float(ev.stats[0]), 0.0), "AP50": 100.0 * max(float(ev.stats[1]), 0.0)}
+
+
+class DetectionPlugin(TaskPlugin):
+    """Object detection with torchvision's RetinaNet (ResNet-FPN, P3..P7); the default head
+    mirrors ``retinanet_resnet50_fpn`` and its 91 COCO labels."""
+
+    name = "detection"
+    aliases = ("det",)
+    description = "Object detection (RetinaNet): boxes, scores and labels in original image pixels."
+    response_model = DetectionResult
+    metric_name = "mAP"
+
+    # -- serving -------------------------------------------------------------------------
+    def default_config(self, backbone: str) -> dict:
+        check_arch(backbone)
+        return {
+            "num_classes": 91,
+            "labels": list(COCO_CATEGORIES),
+            "score_threshold": 0.3,
+            "max_detections": 100,
+            "nms_threshold": 0.5,
+        }
+
+    def config(self, backbone: str, config: Mapping[str, Any]) -> dict:
+        """Defaults merged with ``config``; labels default to COCO names for 91 classes."""
+        defaults = self.default_config(backbone)
+        defaults.pop("labels")
+        cfg = merge_config(self.name, defaults, config, COCO_CATEGORIES)
+        _threshold("score_threshold", cfg["score_threshold"])
+        _threshold("nms_threshold", cfg["nms_threshold"])
+        _max_detections(cfg["max_detections"])
+        ids = cfg.get("category_ids")
+        if ids is not None and len(ids) != cfg["num_classes"]:
+            raise PluginError(f"detection: {len(ids)} category_ids for num_classes={cfg['num_classes']}")
+        return cfg
+
+    def build_head(self, backbone: str, config: Mapping[str, Any]) -> FeatureRetinaNet:
+        cfg = self.config(backbone, config)
+        head = FeatureRetinaNet(
+            backbone,
+            cfg["num_classes"],
+            cfg["labels"],
+            score_thresh=cfg["score_threshold"],
+            nms_thresh=cfg["nms_threshold"],
+            detections_per_img=cfg["max_detections"],
+        )
+        head.category_ids = list(cfg["category_ids"]) if cfg.get("category_ids") is not None else None
+        return head
+
+    @torch.no_grad()
+    def predict(
+        self,
+        head: nn.Module,
+        features: Tensor,
+        metas: Sequence[ImageMeta],
+        options: Mapping[str, Any],
+    ) -> list[DetectionResult]:
+        """Options ``score_threshold``, ``nms_threshold``, ``max_detections`` override the config."""
+        kw = {}
+        if "score_threshold" in options:
+            kw["score_thresh"] = _threshold("score_threshold", options["score_threshold"])
+        if "nms_threshold" in options:
+            kw["nms_thresh"] = _threshold("nms_threshold", options["nms_threshold"])
+        if "max_detections" in options:
+            kw["detections_per_img"] = _max_detections(options["max_detections"])
+        dets = head(features, [m.input_size for m in metas], **kw)
+        out = []
+        for det, meta in zip(dets, metas):
+            boxes = scale_boxes(det["boxes"].float(), meta.input_size, meta.original_size).tolist()
+            out.append(
+                DetectionResult(
+                    detections=[
+                        Detection(box=box, score=min(max(score, 0.0), 1.0), index=i, label=label_of(head.labels, i))
+                        for box, score, i in zip(boxes, det["scores"].tolist(), det["labels"].tolist())
+                    ]
+                )
+            )
+        return out
+
+    # -- training hooks -------------------------------------------------------------------
+    def build_teacher(
+        self, backbone: str, config: Mapping[str, Any], weights: str | None = None
+    ) -> tuple[nn.Module, nn.Module]:
+        """Stem and head of torchvision's RetinaNet. ``weights`` "DEFAULT"/"COCO_V1" (resnet50)
+        loads ``retinanet_resnet50_fpn``'s COCO weights (the classifier re-indexed by label name
+        when the label set differs); a ResNet weights name loads ImageNet weights only."""
+        cfg = self.config(backbone, config)
+        kind, w = resolve_teacher_weights(f"retinanet_{backbone}_fpn", backbone, weights)
+        if kind != "task":
+            resnet = build_resnet(backbone, weights=w, norm_layer=FrozenBatchNorm2d)
+            head = self.build_head(backbone, cfg)
+            head.tail.load_state_dict(ResNetTail.from_resnet(resnet).state_dict())
+            return resnet_stem(resnet), head
+
+        stem_sd, sd = split_stem_state(download_state_dict(w), "backbone.body.")  # fail fast
+        head = self.build_head(backbone, cfg)
+        stem = resnet_stem(build_resnet(backbone, norm_layer=FrozenBatchNorm2d))
+        stem.load_state_dict(stem_sd)
+        src_names = list(w.meta["categories"])
+        if cfg["labels"] != src_names:
+            init = head.retinanet.state_dict()
+            for suffix in ("weight", "bias"):
+                key = _CLS_LOGITS + suffix
+                sd[key], _ = adapt_class_rows(sd[key], init[key], src_names, cfg["labels"])
+        head.retinanet.load_state_dict(sd)
+        if w == RetinaNet_ResNet50_FPN_Weights.COCO_V1:  # trained with eps=0, as torchvision notes
+            overwrite_eps(stem, 0.0)
+            overwrite_eps(head, 0.0)
+        return stem, head
+
+    def build_dataset(
+        self, root: Path, split: str, *, train: bool, image_size: tuple[int, int]
+    ) -> Dataset:
+        from splitserve.data import detection_dataset
+
+        return detection_dataset(root, split, train=train, image_size=image_size)
+
+    def dataset_config(self, dataset: Dataset) -> dict:
+        cats = list(dataset.categories)
+        return {
+            "num_classes": len(cats),
+            "labels": [str(c["name"]) for c in cats],
+            "category_ids": [int(i) for i in dataset.label_to_category_id],
+        }
+
+    def collate(self, items: list) -> TaskBatch:
+        images = torch.stack([img for img, _ in items])
+        input_size = (images.shape[-2], images.shape[-1])
+        targets, metas = [], []
+        for _, t in items:
+            boxes = torch.as_tensor(t["boxes"], dtype=torch.float32).reshape(-1, 4)
+            labels = torch.as_tensor(t["labels"], dtype=torch.long).reshape(-1)
+            keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])  # as torchvision's reference:
+            targets.append({**t, "boxes": boxes[keep], "labels": labels[keep]})  # empty boxes make NaN losses
+            orig = tuple(int(v) for v in t.get("orig_size", input_size))
+            metas.append(ImageMeta(original_size=orig, input_size=input_size))
+        return TaskBatch(images, targets, metas)
+
+    def loss(
+        self,
+        head: nn.Module,
+        features: Tensor,
+        batch: TaskBatch,
+        *,
+        teacher_output: Any = None,
+        options: Mapping[str, Any] | None = None,
+    ) -> dict[str, Tensor]:
+        """RetinaNet's sigmoid focal loss (``classification``) and L1 box loss (``bbox_regression``)."""
+        device = features.device
+        targets = [{"boxes": t["boxes"].to(device), "labels": t["labels"].to(device)} for t in batch.targets]
+        return head(features, [m.input_size for m in batch.metas] or None, targets)
+
+    @torch.no_grad()
+    def evaluate(
+        self,
+        head: nn.Module,
+        features_fn: FeatureFn,
+        batches: Iterable[TaskBatch],
+        *,
+        dataset: Dataset | None = None,
+    ) -> dict[str, float]:
+        """COCO box mAP against ``dataset.coco`` (pycocotools), boxes mapped to original pixels
+        and labels to COCO ids through ``dataset.label_to_category_id``."""
+        ds = source_dataset(batches, dataset, "coco")
+        if ds is None:
+            raise PluginError(
+                "detection: evaluate needs the COCO ground truth: pass dataset= (with a pycocotools `coco` attribute)"
+            )
+        cat_ids = getattr(ds, "label_to_category_id", None) or getattr(head, "category_ids", None)
+        num_classes = getattr(head, "num_classes", None)
+        if cat_ids is not None and num_classes is not None and len(cat_ids) != num_classes:
+            raise PluginError(f"detection: the head has {num_classes} classes, the dataset {len(cat_ids)}")
+        was_training = head.training
+        head.eval()
+        device = module_device(head)
+        results, image_ids = [], []
+        try:
+            for batch in batches:
+                images, _ = to_device(batch, device)
+                dets = head(
+                    features_fn(images),
+                    [m.input_size for m in batch.metas],
+                    score_thresh=EVAL_SCORE_THRESHOLD,
+                    detections_per_img=EVAL_MAX_DETECTIONS,
+                )
+                for det, target, meta in zip(dets, batch.targets, batch.metas):
+                    image_id = int(target["image_id"])
+                    image_ids.append(image_id)
+                    boxes = scale_boxes(det["boxes"].float(), meta.input_size, meta.original_size)
+                    boxes[:, 2:] -= boxes[:, :2]  # xyxy → COCO xywh
+                    for box, score, label in zip(boxes.tolist(), det["scores"].tolist(), det["labels"].tolist()):
+                        results.append(
+                            {
+                                "image_id": image_id,
+                                "category_id": int(cat_ids[label]) if cat_ids is not None else int(label),
+                                "bbox": [round(v, 2) for v in box],
+                                "score": float(score),
+                            }
+                        )
+        finally:
+            head.train(was_training)
+        return coco_bbox_metrics(ds.coco, results, image_ids)

@@ -1,0 +1,46 @@
+"""DeepLabv3 on the feature h: torchvision's DeepLabHead (ASPP) on layer4 and FCNHead on layer3."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models.segmentation.deeplabv3 import DeepLabHead
+from torchvision.models.segmentation.fcn import FCNHead
+
+from splitserve.models.backbone import FEATURE_CHANNELS, TAIL_CHANNELS, ResNetTail, build_resnet
+
+
+def uses_dilation(backbone: str) -> bool:
+    """Bottleneck ResNets (50/101) run layer3/4 dilated (output stride 8) as torchvision's
+    ``deeplabv3_resnet50`` does; BasicBlock ResNets (18/34) cannot dilate, so they keep stride 32."""
+    return FEATURE_CHANNELS[backbone] == 256
+
+
+class DeepLabV3Head(nn.Module):
+    """torchvision's DeepLabV3 minus the stem the codec replaces: ``tail`` → ``classifier``
+    (``DeepLabHead``) and ``aux_classifier`` (``FCNHead``), named as in torchvision."""
+
+    def __init__(self, backbone: str, num_classes: int, labels: Sequence[str]):
+        super().__init__()
+        resnet = build_resnet(backbone, dilation=(False, True, True) if uses_dilation(backbone) else None)
+        self.tail = ResNetTail.from_resnet(resnet)
+        _, c3, c4 = TAIL_CHANNELS[backbone]
+        self.classifier = DeepLabHead(c4, num_classes)
+        self.aux_classifier = FCNHead(c3, num_classes)
+        self.num_classes = num_classes
+        self.labels = list(labels)  # serving metadata, not weights
+
+    def forward(self, h: Tensor, output_size: Sequence[int] | None = None) -> dict[str, Tensor]:
+        """``{"out", "aux"}`` logits (B, K, H, W), bilinearly upsampled to ``output_size``
+        (default: the input size, 4× h's)."""
+        size = tuple(output_size) if output_size is not None else (4 * h.shape[-2], 4 * h.shape[-1])
+        feats = self.tail(h)
+        out = F.interpolate(self.classifier(feats["layer4"]), size=size, mode="bilinear", align_corners=False)
+        aux = F.interpolate(self.aux_classifier(feats["layer3"]), size=size, mode="bilinear", align_corners=False)
+        return {"out": out, "aux": aux}
+
+    def logits(self, h: Tensor) -> Tensor:
+        """Main logits at the network's own resolution (serving: no aux branch, no upsampling)."""
+        return self.classifier(self.tail(h)["layer4"])

@@ -1,0 +1,228 @@
+"""The segmentation :class:`TaskPlugin`: class maps as PNG at the original resolution, CE + aux
+loss, mIoU."""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+from torchvision.models.segmentation import DeepLabV3_ResNet50_Weights
+
+from splitserve.errors import PluginError
+from splitserve.models.backbone import ResNetTail, build_resnet, check_arch, resnet_stem
+from splitserve.plugins import FeatureFn, ImageMeta, TaskBatch, TaskPlugin
+
+from .._common import (
+    adapt_class_rows,
+    download_state_dict,
+    label_of,
+    merge_config,
+    module_device,
+    resolve_teacher_weights,
+    split_stem_state,
+    to_device,
+)
+from .head import DeepLabV3Head
+from .schema import ClassShare, SegmentationResult
+
+VOC_CATEGORIES: list[str] = list(DeepLabV3_ResNet50_Weights.COCO_WITH_VOC_LABELS_V1.meta["categories"])
+IGNORE_INDEX = 255  # VOC's "void" label; also why at most 255 classes fit an 8-bit mask
+MAX_UPSAMPLE_PIXELS = 4_000_000
+"""Logits are upsampled bilinearly to the original size up to this many pixels; beyond it the
+class map is computed at this size and enlarged nearest-neighbour (K float maps of a 12 MP
+photo would take ~1 GB)."""
+
+
+def _voc_palette() -> list[int]:
+    """The PASCAL VOC colour map, so the PNG is viewable as-is."""
+    palette = []
+    for i in range(256):
+        r = g = b = 0
+        c = i
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        palette += [r, g, b]
+    return palette
+
+
+_PALETTE = _voc_palette()
+
+
+def confusion_metrics(confusion: Tensor) -> dict[str, float]:
+    """``{"mIoU", "pixel_acc"}`` in percent from a (K, K) confusion matrix (rows: truth); mIoU
+    averages over the classes that occur in the truth or the prediction."""
+    confusion = confusion.double()
+    total = confusion.sum()
+    if total == 0:
+        raise PluginError("segmentation: evaluate saw no labelled pixels")
+    diag = confusion.diag()
+    union = confusion.sum(0) + confusion.sum(1) - diag
+    present = union > 0
+    iou = diag[present] / union[present]
+    return {"mIoU": 100.0 * float(iou.mean()), "pixel_acc": 100.0 * float(diag.sum() / total)}
+
+
+def encode_mask(classes: np.ndarray) -> str:
+    """Base64 PNG of a uint8 class map, with the VOC palette attached."""
+    img = Image.fromarray(classes)
+    img.putpalette(_PALETTE)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", compress_level=1)  # label maps compress well even at level 1
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+class SegmentationPlugin(TaskPlugin):
+    """Semantic segmentation with torchvision's DeepLabv3; the default head mirrors
+    ``deeplabv3_resnet50`` and its 21 VOC labels."""
+
+    name = "segmentation"
+    aliases = ("seg",)
+    description = "Semantic segmentation (DeepLabv3): a class-index PNG at the original resolution."
+    response_model = SegmentationResult
+    metric_name = "mIoU"
+
+    # -- serving -------------------------------------------------------------------------
+    def default_config(self, backbone: str) -> dict:
+        check_arch(backbone)
+        return {"num_classes": 21, "labels": list(VOC_CATEGORIES)}
+
+    def config(self, backbone: str, config: Mapping[str, Any]) -> dict:
+        """Defaults merged with ``config``; labels default to VOC names for 21 classes."""
+        defaults = self.default_config(backbone)
+        defaults.pop("labels")
+        cfg = merge_config(self.name, defaults, config, VOC_CATEGORIES)
+        if cfg["num_classes"] > IGNORE_INDEX:
+            raise PluginError(f"segmentation: at most {IGNORE_INDEX} classes fit an 8-bit mask, got {cfg['num_classes']}")
+        return cfg
+
+    def build_head(self, backbone: str, config: Mapping[str, Any]) -> DeepLabV3Head:
+        cfg = self.config(backbone, config)
+        return DeepLabV3Head(backbone, cfg["num_classes"], cfg["labels"])
+
+    @torch.no_grad()
+    def predict(
+        self,
+        head: nn.Module,
+        features: Tensor,
+        metas: Sequence[ImageMeta],
+        options: Mapping[str, Any],
+    ) -> list[SegmentationResult]:
+        logits = head.logits(features)  # one forward for the batch; upsampling is per image size
+        out = []
+        for i, meta in enumerate(metas):
+            oh, ow = meta.original_size
+            scale = min(1.0, math.sqrt(MAX_UPSAMPLE_PIXELS / (oh * ow)))
+            th, tw = max(1, round(oh * scale)), max(1, round(ow * scale))
+            up = F.interpolate(logits[i : i + 1].float(), size=(th, tw), mode="bilinear", align_corners=False)
+            classes = up[0].argmax(0).to(torch.uint8).cpu().numpy()
+            if (th, tw) != (oh, ow):
+                classes = np.asarray(Image.fromarray(classes).resize((ow, oh), Image.Resampling.NEAREST))
+            counts = np.bincount(classes.ravel(), minlength=head.num_classes)
+            shares = [
+                ClassShare(index=int(k), label=label_of(head.labels, int(k)), fraction=float(counts[k]) / classes.size)
+                for k in np.flatnonzero(counts)
+            ]
+            out.append(SegmentationResult(width=ow, height=oh, mask=encode_mask(classes), classes=shares))
+        return out
+
+    # -- training hooks -------------------------------------------------------------------
+    def build_teacher(
+        self, backbone: str, config: Mapping[str, Any], weights: str | None = None
+    ) -> tuple[nn.Module, nn.Module]:
+        """Stem and head of torchvision's DeepLabV3. ``weights`` "DEFAULT"/"COCO_WITH_VOC_LABELS_V1"
+        (resnet50/101) loads ``deeplabv3_<backbone>``'s weights (classifiers re-indexed by label
+        name when the label set differs); a ResNet weights name loads ImageNet weights only."""
+        cfg = self.config(backbone, config)
+        kind, w = resolve_teacher_weights(f"deeplabv3_{backbone}", backbone, weights)
+        if kind != "task":
+            resnet = build_resnet(backbone, weights=w)  # dilation changes no parameter shapes
+            head = self.build_head(backbone, cfg)
+            head.tail.load_state_dict(ResNetTail.from_resnet(resnet).state_dict())
+            return resnet_stem(resnet), head
+
+        stem_sd, rest = split_stem_state(download_state_dict(w), "backbone.")  # fail fast
+        head = self.build_head(backbone, cfg)
+        stem = resnet_stem(build_resnet(backbone))
+        stem.load_state_dict(stem_sd)
+        sd = {("tail." + k[len("backbone."):] if k.startswith("backbone.") else k): v for k, v in rest.items()}
+        src_names = list(w.meta["categories"])
+        if cfg["labels"] != src_names:
+            init = head.state_dict()
+            for key in [k for k in sd if k.startswith(("classifier.4.", "aux_classifier.4."))]:
+                sd[key], _ = adapt_class_rows(sd[key], init[key], src_names, cfg["labels"])
+        head.load_state_dict(sd)
+        return stem, head
+
+    def build_dataset(
+        self, root: Path, split: str, *, train: bool, image_size: tuple[int, int]
+    ) -> Dataset:
+        from splitserve.data import segmentation_dataset
+
+        return segmentation_dataset(root, split, train=train, image_size=image_size)
+
+    def dataset_config(self, dataset: Dataset) -> dict:
+        classes = [str(c) for c in dataset.classes]
+        return {"num_classes": len(classes), "labels": classes}
+
+    def collate(self, items: list) -> TaskBatch:
+        images = torch.stack([img for img, _ in items])
+        masks = torch.stack([torch.as_tensor(m, dtype=torch.long) for _, m in items])
+        size = (images.shape[-2], images.shape[-1])
+        return TaskBatch(images, masks, [ImageMeta(original_size=size, input_size=size)] * len(items))
+
+    def loss(
+        self,
+        head: nn.Module,
+        features: Tensor,
+        batch: TaskBatch,
+        *,
+        teacher_output: Any = None,
+        options: Mapping[str, Any] | None = None,
+    ) -> dict[str, Tensor]:
+        """Cross-entropy on ``out`` plus ``aux_weight`` (0.5) × cross-entropy on ``aux`` (as in
+        torchvision's segmentation reference); label 255 is ignored."""
+        options = options or {}
+        targets = batch.targets.to(features.device)
+        outputs = head(features, targets.shape[-2:])
+        ce = F.cross_entropy(outputs["out"], targets, ignore_index=IGNORE_INDEX)
+        aux = F.cross_entropy(outputs["aux"], targets, ignore_index=IGNORE_INDEX)
+        return {"ce": ce, "aux": float(options.get("aux_weight", 0.5)) * aux}
+
+    @torch.no_grad()
+    def evaluate(
+        self,
+        head: nn.Module,
+        features_fn: FeatureFn,
+        batches: Iterable[TaskBatch],
+        *,
+        dataset: Dataset | None = None,
+    ) -> dict[str, float]:
+        """mIoU and pixel accuracy (percent) over the labelled pixels of the batches' masks."""
+        was_training = head.training
+        head.eval()
+        device = module_device(head)
+        k = head.num_classes
+        confusion = torch.zeros(k * k, dtype=torch.long, device=device)
+        try:
+            for batch in batches:
+                images, targets = to_device(batch, device)
+                logits = head.logits(features_fn(images))
+                pred = F.interpolate(logits, size=targets.shape[-2:], mode="bilinear", align_corners=False).argmax(1)
+                valid = (targets >= 0) & (targets < k)
+                confusion += torch.bincount(targets[valid] * k + pred[valid], minlength=k * k)
+        finally:
+            head.train(was_training)
+        return confusion_metrics(confusion.view(k, k).cpu())
