@@ -16,6 +16,7 @@ DEFAULT_BUNDLE = "default-untrained-v1"
 DEFAULT_BACKBONE = "resnet18"
 DEFAULT_INPUT_SIZE = (224, 224)
 DEFAULT_SEED = 0
+BUILTIN_TASKS = ("classification", "detection", "segmentation")
 FMNIST_LABELS = [
     "t-shirt_top", "trouser", "pullover", "dress", "coat",
     "sandal", "shirt", "sneaker", "bag", "ankle_boot",
@@ -69,7 +70,7 @@ def ensure_default_bundle() -> Path:
     """Path of the default bundle, building it on first use (a few seconds)."""
     path = default_bundle_path()
     if not (path / "manifest.json").is_file():
-        build_untrained_bundle(path)
+        build_untrained_bundle(path, tasks=list(BUILTIN_TASKS))
     return path
 
 
