@@ -1,0 +1,182 @@
+"""The embedding :class:`~splitserve.plugins.TaskPlugin`.
+
+Serving: ``build_head`` + ``predict`` (one :class:`EmbeddingResult` per image, computed for the whole
+batch at once). Training: an ImageFolder dataset (``splitserve.data.classification_dataset``), a
+supervised contrastive loss with optional relational distillation, and leave-one-out recall@k.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from splitserve.errors import PluginError
+from splitserve.models.backbone import check_arch
+from splitserve.plugins import FeatureFn, ImageMeta, TaskBatch, TaskPlugin
+
+from .head import EmbeddingHead
+from .schema import EmbeddingResult
+
+DEFAULT_DIM = 128
+MAX_DIM = 4096
+
+
+def supervised_contrastive_loss(z: Tensor, labels: Tensor, temperature: float = 0.1) -> Tensor:
+    """Supervised contrastive loss (Khosla et al., 2020) over one batch of unit vectors ``z`` (B, D).
+
+    Every other image with the same label is a positive, every image with another label a
+    negative. Anchors without a positive in the batch are skipped; a batch with none gives 0
+    (still connected to the graph, so ``backward`` works).
+    """
+    z = z.float()
+    b = z.shape[0]
+    eye = torch.eye(b, dtype=torch.bool, device=z.device)
+    logits = (z @ z.T / temperature).masked_fill(eye, float("-inf"))
+    positives = (labels[:, None] == labels[None, :]) & ~eye
+    counts = positives.sum(dim=1)
+    anchors = counts > 0
+    if not bool(anchors.any()):
+        return z.sum() * 0.0
+    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+    mean_pos = log_prob.masked_fill(~positives, 0.0).sum(dim=1)[anchors] / counts[anchors]
+    return -mean_pos.mean()
+
+
+def _device(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+class EmbeddingPlugin(TaskPlugin):
+    """Global image embeddings for retrieval and deduplication (unit vectors, cosine similarity)."""
+
+    name = "embedding"
+    aliases = ("embed",)
+    description = "Global image embedding for retrieval: an L2-normalised vector per image."
+    response_model = EmbeddingResult
+    metric_name = "recall@1"
+
+    # -- serving -------------------------------------------------------------------------
+    # feature_spec() is inherited: the head consumes h of the bundle's backbone (64 channels for
+    # resnet18/34, 256 for resnet50/101) at stride 4, which is what every splitserve codec rebuilds.
+
+    def default_config(self, backbone: str) -> dict:
+        check_arch(backbone)
+        return {"dim": DEFAULT_DIM}
+
+    def config(self, backbone: str, config: Mapping[str, Any]) -> dict:
+        """Defaults merged with ``config`` (the bundle manifest's ``tasks.embedding.config``), checked."""
+        cfg = {**self.default_config(backbone), **config}
+        dim = cfg["dim"]
+        if not isinstance(dim, int) or isinstance(dim, bool) or not 1 <= dim <= MAX_DIM:
+            raise PluginError(f"embedding: dim must be an integer in 1..{MAX_DIM}, got {dim!r}")
+        return cfg
+
+    def build_head(self, backbone: str, config: Mapping[str, Any]) -> EmbeddingHead:
+        return EmbeddingHead(backbone, self.config(backbone, config)["dim"])
+
+    @torch.no_grad()
+    def predict(
+        self,
+        head: nn.Module,
+        features: Tensor,
+        metas: Sequence[ImageMeta],
+        options: Mapping[str, Any],
+    ) -> list[EmbeddingResult]:
+        """One forward pass for the whole batch; an embedding does not depend on the image's
+        original size, so ``metas`` only fixes how many answers to return."""
+        vectors = head(features).float().cpu()
+        space = head.space_id()
+        return [EmbeddingResult(space=space, dim=head.dim, vector=v) for v in vectors.tolist()]
+
+    # -- training hooks -------------------------------------------------------------------
+    # build_teacher() is inherited: ImageNet weights (``weights="DEFAULT"``) go into head.tail;
+    # GeM and the projection start fresh and are learned by the contrastive loss.
+
+    def build_dataset(
+        self, root: Path, split: str, *, train: bool, image_size: tuple[int, int]
+    ) -> Dataset:
+        """An ImageFolder tree ``root/<split>/<class>/<image>``: same-class images are positives."""
+        from splitserve.data import classification_dataset
+
+        return classification_dataset(root, split, train=train, image_size=image_size)
+
+    def collate(self, items: list) -> TaskBatch:
+        images = torch.stack([img for img, _ in items])
+        targets = torch.as_tensor([int(label) for _, label in items], dtype=torch.long)
+        size = (images.shape[-2], images.shape[-1])
+        return TaskBatch(images, targets, [ImageMeta(original_size=size, input_size=size)] * len(items))
+
+    def head_output(self, head: nn.Module, features: Tensor, batch: TaskBatch) -> Tensor:
+        return head(features)
+
+    def loss(
+        self,
+        head: nn.Module,
+        features: Tensor,
+        batch: TaskBatch,
+        *,
+        teacher_output: Any = None,
+        options: Mapping[str, Any] | None = None,
+    ) -> dict[str, Tensor]:
+        """``supcon``: supervised contrastive loss (option ``contrastive_temperature``, default 0.1).
+        With a teacher, ``(1-kd_alpha)*supcon + kd_alpha*kd`` where ``kd`` is the mean squared
+        difference between the batch's cosine-similarity matrices of student and teacher
+        (relational distillation: it does not need the two projections to agree)."""
+        options = options or {}
+        temperature = float(options.get("contrastive_temperature", 0.1))
+        alpha = float(options.get("kd_alpha", 0.5))
+        if temperature <= 0 or not 0.0 <= alpha <= 1.0:
+            raise PluginError(
+                f"embedding: need contrastive_temperature > 0 and 0 <= kd_alpha <= 1, got {temperature}, {alpha}"
+            )
+        z = head(features)
+        targets = batch.targets.to(z.device)
+        supcon = supervised_contrastive_loss(z, targets, temperature)
+        if teacher_output is None:
+            return {"supcon": supcon}
+        t = teacher_output.detach().to(z.device).float()
+        kd = F.mse_loss(z.float() @ z.float().T, t @ t.T)
+        return {"supcon": (1.0 - alpha) * supcon, "kd": alpha * kd}
+
+    @torch.no_grad()
+    def evaluate(
+        self,
+        head: nn.Module,
+        features_fn: FeatureFn,
+        batches: Iterable[TaskBatch],
+        *,
+        dataset: Dataset | None = None,
+    ) -> dict[str, float]:
+        """Leave-one-out retrieval over the evaluation set, in percent: recall@k is the share of
+        images whose k nearest other images (cosine similarity) include one of the same class."""
+        was_training = head.training
+        head.eval()
+        device = _device(head)
+        vectors, labels = [], []
+        try:
+            for batch in batches:
+                vectors.append(head(features_fn(batch.images.to(device))).float().cpu())
+                labels.append(torch.as_tensor(batch.targets).cpu())
+        finally:
+            head.train(was_training)
+        if not vectors or sum(len(v) for v in vectors) < 2:
+            raise PluginError("embedding: evaluate needs at least two images")
+        z, y = torch.cat(vectors), torch.cat(labels)
+        n = len(z)
+        ks = {1: 0, 5: 0}
+        kmax = min(max(ks), n - 1)
+        for start in range(0, n, 1024):  # (1024, n) similarities at a time
+            stop = min(start + 1024, n)
+            sim = z[start:stop] @ z.T
+            rows = torch.arange(stop - start)
+            sim[rows, rows + start] = float("-inf")  # an image is not its own neighbour
+            match = y[sim.topk(kmax, dim=1).indices] == y[start:stop, None]
+            for k in ks:
+                ks[k] += int(match[:, : min(k, kmax)].any(dim=1).sum())
+        return {f"recall@{k}": 100.0 * hits / n for k, hits in ks.items()}

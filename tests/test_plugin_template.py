@@ -1,0 +1,296 @@
+"""A real third-party plugin: examples/plugin-template installed with pip, found through its entry
+point, served by a real gateway next to a built-in head; and the start-up checks that guard plugins.
+
+The template is installed into the running environment for this module and uninstalled afterwards
+(if this module installed it): left behind, it would be part of every bundle other tests build.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from importlib.metadata import PackageNotFoundError, distribution
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import httpx
+import numpy as np
+import pytest
+
+from splitserve.errors import PluginError
+from splitserve.models.backbone import FeatureSpec
+from splitserve.plugins import ENTRY_POINT_GROUP, PluginRegistry
+
+from .conftest import Server, jpeg_bytes, texture
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+TEMPLATE = ROOT / "examples" / "plugin-template"
+SRC = TEMPLATE / "src"
+DIST = "splitserve-embedding-example"
+ENTRY = (ENTRY_POINT_GROUP, "embedding", "splitserve_embedding:EmbeddingPlugin")
+ENV = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PYTHONWARNINGS": "ignore::DeprecationWarning"}
+
+
+def run(*args: str, cwd: Path = ROOT, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(list(args), capture_output=True, text=True, cwd=cwd, env=ENV, timeout=timeout)
+
+
+def platform_cmd() -> list[str]:
+    script = Path(sys.executable).with_name("platform")  # the console script pip installed
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "splitserve"]
+
+
+def installed_from_here() -> bool:
+    """The template is installed editable from this checkout, with the entry point it declares now."""
+    try:
+        dist = distribution(DIST)
+    except PackageNotFoundError:
+        return False
+    direct = json.loads(dist.read_text("direct_url.json") or "{}")
+    source = Path(unquote(urlparse(direct.get("url", "")).path))
+    eps = {(ep.group, ep.name, ep.value) for ep in dist.entry_points}
+    return bool(direct.get("dir_info", {}).get("editable")) and source.resolve() == TEMPLATE and ENTRY in eps
+
+
+def is_installed() -> bool:
+    try:
+        distribution(DIST)
+        return True
+    except PackageNotFoundError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def installed():
+    """``pip install -e examples/plugin-template`` (skipped when already installed from here)."""
+    was_installed = is_installed()
+    if not installed_from_here():
+        base = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "-e", str(TEMPLATE)]
+        proc = run(*base[:5], "--no-build-isolation", "--no-index", *base[5:])  # offline: setuptools is here
+        if proc.returncode != 0:  # an environment without a usable setuptools: let pip fetch one
+            proc = run(*base)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert installed_from_here()
+    # This interpreter read its .pth files at start-up, before the install: import from source here.
+    sys.path.insert(0, str(SRC))
+    try:
+        yield
+    finally:
+        sys.path.remove(str(SRC))
+        if not was_installed:
+            run(sys.executable, "-m", "pip", "uninstall", "--quiet", "--yes", DIST)
+
+
+@pytest.fixture(scope="module")
+def bundles(installed, tmp_path_factory) -> Path:
+    """Built in a fresh process, through real discovery: ``embed-cls`` (embedding + classification
+    heads) and ``cls-only``."""
+    out = tmp_path_factory.mktemp("plugin-bundles")
+    script = textwrap.dedent("""
+        import sys
+        from pathlib import Path
+        from splitserve.defaults import build_untrained_bundle
+
+        out = Path(sys.argv[1])
+        build_untrained_bundle(out / "embed-cls", input_size=(64, 64), tasks=["embed", "cls"])
+        build_untrained_bundle(out / "cls-only", input_size=(64, 64), tasks=["cls"])
+    """)
+    proc = run(sys.executable, "-c", script, str(out))
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(bundles):
+    s = Server("--bundle", str(bundles / "embed-cls"), "--max-wait-ms", "20").wait_ready()
+    yield s
+    s.stop()
+
+
+def plugins():
+    from splitserve_embedding import EmbeddingPlugin
+    from splitserve_tasks.classification import ClassificationPlugin
+
+    return EmbeddingPlugin, ClassificationPlugin
+
+
+# -- installation and discovery ----------------------------------------------------------------
+
+
+def test_entry_point_discovered_by_a_fresh_process(installed):
+    code = ("from splitserve.plugins import PluginRegistry; r = PluginRegistry.discover(); "
+            "p = r.get('embed'); print(p.name, type(p).__module__, ','.join(r.names()))")
+    proc = run(sys.executable, "-c", code)
+    assert proc.returncode == 0, proc.stderr
+    name, module, names = proc.stdout.split()
+    assert (name, module) == ("embedding", "splitserve_embedding.plugin")
+    assert {"classification", "embedding"} <= set(names.split(","))
+
+
+def test_platform_tasks_lists_it(installed):
+    proc = run(*platform_cmd(), "tasks")
+    assert proc.returncode == 0, proc.stderr
+    rows = {line.split()[0]: line.split() for line in proc.stdout.splitlines()[1:]}
+    assert rows["embedding"] == ["embedding", "embed", "recall@1", "splitserve_embedding:EmbeddingPlugin"]
+    assert rows["classification"][1] == "cls"
+
+
+def test_template_passes_its_own_tests(installed):
+    proc = run(sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests", cwd=TEMPLATE)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout and "failed" not in proc.stdout
+
+
+# -- served by a real gateway ------------------------------------------------------------------
+
+
+def test_infer_answers_with_the_template_schema(server, bundles):
+    from splitserve.bundle import load_head, read_manifest
+    from splitserve.edge import EdgeEncoder
+    from splitserve_embedding import EmbeddingResult
+
+    EmbeddingPlugin, _ = plugins()
+    bundle = bundles / "embed-cls"
+    edge = EdgeEncoder.from_bundle(bundle)
+    images = [texture("brick", (120, 90)), texture("coffee", (64, 48)), texture("brick", (120, 90))]
+    encoded = edge.encode(images)
+    r = httpx.post(server.url + "/infer", params={"tasks": "embed,cls"}, content=encoded.data,
+                   headers={"Content-Type": "application/x-splitserve"}, timeout=120)
+    assert r.status_code == 200, r.text
+    answer = r.json()
+    assert answer["tasks"] == ["embedding", "classification"]
+    assert [x["original_size"] for x in answer["results"]] == [[90, 120], [48, 64], [90, 120]]
+    results = [EmbeddingResult.model_validate(x["tasks"]["embedding"]) for x in answer["results"]]
+    assert all(x["tasks"]["classification"]["top"] for x in answer["results"])
+    vectors = np.array([e.vector for e in results])
+    assert vectors.shape == (3, 128)
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-4)
+    assert np.allclose(vectors[0], vectors[2], atol=1e-5)  # same image, same vector
+    assert float(vectors[0] @ vectors[1]) < 1 - 1e-6  # different images, different vectors
+    # the space id is the bundle's head weights, whichever process hashes them
+    manifest = read_manifest(bundle)
+    plugin = EmbeddingPlugin()
+    head = plugin.build_head(manifest.backbone, manifest.tasks["embedding"].config)
+    head = load_head(bundle, "embedding", head, manifest)
+    assert {e.space for e in results} == {head.space_id()}
+
+    # only what was asked runs; full offloading (a plain JPEG) reaches the plugin too
+    r = httpx.post(server.url + "/infer", params={"tasks": "embedding"}, content=jpeg_bytes(texture("coffee")),
+                   headers={"Content-Type": "image/jpeg"}, timeout=120)
+    assert r.status_code == 200, r.text
+    only = r.json()["results"][0]["tasks"]
+    assert only["classification"] is None
+    assert EmbeddingResult.model_validate(only["embedding"]).dim == 128
+
+
+def test_tasks_endpoint_and_openapi_publish_the_schema(server):
+    from splitserve_embedding import EmbeddingResult
+
+    tasks = {t["name"]: t for t in httpx.get(server.url + "/v1/tasks").json()}
+    assert set(tasks) == {"embedding", "classification"}
+    emb = tasks["embedding"]
+    assert emb["aliases"] == ["embed"] and emb["config"] == {"dim": 128}
+    assert emb["feature"] == {"channels": 64, "stride": 4}
+    assert emb["description"].startswith("Global image embedding")
+    assert emb["response_schema"] == EmbeddingResult.model_json_schema()
+
+    spec = httpx.get(server.url + "/openapi.json").json()
+    schemas = spec["components"]["schemas"]
+    task_results = schemas["TaskResults"]["properties"]
+    assert set(task_results) == {"embedding", "classification"}
+    assert {"$ref": "#/components/schemas/EmbeddingResult"} in task_results["embedding"]["anyOf"]
+    props = schemas["EmbeddingResult"]["properties"]
+    assert set(props) == {"space", "dim", "vector"}
+    assert "cosine similarity" in props["vector"]["description"]
+    r = httpx.post(server.url + "/infer", params={"tasks": "embed,pose"}, content=b"x",
+                   headers={"Content-Type": "application/x-splitserve"})
+    assert r.status_code == 400 and "embedding (embed)" in r.json()["detail"]
+
+
+# -- start-up checks -----------------------------------------------------------------------------
+
+
+def test_registry_refuses_duplicate_names(installed):
+    EmbeddingPlugin, ClassificationPlugin = plugins()
+    registry = PluginRegistry([EmbeddingPlugin(), ClassificationPlugin()])
+    assert [p.name for p in registry.resolve("EMBED, cls,embedding")] == ["embedding", "classification"]
+
+    class Retrieval(EmbeddingPlugin):
+        name = "retrieval"
+        aliases = ("embed",)
+
+    class Greedy(EmbeddingPlugin):
+        name = "greedy"
+        aliases = ("cls",)
+
+    with pytest.raises(PluginError, match="task name 'embed' is claimed by both 'embedding' and 'retrieval'"):
+        PluginRegistry([EmbeddingPlugin(), Retrieval()])
+    with pytest.raises(PluginError, match="task name 'cls' is claimed by both 'classification' and 'greedy'"):
+        PluginRegistry([ClassificationPlugin(), Greedy()])
+    with pytest.raises(PluginError, match="task name 'embedding' is claimed by both"):
+        PluginRegistry([EmbeddingPlugin(), EmbeddingPlugin()])
+
+
+def test_runtime_refuses_feature_mismatch_and_missing_head(bundles, caplog):
+    from splitserve.gateway.runtime import Runtime
+
+    EmbeddingPlugin, ClassificationPlugin = plugins()
+
+    class Wide(EmbeddingPlugin):  # written for resnet50's h, whatever the bundle's backbone
+        def feature_spec(self, backbone):
+            return FeatureSpec(256, 4)
+
+    class Coarse(EmbeddingPlugin):
+        def feature_spec(self, backbone):
+            return FeatureSpec(64, 8)
+
+    for plugin, consumes in ((Wide(), "256 channels at stride 4"), (Coarse(), "64 channels at stride 8")):
+        with pytest.raises(PluginError, match=f"task 'embedding' consumes {consumes}, but the bundle's codec "
+                                              "produces 64 channels at stride 4"):
+            Runtime(bundles / "embed-cls", PluginRegistry([plugin, ClassificationPlugin()]))
+    with pytest.raises(PluginError, match="has no head for embedding"):
+        Runtime(bundles / "cls-only", PluginRegistry([EmbeddingPlugin(), ClassificationPlugin()]), tasks=["embed"])
+    # a head whose plugin is not installed is skipped (with a warning); the rest is served
+    with caplog.at_level("WARNING", logger="splitserve.gateway"):
+        runtime = Runtime(bundles / "embed-cls", PluginRegistry([ClassificationPlugin()]))
+    assert [p.name for p in runtime.plugins] == ["classification"]
+    assert "bundle head 'embedding' has no installed plugin" in caplog.text
+    with pytest.raises(PluginError, match="has no head for any installed plugin"):
+        Runtime(bundles / "embed-cls", PluginRegistry([]))
+
+
+def test_platform_serve_exits_2_with_one_line(bundles):
+    # a plugin whose feature spec disagrees with the bundle, swapped in for the installed one
+    script = textwrap.dedent("""
+        import sys
+        import warnings
+        warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated")  # as cli.main does
+
+        from splitserve import cli, plugins
+        from splitserve.models.backbone import FeatureSpec
+        from splitserve_embedding import EmbeddingPlugin
+
+        class Wide(EmbeddingPlugin):
+            def feature_spec(self, backbone):
+                return FeatureSpec(256, 4)
+
+        found = list(plugins.PluginRegistry.discover())
+        swapped = [Wide() if p.name == "embedding" else p for p in found]
+        plugins.PluginRegistry.discover = classmethod(lambda cls: cls(swapped))
+        sys.exit(cli.main(sys.argv[1:]))
+    """)
+    proc = run(sys.executable, "-c", script, "serve", "--bundle", str(bundles / "embed-cls"), "--port", "0")
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert proc.stderr.startswith("platform serve: error: task 'embedding' consumes 256 channels at stride 4, "
+                                  "but the bundle's codec produces 64 channels at stride 4")
+
+    proc = run(*platform_cmd(), "serve", "--bundle", str(bundles / "cls-only"), "--tasks", "embed", "--port", "0")
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert "has no head for embedding (it has: classification)" in proc.stderr
