@@ -1,0 +1,40 @@
+"""Shared glue of the training commands: declare options, resolve recipe + flags, dispatch."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from ..training.options import Opt, add_options, command_line, opt, parse_key_value, resolve
+from . import add_command
+
+ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
+ENCODERS = ("entropic_student", "rac")
+
+
+def task_option(required: bool = True) -> Opt:
+    return opt("--task", required=required, metavar="TASK",
+               help="task plugin name or alias (classification/cls, detection/det, segmentation/seg, …)")
+
+
+def loss_option() -> Opt:
+    return opt("--option", dest="option", type=parse_key_value, nargs="+", default=None, metavar="KEY=VALUE",
+               help="extra loss options passed to the task plugin (e.g. aux_weight=0.5)")
+
+
+def register_training_command(sub, name: str, help: str, description: str, options: Sequence[Opt],
+                              runner: Callable[[object], int], epilog: str | None = None):
+    p = add_command(sub, name, lambda args: _dispatch(args, name, options, runner), help=help, description=description)
+    if epilog:
+        p.epilog = epilog
+    add_options(p, options)
+    return p
+
+
+def _dispatch(args, name: str, options: Sequence[Opt], runner) -> int:
+    cfg = resolve(args, options, name)
+    cfg.command_line = command_line(cfg, options, name)
+    return runner(cfg)
+
+
+__all__ = ["ARCHS", "ENCODERS", "Path", "loss_option", "opt", "register_training_command", "task_option"]

@@ -1,0 +1,36 @@
+"""``platform distill``: Entropic Student stage 1 — train encoder, prior and decoder against a teacher."""
+
+from __future__ import annotations
+
+from ..training.options import training_options
+from ._training import ENCODERS, Path, opt, register_training_command
+
+OPTIONS = [
+    opt("--encoder", default="entropic_student", choices=ENCODERS, help="encoder family"),
+    opt("--blocks", type=int, default=None, metavar="N", help="residual blocks of the rac encoder (0, 4, 8)"),
+    opt("--latent-channels", type=int, default=None, metavar="C", help="latent channels (default: the family's)"),
+    opt("--teacher", type=Path, required=True, metavar="DIR", help="teacher directory (`platform teacher`)"),
+    opt("--data", type=Path, required=True, metavar="DIR", help="dataset root (images only are used)"),
+    opt("--beta", type=float, required=True, metavar="B", help="rate weight: loss = distillation MSEs + B * bpp"),
+    opt("--out", type=Path, required=True, metavar="DIR", help="bundle directory to write"),
+    opt("--task-data-format", default="auto", metavar="TASK",
+        help="which task's data loader reads --data (auto: the teacher's task)"),
+    opt("--aux-lr", type=float, default=1e-3, help="learning rate of the prior's quantile (aux) optimizer"),
+    *training_options(epochs=10, batch_size=64, optimizer="adam", lr=1e-3, scheduler="multistep", milestones=[5, 8],
+                      gamma=0.1),
+]
+
+
+def register(sub) -> None:
+    register_training_command(
+        sub, "distill", "Entropic Student stage 1: distil a codec from a teacher, write a bundle",
+        "Train encoder + prior + decoder so the decoded feature and the teacher's frozen layer2..4 outputs match "
+        "the teacher's (MSE) at rate weight --beta; write a bundle that serves the teacher's head.",
+        OPTIONS, _run,
+    )
+
+
+def _run(cfg) -> int:
+    from ..training.distill import run_distill
+
+    return run_distill(cfg)

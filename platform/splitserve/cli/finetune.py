@@ -1,0 +1,37 @@
+"""``platform finetune``: stage 2 — train a task head on a bundle's frozen encoder and prior."""
+
+from __future__ import annotations
+
+from ..training.options import training_options
+from ._training import Path, loss_option, opt, register_training_command, task_option
+
+OPTIONS = [
+    task_option(),
+    opt("--bundle", type=Path, required=True, metavar="DIR", help="bundle to add/replace the task's head in"),
+    opt("--data", "--coco", dest="data", type=Path, required=True, metavar="DIR",
+        help="dataset root (--coco is an alias: a COCO 2017 tree with annotations/instances_{train,val}2017.json)"),
+    opt("--teacher", type=Path, default=None, metavar="DIR",
+        help="teacher directory: same task → head init + knowledge distillation; other task → layer2..4 init"),
+    opt("--train-decoder", action="store_true", help="also train the decoder (changes the features every head sees)"),
+    opt("--from-scratch", action="store_true", help="start from a freshly initialised head"),
+    opt("--temperature", type=float, default=1.0, help="distillation temperature"),
+    opt("--kd-alpha", type=float, default=0.5, help="distillation weight: (1-a)*CE + a*KL"),
+    loss_option(),
+    *training_options(epochs=10, batch_size=128, optimizer="sgd", lr=1e-3, momentum=0.9, weight_decay=5e-4,
+                      scheduler="step", step_size=5, gamma=0.1),
+]
+
+
+def register(sub) -> None:
+    register_training_command(
+        sub, "finetune", "stage 2: fine-tune a task head on a bundle's frozen encoder",
+        "Fine-tune a task head (any installed plugin) on the features of the real coding path; encoder and prior "
+        "stay frozen, so the bundle's fingerprint and every deployed edge device stay valid.",
+        OPTIONS, _run,
+    )
+
+
+def _run(cfg) -> int:
+    from ..training.finetune import run_finetune
+
+    return run_finetune(cfg)

@@ -1,0 +1,36 @@
+"""``platform teacher``: train (or load and evaluate) the uncompressed teacher of a task."""
+
+from __future__ import annotations
+
+from ..training.options import training_options
+from ._training import ARCHS, Path, loss_option, opt, register_training_command, task_option
+
+OPTIONS = [
+    task_option(),
+    opt("--data", type=Path, required=True, metavar="DIR",
+        help="dataset root: ImageFolder (train/, val/), COCO 2017 tree, or an fmnist-scenes directory"),
+    opt("--arch", default="resnet50", choices=ARCHS, help="ResNet backbone"),
+    opt("--weights", default=None, metavar="NAME",
+        help="torchvision weights: DEFAULT or an enum member name (task weights where torchvision has them)"),
+    opt("--checkpoint", type=Path, default=None, metavar="FILE",
+        help="initialise from a local torchvision checkpoint (.pth read with weights_only=True, or .safetensors)"),
+    opt("--out", type=Path, required=True, metavar="DIR", help="teacher directory to write"),
+    loss_option(),
+    *training_options(epochs=10, batch_size=64, optimizer="sgd", lr=0.01, momentum=0.9, weight_decay=1e-4,
+                      scheduler="cosine", min_lr_ratio=0.0),
+]
+
+
+def register(sub) -> None:
+    register_training_command(
+        sub, "teacher", "train or load the uncompressed teacher (stem + task head)",
+        "Train the uncompressed teacher of a task (or, with --weights/--checkpoint and --epochs 0, load, evaluate "
+        "and save it). Writes DIR/teacher.json + stem.safetensors + head.safetensors.",
+        OPTIONS, _run,
+    )
+
+
+def _run(cfg) -> int:
+    from ..training.teacher import run_teacher
+
+    return run_teacher(cfg)

@@ -1,0 +1,185 @@
+"""``platform distill``: Entropic Student stage 1 (Matsubara et al., WACV 2022).
+
+The student replaces the teacher's stem (conv1 … layer1) with encoder → entropy bottleneck →
+decoder; the teacher's layer2..4 are reused, frozen. Loss per batch::
+
+    MSE(h̃, h) + Σ_{k=2..4} MSE(tail_k(h̃), tail_k(h)) + β · bpp        (bpp = bits / (B·H·W))
+
+with h̃ decoded from the noisy latent (z + U(-½, ½)) and h the teacher's layer1 output, plus the
+prior's quantile (aux) loss on its own optimizer every step. The bundle written at the end carries
+the teacher's head for its task, so it serves immediately; ``platform finetune`` then adapts heads.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..bundle import default_provenance, save_bundle
+from ..errors import SplitserveError
+from ..models import FeatureCodec, build_encoder
+from ..models.backbone import FEATURE_CHANNELS
+from ..plugins import TaskBatch
+from . import common
+from . import distributed as dist_utils
+from .engine import Engine, Objective, freeze, move_to
+from .optim import build_optimizer, build_scheduler, split_codec_params, steps_per_epoch
+from .teacher import load_teacher
+
+TAIL_STAGES = ("layer2", "layer3", "layer4")
+
+
+def build_codec(family: str, arch: str, blocks: int | None, latent_channels: int | None) -> FeatureCodec:
+    config: dict = {"feature_channels": FEATURE_CHANNELS[arch]}
+    if blocks is not None:
+        if family != "rac":
+            raise SplitserveError(f"--blocks applies to the rac encoder, not {family}")
+        config["blocks"] = blocks
+    if latent_channels is not None:
+        config["latent_channels"] = latent_channels
+    return build_encoder(family, **config)
+
+
+def run_codec(codec: FeatureCodec, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h̃, likelihoods) with the entropy bottleneck in float32 even under autocast."""
+    y = codec.encoder(x)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        y_hat, likelihoods = codec.entropy_bottleneck(y.float())
+    return codec.decoder(y_hat), likelihoods
+
+
+def bits_per_pixel(likelihoods: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    n, _, h, w = images.shape
+    return -torch.log2(likelihoods).sum() / (n * h * w)
+
+
+class DistillObjective(Objective):
+    frozen = ("teacher_stem", "tail")
+
+    def __init__(self, codec: FeatureCodec, teacher_stem: nn.Module, tail: nn.Module, beta: float):
+        super().__init__()
+        self.codec = codec
+        self.teacher_stem = freeze(teacher_stem)
+        self.tail = freeze(tail)
+        self.beta = float(beta)
+
+    def terms(self, images: torch.Tensor) -> tuple[dict, dict]:
+        with torch.no_grad():
+            h_t = self.teacher_stem(images)
+            t_feats = self.tail(h_t)
+        h_s, likelihoods = run_codec(self.codec, images)
+        s_feats = self.tail(h_s)
+        mse_h = F.mse_loss(h_s.float(), h_t.float())
+        mse_tail = sum(F.mse_loss(s_feats[k].float(), t_feats[k].float()) for k in TAIL_STAGES)
+        bpp = bits_per_pixel(likelihoods, images)
+        return {"distill": mse_h + mse_tail, "rate": self.beta * bpp}, {"bpp": bpp.detach(), "mse_h": mse_h.detach()}
+
+    def forward(self, batch: TaskBatch):
+        losses, logs = self.terms(batch.images)
+        losses["prior_aux"] = self.codec.aux_loss()
+        return losses, logs
+
+
+@torch.no_grad()
+def validate_distill(objective: DistillObjective, loader, device, plugin=None, head=None, dataset=None) -> dict[str, float]:
+    """Eval-mode (rounded latent) distillation loss, real rANS rates, and — when the teacher's head
+    fits the data — the task metric of student features through the frozen teacher head."""
+    objective.eval()
+    total = {"distill_loss": 0.0, "mse_h": 0.0, "bpp_estimate": 0.0}
+    n = 0
+    try:
+        for batch in loader:
+            images = move_to(batch.images, device)
+            losses, logs = objective.terms(images)  # eval mode: rounded latent, its likelihoods
+            b = images.shape[0]
+            total["distill_loss"] += float(losses["distill"]) * b
+            total["mse_h"] += float(logs["mse_h"]) * b
+            total["bpp_estimate"] += float(logs["bpp"]) * b
+            n += b
+        metrics = {k: v / max(n, 1) for k, v in total.items()}
+        metrics.update(common.measure_rate(objective.codec, loader, device, estimate=False))
+        metrics["loss"] = metrics["distill_loss"] + objective.beta * metrics["bpp_estimate"]
+        if plugin is not None and head is not None:
+            codec = objective.codec
+            task = plugin.evaluate(head, common.coded_features(codec), loader, dataset=dataset)
+            metrics.update({k: float(v) for k, v in task.items()})
+    finally:
+        objective.train()
+    return metrics
+
+
+def run_distill(cfg: SimpleNamespace) -> int:
+    plugins = common.registry()
+    teacher = load_teacher(cfg.teacher, plugins)
+    plugin = plugins.get(teacher.task)
+    data_plugin = plugin if cfg.task_data_format in (None, "", "auto") else plugins.get(cfg.task_data_format)
+    if cfg.beta < 0:
+        raise SplitserveError(f"--beta must be >= 0, got {cfg.beta}")
+    info = dist_utils.setup(cfg.device)
+    try:
+        size = common.image_size(cfg.image_size, teacher.input_size)
+        torch.manual_seed(cfg.seed)
+        codec = build_codec(cfg.encoder, teacher.arch, cfg.blocks, cfg.latent_channels)
+        codec.check_input_size(*size)
+        train_set, val_set, data_root = common.build_datasets(data_plugin, cfg.data, size, cfg)
+
+        out = Path(cfg.out)
+        workdir = Path(cfg.workdir) if cfg.workdir else common.bundle_workdir(out, "distill")
+        engine = Engine(common.engine_config(cfg, workdir, common.signature(cfg)), info, "distill")
+        objective = DistillObjective(codec, teacher.stem, teacher.head.tail, cfg.beta)
+        main_params, aux_params = split_codec_params(objective.codec)
+        optimizer = build_optimizer(main_params, cfg)
+        aux_optimizer = torch.optim.Adam(aux_params, lr=cfg.aux_lr)
+        schedulers = build_scheduler(optimizer, cfg, steps_per_epoch(len(train_set), cfg.batch_size, info.world_size))
+        val_loader = common.eval_loader(data_plugin, val_set, cfg)
+        head = teacher.head.to(info.device) if data_plugin is plugin else None
+
+        def validate(epoch: int) -> dict[str, float]:
+            return validate_distill(objective, val_loader, info.device, plugin, head, val_set)
+
+        result = engine.fit(objective, {"main": optimizer, "aux": aux_optimizer}, schedulers, train_set,
+                            data_plugin.collate, validate)
+        if result.status == "interrupted":
+            return 128 + (result.signum or 15)
+        if not info.is_main:
+            return 0
+        metrics = result.last_metrics if result.status == "done" and result.history else {}
+        if not metrics:
+            metrics = validate(result.epoch)
+        codec = objective.codec.to("cpu").eval()
+        codec.update(force=True)
+        head_metrics = {}
+        if plugin.metric_name in metrics:
+            head_metrics[plugin.name] = {plugin.metric_name: metrics[plugin.metric_name]}
+            if plugin.metric_name in teacher.metrics:
+                head_metrics[plugin.name][f"teacher_{plugin.metric_name}"] = float(teacher.metrics[plugin.metric_name])
+        provenance = default_provenance(
+            stage="distill (Entropic Student stage 1)",
+            command=cfg.command_line,
+            teacher=str(teacher.path),
+            teacher_task=teacher.task,
+            data=str(data_root),
+            beta=cfg.beta,
+            seed=cfg.seed,
+            epochs=cfg.epochs,
+            steps=result.global_step,
+            train_images=len(train_set),
+            val_images=len(val_set),
+            stopped_early=result.status == "max_steps",
+        )
+        bundle_metrics = {k: float(metrics[k]) for k in ("bpp", "payload_bpp", "bpp_estimate", "distill_loss", "mse_h")
+                          if k in metrics}
+        teacher.head.to("cpu")
+        save_bundle(out, codec, backbone=teacher.arch, input_size=size,
+                    heads={plugin.name: (teacher.head.eval(), teacher.config)}, head_metrics=head_metrics,
+                    metrics=bundle_metrics, provenance=provenance)
+        task_part = f", {plugin.name} {plugin.metric_name} {metrics[plugin.metric_name]:.2f}" if plugin.metric_name in metrics else ""
+        print(f"wrote bundle {out}: bpp {metrics['bpp']:.4f} (rANS), payload {metrics['payload_bpp']:.4f}, "
+              f"distill loss {metrics['distill_loss']:.4f}{task_part}")
+        return 0
+    finally:
+        dist_utils.teardown(info)

@@ -1,0 +1,219 @@
+"""``platform finetune``: stage 2 for any task plugin, on a bundle's frozen encoder and prior.
+
+Features come from the real inference path (encoder → rounding around the prior's medians →
+decoder), so the head learns on exactly what the gateway will hand it. The encoder and prior
+never change, hence neither does the bundle's fingerprint: every deployed device keeps working.
+The decoder is frozen too unless ``--train-decoder`` (which changes what every other head sees).
+The loss is the plugin's own (``plugin.loss``); with a teacher of the same task it also gets the
+teacher's output for knowledge distillation (classification: 0.5·CE + 0.5·KL at ``--temperature``).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..bundle import load_codec, load_head, read_manifest, update_heads
+from ..errors import BundleError, SplitserveError
+from ..models import FeatureCodec
+from ..plugins import TaskBatch, TaskPlugin
+from . import common
+from . import distributed as dist_utils
+from .engine import Engine, Objective, freeze
+from .optim import build_optimizer, build_scheduler, steps_per_epoch
+from .teacher import Teacher, evaluate, load_teacher
+
+
+class FinetuneObjective(Objective):
+    aux_terms = ()
+
+    def __init__(self, plugin: TaskPlugin, codec: FeatureCodec, head: nn.Module, teacher: Teacher | None,
+                 options: dict[str, Any], train_decoder: bool):
+        super().__init__()
+        self.plugin = plugin
+        self.codec = codec
+        freeze(codec.encoder)
+        freeze(codec.entropy_bottleneck)
+        if not train_decoder:
+            freeze(codec.decoder)
+        self.train_decoder = train_decoder
+        self.head = head
+        self.teacher_stem = freeze(teacher.stem) if teacher is not None else None
+        self.teacher_head = freeze(teacher.head) if teacher is not None else None
+        self.options = options
+        self.frozen = ("codec.encoder", "codec.entropy_bottleneck", "teacher_stem", "teacher_head") + (
+            () if train_decoder else ("codec.decoder",))
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            y_hat = self.codec.quantize(images)
+        if self.train_decoder:
+            return self.codec.decode(y_hat)
+        with torch.no_grad():
+            return self.codec.decode(y_hat)
+
+    def forward(self, batch: TaskBatch):
+        h = self.features(batch.images)
+        teacher_output = None
+        if self.teacher_head is not None:
+            with torch.no_grad():
+                teacher_output = self.plugin.head_output(self.teacher_head, self.teacher_stem(batch.images), batch)
+        return self.plugin.loss(self.head, h, batch, teacher_output=teacher_output, options=self.options), {}
+
+    def export_state(self):
+        state = {f"head.{k}": v for k, v in self.head.state_dict().items()}
+        if self.train_decoder:
+            state.update({f"codec.decoder.{k}": v for k, v in self.codec.decoder.state_dict().items()})
+        return state
+
+
+def _init_head(plugin: TaskPlugin, manifest, bundle: Path, teacher: Teacher | None, data_config: dict,
+               from_scratch: bool) -> tuple[nn.Module, dict, str, list[str]]:
+    """The head to fine-tune: the bundle's (same task), else the teacher's (same task), else a
+    fresh one (its layer2..4 from any teacher). Returns (head, config, source, re-initialised keys)."""
+    backbone = manifest.backbone
+    defaults = plugin.default_config(backbone)
+    if plugin.name in manifest.tasks and not from_scratch:
+        src_cfg = {**defaults, **manifest.tasks[plugin.name].config}
+        src = load_head(bundle, plugin.name, plugin.build_head(backbone, src_cfg), manifest)
+        source = f"bundle head ({bundle})"
+    elif teacher is not None and teacher.task == plugin.name and not from_scratch:
+        src_cfg, src = {**defaults, **teacher.config}, teacher.head
+        source = f"teacher head ({teacher.path})"
+    else:
+        src_cfg, src = defaults, None
+        source = "fresh head"
+        if teacher is not None:
+            source += f", layer2..4 from teacher {teacher.path}"
+        elif not from_scratch:
+            have = ", ".join(manifest.tasks) or "none"
+            raise BundleError(
+                f"{bundle}: bundle has no {plugin.name!r} head (it has: {have}) and no --teacher was given; "
+                f"pass --teacher DIR (a `platform teacher --task {plugin.name}` directory) or --from-scratch"
+            )
+    config = {**src_cfg, **data_config}
+    head = plugin.build_head(backbone, config)
+    fresh: list[str] = []
+    if src is not None:
+        fresh = common.load_matching(head, src.state_dict())
+    elif teacher is not None:
+        tail_state = {f"tail.{k}": v for k, v in teacher.head.tail.state_dict().items()}
+        common.load_matching(head, {k: v for k, v in tail_state.items() if k in head.state_dict()})
+        missing = [k for k in tail_state if k not in head.state_dict()]
+        if missing:  # e.g. a head that stores its tail under another name: match by the tail module
+            common.load_matching(head.tail, teacher.head.tail.state_dict())
+    return head, config, source, fresh
+
+
+def run_finetune(cfg: SimpleNamespace) -> int:
+    plugins = common.registry()
+    plugin = plugins.get(cfg.task)
+    bundle = Path(cfg.bundle)
+    manifest = read_manifest(bundle)
+    codec = load_codec(bundle, manifest=manifest)
+    fingerprint = manifest.fingerprint
+    teacher = load_teacher(cfg.teacher, plugins) if cfg.teacher else None
+    if teacher is not None and teacher.arch != manifest.backbone:
+        raise SplitserveError(f"teacher {teacher.path} is a {teacher.arch}, the bundle's backbone is {manifest.backbone}")
+    spec = plugin.feature_spec(manifest.backbone)
+    if (spec.channels, spec.stride) != (codec.feature_channels, codec.stride):
+        raise SplitserveError(f"task {plugin.name!r} consumes {spec.describe()}, the bundle's codec produces "
+                              f"{codec.feature_channels} channels at stride {codec.stride}")
+    info = dist_utils.setup(cfg.device)
+    try:
+        size = common.image_size(cfg.image_size, manifest.input_size)
+        codec.check_input_size(*size)
+        if size != tuple(manifest.input_size) and info.is_main:
+            print(f"warning: training at {size[0]}x{size[1]} but the edge resizes to "
+                  f"{manifest.input_size[0]}x{manifest.input_size[1]} (the bundle's input_size); "
+                  "the head will see other features in serving", flush=True)
+        train_set, val_set, data_root = common.build_datasets(plugin, cfg.data, size, cfg)
+        data_config = plugin.dataset_config(common.base_dataset(train_set))
+        torch.manual_seed(cfg.seed)
+        head, config, source, fresh = _init_head(plugin, manifest, bundle, teacher, data_config, cfg.from_scratch)
+        if fresh and info.is_main:
+            print(f"note: {common.describe_keys(fresh)} re-initialised (the data's config differs from the "
+                  f"source head's)", flush=True)
+        if cfg.train_decoder and info.is_main:
+            others = [t for t in manifest.tasks if t != plugin.name]
+            print("warning: --train-decoder changes the bundle's decoder, which every head consumes"
+                  + (f" (also {', '.join(others)}); re-fine-tune or re-evaluate them" if others else ""), flush=True)
+        kd_teacher = teacher if teacher is not None and teacher.task == plugin.name else None
+        if teacher is not None and kd_teacher is None and info.is_main:
+            print(f"note: the teacher is a {teacher.task} model: used to initialise layer2..4 only, "
+                  "no distillation loss", flush=True)
+
+        workdir = Path(cfg.workdir) if cfg.workdir else common.bundle_workdir(bundle, f"finetune-{plugin.name}")
+        engine = Engine(common.engine_config(cfg, workdir, common.signature(cfg)), info, f"finetune {plugin.name}")
+        objective = FinetuneObjective(plugin, codec, head, kd_teacher, common.options_of(cfg), cfg.train_decoder)
+        params = list(head.parameters()) + (list(codec.decoder.parameters()) if cfg.train_decoder else [])
+        optimizer = build_optimizer(params, cfg)
+        schedulers = build_scheduler(optimizer, cfg, steps_per_epoch(len(train_set), cfg.batch_size, info.world_size))
+        val_loader = common.eval_loader(plugin, val_set, cfg)
+        features = common.coded_features(objective.codec)
+
+        def validate(epoch: int) -> dict[str, float]:
+            return {k: float(v) for k, v in plugin.evaluate(objective.head, features, val_loader, dataset=val_set).items()}
+
+        teacher_metrics: dict[str, float] = {}
+        if kd_teacher is not None and info.is_main:
+            kd_teacher.stem.to(info.device)
+            kd_teacher.head.to(info.device)
+            teacher_metrics = evaluate(plugin, kd_teacher.stem, kd_teacher.head, val_loader, val_set)
+        result = engine.fit(objective, {"main": optimizer}, schedulers, train_set, plugin.collate, validate,
+                            best_metric=plugin.metric_name)
+        if result.status == "interrupted":
+            return 128 + (result.signum or 15)
+        if not info.is_main:
+            return 0
+        metric = plugin.metric_name
+        last = result.last_metrics if result.history and result.history[-1]["global_step"] == result.global_step else {}
+        if not last:
+            objective.to(info.device)
+            last = validate(result.epoch)
+        best = result.best
+        if best is not None and best.get("state") and best["value"] > last.get(metric, float("-inf")):
+            objective.load_state_dict(best["state"], strict=False)
+            chosen, chosen_epoch = dict(best["metrics"]), best["epoch"]
+        else:
+            chosen, chosen_epoch = dict(last), result.epoch
+        objective.to(info.device).eval()
+        rate = common.measure_rate(objective.codec, val_loader, info.device, estimate=False)
+        objective.to("cpu")
+        head_metrics = {**chosen, **{f"last_{k}": v for k, v in last.items()}, "epoch": float(chosen_epoch),
+                        "bpp": rate["bpp"], "payload_bpp": rate["payload_bpp"]}
+        head_metrics.update({f"teacher_{k}": v for k, v in teacher_metrics.items()})
+        provenance = {
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "stage": "finetune (stage 2; encoder and prior frozen)",
+            "command": cfg.command_line,
+            "init": source,
+            "teacher": str(teacher.path) if teacher is not None else None,
+            "distillation": kd_teacher is not None,
+            "data": str(data_root),
+            "train_images": len(train_set),
+            "val_images": len(val_set),
+            "epochs": cfg.epochs,
+            "steps": result.global_step,
+            "selected_epoch": chosen_epoch,
+            "train_decoder": bool(cfg.train_decoder),
+            "seed": cfg.seed,
+            "stopped_early": result.status == "max_steps",
+        }
+        new = update_heads(bundle, {plugin.name: (objective.head, config)}, head_metrics={plugin.name: head_metrics},
+                           head_provenance={plugin.name: provenance},
+                           decoder=objective.codec.decoder if cfg.train_decoder else None)
+        if new.fingerprint != fingerprint:  # update_heads never touches encoder/prior; be sure
+            raise BundleError(f"{bundle}: fingerprint changed during finetune; the bundle is inconsistent")
+        shown = ", ".join(f"{k} {v:.2f}" for k, v in chosen.items())
+        teacher_part = f" (teacher {metric} {teacher_metrics[metric]:.2f})" if metric in teacher_metrics else ""
+        print(f"updated {bundle}: {plugin.name} head from epoch {chosen_epoch}: {shown}{teacher_part}; "
+              f"bpp {rate['bpp']:.4f}; fingerprint unchanged")
+        return 0
+    finally:
+        dist_utils.teardown(info)

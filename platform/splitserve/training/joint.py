@@ -1,0 +1,147 @@
+"""``platform train``: single-stage training of Duan & Zhu ("Efficient Feature Compression for
+Edge-Cloud Systems") for classification.
+
+    loss = λ · bpp + MSE(h̃, h_teacher) + 0.5 · (KL(teacher ‖ student logits) + CE)
+
+``--joint`` trains the codec and the classifier (ResNet layer2..4 + fc, initialised from the
+teacher); ``--cls-fixed`` keeps the teacher's classifier frozen and trains only the codec. The
+prior's quantile (aux) loss is optimised every step on its own optimizer, as in CompressAI.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..bundle import default_provenance, save_bundle
+from ..errors import SplitserveError
+from ..models import FeatureCodec
+from ..plugins import TaskBatch, TaskPlugin
+from . import common
+from . import distributed as dist_utils
+from .distill import bits_per_pixel, build_codec, run_codec
+from .engine import Engine, Objective, freeze, move_to
+from .optim import build_optimizer, build_scheduler, split_codec_params, steps_per_epoch
+from .teacher import load_teacher
+
+
+class JointObjective(Objective):
+    def __init__(self, plugin: TaskPlugin, codec: FeatureCodec, head: nn.Module, teacher_stem: nn.Module,
+                 teacher_head: nn.Module, lmbda: float, options: dict, head_fixed: bool):
+        super().__init__()
+        self.plugin = plugin
+        self.codec = codec
+        self.head = freeze(head) if head_fixed else head
+        self.teacher_stem = freeze(teacher_stem)
+        self.teacher_head = freeze(teacher_head)
+        self.lmbda = float(lmbda)
+        self.options = {"kd_alpha": 0.5, **options}
+        self.frozen = ("teacher_stem", "teacher_head") + (("head",) if head_fixed else ())
+
+    def forward(self, batch: TaskBatch):
+        images = batch.images
+        with torch.no_grad():
+            h_t = self.teacher_stem(images)
+            t_logits = self.plugin.head_output(self.teacher_head, h_t, batch)
+        h_s, likelihoods = run_codec(self.codec, images)
+        bpp = bits_per_pixel(likelihoods, images)
+        task = self.plugin.loss(self.head, h_s, batch, teacher_output=t_logits, options=self.options)
+        losses = {
+            "rate": self.lmbda * bpp,
+            "feature_mse": F.mse_loss(h_s.float(), h_t.float()),
+            **task,
+            "prior_aux": self.codec.aux_loss(),
+        }
+        return losses, {"bpp": bpp.detach()}
+
+
+def run_train(cfg: SimpleNamespace) -> int:
+    plugins = common.registry()
+    plugin = plugins.get("classification")
+    if cfg.mode not in ("joint", "cls-fixed"):
+        raise SplitserveError("choose --joint (train codec and classifier) or --cls-fixed (classifier frozen)")
+    if cfg.lmbda < 0:
+        raise SplitserveError(f"--lmbda must be >= 0, got {cfg.lmbda}")
+    teacher = load_teacher(cfg.teacher, plugins)
+    if teacher.task != plugin.name:
+        raise SplitserveError(f"`platform train` needs a classification teacher; {teacher.path} is a {teacher.task} model")
+    info = dist_utils.setup(cfg.device)
+    try:
+        size = common.image_size(cfg.image_size, teacher.input_size)
+        torch.manual_seed(cfg.seed)
+        codec = build_codec(cfg.encoder, teacher.arch, cfg.blocks, cfg.latent_channels)
+        codec.check_input_size(*size)
+        train_set, val_set, data_root = common.build_datasets(plugin, cfg.data, size, cfg)
+        data_config = plugin.dataset_config(common.base_dataset(train_set))
+        config = {**plugin.default_config(teacher.arch), **teacher.config}
+        if data_config.get("num_classes") != config.get("num_classes"):
+            raise SplitserveError(f"the teacher has {config.get('num_classes')} classes, the data "
+                                  f"{data_config.get('num_classes')}; train a teacher on this data first")
+        head = plugin.build_head(teacher.arch, config)
+        head.load_state_dict(teacher.head.state_dict())
+        head_fixed = cfg.mode == "cls-fixed"
+
+        out = Path(cfg.out)
+        workdir = Path(cfg.workdir) if cfg.workdir else common.bundle_workdir(out, "train")
+        engine = Engine(common.engine_config(cfg, workdir, common.signature(cfg)), info, f"train {cfg.mode}")
+        objective = JointObjective(plugin, codec, head, teacher.stem, teacher.head, cfg.lmbda,
+                                   common.options_of(cfg), head_fixed)
+        main_params, aux_params = split_codec_params(objective.codec)
+        if not head_fixed:
+            main_params += list(objective.head.parameters())
+        optimizer = build_optimizer(main_params, cfg)
+        aux_optimizer = torch.optim.Adam(aux_params, lr=cfg.aux_lr)
+        schedulers = build_scheduler(optimizer, cfg, steps_per_epoch(len(train_set), cfg.batch_size, info.world_size))
+        val_loader = common.eval_loader(plugin, val_set, cfg)
+
+        @torch.no_grad()
+        def validate(epoch: int) -> dict[str, float]:
+            objective.eval()
+            try:
+                metrics = plugin.evaluate(objective.head, common.coded_features(objective.codec), val_loader,
+                                          dataset=val_set)
+                metrics = {k: float(v) for k, v in metrics.items()}
+                metrics.update(common.measure_rate(objective.codec, val_loader, info.device))
+            finally:
+                objective.train()
+            return metrics
+
+        result = engine.fit(objective, {"main": optimizer, "aux": aux_optimizer}, schedulers, train_set,
+                            plugin.collate, validate)
+        if result.status == "interrupted":
+            return 128 + (result.signum or 15)
+        if not info.is_main:
+            return 0
+        metrics = result.last_metrics if result.status == "done" and result.history else {}
+        if not metrics:
+            metrics = validate(result.epoch)
+        codec = objective.codec.to("cpu").eval()
+        codec.update(force=True)
+        head = objective.head.to("cpu").eval()
+        metric = plugin.metric_name
+        head_metrics = {plugin.name: {k: v for k, v in metrics.items() if k in (metric, "top5")}}
+        if metric in teacher.metrics:
+            head_metrics[plugin.name][f"teacher_{metric}"] = float(teacher.metrics[metric])
+        provenance = default_provenance(
+            stage=f"train (Duan & Zhu single stage, {cfg.mode})",
+            command=cfg.command_line,
+            teacher=str(teacher.path),
+            data=str(data_root),
+            lmbda=cfg.lmbda,
+            seed=cfg.seed,
+            epochs=cfg.epochs,
+            steps=result.global_step,
+            stopped_early=result.status == "max_steps",
+        )
+        save_bundle(out, codec, backbone=teacher.arch, input_size=size, heads={plugin.name: (head, config)},
+                    head_metrics=head_metrics,
+                    metrics={k: float(metrics[k]) for k in ("bpp", "payload_bpp", "bpp_estimate") if k in metrics},
+                    provenance=provenance)
+        print(f"wrote bundle {out}: {metric} {metrics.get(metric, float('nan')):.2f} at bpp {metrics['bpp']:.4f} (rANS)")
+        return 0
+    finally:
+        dist_utils.teardown(info)

@@ -1,0 +1,62 @@
+"""Optimizers and learning-rate schedules from the resolved options."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+
+from ..errors import SplitserveError
+from .engine import ScheduledLR
+
+
+def split_codec_params(codec: nn.Module, prefix: str = "") -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """CompressAI convention: the prior's ``quantiles`` go to the aux optimizer, the rest to the main one."""
+    main, aux = [], []
+    for name, p in codec.named_parameters(prefix=prefix):
+        if not p.requires_grad:
+            continue
+        (aux if name.endswith("quantiles") else main).append(p)
+    return main, aux
+
+
+def build_optimizer(params: Iterable[nn.Parameter], cfg: SimpleNamespace, lr: float | None = None) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        raise SplitserveError("nothing to optimise: every parameter is frozen")
+    lr = cfg.lr if lr is None else lr
+    if lr <= 0:
+        raise SplitserveError(f"--lr must be > 0, got {lr}")
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+    raise SplitserveError(f"unknown optimizer {cfg.optimizer!r}")
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: SimpleNamespace, steps_per_epoch: int) -> list[ScheduledLR]:
+    """``multistep``/``step`` advance once per epoch; ``cosine`` once per step over the whole run."""
+    kind = cfg.scheduler
+    if kind == "none" or cfg.epochs <= 0:
+        return []
+    if kind == "multistep":
+        return [ScheduledLR(torch.optim.lr_scheduler.MultiStepLR(optimizer, list(cfg.milestones), gamma=cfg.gamma))]
+    if kind == "step":
+        if cfg.step_size < 1:
+            raise SplitserveError(f"--step-size must be >= 1, got {cfg.step_size}")
+        return [ScheduledLR(torch.optim.lr_scheduler.StepLR(optimizer, cfg.step_size, gamma=cfg.gamma))]
+    if kind == "cosine":
+        total = max(1, cfg.epochs * steps_per_epoch)
+        eta_min = optimizer.param_groups[0]["lr"] * cfg.min_lr_ratio
+        return [ScheduledLR(torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total, eta_min=eta_min), "step")]
+    raise SplitserveError(f"unknown scheduler {kind!r}")
+
+
+def steps_per_epoch(num_items: int, batch_size: int, world_size: int) -> int:
+    per_rank = math.ceil(num_items / world_size)
+    return max(1, per_rank // batch_size if per_rank >= batch_size else 1)

@@ -1,0 +1,311 @@
+"""``platform teacher``: the uncompressed model (stem + task head) every student learns from.
+
+A teacher is a directory::
+
+    teacher.json        task, backbone, head config (labels …), input size, metrics, provenance,
+                        SHA-256 of both weight files
+    stem.safetensors    conv1 … layer1 (produces h)
+    head.safetensors    the task head (layer2..4 + task layers)
+
+Only safetensors are written and read. A foreign torchvision checkpoint (``--checkpoint
+model.pth``) is read with ``torch.load(weights_only=True)``, which refuses pickled code.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from .. import __version__
+from ..errors import SplitserveError
+from ..models.backbone import check_arch
+from ..plugins import TaskBatch, TaskPlugin
+from . import common
+from . import distributed as dist_utils
+from .engine import Engine, Objective
+from .optim import build_optimizer, build_scheduler, steps_per_epoch
+
+TEACHER_FORMAT = "splitserve-teacher"
+TEACHER_VERSION = 1
+
+
+class TeacherError(SplitserveError):
+    """A teacher directory is missing or corrupt."""
+
+
+@dataclass
+class Teacher:
+    path: Path | None
+    task: str
+    arch: str
+    config: dict[str, Any]
+    input_size: tuple[int, int]
+    stem: nn.Module
+    head: nn.Module
+    metrics: dict[str, float]
+    provenance: dict[str, Any]
+
+
+# -- files ---------------------------------------------------------------------------------------
+def _state(module: nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
+
+
+def save_teacher(path: Path, teacher: Teacher) -> None:
+    """Write the teacher directory atomically (temp dir, then rename)."""
+    root = Path(path)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
+    try:
+        files = {}
+        for part, module in (("stem", teacher.stem), ("head", teacher.head)):
+            rel = f"{part}.safetensors"
+            save_file(_state(module), str(tmp / rel))
+            files[part] = {
+                "path": rel,
+                "sha256": hashlib.sha256((tmp / rel).read_bytes()).hexdigest(),
+                "parameters": sum(p.numel() for p in module.parameters()),
+            }
+        meta = {
+            "format": TEACHER_FORMAT,
+            "format_version": TEACHER_VERSION,
+            "task": teacher.task,
+            "arch": teacher.arch,
+            "config": common.config_for_json(teacher.config),
+            "input_size": list(teacher.input_size),
+            "metrics": {k: float(v) for k, v in teacher.metrics.items()},
+            "provenance": common.config_for_json(teacher.provenance),
+            "files": files,
+        }
+        (tmp / "teacher.json").write_text(json.dumps(meta, indent=2) + "\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a teacher is an ordinary directory
+        for f in tmp.iterdir():
+            os.chmod(f, 0o666 & ~umask)
+        if root.exists():
+            # keep the run's logs/checkpoint (they live in the same directory) across the swap
+            for keep in ("metrics.jsonl", "train.csv", "val.csv", "checkpoint", "tensorboard"):
+                if (root / keep).exists():
+                    shutil.move(str(root / keep), str(tmp / keep))
+            shutil.rmtree(root)
+        os.replace(tmp, root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def read_teacher_meta(path: Path) -> dict[str, Any]:
+    root = Path(path)
+    meta_path = root / "teacher.json"
+    if not root.is_dir():
+        raise TeacherError(f"{root}: no such teacher directory (make one with `platform teacher`)")
+    if not meta_path.is_file():
+        raise TeacherError(f"{root}: not a teacher directory (no teacher.json; make one with `platform teacher`)")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise TeacherError(f"{meta_path}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != TEACHER_FORMAT:
+        raise TeacherError(f"{meta_path}: not a splitserve teacher")
+    if meta.get("format_version") != TEACHER_VERSION:
+        raise TeacherError(f"{meta_path}: teacher format version {meta.get('format_version')!r} is not supported")
+    for key in ("task", "arch", "config", "input_size", "files"):
+        if key not in meta:
+            raise TeacherError(f"{meta_path}: missing '{key}'")
+    return meta
+
+
+def load_teacher(path: Path, plugins) -> Teacher:
+    """Rebuild stem and head through the task's plugin and load the verified weights."""
+    root = Path(path)
+    meta = read_teacher_meta(root)
+    plugin = plugins.get(meta["task"])
+    arch = check_arch(meta["arch"])
+    stem, head = plugin.build_teacher(arch, meta["config"], None)
+    for part, module in (("stem", stem), ("head", head)):
+        entry = meta["files"].get(part)
+        if not isinstance(entry, dict) or "path" not in entry:
+            raise TeacherError(f"{root}: teacher.json lists no {part} weights")
+        fpath = (root / entry["path"]).resolve()
+        if root.resolve() not in fpath.parents or not fpath.is_file():
+            raise TeacherError(f"{root}: {part} weights {entry['path']} are missing")
+        data = fpath.read_bytes()
+        if hashlib.sha256(data).hexdigest() != entry.get("sha256"):
+            raise TeacherError(f"{root}: {part} weights {entry['path']} do not match teacher.json (sha256)")
+        try:
+            module.load_state_dict(load_safetensors(data), strict=True)
+        except Exception as e:  # noqa: BLE001 — SafetensorError or a shape mismatch, one line either way
+            raise TeacherError(f"{root}: {part} weights do not fit {arch}/{meta['task']}: {str(e).splitlines()[0]}") from None
+    return Teacher(root, plugin.name, arch, dict(meta["config"]), tuple(meta["input_size"]), stem.eval(), head.eval(),
+                   dict(meta.get("metrics", {})), dict(meta.get("provenance", {})))
+
+
+# -- foreign checkpoints -------------------------------------------------------------------------
+def read_foreign_checkpoint(path: Path) -> dict[str, Tensor]:
+    """A torchvision-style state dict (bare, or under ``model``/``state_dict``), read safely."""
+    path = Path(path)
+    if not path.is_file():
+        raise SplitserveError(f"{path}: no such checkpoint file")
+    if path.suffix == ".safetensors":
+        try:
+            return load_safetensors(path.read_bytes())
+        except Exception as e:  # noqa: BLE001
+            raise SplitserveError(f"{path}: not a valid safetensors file ({e})") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 — includes refusals of pickled code
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SplitserveError(f"{path}: cannot load as a weights-only torch checkpoint ({first})") from None
+    for key in ("model", "state_dict", "model_state_dict"):
+        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
+            obj = obj[key]
+            break
+    if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise SplitserveError(f"{path}: not a state dict (a mapping of names to tensors)")
+    return {str(k).removeprefix("module."): v for k, v in obj.items()}
+
+
+def load_foreign_into(sd: Mapping[str, Tensor], stem: nn.Module, head: nn.Module, path: Path) -> list[str]:
+    """Map a torchvision checkpoint (ResNet, RetinaNet, DeepLabV3, …) onto (stem, head) by name.
+
+    The ResNet lives under some prefix P (``""``, ``backbone.``, ``backbone.body.``); the stem takes
+    P+conv1/bn1/layer1; each head entry is looked up as-is, without ``retinanet.``, and with
+    ``tail.`` replaced by P. Returns head entries left as initialised (e.g. an fc of another size).
+    """
+    prefixes = sorted({k[: -len("conv1.weight")] for k in sd if k.endswith("conv1.weight")
+                       and f"{k[: -len('conv1.weight')]}layer1.0.conv1.weight" in sd}, key=len)
+    if not prefixes:
+        raise SplitserveError(f"{path}: no ResNet found in the checkpoint (no conv1/layer1 weights)")
+    p = prefixes[0]
+    stem_map = {"0.": f"{p}conv1.", "1.": f"{p}bn1.", "4.": f"{p}layer1."}
+    stem_state = {}
+    for key in stem.state_dict():
+        for ours, theirs in stem_map.items():
+            if key.startswith(ours):
+                stem_state[key] = sd.get(theirs + key[len(ours):])
+    missing = [k for k, v in stem_state.items() if v is None and not k.endswith("num_batches_tracked")]
+    if missing:
+        raise SplitserveError(f"{path}: the checkpoint lacks stem weights {common.describe_keys(missing)}")
+    stem_state = {k: v for k, v in stem_state.items() if v is not None}
+    try:
+        stem.load_state_dict(stem_state, strict=False)
+    except RuntimeError as e:
+        raise SplitserveError(f"{path}: stem weights do not fit: {str(e).splitlines()[0]}") from None
+    head_state = {}
+    for key, value in head.state_dict().items():
+        candidates = [key, key.removeprefix("retinanet.")]
+        if "tail." in key:
+            candidates += [key.replace("tail.", p, 1), key.replace("tail.", "", 1)]
+        for c in candidates:
+            if c in sd and tuple(sd[c].shape) == tuple(value.shape):
+                head_state[key] = sd[c]
+                break
+    return common.load_matching(head, head_state)
+
+
+# -- training ----------------------------------------------------------------------------------
+class TeacherObjective(Objective):
+    def __init__(self, plugin: TaskPlugin, stem: nn.Module, head: nn.Module, options: Mapping[str, Any]):
+        super().__init__()
+        self.plugin = plugin
+        self.stem = stem
+        self.head = head
+        self.options = dict(options)
+
+    def forward(self, batch: TaskBatch):
+        return self.plugin.loss(self.head, self.stem(batch.images), batch, options=self.options), {}
+
+
+def evaluate(plugin: TaskPlugin, stem: nn.Module, head: nn.Module, loader, dataset) -> dict[str, float]:
+    stem_was, head_was = stem.training, head.training
+    stem.eval()
+    head.eval()
+    try:
+        with torch.no_grad():
+            return {k: float(v) for k, v in plugin.evaluate(head, stem, loader, dataset=dataset).items()}
+    finally:
+        stem.train(stem_was)
+        head.train(head_was)
+
+
+def run_teacher(cfg: SimpleNamespace) -> int:
+    plugins = common.registry()
+    plugin = plugins.get(cfg.task)
+    arch = check_arch(cfg.arch)
+    if cfg.weights and cfg.checkpoint:
+        raise SplitserveError("give --weights or --checkpoint, not both")
+    info = dist_utils.setup(cfg.device)
+    try:
+        size = common.image_size(cfg.image_size, (224, 224))
+        train_set, val_set, data_root = common.build_datasets(plugin, cfg.data, size, cfg, need_train=True)
+        config = {**plugin.default_config(arch), **plugin.dataset_config(common.base_dataset(train_set))}
+        torch.manual_seed(cfg.seed)
+        stem, head = plugin.build_teacher(arch, config, cfg.weights)
+        source = f"torchvision weights {cfg.weights}" if cfg.weights else "random initialisation"
+        if cfg.checkpoint:
+            sd = read_foreign_checkpoint(cfg.checkpoint)
+            fresh = load_foreign_into(sd, stem, head, cfg.checkpoint)
+            source = f"checkpoint {cfg.checkpoint}"
+            if fresh and info.is_main:
+                print(f"note: {common.describe_keys(fresh)} not in {cfg.checkpoint} (or of another shape): "
+                      "left freshly initialised", flush=True)
+        if cfg.epochs == 0 and not (cfg.weights or cfg.checkpoint) and info.is_main:
+            print("warning: --epochs 0 without --weights/--checkpoint saves an untrained teacher", flush=True)
+
+        out = Path(cfg.out)
+        workdir = Path(cfg.workdir) if cfg.workdir else out
+        ecfg = common.engine_config(cfg, workdir, common.signature(cfg))
+        engine = Engine(ecfg, info, "teacher")
+        objective = TeacherObjective(plugin, stem, head, common.options_of(cfg))
+        val_loader = common.eval_loader(plugin, val_set, cfg)
+
+        def validate(epoch: int) -> dict[str, float]:
+            return evaluate(plugin, objective.stem, objective.head, val_loader, val_set)
+
+        optimizer = build_optimizer(objective.parameters(), cfg)
+        schedulers = build_scheduler(optimizer, cfg, steps_per_epoch(len(train_set), cfg.batch_size, info.world_size))
+        result = engine.fit(objective, {"main": optimizer}, schedulers, train_set, plugin.collate, validate)
+        if result.status == "interrupted":
+            return 128 + (result.signum or 15)
+        if not info.is_main:
+            return 0
+        metrics = result.last_metrics if result.history and result.history[-1]["global_step"] == result.global_step else {}
+        if not metrics:
+            objective.to(info.device)
+            metrics = evaluate(plugin, stem, head, val_loader, val_set)
+        objective.to("cpu")
+        provenance = {
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "splitserve_version": __version__,
+            "torch_version": torch.__version__,
+            "command": cfg.command_line,
+            "init": source,
+            "data": str(data_root),
+            "train_images": len(train_set),
+            "val_images": len(val_set),
+            "epochs": cfg.epochs,
+            "steps": result.global_step,
+            "seed": cfg.seed,
+            "stopped_early": result.status == "max_steps",
+        }
+        save_teacher(out, Teacher(out, plugin.name, arch, config, size, stem, head, metrics, provenance))
+        shown = ", ".join(f"{k} {v:.2f}" for k, v in metrics.items())
+        print(f"wrote teacher {out} ({plugin.name}, {arch}, {size[0]}x{size[1]}): val {shown}")
+        return 0
+    finally:
+        dist_utils.teardown(info)

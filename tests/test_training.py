@@ -1,0 +1,322 @@
+"""Training commands end to end on fmnist-scenes (ResNet-18, 64×64, a few dozen real images).
+
+teacher → distill → finetune (cls, det, seg) → the bundle serves all three tasks through the
+gateway runtime from real payload bytes; plus loss decrease, exact resume after an interruption,
+SIGTERM handling, recipes and one-line errors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from splitserve.cli import main
+
+pytestmark = pytest.mark.slow
+
+FAST = ["--num-workers", "0", "--no-progress", "--no-tensorboard", "--batch-size", "8"]
+
+
+def run(*args: str) -> None:
+    code = main([str(a) for a in args])
+    assert code == 0, f"platform {' '.join(map(str, args))} exited {code}"
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory) -> Path:
+    from splitserve.data import make_fmnist_scenes
+
+    out = tmp_path_factory.mktemp("data") / "fm"
+    make_fmnist_scenes(out, train_scenes=32, val_scenes=16, image_size=64, seed=0, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def chain(scenes, tmp_path_factory) -> dict:
+    """The whole pipeline, run once through the CLI; tests below inspect what it produced."""
+    root = tmp_path_factory.mktemp("chain")
+    t_cls, t_det, t_seg = root / "teacher-cls", root / "teacher-det", root / "teacher-seg"
+    bundle = root / "bundle"
+    small = ["--arch", "resnet18", "--image-size", "64", *FAST]
+    run("teacher", "--task", "cls", "--data", scenes, "--out", t_cls, "--epochs", "1", *small)
+    run("teacher", "--task", "det", "--data", scenes, "--out", t_det, "--epochs", "1", "--train-limit", "8",
+        "--val-limit", "4", *small)
+    run("teacher", "--task", "seg", "--data", scenes, "--out", t_seg, "--epochs", "1", "--train-limit", "8",
+        "--val-limit", "4", *small)
+    run("distill", "--encoder", "entropic_student", "--teacher", t_cls, "--data", scenes, "--beta", "0.1",
+        "--out", bundle, "--epochs", "2", "--log-every", "1", *FAST)
+    distilled = json.loads((bundle / "manifest.json").read_text())
+    run("finetune", "--task", "classification", "--bundle", bundle, "--teacher", t_cls, "--data", scenes,
+        "--epochs", "1", *FAST)
+    run("finetune", "--task", "det", "--bundle", bundle, "--teacher", t_det, "--coco", scenes / "coco",
+        "--epochs", "1", "--train-limit", "8", "--val-limit", "8", *FAST)
+    run("finetune", "--task", "seg", "--bundle", bundle, "--teacher", t_seg, "--data", scenes,
+        "--epochs", "1", "--train-limit", "8", "--val-limit", "8", *FAST)
+    return {"root": root, "bundle": bundle, "teacher_cls": t_cls, "teacher_det": t_det, "teacher_seg": t_seg,
+            "distilled": distilled}
+
+
+def test_teacher_directory(chain):
+    t = chain["teacher_cls"]
+    meta = json.loads((t / "teacher.json").read_text())
+    assert meta["task"] == "classification" and meta["arch"] == "resnet18"
+    assert meta["config"]["num_classes"] == 10 and len(meta["config"]["labels"]) == 10
+    assert "top1" in meta["metrics"]
+    assert sorted(p.name for p in t.glob("*.safetensors")) == ["head.safetensors", "stem.safetensors"]
+    assert not list(t.rglob("*.pt")), "a finished run leaves no pickle checkpoint behind"
+    assert (t / "metrics.jsonl").is_file() and (t / "train.csv").is_file() and (t / "val.csv").is_file()
+
+
+def test_chain_bundle_serves_three_tasks(chain, scenes):
+    from splitserve.bundle import read_manifest
+    from splitserve.edge import EdgeEncoder
+    from splitserve.gateway.runtime import Job, Runtime
+    from splitserve.plugins import PluginRegistry
+
+    bundle = chain["bundle"]
+    manifest = read_manifest(bundle)
+    assert set(manifest.tasks) == {"classification", "detection", "segmentation"}
+    # finetune never touches the encoder or the prior
+    assert manifest.fingerprint == chain["distilled"]["fingerprint"]
+    for name in ("encoder", "prior", "decoder"):
+        assert manifest.files[name].sha256 == chain["distilled"]["files"][name]["sha256"]
+    assert {"bpp", "payload_bpp", "bpp_estimate", "distill_loss"} <= set(manifest.metrics)
+    assert 0 < manifest.metrics["bpp"] < manifest.metrics["payload_bpp"]
+    assert "beta" in manifest.provenance and "platform distill" in manifest.provenance["command"]
+    for task, metric in (("classification", "top1"), ("detection", "mAP"), ("segmentation", "mIoU")):
+        entry = manifest.tasks[task]
+        assert metric in entry.metrics and entry.provenance["stage"].startswith("finetune")
+    assert manifest.tasks["classification"].provenance["distillation"] is True
+    assert manifest.tasks["classification"].config["labels"][0] == "ankle_boot"
+
+    images = sorted((scenes / "imagefolder" / "val").rglob("*.png"))[:3] + sorted((scenes / "coco" / "val2017").glob("*.jpg"))[:1]
+    assert len(images) == 4
+    encoded = EdgeEncoder.from_bundle(bundle).encode(images)
+    runtime = Runtime(bundle, PluginRegistry.discover())
+    payload, metas = runtime.parse_payload(encoded.data)
+    results = runtime.run([Job(plugins=list(runtime.plugins), payload=payload, metas=metas)])
+    assert len(results) == 1 and len(results[0]) == 4
+    for answer in results[0]:
+        assert set(answer) == {"classification", "detection", "segmentation"}
+        top = answer["classification"].top
+        assert len(top) == 5 and all(s.label in manifest.tasks["classification"].config["labels"] for s in top)
+        assert isinstance(answer["detection"].detections, list)
+        seg = answer["segmentation"]
+        assert (seg.width, seg.height) == (64, 64) and seg.mask
+
+
+def test_distill_loss_decreases(chain):
+    log = chain["bundle"].parent / "bundle.runs" / "distill" / "metrics.jsonl"
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    train = [r["loss"] for r in records if r["kind"] == "train"]
+    assert len(train) == 8  # 32 images / batch 8 × 2 epochs, logged every step
+    assert sum(train[-2:]) / 2 < 0.95 * sum(train[:2]) / 2
+    val = [r for r in records if r["kind"] == "val"]
+    assert len(val) == 2 and val[1]["distill_loss"] < val[0]["distill_loss"]
+    assert {"bpp", "images_per_s", "lr"} <= set(next(r for r in records if r["kind"] == "train"))
+
+
+def _codec_tensors(bundle: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for part in ("encoder", "prior", "decoder"):
+        out.update({f"{part}.{k}": v for k, v in load_file(bundle / f"{part}.safetensors").items()})
+    return out
+
+
+def test_resume_is_exact(chain, scenes, tmp_path):
+    """Stop after 3 of 4 steps (mid-epoch 2), resume, and land on the uninterrupted weights."""
+    common = ["distill", "--teacher", chain["teacher_cls"], "--data", scenes, "--beta", "0.2", "--epochs", "2",
+              "--train-limit", "16", "--val-limit", "4", "--seed", "3", "--log-every", "1", *FAST]
+    run(*common, "--out", tmp_path / "straight")
+    work = tmp_path / "work"
+    run(*common, "--out", tmp_path / "resumed", "--workdir", work, "--max-steps", "3")
+    ckpt = torch.load(work / "checkpoint" / "last.pt", weights_only=True)
+    assert (ckpt["epoch"], ckpt["batch"], ckpt["global_step"]) == (1, 1, 3)
+    run(*common, "--out", tmp_path / "resumed", "--workdir", work, "--resume")
+    a, b = _codec_tensors(tmp_path / "straight"), _codec_tensors(tmp_path / "resumed")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    steps = [json.loads(line)["global_step"] for line in (work / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["kind"] == "train"]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_sigterm_saves_checkpoint_and_resumes(chain, scenes, tmp_path):
+    work, out = tmp_path / "work", tmp_path / "bundle"
+    args = ["distill", "--teacher", str(chain["teacher_cls"]), "--data", str(scenes), "--beta", "0.1",
+            "--epochs", "50", "--train-limit", "16", "--val-limit", "4", "--log-every", "1", "--workdir", str(work),
+            "--out", str(out), *FAST]
+    proc = subprocess.Popen([sys.executable, "-m", "splitserve", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    log = work / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if log.is_file() and log.read_text().count('"kind": "train"') >= 2:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.communicate()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "stopped by SIGTERM" in err and "--resume" in err
+    assert not out.exists(), "an interrupted run writes no bundle"
+    ckpt = torch.load(work / "checkpoint" / "last.pt", weights_only=True)
+    step = ckpt["global_step"]
+    assert step >= 2
+    run(*args, "--resume", "--max-steps", str(step + 1))
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["global_step"] for r in records if r["kind"] == "train"][-1] == step + 1
+    assert (out / "manifest.json").is_file()
+
+
+def test_torchrun_two_processes(chain, scenes, tmp_path):
+    """DDP on the CPU (gloo): two ranks fine-tune one head; rank 0 alone writes the bundle."""
+    import shutil
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(chain["bundle"], bundle)
+    before = json.loads((bundle / "manifest.json").read_text())
+    work = tmp_path / "work"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "splitserve", "finetune", "--task", "cls", "--bundle", str(bundle), "--teacher",
+           str(chain["teacher_cls"]), "--data", str(scenes), "--epochs", "1", "--train-limit", "16",
+           "--val-limit", "8", "--log-every", "1", "--workdir", str(work), "--keep-checkpoint",
+           "--num-workers", "0", "--no-progress", "--no-tensorboard", "--batch-size", "4"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    after = json.loads((bundle / "manifest.json").read_text())
+    assert after["fingerprint"] == before["fingerprint"]
+    assert after["tasks"]["classification"]["file"]["sha256"] != before["tasks"]["classification"]["file"]["sha256"]
+    steps = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+    # 16 images over 2 ranks × batch 4 = 2 steps; 8 images per step (both ranks) are counted
+    assert [r["global_step"] for r in steps if r["kind"] == "train"] == [1, 2]
+    assert sorted(p.name for p in (work / "checkpoint").iterdir()) == ["last.pt", "rng-rank0.pt", "rng-rank1.pt"]
+    assert proc.stdout.count("updated ") == 1  # only rank 0 writes
+
+
+def test_train_cls_fixed_keeps_teacher_classifier(chain, scenes, tmp_path):
+    out = tmp_path / "rac"
+    run("train", "--cls-fixed", "--encoder", "rac", "--blocks", "0", "--teacher", chain["teacher_cls"],
+        "--data", scenes, "--lmbda", "0.5", "--out", out, "--epochs", "1", "--train-limit", "16", "--val-limit", "8",
+        *FAST)
+    from splitserve.bundle import read_manifest
+
+    manifest = read_manifest(out)
+    assert manifest.codec.family == "rac" and manifest.codec.config["blocks"] == 0
+    assert {"top1", "teacher_top1"} <= set(manifest.tasks["classification"].metrics)
+    head = load_file(out / "heads" / "classification.safetensors")
+    teacher = load_file(chain["teacher_cls"] / "head.safetensors")
+    assert head.keys() == teacher.keys() and all(torch.equal(head[k], teacher[k]) for k in head)
+
+
+def test_teacher_from_torchvision_checkpoint(scenes, tmp_path):
+    import torchvision
+
+    torch.manual_seed(5)
+    model = torchvision.models.resnet18(num_classes=10)
+    torch.save({"model": model.state_dict(), "epoch": 3}, tmp_path / "model.pth")
+    out = tmp_path / "teacher"
+    run("teacher", "--task", "cls", "--data", scenes, "--arch", "resnet18", "--checkpoint", tmp_path / "model.pth",
+        "--epochs", "0", "--image-size", "64", "--val-limit", "8", "--out", out, *FAST)
+    stem = load_file(out / "stem.safetensors")
+    head = load_file(out / "head.safetensors")
+    assert torch.equal(stem["0.weight"], model.conv1.weight)
+    assert torch.equal(stem["4.1.conv2.weight"], model.layer1[1].conv2.weight)
+    assert torch.equal(head["tail.layer4.1.bn2.running_var"], model.layer4[1].bn2.running_var)
+    assert torch.equal(head["fc.weight"], model.fc.weight)
+
+
+def test_recipes_resolve_and_flags_override(tmp_path):
+    from splitserve.cli import build_parser
+    from splitserve.training.options import resolve
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("command: distill\nteacher: /t\ndata: /d\nout: /o\nbeta: 0.32\nepochs: 3\n"
+                      "milestones: [1, 2]\nimage-size: 64\nnotes: anything\n")
+    args = build_parser().parse_args(["distill", "--recipe", str(recipe), "--epochs", "7"])
+    from splitserve.cli.distill import OPTIONS
+
+    cfg = resolve(args, OPTIONS, "distill")
+    assert (cfg.beta, cfg.epochs, cfg.milestones, cfg.image_size) == (0.32, 7, [1, 2], [64])
+    assert cfg.lr == 1e-3 and cfg.batch_size == 64  # built-in defaults (the paper's)
+
+    import importlib
+
+    shipped = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+    assert len(shipped) >= 6
+    import yaml
+
+    for path in shipped:
+        command = yaml.safe_load(path.read_text())["command"]
+        module = importlib.import_module(f"splitserve.cli.{command}")
+        extra = {"distill": ["--teacher", "t", "--data", "d", "--out", "o"],
+                 "finetune": ["--bundle", "b", "--data", "d"],
+                 "train": ["--teacher", "t", "--data", "d", "--out", "o"],
+                 "teacher": ["--data", "d", "--out", "o"]}[command]
+        args = build_parser().parse_args([command, "--recipe", str(path), *extra])
+        resolve(args, module.OPTIONS, command)  # raises on an unknown key or a bad value
+
+
+def _one_line_error(capsys, *args) -> str:
+    code = main([str(a) for a in args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_errors_are_one_line(capsys, tmp_path, scenes):
+    err = _one_line_error(capsys, "teacher", "--task", "cls", "--data", tmp_path / "nope", "--out", tmp_path / "t",
+                          "--arch", "resnet18", *FAST)
+    assert "nope" in err
+
+    broken = tmp_path / "coco"
+    (broken / "annotations").mkdir(parents=True)
+    (broken / "train2017").mkdir()
+    (broken / "val2017").mkdir()
+    (broken / "annotations" / "instances_train2017.json").write_text('{"images": [')
+    err = _one_line_error(capsys, "teacher", "--task", "det", "--data", broken, "--out", tmp_path / "t",
+                          "--arch", "resnet18", *FAST)
+    assert "instances_train2017.json" in err and "JSON" in err
+
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("beta: 0.1\nbatchsize: 8\n")
+    err = _one_line_error(capsys, "distill", "--recipe", recipe, "--teacher", tmp_path, "--data", scenes,
+                          "--out", tmp_path / "b")
+    assert "batchsize" in err
+
+    err = _one_line_error(capsys, "distill", "--teacher", tmp_path / "missing-teacher", "--data", scenes,
+                          "--beta", "0.1", "--out", tmp_path / "b")
+    assert "missing-teacher" in err
+
+    err = _one_line_error(capsys, "distill", "--data", scenes, "--beta", "0.1", "--out", tmp_path / "b")
+    assert "--teacher" in err
+
+    import argparse
+
+    evil = tmp_path / "evil.pth"
+    torch.save({"model": argparse.Namespace(a=1)}, evil)  # pickled objects are not weights
+    err = _one_line_error(capsys, "teacher", "--task", "cls", "--data", scenes, "--checkpoint", evil,
+                          "--out", tmp_path / "t", "--arch", "resnet18", "--epochs", "0", *FAST)
+    assert "weights-only" in err
+
+    from splitserve.defaults import build_untrained_bundle
+
+    bundle = build_untrained_bundle(tmp_path / "cls-only", input_size=(64, 64), tasks=["cls"])
+    err = _one_line_error(capsys, "finetune", "--task", "det", "--bundle", bundle, "--coco", scenes / "coco", *FAST)
+    assert "no 'detection' head" in err and "--teacher" in err
