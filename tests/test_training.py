@@ -141,6 +141,9 @@ def test_resume_is_exact(chain, scenes, tmp_path):
     run(*common, "--out", tmp_path / "resumed", "--workdir", work, "--max-steps", "3")
     ckpt = torch.load(work / "checkpoint" / "last.pt", weights_only=True)
     assert (ckpt["epoch"], ckpt["batch"], ckpt["global_step"]) == (1, 1, 3)
+    code = main([str(a) for a in (*common, "--out", tmp_path / "resumed", "--workdir", work, "--resume",
+                                  "--lr", "0.01")])
+    assert code == 2  # a checkpoint made with other settings is refused, not silently mixed
     run(*common, "--out", tmp_path / "resumed", "--workdir", work, "--resume")
     a, b = _codec_tensors(tmp_path / "straight"), _codec_tensors(tmp_path / "resumed")
     assert a.keys() == b.keys()
@@ -222,6 +225,16 @@ def test_train_cls_fixed_keeps_teacher_classifier(chain, scenes, tmp_path):
     head = load_file(out / "heads" / "classification.safetensors")
     teacher = load_file(chain["teacher_cls"] / "head.safetensors")
     assert head.keys() == teacher.keys() and all(torch.equal(head[k], teacher[k]) for k in head)
+
+    joint = tmp_path / "rac-joint"
+    run("train", "--joint", "--encoder", "rac", "--blocks", "0", "--teacher", chain["teacher_cls"],
+        "--data", scenes, "--lmbda", "0.5", "--out", joint, "--epochs", "1", "--train-limit", "16", "--val-limit", "8",
+        "--log-every", "1", *FAST)
+    head = load_file(joint / "heads" / "classification.safetensors")
+    assert not torch.equal(head["fc.weight"], teacher["fc.weight"])  # --joint trains the classifier
+    log = joint.parent / "rac-joint.runs" / "train" / "metrics.jsonl"
+    first = json.loads(log.read_text().splitlines()[0])
+    assert {"rate", "feature_mse", "ce", "kd", "prior_aux", "bpp"} <= set(first)
 
 
 def test_teacher_from_torchvision_checkpoint(scenes, tmp_path):

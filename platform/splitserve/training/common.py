@@ -17,7 +17,6 @@ from ..errors import DataError, SplitserveError
 from ..models import FeatureCodec
 from ..payload import Payload, fingerprint_id
 from ..plugins import PluginRegistry, TaskPlugin
-from .distributed import DistInfo
 from .engine import EngineConfig, move_to
 
 # fmnist-scenes (``platform data fmnist-scenes --out DIR``) writes both layouts side by side.

@@ -52,7 +52,6 @@ def pick_device(spec: str | None, local_rank: int = 0) -> torch.device:
 def setup(device: str | None = "auto") -> DistInfo:
     """Read RANK/WORLD_SIZE/LOCAL_RANK (set by torchrun); start the process group when > 1 process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = pick_device(device, local_rank)
     if dev.type == "cuda":

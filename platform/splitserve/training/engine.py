@@ -25,7 +25,6 @@ everything else:
 from __future__ import annotations
 
 import contextlib
-import copy
 import csv
 import dataclasses
 import json
@@ -700,6 +699,3 @@ def _plain(obj: Any) -> Any:
     """JSON-like values only (what ``weights_only`` loading accepts without allow-listing)."""
     return json.loads(json.dumps(obj, default=str))
 
-
-def clone_module(module: nn.Module) -> nn.Module:
-    return copy.deepcopy(module)

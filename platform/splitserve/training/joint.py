@@ -24,7 +24,7 @@ from ..plugins import TaskBatch, TaskPlugin
 from . import common
 from . import distributed as dist_utils
 from .distill import bits_per_pixel, build_codec, run_codec
-from .engine import Engine, Objective, freeze, move_to
+from .engine import Engine, Objective, freeze
 from .optim import build_optimizer, build_scheduler, split_codec_params, steps_per_epoch
 from .teacher import load_teacher
 
