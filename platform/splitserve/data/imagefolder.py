@@ -21,8 +21,8 @@ def _layout(root: Path, split: str) -> str:
 def classification_dataset(root: Path, split: str, *, train: bool, image_size: tuple[int, int]) -> Dataset:
     """``ImageFolder`` over ``root/split``; items are ``(normalised float (3,H,W), label int)``.
 
-    Train: RandomResizedCrop(scale 0.35-1) + horizontal flip; eval: resize to side/0.875 and
-    centre-crop. ``dataset.classes`` lists the class folder names (sorted, index = label).
+    Train: RandomResizedCrop(scale 0.35-1) + horizontal flip; eval: the whole image resized to
+    ``image_size``, as the edge encoder does. ``dataset.classes`` lists the class folder names (sorted, index = label).
     Class folders may be empty (so train and val always share the same label indices) but the
     split must hold at least one image.
     """

@@ -22,7 +22,6 @@ from ..errors import DataError, SplitserveError
 from ..preprocess import load_image, normalize
 
 IGNORE_INDEX = 255  # segmentation label ignored by the loss (padding, crowd regions)
-EVAL_CROP_RATIO = 0.875  # classification eval: resize to side/0.875, centre-crop side
 
 
 def as_size(image_size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -77,11 +76,9 @@ def classification_transform(train: bool, image_size: tuple[int, int]) -> v2.Com
             v2.RandomHorizontalFlip(),
         ]
     else:
-        ops = [
-            v2.ToImage(),
-            v2.Resize(int(max(image_size) / EVAL_CROP_RATIO), antialias=True),
-            v2.CenterCrop(list(image_size)),
-        ]
+        # Exactly what the edge does (splitserve.preprocess.to_input): the whole image resized to
+        # the bundle's input size, no centre crop, so validation measures what the gateway serves.
+        ops = [v2.ToImage(), v2.Resize(list(image_size), antialias=True)]
     return v2.Compose([*ops, v2.Lambda(to_normalized, tv_tensors.Image)])
 
 

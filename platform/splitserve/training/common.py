@@ -220,3 +220,27 @@ def options_of(cfg: SimpleNamespace) -> dict[str, Any]:
         if value is not None:
             out[key] = value
     return out
+
+
+def save_codec_run(out: Path, result, validate, codec: FeatureCodec, *, teacher, plugin: TaskPlugin,
+                   size: tuple[int, int], head: nn.Module, head_config: Mapping[str, Any],
+                   head_keys: Sequence[str], bundle_keys: Sequence[str], provenance: Mapping[str, Any]) -> dict:
+    """Write the bundle of a run that trained a codec (distill, train) and return its final metrics.
+
+    The metrics are the last epoch's, or a fresh validation when the run stopped mid-epoch; the
+    prior's CDF tables are rebuilt before saving so the fingerprint covers what devices will use.
+    """
+    from ..bundle import save_bundle
+
+    metrics = (result.last_metrics if result.status == "done" and result.history else {}) or validate(result.epoch)
+    codec = codec.to("cpu").eval()
+    codec.update(force=True)
+    metric = plugin.metric_name
+    head_metrics = {plugin.name: {k: float(metrics[k]) for k in (metric, *head_keys) if k in metrics}}
+    if metric in metrics and metric in teacher.metrics:
+        head_metrics[plugin.name][f"teacher_{metric}"] = float(teacher.metrics[metric])
+    save_bundle(out, codec, backbone=teacher.arch, input_size=size,
+                heads={plugin.name: (head.to("cpu").eval(), head_config)},
+                head_metrics={k: v for k, v in head_metrics.items() if v},
+                metrics={k: float(metrics[k]) for k in bundle_keys if k in metrics}, provenance=provenance)
+    return metrics

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..bundle import default_provenance, save_bundle
+from ..bundle import default_provenance
 from ..errors import SplitserveError
 from ..models import FeatureCodec, build_encoder
 from ..models.backbone import FEATURE_CHANNELS
@@ -147,16 +147,6 @@ def run_distill(cfg: SimpleNamespace) -> int:
             return 128 + (result.signum or 15)
         if not info.is_main:
             return 0
-        metrics = result.last_metrics if result.status == "done" and result.history else {}
-        if not metrics:
-            metrics = validate(result.epoch)
-        codec = objective.codec.to("cpu").eval()
-        codec.update(force=True)
-        head_metrics = {}
-        if plugin.metric_name in metrics:
-            head_metrics[plugin.name] = {plugin.metric_name: metrics[plugin.metric_name]}
-            if plugin.metric_name in teacher.metrics:
-                head_metrics[plugin.name][f"teacher_{plugin.metric_name}"] = float(teacher.metrics[plugin.metric_name])
         provenance = default_provenance(
             stage="distill (Entropic Student stage 1)",
             command=cfg.command_line,
@@ -171,12 +161,10 @@ def run_distill(cfg: SimpleNamespace) -> int:
             val_images=len(val_set),
             stopped_early=result.status == "max_steps",
         )
-        bundle_metrics = {k: float(metrics[k]) for k in ("bpp", "payload_bpp", "bpp_estimate", "distill_loss", "mse_h")
-                          if k in metrics}
-        teacher.head.to("cpu")
-        save_bundle(out, codec, backbone=teacher.arch, input_size=size,
-                    heads={plugin.name: (teacher.head.eval(), teacher.config)}, head_metrics=head_metrics,
-                    metrics=bundle_metrics, provenance=provenance)
+        metrics = common.save_codec_run(
+            out, result, validate, objective.codec, teacher=teacher, plugin=plugin, size=size, head=teacher.head,
+            head_config=teacher.config, head_keys=(), provenance=provenance,
+            bundle_keys=("bpp", "payload_bpp", "bpp_estimate", "distill_loss", "mse_h"))
         task_part = f", {plugin.name} {plugin.metric_name} {metrics[plugin.metric_name]:.2f}" if plugin.metric_name in metrics else ""
         print(f"wrote bundle {out}: bpp {metrics['bpp']:.4f} (rANS), payload {metrics['payload_bpp']:.4f}, "
               f"distill loss {metrics['distill_loss']:.4f}{task_part}")

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..bundle import default_provenance, save_bundle
+from ..bundle import default_provenance
 from ..errors import SplitserveError
 from ..models import FeatureCodec
 from ..plugins import TaskBatch, TaskPlugin
@@ -116,16 +116,7 @@ def run_train(cfg: SimpleNamespace) -> int:
             return 128 + (result.signum or 15)
         if not info.is_main:
             return 0
-        metrics = result.last_metrics if result.status == "done" and result.history else {}
-        if not metrics:
-            metrics = validate(result.epoch)
-        codec = objective.codec.to("cpu").eval()
-        codec.update(force=True)
-        head = objective.head.to("cpu").eval()
         metric = plugin.metric_name
-        head_metrics = {plugin.name: {k: v for k, v in metrics.items() if k in (metric, "top5")}}
-        if metric in teacher.metrics:
-            head_metrics[plugin.name][f"teacher_{metric}"] = float(teacher.metrics[metric])
         provenance = default_provenance(
             stage=f"train (Duan & Zhu single stage, {cfg.mode})",
             command=cfg.command_line,
@@ -137,10 +128,10 @@ def run_train(cfg: SimpleNamespace) -> int:
             steps=result.global_step,
             stopped_early=result.status == "max_steps",
         )
-        save_bundle(out, codec, backbone=teacher.arch, input_size=size, heads={plugin.name: (head, config)},
-                    head_metrics=head_metrics,
-                    metrics={k: float(metrics[k]) for k in ("bpp", "payload_bpp", "bpp_estimate") if k in metrics},
-                    provenance=provenance)
+        metrics = common.save_codec_run(
+            out, result, validate, objective.codec, teacher=teacher, plugin=plugin, size=size, head=objective.head,
+            head_config=config, head_keys=("top5",), provenance=provenance,
+            bundle_keys=("bpp", "payload_bpp", "bpp_estimate"))
         print(f"wrote bundle {out}: {metric} {metrics.get(metric, float('nan')):.2f} at bpp {metrics['bpp']:.4f} (rANS)")
         return 0
     finally:
