@@ -93,15 +93,34 @@ async def _load(url: str, payload: bytes, concurrency: int, per_client: int, tas
         return time.perf_counter() - start, latencies
 
 
+def _samples(url: str, name: str) -> dict[tuple, float]:
+    """Samples of one metric family from the gateway's Prometheus exposition, by (sample name, labels)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = {}
+    for family in text_string_to_metric_families(httpx.get(url + "/metrics").text):
+        if family.name == name:
+            for s in family.samples:
+                out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
 def _mean_batch(url: str) -> tuple[float, float]:
     """(sum, count) of the batch-size histogram, from the gateway's own Prometheus metrics."""
-    text = httpx.get(url + "/metrics").text
-    values = {}
-    for line in text.splitlines():
-        for key in ("splitserve_batch_requests_sum", "splitserve_batch_requests_count"):
-            if line.startswith(key + " "):
-                values[key] = float(line.split()[1])
-    return values.get("splitserve_batch_requests_sum", 0.0), values.get("splitserve_batch_requests_count", 0.0)
+    m = _samples(url, "splitserve_batch_requests")
+    return m.get(("splitserve_batch_requests_sum", ()), 0.0), m.get(("splitserve_batch_requests_count", ()), 0.0)
+
+
+def stage_means(url: str) -> dict[str, float]:
+    """Mean milliseconds per observation of each pipeline stage (parse, entropy_decode, …)."""
+    m = _samples(url, "splitserve_stage_seconds")
+    out = {}
+    for (name, labels), value in m.items():
+        if name.endswith("_sum"):
+            count = m[(name[:-4] + "_count", labels)]
+            out[dict(labels)["stage"]] = 1000 * value / count if count else 0.0
+    order = ["parse", "image_decode", "entropy_decode", "image_encode", "feature_decode"]
+    return dict(sorted(out.items(), key=lambda kv: (order.index(kv[0]) if kv[0] in order else len(order), kv[0])))
 
 
 def measure_throughput(bundle: Path, payload: bytes, *, max_batch: int, concurrency: int, per_client: int,
@@ -118,6 +137,12 @@ def measure_throughput(bundle: Path, payload: bytes, *, max_batch: int, concurre
     return ThroughputResult(max_batch, concurrency * per_client, seconds, lat, mean_batch)
 
 
+def _backbone(bundle: Path) -> str:
+    from ..bundle import read_manifest
+
+    return read_manifest(bundle).backbone
+
+
 def _pct(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100)[int(q) - 1] if len(values) > 1 else values[0]
 
@@ -132,6 +157,7 @@ def run(bundle: Path, *, rounds: int, concurrency: int, per_client: int, max_bat
     args = ["--bundle", str(bundle)] + (["--threads", str(threads)] if threads else [])
     with GatewayProcess(*args) as server:
         latency = measure_latency(server.url, payload, rounds)
+        stages = stage_means(server.url)
     results = [
         measure_throughput(bundle, payload, max_batch=mb, concurrency=concurrency, per_client=per_client,
                            tasks=tasks, max_wait_ms=max_wait_ms if mb > 1 else 0, threads=threads)
@@ -142,7 +168,7 @@ def run(bundle: Path, *, rounds: int, concurrency: int, per_client: int, max_bat
         "## Serving (`platform bench serve`)",
         "",
         f"Machine: {machine()}.",
-        f"Bundle: `{bundle.name}` ({encoder.codec.family}, input {encoder.input_size[0]}x{encoder.input_size[1]}); "
+        f"Bundle: `{bundle.name}` ({encoder.codec.family}, {_backbone(bundle)}, input {encoder.input_size[0]}x{encoder.input_size[1]}); "
         f"payload {len(payload)} bytes (one real photo). Loopback HTTP, real uvicorn processes.",
         "",
         "### Decode once: one 3-task request vs three single-task requests",
@@ -154,6 +180,13 @@ def run(bundle: Path, *, rounds: int, concurrency: int, per_client: int, max_bat
         "",
         f"Three separate requests take **{latency.ratio:.2f}×** as long as one combined request "
         f"({rounds} rounds, interleaved).",
+        "",
+        "Where the time goes (mean ms per batch, from the gateway's own `splitserve_stage_seconds`; the "
+        "shared stages run once per request whatever the number of tasks):",
+        "",
+        "| stage | " + " | ".join(stages) + " |",
+        "|---|" + "---:|" * len(stages),
+        "| ms | " + " | ".join(f"{v:.1f}" for v in stages.values()) + " |",
         "",
         f"### Dynamic batching: throughput at concurrency {concurrency} (`tasks={tasks}`)",
         "",

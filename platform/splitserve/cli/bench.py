@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from . import add_command
 
 
@@ -23,6 +25,17 @@ def register(sub) -> None:
     s.add_argument("--output", metavar="MD", help="rewrite this Markdown file's serve section (e.g. docs/benchmarks.md)")
     s.set_defaults(func=serve, command="bench serve")
 
+    e = bsub.add_parser("e2e", help="Classification accuracy and bpp through the real serving path, per image.",
+                        description="Encode each image of an ImageFolder split alone (as a device would), parse, "
+                                    "decode and classify it with the gateway runtime; compare with a teacher.")
+    e.add_argument("--bundle", metavar="DIR", required=True)
+    e.add_argument("--data", metavar="DIR", required=True, type=Path, help="ImageFolder root (DIR/<split>/<class>/…)")
+    e.add_argument("--split", default="val")
+    e.add_argument("--teacher", metavar="DIR", type=Path, help="teacher directory to compare against")
+    e.add_argument("--limit", type=int, help="evaluate an evenly spaced subset of this many images")
+    e.add_argument("--output", metavar="MD", help="rewrite this Markdown file's e2e section")
+    e.set_defaults(func=e2e, command="bench e2e")
+
 
 def serve(args) -> int:
     from ..bench import serve as bench
@@ -34,6 +47,18 @@ def serve(args) -> int:
                        tasks=args.tasks, threads=args.threads)
     print(report)
     if args.output:
-        write_section(args.output, "serve", report)
+        write_section(args.output, f"serve:{resolve_bundle(args.bundle).name}", report)
+        print(f"\nwrote {args.output}")
+    return 0
+
+
+def e2e(args) -> int:
+    from ..bench import e2e as bench
+    from ..bench.report import machine, write_section
+
+    table = bench.run(Path(args.bundle), args.data, split=args.split, teacher=args.teacher, limit=args.limit)
+    print(table)
+    if args.output:
+        write_section(args.output, "e2e", f"Machine: {machine()}.\n\n{table}")
         print(f"\nwrote {args.output}")
     return 0

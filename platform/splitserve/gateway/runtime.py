@@ -153,8 +153,15 @@ class Runtime:
             return self.codec.decode(y_hat)
 
     def warmup(self) -> None:
-        """One full pass through every head, so the first real request is not the slow one."""
+        """One full pass through every head, so the first real request is not the slow one.
+
+        Its timings go to a throwaway registry: /metrics describes requests only.
+        """
         h, w = self.manifest.input_size
         x = torch.zeros(1, 3, h, w)
         metas = [ImageMeta((h, w), (h, w))]
-        self.run([Job(plugins=list(self.plugins), pixels=x, metas=metas)])
+        served, self.metrics = self.metrics, GatewayMetrics()
+        try:
+            self.run([Job(plugins=list(self.plugins), pixels=x, metas=metas)])
+        finally:
+            self.metrics = served
