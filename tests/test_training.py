@@ -333,3 +333,17 @@ def test_errors_are_one_line(capsys, tmp_path, scenes):
     bundle = build_untrained_bundle(tmp_path / "cls-only", input_size=(64, 64), tasks=["cls"])
     err = _one_line_error(capsys, "finetune", "--task", "det", "--bundle", bundle, "--coco", scenes / "coco", *FAST)
     assert "no 'detection' head" in err and "--teacher" in err
+
+
+def test_serving_path_accuracy_matches_training_validation(chain, scenes, capsys):
+    """`bench e2e` sends each val image alone through payload → gateway runtime; its top-1 must be the
+    one finetune recorded (same preprocessing, same rounding), so training numbers are serving numbers."""
+    capsys.readouterr()
+    run("bench", "e2e", "--bundle", chain["bundle"], "--data", scenes, "--teacher", chain["teacher_cls"])
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if "via payload" in line)
+    top1 = float(row.split("|")[2])
+    manifest = json.loads((chain["bundle"] / "manifest.json").read_text())
+    recorded = manifest["tasks"]["classification"]["metrics"]["top1"]
+    assert abs(top1 - recorded) <= 100 / 16 + 1e-6  # 16 val images: at most one flips on float noise
+    assert "teacher `teacher-cls`" in out
