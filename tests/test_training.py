@@ -347,3 +347,28 @@ def test_serving_path_accuracy_matches_training_validation(chain, scenes, capsys
     recorded = manifest["tasks"]["classification"]["metrics"]["top1"]
     assert abs(top1 - recorded) <= 100 / 16 + 1e-6  # 16 val images: at most one flips on float noise
     assert "teacher `teacher-cls`" in out
+
+
+def test_finetune_detection_on_a_coco_tree_with_the_default_bundle(scenes, tmp_path):
+    """The issue's command as typed — `platform finetune --task detection --coco DIR` — on a COCO 2017
+    tree (annotations/instances_{train,val}2017.json, train2017/, val2017/), no --bundle: it updates
+    the default bundle (here in an isolated $SPLITSERVE_HOME) and keeps its fingerprint."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "SPLITSERVE_HOME": str(tmp_path / "home")}
+    env.pop("SPLITSERVE_BUNDLE", None)
+    cmd = [sys.executable, "-m", "splitserve", "finetune", "--task", "detection", "--coco", str(scenes / "coco"),
+           "--epochs", "1", "--train-limit", "4", "--val-limit", "2", "--batch-size", "2", "--num-workers", "0",
+           "--no-progress"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    bundle = tmp_path / "home" / "bundles" / "default-untrained-v1"
+    assert f"updating {bundle}" in proc.stdout
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    det = manifest["tasks"]["detection"]
+    assert "mAP" in det["metrics"] and det["provenance"]
+    from splitserve.bundle import load_codec
+
+    assert load_codec(bundle).fingerprint() == manifest["fingerprint"]

@@ -7,7 +7,8 @@ from ._training import Path, loss_option, opt, register_training_command, task_o
 
 OPTIONS = [
     task_option(),
-    opt("--bundle", type=Path, required=True, metavar="DIR", help="bundle to add/replace the task's head in"),
+    opt("--bundle", type=Path, metavar="DIR",
+        help="bundle to add/replace the task's head in (default: $SPLITSERVE_BUNDLE or the embedded default)"),
     opt("--data", "--coco", dest="data", type=Path, required=True, metavar="DIR",
         help="dataset root (--coco is an alias: a COCO 2017 tree with annotations/instances_{train,val}2017.json)"),
     opt("--teacher", type=Path, default=None, metavar="DIR",

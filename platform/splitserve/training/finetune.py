@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..bundle import load_codec, load_head, read_manifest, update_heads
+from ..defaults import resolve_bundle
 from ..errors import BundleError, SplitserveError
 from ..models import FeatureCodec
 from ..plugins import TaskBatch, TaskPlugin
@@ -113,7 +114,9 @@ def _init_head(plugin: TaskPlugin, manifest, bundle: Path, teacher: Teacher | No
 def run_finetune(cfg: SimpleNamespace) -> int:
     plugins = common.registry()
     plugin = plugins.get(cfg.task)
-    bundle = Path(cfg.bundle)
+    bundle = resolve_bundle(cfg.bundle)  # like serve/encode: --bundle, $SPLITSERVE_BUNDLE, the default
+    if cfg.bundle is None:
+        print(f"finetune: no --bundle given; updating {bundle}")
     manifest = read_manifest(bundle)
     codec = load_codec(bundle, manifest=manifest)
     fingerprint = manifest.fingerprint
