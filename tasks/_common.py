@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -47,6 +48,17 @@ def module_device(module: nn.Module) -> torch.device:
     for t in module.buffers():
         return t.device
     return torch.device("cpu")
+
+
+@contextmanager
+def evaluating(module: nn.Module) -> Iterator[torch.device]:
+    """Eval mode for the block, then the caller's mode back: evaluate() runs mid-training."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module_device(module)
+    finally:
+        module.train(was_training)
 
 
 def to_device(batch: TaskBatch, device: torch.device) -> tuple[Tensor, Any]:

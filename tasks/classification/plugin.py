@@ -16,7 +16,7 @@ from splitserve.errors import PluginError
 from splitserve.models.backbone import ResNetTail, build_resnet, check_arch, resnet_stem
 from splitserve.plugins import FeatureFn, ImageMeta, TaskBatch, TaskPlugin
 
-from .._common import label_of, merge_config, module_device, to_device
+from .._common import evaluating, label_of, merge_config, to_device
 from .head import ClassificationHead
 from .schema import ClassificationResult, ClassScore
 
@@ -151,11 +151,8 @@ class ClassificationPlugin(TaskPlugin):
         dataset: Dataset | None = None,
     ) -> dict[str, float]:
         """Top-1 / top-5 accuracy in percent (top-5 is top-num_classes below 5 classes)."""
-        was_training = head.training
-        head.eval()
-        device = module_device(head)
         correct1 = correct5 = total = 0
-        try:
+        with evaluating(head) as device:
             for batch in batches:
                 images, targets = to_device(batch, device)
                 logits = head(features_fn(images))
@@ -164,8 +161,6 @@ class ClassificationPlugin(TaskPlugin):
                 correct1 += int(hits[:, 0].sum())
                 correct5 += int(hits.any(dim=1).sum())
                 total += targets.numel()
-        finally:
-            head.train(was_training)
         if total == 0:
             raise PluginError("classification: evaluate got no batches")
         return {"top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total}

@@ -22,9 +22,9 @@ from splitserve.plugins import FeatureFn, ImageMeta, TaskBatch, TaskPlugin
 from .._common import (
     adapt_class_rows,
     download_state_dict,
+    evaluating,
     label_of,
     merge_config,
-    module_device,
     resolve_teacher_weights,
     source_dataset,
     split_stem_state,
@@ -244,11 +244,8 @@ class DetectionPlugin(TaskPlugin):
         num_classes = getattr(head, "num_classes", None)
         if cat_ids is not None and num_classes is not None and len(cat_ids) != num_classes:
             raise PluginError(f"detection: the head has {num_classes} classes, the dataset {len(cat_ids)}")
-        was_training = head.training
-        head.eval()
-        device = module_device(head)
         results, image_ids = [], []
-        try:
+        with evaluating(head) as device:
             for batch in batches:
                 images, _ = to_device(batch, device)
                 dets = head(
@@ -271,6 +268,4 @@ class DetectionPlugin(TaskPlugin):
                                 "score": float(score),
                             }
                         )
-        finally:
-            head.train(was_training)
         return coco_bbox_metrics(ds.coco, results, image_ids)

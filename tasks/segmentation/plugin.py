@@ -25,9 +25,9 @@ from splitserve.plugins import FeatureFn, ImageMeta, TaskBatch, TaskPlugin
 from .._common import (
     adapt_class_rows,
     download_state_dict,
+    evaluating,
     label_of,
     merge_config,
-    module_device,
     resolve_teacher_weights,
     split_stem_state,
     to_device,
@@ -211,18 +211,13 @@ class SegmentationPlugin(TaskPlugin):
         dataset: Dataset | None = None,
     ) -> dict[str, float]:
         """mIoU and pixel accuracy (percent) over the labelled pixels of the batches' masks."""
-        was_training = head.training
-        head.eval()
-        device = module_device(head)
         k = head.num_classes
-        confusion = torch.zeros(k * k, dtype=torch.long, device=device)
-        try:
+        with evaluating(head) as device:
+            confusion = torch.zeros(k * k, dtype=torch.long, device=device)
             for batch in batches:
                 images, targets = to_device(batch, device)
                 logits = head.logits(features_fn(images))
                 pred = F.interpolate(logits, size=targets.shape[-2:], mode="bilinear", align_corners=False).argmax(1)
                 valid = (targets >= 0) & (targets < k)
                 confusion += torch.bincount(targets[valid] * k + pred[valid], minlength=k * k)
-        finally:
-            head.train(was_training)
         return confusion_metrics(confusion.view(k, k).cpu())
