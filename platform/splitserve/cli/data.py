@@ -16,7 +16,7 @@ def register(sub) -> None:
         sub,
         "data",
         _no_action,
-        help="build datasets (fmnist-scenes)",
+        help="Build datasets (fmnist-scenes: real photos as COCO + ImageFolder trees).",
         description="Build datasets in real formats (COCO 2017, ImageFolder).",
     )
     p.set_defaults(_data_parser=p)

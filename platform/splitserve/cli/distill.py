@@ -23,7 +23,7 @@ OPTIONS = [
 
 def register(sub) -> None:
     register_training_command(
-        sub, "distill", "Entropic Student stage 1: distil a codec from a teacher, write a bundle",
+        sub, "distill", "Entropic Student stage 1: distil a codec from a teacher; writes a bundle.",
         "Train encoder + prior + decoder so the decoded feature and the teacher's frozen layer2..4 outputs match "
         "the teacher's (MSE) at rate weight --beta; write a bundle that serves the teacher's head.",
         OPTIONS, _run,

@@ -25,7 +25,7 @@ OPTIONS = [
 
 def register(sub) -> None:
     register_training_command(
-        sub, "finetune", "stage 2: fine-tune a task head on a bundle's frozen encoder",
+        sub, "finetune", "Stage 2: fine-tune any task's head on a bundle's frozen encoder.",
         "Fine-tune a task head (any installed plugin) on the features of the real coding path; encoder and prior "
         "stay frozen, so the bundle's fingerprint and every deployed edge device stay valid.",
         OPTIONS, _run,

@@ -23,7 +23,7 @@ OPTIONS = [
 
 def register(sub) -> None:
     register_training_command(
-        sub, "teacher", "train or load the uncompressed teacher (stem + task head)",
+        sub, "teacher", "Train or load the uncompressed teacher of a task (stem + head).",
         "Train the uncompressed teacher of a task (or, with --weights/--checkpoint and --epochs 0, load, evaluate "
         "and save it). Writes DIR/teacher.json + stem.safetensors + head.safetensors.",
         OPTIONS, _run,

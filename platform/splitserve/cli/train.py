@@ -27,7 +27,7 @@ OPTIONS = [
 
 def register(sub) -> None:
     register_training_command(
-        sub, "train", "single-stage codec + classifier training (Duan & Zhu)",
+        sub, "train", "Single-stage codec + classifier training (Duan & Zhu): --joint or --cls-fixed.",
         "Train a codec and a classifier in one stage: loss = lmbda*bpp + MSE(features) + 0.5*(KL + CE). "
         "--joint trains the classifier too, --cls-fixed keeps the teacher's.",
         OPTIONS, _run,
