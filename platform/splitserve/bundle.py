@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
-import json
 import os
 import shutil
 import tempfile
@@ -25,6 +24,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from . import __version__
+from .descriptor import read_descriptor
 from .errors import BundleError, SplitserveError
 from .models import FeatureCodec, build_encoder
 from .models.backbone import check_arch
@@ -75,21 +75,8 @@ def read_manifest(path: str | Path) -> Manifest:
     """Parse and validate ``DIR/manifest.json`` with one clear error for anything wrong."""
     root = Path(path)
     mpath = root / "manifest.json"
-    if not root.is_dir():
-        raise BundleError(f"{root}: no such bundle directory")
-    if not mpath.is_file():
-        raise BundleError(f"{root}: not a bundle (no manifest.json)")
-    try:
-        raw = json.loads(mpath.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BundleError(f"{mpath}: not valid JSON ({e})") from None
-    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
-        raise BundleError(f"{mpath}: not a splitserve bundle manifest")
-    if raw.get("format_version") != FORMAT_VERSION:
-        raise BundleError(
-            f"{mpath}: bundle format version {raw.get('format_version')!r} is not supported "
-            f"(this splitserve reads version {FORMAT_VERSION})"
-        )
+    raw = read_descriptor(root, "manifest.json", format=FORMAT, version=FORMAT_VERSION, kind="bundle",
+                          error=BundleError)
     try:
         manifest = Manifest.model_validate(raw)
     except ValidationError as e:

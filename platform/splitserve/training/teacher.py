@@ -31,6 +31,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from .. import __version__
+from ..descriptor import read_descriptor
 from ..errors import SplitserveError
 from ..models.backbone import check_arch
 from ..plugins import TaskBatch, TaskPlugin
@@ -110,20 +111,9 @@ def save_teacher(path: Path, teacher: Teacher) -> None:
 
 
 def read_teacher_meta(path: Path) -> dict[str, Any]:
-    root = Path(path)
-    meta_path = root / "teacher.json"
-    if not root.is_dir():
-        raise TeacherError(f"{root}: no such teacher directory (make one with `platform teacher`)")
-    if not meta_path.is_file():
-        raise TeacherError(f"{root}: not a teacher directory (no teacher.json; make one with `platform teacher`)")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise TeacherError(f"{meta_path}: not valid JSON ({e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != TEACHER_FORMAT:
-        raise TeacherError(f"{meta_path}: not a splitserve teacher")
-    if meta.get("format_version") != TEACHER_VERSION:
-        raise TeacherError(f"{meta_path}: teacher format version {meta.get('format_version')!r} is not supported")
+    meta_path = Path(path) / "teacher.json"
+    meta = read_descriptor(path, "teacher.json", format=TEACHER_FORMAT, version=TEACHER_VERSION, kind="teacher",
+                           error=TeacherError, hint="; make one with `platform teacher`")
     for key in ("task", "arch", "config", "input_size", "files"):
         if key not in meta:
             raise TeacherError(f"{meta_path}: missing '{key}'")
