@@ -93,10 +93,18 @@ class TaskPlugin(ABC):
         ``weights`` names torchvision weights for the whole model (plugins override this to
         load task weights; the default only loads ImageNet weights into the ResNet).
         """
-        resnet = build_resnet(backbone, weights=weights)
+        resnet, head = self.resnet_teacher(backbone, config, weights)
+        return resnet_stem(resnet), head
+
+    def resnet_teacher(
+        self, backbone: str, config: Mapping[str, Any], weights: str | None = None, **resnet_kwargs: Any
+    ) -> tuple[nn.Module, nn.Module]:
+        """(torchvision ResNet, head whose ``tail`` holds the ResNet's layer2..4): the building
+        block of :meth:`build_teacher`; ``resnet_kwargs`` go to :func:`build_resnet`."""
+        resnet = build_resnet(backbone, weights=weights, **resnet_kwargs)
         head = self.build_head(backbone, config)
         head.tail.load_state_dict(ResNetTail.from_resnet(resnet).state_dict())
-        return resnet_stem(resnet), head
+        return resnet, head
 
     def build_dataset(
         self, root: Path, split: str, *, train: bool, image_size: tuple[int, int]

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from splitserve.errors import PluginError
-from splitserve.models.backbone import ResNetTail, build_resnet, check_arch, resnet_stem
+from splitserve.models.backbone import check_arch, resnet_stem
 from splitserve.plugins import FeatureFn, ImageMeta, TaskBatch, TaskPlugin
 
 from .._common import evaluating, label_of, merge_config, to_device
@@ -85,9 +85,7 @@ class ClassificationPlugin(TaskPlugin):
         """Stem and head of a torchvision ResNet; with ``weights`` the ImageNet fc is kept when
         num_classes is 1000 and replaced by a fresh one otherwise."""
         cfg = self.config(backbone, config)
-        resnet = build_resnet(backbone, weights=weights, num_classes=cfg["num_classes"])
-        head = self.build_head(backbone, cfg)
-        head.tail.load_state_dict(ResNetTail.from_resnet(resnet).state_dict())
+        resnet, head = self.resnet_teacher(backbone, cfg, weights, num_classes=cfg["num_classes"])
         if resnet.fc.out_features == head.num_classes:
             head.fc.load_state_dict(resnet.fc.state_dict())
         return resnet_stem(resnet), head

@@ -16,7 +16,7 @@ from torchvision.models.detection._utils import overwrite_eps
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from splitserve.errors import PluginError
-from splitserve.models.backbone import ResNetTail, build_resnet, check_arch, resnet_stem
+from splitserve.models.backbone import build_resnet, check_arch, resnet_stem
 from splitserve.plugins import FeatureFn, ImageMeta, TaskBatch, TaskPlugin
 
 from .._common import (
@@ -161,9 +161,7 @@ class DetectionPlugin(TaskPlugin):
         cfg = self.config(backbone, config)
         kind, w = resolve_teacher_weights(f"retinanet_{backbone}_fpn", backbone, weights)
         if kind != "task":
-            resnet = build_resnet(backbone, weights=w, norm_layer=FrozenBatchNorm2d)
-            head = self.build_head(backbone, cfg)
-            head.tail.load_state_dict(ResNetTail.from_resnet(resnet).state_dict())
+            resnet, head = self.resnet_teacher(backbone, cfg, w, norm_layer=FrozenBatchNorm2d)
             return resnet_stem(resnet), head
 
         stem_sd, sd = split_stem_state(download_state_dict(w), "backbone.body.")  # fail fast

@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 from torchvision.models.segmentation import DeepLabV3_ResNet50_Weights
 
 from splitserve.errors import PluginError
-from splitserve.models.backbone import ResNetTail, build_resnet, check_arch, resnet_stem
+from splitserve.models.backbone import build_resnet, check_arch, resnet_stem
 from splitserve.plugins import FeatureFn, ImageMeta, TaskBatch, TaskPlugin
 
 from .._common import (
@@ -148,10 +148,7 @@ class SegmentationPlugin(TaskPlugin):
         cfg = self.config(backbone, config)
         kind, w = resolve_teacher_weights(f"deeplabv3_{backbone}", backbone, weights)
         if kind != "task":
-            resnet = build_resnet(backbone, weights=w)  # dilation changes no parameter shapes
-            head = self.build_head(backbone, cfg)
-            head.tail.load_state_dict(ResNetTail.from_resnet(resnet).state_dict())
-            return resnet_stem(resnet), head
+            return super().build_teacher(backbone, cfg, w)  # dilation changes no parameter shapes
 
         stem_sd, rest = split_stem_state(download_state_dict(w), "backbone.")  # fail fast
         head = self.build_head(backbone, cfg)
