@@ -17,7 +17,6 @@ from ..edge import EdgeEncoder
 from ..errors import DataError
 from ..gateway.runtime import Job, Runtime
 from ..plugins import PluginRegistry
-from ..preprocess import load_image, to_input
 
 
 def run(bundle: Path, data: Path, *, split: str = "val", teacher: Path | None = None, limit: int | None = None) -> str:
@@ -43,11 +42,11 @@ def run(bundle: Path, data: Path, *, split: str = "val", teacher: Path | None = 
 
         ref = load_teacher(teacher, registry)
         ref.stem.eval(), ref.head.eval()
-    size = tuple(runtime.manifest.input_size)
     bits = pixels = hits = ref_hits = 0
     start = time.perf_counter()
     for path, label in tqdm(items, desc="e2e", unit="img"):
-        encoded = edge.encode([path])  # one image per payload, as a device sends it
+        x, sizes = edge.preprocess([path])  # the teacher sees exactly what the edge encodes
+        encoded = edge.encode_tensor(x, sizes)  # one image per payload, as a device sends it
         bits += 8 * encoded.num_bytes
         h, w = encoded.payload.original_sizes[0]
         pixels += h * w
@@ -56,7 +55,6 @@ def run(bundle: Path, data: Path, *, split: str = "val", teacher: Path | None = 
         hits += answer["classification"].top[0].index == label
         if ref is not None:
             with torch.inference_mode():
-                x = to_input(load_image(path), size).unsqueeze(0)
                 ref_hits += int(ref.head(ref.stem(x)).argmax(1)) == label
     n = len(items)
     lines = [

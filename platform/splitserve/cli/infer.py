@@ -27,8 +27,7 @@ def run(args) -> int:
     from ..client import Client
     from ..preprocess import load_image
 
-    for path in args.images:
-        load_image(path)  # one clear line for a missing or broken file, before any network or model work
+    images = [load_image(p) for p in args.images]  # a bad file fails in one line, before network or models
     with Client(args.url, api_key=args.api_key) as client:
         if args.offload:
             answers = [client.infer_image(Path(p).read_bytes(), args.tasks) for p in args.images]
@@ -40,7 +39,7 @@ def run(args) -> int:
 
             encoder = EdgeEncoder.from_bundle(resolve_bundle(args.bundle))
             client.check_encoder(encoder.fingerprint)
-            encoded = encoder.encode(list(args.images))
+            encoded = encoder.encode(images)
             answer = client.infer(encoded.data, args.tasks)
     if args.json:
         print(json.dumps(answer, indent=2))
