@@ -59,20 +59,10 @@ def rng():
     return np.random.default_rng(0)
 
 
-class Server(GatewayProcess):
-    """A real `platform serve` process, started at construction; tests stop it."""
-
-    def __init__(self, *args: str, env: dict | None = None):
-        super().__init__(*args, env=env)
-
-    def wait_ready(self, timeout: float = 180) -> "Server":
-        return self.start(timeout)
-
-
 @pytest.fixture(scope="session")
 def server(bundle_dir):
-    s = Server("--bundle", str(bundle_dir), "--max-wait-ms", "40", "--max-batch", "16",
-               "--max-body-bytes", "200000").wait_ready()
+    s = GatewayProcess("--bundle", str(bundle_dir), "--max-wait-ms", "40", "--max-batch", "16",
+                       "--max-body-bytes", "200000").start()
     yield s
     s.stop()
 

@@ -1,7 +1,6 @@
 """Bundle format: save → load gives identical outputs; anything corrupt is refused clearly."""
 
 import json
-import shutil
 
 import pytest
 import torch

@@ -7,12 +7,12 @@ import sys
 
 import httpx
 import pytest
-from PIL import Image
 
 from splitserve.client import AsyncClient, Client, ServerError
-from splitserve.payload import Payload
 
-from .conftest import Server, jpeg_bytes, texture
+from splitserve.gateway.process import GatewayProcess
+
+from .conftest import texture
 
 pytestmark = pytest.mark.slow
 
@@ -171,8 +171,8 @@ def test_openapi_documents_every_endpoint(server):
 
 
 def test_queue_full_gives_503_and_recovers(bundle_dir, edge):
-    s = Server("--bundle", str(bundle_dir), "--max-batch", "1", "--max-wait-ms", "0", "--max-queue", "2",
-               "--api-key", "s3cret", "--no-warmup").wait_ready()
+    s = GatewayProcess("--bundle", str(bundle_dir), "--max-batch", "1", "--max-wait-ms", "0", "--max-queue", "2",
+                       "--api-key", "s3cret", "--no-warmup").start()
     try:
         data = edge.encode([texture("brick", (64, 64))] * 2).data
         r = httpx.post(s.url + "/infer", content=data, headers={"Content-Type": "application/x-splitserve"})
@@ -184,10 +184,11 @@ def test_queue_full_gives_503_and_recovers(bundle_dir, edge):
                     c.post("/infer", params={"tasks": "cls,det,seg"}, content=data,
                            headers={"Content-Type": "application/x-splitserve"}) for _ in range(12)])
 
-        codes = [r.status_code for r in asyncio.run(burst())]
+        responses = asyncio.run(burst())
+        codes = [r.status_code for r in responses]
         assert 503 in codes and 200 in codes
-        busy = next(r for r in asyncio.run(burst()) if r.status_code == 503) if 503 in codes else None
-        assert busy is not None and int(busy.headers["retry-after"]) >= 1
+        busy = next(r for r in responses if r.status_code == 503)
+        assert int(busy.headers["retry-after"]) >= 1 and "queue is full" in busy.json()["detail"]
         with Client(s.url, api_key="s3cret") as c:  # recovered
             assert c.infer(data, "cls")["results"]
         assert metric(scrape(s), "splitserve_rejected_total") >= 1

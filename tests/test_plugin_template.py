@@ -24,7 +24,9 @@ from splitserve.errors import PluginError
 from splitserve.models.backbone import FeatureSpec
 from splitserve.plugins import ENTRY_POINT_GROUP, PluginRegistry
 
-from .conftest import Server, jpeg_bytes, texture
+from splitserve.gateway.process import GatewayProcess
+
+from .conftest import jpeg_bytes, texture
 
 pytestmark = pytest.mark.slow
 
@@ -107,7 +109,7 @@ def bundles(installed, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(bundles):
-    s = Server("--bundle", str(bundles / "embed-cls"), "--max-wait-ms", "20").wait_ready()
+    s = GatewayProcess("--bundle", str(bundles / "embed-cls"), "--max-wait-ms", "20").start()
     yield s
     s.stop()
 
