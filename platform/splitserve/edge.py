@@ -40,6 +40,18 @@ class Encoded:
         return bits_per_pixel(self.payload)
 
 
+def pack(codec: FeatureCodec, strings: Sequence[bytes], latent_hw: tuple[int, int],
+         original_sizes: Sequence[tuple[int, int]], fingerprint: bytes | None = None) -> Payload:
+    """The payload a device sends for ``codec.compress`` output: the one place the container is
+    assembled, so rates measured in training are exactly what devices pay."""
+    return Payload(
+        fingerprint=fingerprint if fingerprint is not None else fingerprint_id(codec.fingerprint()),
+        latent_shape=(codec.latent_channels, *latent_hw),
+        original_sizes=tuple((int(a), int(b)) for a, b in original_sizes),
+        strings=tuple(strings),
+    )
+
+
 class EdgeEncoder:
     """Encode images for a server that serves the same bundle (same fingerprint)."""
 
@@ -64,13 +76,8 @@ class EdgeEncoder:
     @torch.inference_mode()
     def encode_tensor(self, x: Tensor, original_sizes: Sequence[tuple[int, int]]) -> Encoded:
         """Entropy-code an already normalised batch (B, 3, H, W)."""
-        strings, (h, w) = self.codec.compress(x)
-        payload = Payload(
-            fingerprint=self._fp_id,
-            latent_shape=(self.codec.latent_channels, h, w),
-            original_sizes=tuple((int(a), int(b)) for a, b in original_sizes),
-            strings=tuple(strings),
-        )
+        strings, latent_hw = self.codec.compress(x)
+        payload = pack(self.codec, strings, latent_hw, original_sizes, self._fp_id)
         return Encoded(payload.to_bytes(), payload)
 
     def encode(self, images: Sequence[ImageLike] | ImageLike) -> Encoded:

@@ -13,9 +13,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from ..edge import pack
 from ..errors import DataError, SplitserveError
 from ..models import FeatureCodec
-from ..payload import Payload, fingerprint_id
+from ..payload import fingerprint_id
 from ..plugins import PluginRegistry, TaskPlugin
 from .engine import EngineConfig, move_to
 
@@ -191,10 +192,8 @@ def measure_rate(codec: FeatureCodec, loader, device: torch.device, estimate: bo
         n, _, h, w = images.shape
         strings, (lh, lw) = c.compress(images)
         bits += 8.0 * sum(len(s) for s in strings)
-        for s in strings:
-            payload = Payload(fingerprint=fp, latent_shape=(c.latent_channels, lh, lw), original_sizes=((h, w),),
-                              strings=(s,))
-            payload_bits += 8.0 * len(payload.to_bytes())
+        for s in strings:  # one payload per image, as a device sending images one by one
+            payload_bits += 8.0 * len(pack(c, [s], (lh, lw), [(h, w)], fp).to_bytes())
         if estimate:
             est_bits += float(c(images).bits())
         pixels += n * h * w
