@@ -1,7 +1,6 @@
 """The gateway as users meet it: a real uvicorn process on loopback and a real httpx client."""
 
 import asyncio
-import re
 import subprocess
 import sys
 
@@ -18,17 +17,13 @@ pytestmark = pytest.mark.slow
 
 
 def metric(text: str, name: str, **labels) -> float:
-    """Value of one sample in Prometheus text exposition (0 if absent)."""
-    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    for line in text.splitlines():
-        if line.startswith("#"):
-            continue
-        m = re.match(r"^([a-zA-Z_:][\w:]*)(\{(.*)\})? (\S+)$", line)
-        if not m or m.group(1) != name:
-            continue
-        got = ",".join(sorted((m.group(3) or "").split(","))) if m.group(3) else ""
-        if got == want:
-            return float(m.group(4))
+    """Value of one sample in Prometheus text exposition (0 if absent), via prometheus-client's parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return sample.value
     return 0.0
 
 
