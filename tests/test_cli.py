@@ -8,7 +8,8 @@ import torch
 
 from splitserve.cli import main
 from splitserve.edge import EdgeEncoder
-from splitserve.payload import Payload, bits_per_pixel
+from splitserve.bundle import read_manifest
+from splitserve.payload import Payload, bits_per_pixel, bytes_per_image
 
 from .conftest import jpeg_bytes, texture
 
@@ -34,10 +35,13 @@ def test_encode_jpeg_of_any_size(bundle_dir, photo_jpeg, tmp_path, capsys):
     payload = Payload.from_bytes(out.read_bytes())
     assert payload.num_images == 2 and payload.original_sizes == ((217, 333), (677, 1031))
     assert f"wrote {out}: {len(out.read_bytes())} bytes" in text
-    bpp = bits_per_pixel(payload)
-    assert f"{bpp[0]:.4f}" in text and f"{bpp[1]:.4f}" in text
-    # bpp is computed from the payload's real byte length
-    assert sum(b * h * w for b, (h, w) in zip(bpp, payload.original_sizes)) == pytest.approx(8 * len(out.read_bytes()))
+    # bpp is over the model input's pixels (the bundle's fixed input size), from the payload's real byte length
+    ih, iw = read_manifest(bundle_dir).input_size
+    assert (ih, iw) != (217, 333)
+    per_image = bytes_per_image(payload)
+    bpp = [bits_per_pixel(8 * b, 1, (ih, iw)) for b in per_image]
+    assert f"{bpp[0]:.4f}" in text and f"{bpp[1]:.4f}" in text and f"{iw}x{ih}" in text
+    assert 8 * sum(per_image) == pytest.approx(8 * len(out.read_bytes()))
 
 
 def test_encoded_file_decodes_to_the_edge_latent(bundle_dir, photo_jpeg, tmp_path):

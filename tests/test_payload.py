@@ -22,6 +22,7 @@ from splitserve.payload import (
     Payload,
     PayloadLimits,
     bits_per_pixel,
+    bytes_per_image,
     fingerprint_id,
 )
 
@@ -130,18 +131,23 @@ def test_reference_pickle_overhead_matches_doc() -> None:
     assert len(pickle.dumps(([b"x" * 300], (55, 55)))) - 300 == 29
 
 
-def test_bits_per_pixel_single_image_charges_whole_payload() -> None:
-    payload = Payload(FP, (24, 55, 55), ((224, 224),), (b"x" * 300,))
-    (bpp,) = bits_per_pixel(payload)
-    assert bpp == pytest.approx(8 * len(payload.to_bytes()) / (224 * 224))
+def test_bytes_per_image_single_image_charges_whole_payload() -> None:
+    payload = Payload(FP, (24, 55, 55), ((480, 640),), (b"x" * 300,))
+    (nbytes,) = bytes_per_image(payload)
+    assert nbytes == len(payload.to_bytes())
+    # bpp is over the MODEL INPUT's pixels (224x224 here), never the original photo's 480x640
+    assert bits_per_pixel(8 * nbytes, 1, (224, 224)) == pytest.approx(8 * len(payload.to_bytes()) / (224 * 224))
 
 
-def test_bits_per_pixel_shares_overhead_equally() -> None:
+def test_bytes_per_image_shares_overhead_equally() -> None:
     payload = small_payload()
     share = payload.overhead_bytes / 2
-    assert bits_per_pixel(payload) == pytest.approx([8 * (4 + share) / (224 * 224), 8 * (4 + share) / (64 * 96)])
-    total_bits = sum(b * h * w for b, (h, w) in zip(bits_per_pixel(payload), payload.original_sizes))
-    assert total_bits == pytest.approx(8 * len(payload.to_bytes()))
+    assert bytes_per_image(payload) == pytest.approx([4 + share, 4 + share])
+    assert sum(bytes_per_image(payload)) == pytest.approx(len(payload.to_bytes()))
+
+
+def test_bits_per_pixel_divides_by_input_pixels_of_every_image() -> None:
+    assert bits_per_pixel(8 * 1000.0, 4, (64, 32)) == pytest.approx(8000 / (4 * 64 * 32))
 
 
 # -- corruption ---------------------------------------------------------------------------------------

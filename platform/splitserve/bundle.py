@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, field_validator
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 from torch import nn
@@ -28,13 +28,12 @@ from .descriptor import read_descriptor
 from .errors import BundleError, SplitserveError
 from .models import FeatureCodec, build_encoder
 from .models.backbone import check_arch
+from .preprocess import Preprocessing, PreprocessingError
 
 FORMAT = "splitserve-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: declared preprocessing; Entropic Student with simplified GDN (GDN1)
 CODEC_PARTS = ("encoder", "prior", "decoder")
 EDGE_PARTS = ("encoder", "prior")
-# The prior's coding tables change shape with update(); they are resized before loading.
-_PRIOR_TABLES = ("_quantized_cdf", "_offset", "_cdf_length")
 
 
 class FileEntry(BaseModel):
@@ -62,12 +61,27 @@ class Manifest(BaseModel):
     format_version: int = FORMAT_VERSION
     codec: CodecSpec
     backbone: str
-    input_size: tuple[int, int] = Field(description="(height, width) the edge resizes images to")
+    input_size: tuple[int, int] = Field(description="nominal (height, width) of the model input: a square "
+                                                    "image's input size under `preprocessing` (training size)")
+    preprocessing: dict[str, Any] = Field(description="how an image becomes the model input (docs/bundle.md)")
     fingerprint: str = Field(pattern=r"^[0-9a-f]{64}$")
     files: dict[str, FileEntry]
     tasks: dict[str, TaskEntry] = {}
     metrics: dict[str, float] = {}
     provenance: dict[str, Any] = {}
+
+    @field_validator("preprocessing")
+    @classmethod
+    def _valid_policy(cls, value: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return Preprocessing.from_dict(value).to_dict()
+        except (PreprocessingError, TypeError) as e:
+            raise ValueError(str(e)) from None
+
+    @property
+    def policy(self) -> Preprocessing:
+        """The declared preprocessing as an object (validated when the manifest was read)."""
+        return Preprocessing.from_dict(self.preprocessing)
 
 
 # -- reading -------------------------------------------------------------------------------
@@ -76,7 +90,7 @@ def read_manifest(path: str | Path) -> Manifest:
     root = Path(path)
     mpath = root / "manifest.json"
     raw = read_descriptor(root, "manifest.json", format=FORMAT, version=FORMAT_VERSION, kind="bundle",
-                          error=BundleError)
+                          error=BundleError, upgrade_hint=f"convert it with `platform bundle upgrade {root}`")
     try:
         manifest = Manifest.model_validate(raw)
     except ValidationError as e:
@@ -130,11 +144,7 @@ def load_codec(path: str | Path, parts: Iterable[str] = CODEC_PARTS, manifest: M
         raise BundleError(f"{root}: {e}") from None
     codec.eval()
     _load_into(codec.encoder, _read_tensors(root, manifest.files["encoder"], "encoder"), "encoder", root)
-    prior = _read_tensors(root, manifest.files["prior"], "prior")
-    for name in _PRIOR_TABLES:  # size the coding tables like the saved ones before loading
-        if name in prior:
-            getattr(codec.entropy_bottleneck, name).resize_(prior[name].shape)
-    _load_into(codec.entropy_bottleneck, prior, "prior", root)
+    _load_into(codec.entropy_bottleneck, _read_tensors(root, manifest.files["prior"], "prior"), "prior", root)
     if "decoder" in parts:
         _load_into(codec.decoder, _read_tensors(root, manifest.files["decoder"], "decoder"), "decoder", root)
     else:
@@ -187,7 +197,8 @@ def save_bundle(
     codec: FeatureCodec,
     *,
     backbone: str,
-    input_size: tuple[int, int],
+    input_size: tuple[int, int] | None = None,
+    preprocessing: Preprocessing | None = None,
     heads: Mapping[str, tuple[nn.Module, Mapping[str, Any]]] | None = None,
     head_metrics: Mapping[str, Mapping[str, float]] | None = None,
     metrics: Mapping[str, float] | None = None,
@@ -195,10 +206,21 @@ def save_bundle(
 ) -> Manifest:
     """Write a complete bundle atomically (to a temp dir, then renamed into place).
 
-    ``heads`` maps task name → (head module, head config). The prior's CDF tables are rebuilt
-    first (``update()``), so the saved tables are exactly what the fingerprint covers.
+    ``heads`` maps task name → (head module, head config). ``preprocessing`` declares how images
+    become the model input; without it, images are squashed to ``input_size``. The prior's CDF
+    tables are rebuilt first (``update()``), so the saved tables are exactly what the fingerprint
+    covers.
     """
     check_arch(backbone)
+    if preprocessing is None:
+        if input_size is None:
+            raise SplitserveError("save_bundle needs input_size or preprocessing")
+        codec.check_input_size(*input_size)
+        preprocessing = Preprocessing.fixed(*input_size, multiple=codec.input_multiple)
+    if preprocessing.multiple % codec.input_multiple:
+        raise SplitserveError(f"preprocessing rounds sides to multiples of {preprocessing.multiple}, but "
+                              f"{codec.family} needs multiples of {codec.input_multiple}")
+    input_size = preprocessing.nominal_size
     codec.check_input_size(*input_size)
     codec.update(force=True)
     root = Path(path)
@@ -222,6 +244,7 @@ def save_bundle(
             codec=CodecSpec(family=codec.family, config=codec.config),
             backbone=backbone,
             input_size=tuple(input_size),
+            preprocessing=preprocessing.to_dict(),
             fingerprint=codec.fingerprint(),
             files=files,
             tasks=tasks,
@@ -236,6 +259,46 @@ def save_bundle(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+def upgrade_bundle(path: str | Path) -> Manifest:
+    """Convert a version-1 bundle in place to the current format.
+
+    Version 1 had no preprocessing declaration (images were squashed to ``input_size``: that is
+    now the ``fixed`` policy) and built Entropic Student with full GDN, whose weights mean
+    something else under the simplified GDN the paper uses, so those bundles cannot be converted:
+    retrain them. Everything else (weights, hashes, fingerprint) carries over unchanged.
+    """
+    import json
+
+    root = Path(path)
+    mpath = root / "manifest.json"
+    try:
+        raw = json.loads(mpath.read_text())
+    except (OSError, ValueError) as e:
+        raise BundleError(f"{mpath}: cannot read the manifest ({type(e).__name__})") from None
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        raise BundleError(f"{mpath}: not a splitserve bundle")
+    version = raw.get("format_version")
+    if version == FORMAT_VERSION:
+        return read_manifest(root)
+    if version != 1:
+        raise BundleError(f"{mpath}: cannot convert format version {version!r} (only 1 → {FORMAT_VERSION})")
+    family = (raw.get("codec") or {}).get("family")
+    if family == "entropic_student":
+        raise BundleError(f"{mpath}: a version-1 Entropic Student bundle used full GDN instead of the paper's "
+                          "simplified GDN; its weights cannot be converted — retrain it with `platform distill`")
+    try:
+        codec = build_encoder(family, **raw["codec"]["config"])
+        size = tuple(int(v) for v in raw["input_size"])
+    except (KeyError, TypeError, ValueError, SplitserveError) as e:
+        raise BundleError(f"{mpath}: invalid version-1 manifest ({e})") from None
+    raw["preprocessing"] = Preprocessing.fixed(*size, multiple=codec.input_multiple).to_dict()
+    raw["format_version"] = FORMAT_VERSION
+    tmp = root / "manifest.json.tmp"
+    tmp.write_text(json.dumps(raw, indent=2) + "\n")
+    os.replace(tmp, mpath)
+    return read_manifest(root)
 
 
 def update_heads(

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-DEFAULT_BUNDLE = "default-untrained-v1"
+DEFAULT_BUNDLE = "default-untrained-v2"  # bump with the bundle format: a stale cache is rebuilt, not refused
 DEFAULT_BACKBONE = "resnet18"
 DEFAULT_INPUT_SIZE = (224, 224)
 DEFAULT_SEED = 0

@@ -11,6 +11,7 @@ from .errors import SplitserveError
 
 
 def read_descriptor(root: str | Path, filename: str, *, format: str, version: int, kind: str,
+                    upgrade_hint: str | None = None,
                     error: type[SplitserveError], hint: str = "") -> dict[str, Any]:
     """``root/filename`` as a dict whose ``format`` and ``format_version`` match, else ``error``.
 
@@ -30,6 +31,7 @@ def read_descriptor(root: str | Path, filename: str, *, format: str, version: in
     if not isinstance(raw, dict) or raw.get("format") != format:
         raise error(f"{path}: not a splitserve {kind} ({filename} of another format)")
     if raw.get("format_version") != version:
+        hint = f"; {upgrade_hint}" if upgrade_hint else ""
         raise error(f"{path}: {kind} format version {raw.get('format_version')!r} is not supported "
-                    f"(this splitserve reads version {version})")
+                    f"(this splitserve reads version {version}){hint}")
     return raw

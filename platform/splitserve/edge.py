@@ -1,7 +1,8 @@
-"""The device side: load only encoder + prior from a bundle and turn images into payload bytes.
+"""The device side (PyTorch): load only encoder + prior from a bundle and turn images into payload bytes.
 
-The same resize/normalise as training (:mod:`splitserve.preprocess`), so heads see what they
-were trained on. Nothing here needs the decoder or any task head.
+Images become model inputs by the bundle's declared preprocessing (:mod:`splitserve.preprocess`),
+as in training, so heads see what they were trained on. Nothing here needs the decoder or any
+task head.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from torch import Tensor
 
 from .bundle import EDGE_PARTS, Manifest, load_codec, read_manifest
 from .models import FeatureCodec
-from .payload import Payload, bits_per_pixel, fingerprint_id
-from .preprocess import load_image, to_input
+from .payload import Payload, bits_per_pixel, bytes_per_image, fingerprint_id
+from .errors import SplitserveError
+from .preprocess import Preprocessing, load_image, to_input
 
 ImageLike = str | Path | bytes | Image.Image | np.ndarray
 
@@ -29,15 +31,21 @@ class Encoded:
 
     data: bytes
     payload: Payload
+    input_hw: tuple[int, int]  # the model input every image was resized to
 
     @property
     def num_bytes(self) -> int:
         return len(self.data)
 
     @property
+    def bytes_per_image(self) -> list[float]:
+        """Each image's bytes on the wire, header share included."""
+        return bytes_per_image(self.payload)
+
+    @property
     def bpp(self) -> list[float]:
-        """Bits per pixel of each original image, header share included."""
-        return bits_per_pixel(self.payload)
+        """Bits per pixel of each image's *model input* (the encoder's input size), header share included."""
+        return [bits_per_pixel(8 * b, 1, self.input_hw) for b in self.bytes_per_image]
 
 
 def pack(codec: FeatureCodec, strings: Sequence[bytes], latent_hw: tuple[int, int],
@@ -55,30 +63,39 @@ def pack(codec: FeatureCodec, strings: Sequence[bytes], latent_hw: tuple[int, in
 class EdgeEncoder:
     """Encode images for a server that serves the same bundle (same fingerprint)."""
 
-    def __init__(self, codec: FeatureCodec, input_size: tuple[int, int]):
-        codec.check_input_size(*input_size)
+    def __init__(self, codec: FeatureCodec, preprocessing: Preprocessing):
+        codec.check_input_size(*preprocessing.nominal_size)
         self.codec = codec.eval()
-        self.input_size = tuple(input_size)
+        self.preprocessing = preprocessing
         self.fingerprint = codec.fingerprint()
         self._fp_id = fingerprint_id(self.fingerprint)
 
     @classmethod
     def from_bundle(cls, path: str | Path, manifest: Manifest | None = None) -> "EdgeEncoder":
         manifest = manifest or read_manifest(path)
-        return cls(load_codec(path, parts=EDGE_PARTS, manifest=manifest), manifest.input_size)
+        return cls(load_codec(path, parts=EDGE_PARTS, manifest=manifest), manifest.policy)
 
     def preprocess(self, images: Sequence[ImageLike]) -> tuple[Tensor, list[tuple[int, int]]]:
-        """Load, resize and normalise; returns the batch and each image's original (h, w)."""
+        """Load and apply the bundle's preprocessing; returns the batch and each image's original (h, w).
+
+        One payload carries one latent shape, so every image must map to the same input size
+        (always true for fixed-size policies; under ``shorter_side`` images of different aspect
+        ratios go in separate payloads).
+        """
         pils = [load_image(img) for img in images]
         sizes = [(p.height, p.width) for p in pils]
-        return torch.stack([to_input(p, self.input_size) for p in pils]), sizes
+        inputs = {self.preprocessing.input_size(h, w) for h, w in sizes}
+        if len(inputs) > 1:
+            raise SplitserveError(f"these images map to different input sizes under the bundle's preprocessing "
+                                  f"({self.preprocessing.describe()}); encode them in separate payloads")
+        return torch.stack([to_input(p, self.preprocessing) for p in pils]), sizes
 
     @torch.inference_mode()
     def encode_tensor(self, x: Tensor, original_sizes: Sequence[tuple[int, int]]) -> Encoded:
         """Entropy-code an already normalised batch (B, 3, H, W)."""
         strings, latent_hw = self.codec.compress(x)
         payload = pack(self.codec, strings, latent_hw, original_sizes, self._fp_id)
-        return Encoded(payload.to_bytes(), payload)
+        return Encoded(payload.to_bytes(), payload, (int(x.shape[-2]), int(x.shape[-1])))
 
     def encode(self, images: Sequence[ImageLike] | ImageLike) -> Encoded:
         """Encode one image or a batch of images (paths, bytes, PIL images or uint8 arrays)."""

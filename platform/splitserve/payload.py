@@ -29,6 +29,7 @@ __all__ = [
     "Payload",
     "PayloadLimits",
     "bits_per_pixel",
+    "bytes_per_image",
     "fingerprint_id",
 ]
 
@@ -324,14 +325,20 @@ class Payload:
             )
 
 
-def bits_per_pixel(payload: Payload) -> list[float]:
-    """Per-image bits per pixel of the ORIGINAL input, charging the real container overhead.
+def bytes_per_image(payload: Payload) -> list[float]:
+    """What each image costs on the wire: its rANS string plus an equal share of the header + CRC.
 
-    Image i costs 8 × (len(strings[i]) + overhead / N) bits, divided by its original height × width;
-    for one image this is exactly 8 × len(to_bytes()) / pixels.
+    The shares sum to ``len(payload.to_bytes())`` exactly.
     """
     share = payload.overhead_bytes / payload.num_images
-    return [
-        8.0 * (len(s) + share) / (h * w)
-        for s, (h, w) in zip(payload.strings, payload.original_sizes)
-    ]
+    return [len(s) + share for s in payload.strings]
+
+
+def bits_per_pixel(bits, images: int, input_hw: tuple[int, int]):
+    """The one bpp definition: bits over the pixels of the *model input* (the encoder's input after
+    the bundle's preprocessing), never the original photo's. Training, evaluation, ``platform
+    encode`` and reports all use it, so a rate measured anywhere means the same thing. ``bits`` may
+    be a float or a tensor.
+    """
+    h, w = input_hw
+    return bits / (images * h * w)

@@ -22,6 +22,7 @@ from torch.utils.data import Dataset
 
 from .errors import PluginError
 from .models.backbone import FeatureSpec, ResNetTail, build_resnet, feature_spec, resnet_stem
+from .preprocess import Preprocessing
 
 ENTRY_POINT_GROUP = "splitserve.tasks"
 
@@ -106,10 +107,9 @@ class TaskPlugin(ABC):
         head.tail.load_state_dict(ResNetTail.from_resnet(resnet).state_dict())
         return resnet, head
 
-    def build_dataset(
-        self, root: Path, split: str, *, train: bool, image_size: tuple[int, int]
-    ) -> Dataset:
-        """Dataset whose items :meth:`collate` turns into a :class:`TaskBatch`."""
+    def build_dataset(self, root: Path, split: str, *, train: bool, preprocessing: Preprocessing) -> Dataset:
+        """Dataset whose items :meth:`collate` turns into a :class:`TaskBatch`; evaluation items are
+        made by ``preprocessing`` (the bundle's declared policy), as the edge makes them."""
         raise PluginError(f"task {self.name!r} does not provide a dataset for training")
 
     def dataset_config(self, dataset: Dataset) -> dict:

@@ -1,5 +1,8 @@
-"""Image loading and the resize/normalise every head expects — one definition for edge,
-gateway (full-offloading mode) and training data, so train and serve never drift apart."""
+"""Image loading and the model input every head expects — one definition for edge, gateway
+(full-offloading mode) and training data, so train and serve never drift apart.
+
+The geometry and normalisation live in :mod:`splitserve_edge.preprocessing` (numpy + Pillow), so
+the torch-free edge client produces bit-identical inputs; this module adds loading and tensors."""
 
 from __future__ import annotations
 
@@ -14,8 +17,9 @@ from torchvision.transforms.v2 import functional as TF
 
 from .errors import SplitserveError
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from splitserve_edge.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, PreprocessingError
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "Preprocessing", "denormalize", "load_image", "normalize", "to_input"]
 MAX_IMAGE_PIXELS = 64_000_000  # refuse decompression bombs with a clear message
 
 
@@ -43,11 +47,12 @@ def load_image(source: str | Path | bytes | Image.Image | np.ndarray) -> Image.I
         raise SplitserveError(f"{name}: not a readable image ({type(e).__name__})") from None
 
 
-def to_input(img: Image.Image, size: tuple[int, int]) -> Tensor:
-    """Resize to ``size`` = (height, width) and normalise: the tensor the encoder consumes."""
-    t = TF.pil_to_tensor(img)
-    t = TF.resize(t, list(size), antialias=True)
-    return normalize(t.float().div_(255))
+def to_input(img: Image.Image, preprocessing: Preprocessing) -> Tensor:
+    """The bundle's declared policy applied to ``img``: the (3, H, W) tensor the encoder consumes."""
+    try:
+        return torch.from_numpy(preprocessing.apply(img))
+    except PreprocessingError as e:
+        raise SplitserveError(str(e)) from None
 
 
 def normalize(x: Tensor) -> Tensor:

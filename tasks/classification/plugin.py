@@ -15,6 +15,7 @@ from torch.utils.data import Dataset
 from splitserve.errors import PluginError
 from splitserve.models.backbone import check_arch, resnet_stem
 from splitserve.plugins import FeatureFn, ImageMeta, TaskBatch, TaskPlugin
+from splitserve.preprocess import Preprocessing
 
 from .._common import evaluating, label_of, merge_config, to_device
 from .head import ClassificationHead
@@ -90,12 +91,10 @@ class ClassificationPlugin(TaskPlugin):
             head.fc.load_state_dict(resnet.fc.state_dict())
         return resnet_stem(resnet), head
 
-    def build_dataset(
-        self, root: Path, split: str, *, train: bool, image_size: tuple[int, int]
-    ) -> Dataset:
+    def build_dataset(self, root: Path, split: str, *, train: bool, preprocessing: Preprocessing) -> Dataset:
         from splitserve.data import classification_dataset
 
-        return classification_dataset(root, split, train=train, image_size=image_size)
+        return classification_dataset(root, split, train=train, preprocessing=preprocessing)
 
     def dataset_config(self, dataset: Dataset) -> dict:
         classes = list(dataset.classes)

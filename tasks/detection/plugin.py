@@ -15,9 +15,11 @@ from torchvision.models.detection import RetinaNet_ResNet50_FPN_Weights
 from torchvision.models.detection._utils import overwrite_eps
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from splitserve.data.transforms import pad_batch
 from splitserve.errors import PluginError
 from splitserve.models.backbone import build_resnet, check_arch, resnet_stem
 from splitserve.plugins import FeatureFn, ImageMeta, TaskBatch, TaskPlugin
+from splitserve.preprocess import Preprocessing
 
 from .._common import (
     adapt_class_rows,
@@ -180,12 +182,10 @@ class DetectionPlugin(TaskPlugin):
             overwrite_eps(head, 0.0)
         return stem, head
 
-    def build_dataset(
-        self, root: Path, split: str, *, train: bool, image_size: tuple[int, int]
-    ) -> Dataset:
+    def build_dataset(self, root: Path, split: str, *, train: bool, preprocessing: Preprocessing) -> Dataset:
         from splitserve.data import detection_dataset
 
-        return detection_dataset(root, split, train=train, image_size=image_size)
+        return detection_dataset(root, split, train=train, preprocessing=preprocessing)
 
     def dataset_config(self, dataset: Dataset) -> dict:
         cats = list(dataset.categories)
@@ -196,10 +196,10 @@ class DetectionPlugin(TaskPlugin):
         }
 
     def collate(self, items: list) -> TaskBatch:
-        images = torch.stack([img for img, _ in items])
-        input_size = (images.shape[-2], images.shape[-1])
+        images = pad_batch([img for img, _ in items])  # shorter_side policies give each image its own size
         targets, metas = [], []
-        for _, t in items:
+        for img, t in items:
+            input_size = (int(img.shape[-2]), int(img.shape[-1]))
             boxes = torch.as_tensor(t["boxes"], dtype=torch.float32).reshape(-1, 4)
             labels = torch.as_tensor(t["labels"], dtype=torch.long).reshape(-1)
             keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])  # as torchvision's reference:

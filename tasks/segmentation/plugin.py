@@ -18,9 +18,11 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 from torchvision.models.segmentation import DeepLabV3_ResNet50_Weights
 
+from splitserve.data.transforms import pad_batch
 from splitserve.errors import PluginError
 from splitserve.models.backbone import build_resnet, check_arch, resnet_stem
 from splitserve.plugins import FeatureFn, ImageMeta, TaskBatch, TaskPlugin
+from splitserve.preprocess import Preprocessing
 
 from .._common import (
     adapt_class_rows,
@@ -163,22 +165,20 @@ class SegmentationPlugin(TaskPlugin):
         head.load_state_dict(sd)
         return stem, head
 
-    def build_dataset(
-        self, root: Path, split: str, *, train: bool, image_size: tuple[int, int]
-    ) -> Dataset:
+    def build_dataset(self, root: Path, split: str, *, train: bool, preprocessing: Preprocessing) -> Dataset:
         from splitserve.data import segmentation_dataset
 
-        return segmentation_dataset(root, split, train=train, image_size=image_size)
+        return segmentation_dataset(root, split, train=train, preprocessing=preprocessing)
 
     def dataset_config(self, dataset: Dataset) -> dict:
         classes = [str(c) for c in dataset.classes]
         return {"num_classes": len(classes), "labels": classes}
 
     def collate(self, items: list) -> TaskBatch:
-        images = torch.stack([img for img, _ in items])
-        masks = torch.stack([torch.as_tensor(m, dtype=torch.long) for _, m in items])
-        size = (images.shape[-2], images.shape[-1])
-        return TaskBatch(images, masks, [ImageMeta(original_size=size, input_size=size)] * len(items))
+        images = pad_batch([img for img, _ in items])  # shorter_side policies give each image its own size
+        masks = pad_batch([torch.as_tensor(m, dtype=torch.long) for _, m in items], fill=IGNORE_INDEX)
+        metas = [ImageMeta(original_size=tuple(img.shape[-2:]), input_size=tuple(img.shape[-2:])) for img, _ in items]
+        return TaskBatch(images, masks, metas)
 
     def loss(
         self,

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 from splitserve.errors import PluginError
 from splitserve.models.backbone import FEATURE_CHANNELS, build_resnet, resnet_stem
 from splitserve.plugins import ENTRY_POINT_GROUP, ImageMeta, PluginRegistry
+from splitserve.preprocess import Preprocessing
 from splitserve_embedding import EmbeddingPlugin, EmbeddingResult, supervised_contrastive_loss
 
 ARCH = "resnet18"
@@ -125,8 +126,8 @@ def test_dataset_and_recall(plugin, tmp_path):
             for i in range(3):
                 pixels = np.clip(np.array(colour) + rng.normal(0, 20, (40, 48, 3)), 0, 255).astype(np.uint8)
                 Image.fromarray(pixels).save(folder / f"{i}.png")
-    train = plugin.build_dataset(tmp_path, "train", train=True, image_size=(64, 64))
-    val = plugin.build_dataset(tmp_path, "val", train=False, image_size=(64, 64))
+    train = plugin.build_dataset(tmp_path, "train", train=True, preprocessing=Preprocessing.fixed(64, 64))
+    val = plugin.build_dataset(tmp_path, "val", train=False, preprocessing=Preprocessing.fixed(64, 64))
     assert len(train) == len(val) == 6
     batch = plugin.collate([train[i] for i in range(len(train))])
     assert batch.images.shape == (6, 3, 64, 64) and sorted(batch.targets.tolist()) == [0, 0, 0, 1, 1, 1]

@@ -168,7 +168,7 @@ def run(bundle: Path, *, rounds: int, concurrency: int, per_client: int, max_bat
         "## Serving (`platform bench serve`)",
         "",
         f"Machine: {machine()}.",
-        f"Bundle: `{bundle.name}` ({encoder.codec.family}, {_backbone(bundle)}, input {encoder.input_size[0]}x{encoder.input_size[1]}); "
+        f"Bundle: `{bundle.name}` ({encoder.codec.family}, {_backbone(bundle)}, preprocessing {encoder.preprocessing.describe()}); "
         f"payload {len(payload)} bytes (one real photo). Loopback HTTP, real uvicorn processes.",
         "",
         "### Decode once: one 3-task request vs three single-task requests",

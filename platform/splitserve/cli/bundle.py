@@ -27,6 +27,10 @@ def register(sub) -> None:
     c.add_argument("--seed", type=int, default=0)
     c.set_defaults(func=init, command="bundle init")
 
+    u = bsub.add_parser("upgrade", help="Convert a bundle written by an older splitserve to the current format.")
+    u.add_argument("path", metavar="DIR")
+    u.set_defaults(func=upgrade, command="bundle upgrade")
+
 
 def inspect(args) -> int:
     from ..bundle import load_codec, read_manifest
@@ -43,7 +47,8 @@ def inspect(args) -> int:
     print(f"bundle       {path}")
     print(f"fingerprint  {manifest.fingerprint}")
     print(f"codec        {manifest.codec.family} {json.dumps(manifest.codec.config)}")
-    print(f"backbone     {manifest.backbone}, input {manifest.input_size[0]}x{manifest.input_size[1]}")
+    print(f"backbone     {manifest.backbone}, input {manifest.input_size[0]}x{manifest.input_size[1]} "
+          f"(preprocessing: {manifest.policy.describe()})")
     lat = codec.latent_hw(*manifest.input_size)
     print(f"latent       {codec.latent_channels}x{lat[0]}x{lat[1]}")
     print("device side  {:>12,} parameters (encoder {:,} + prior {:,})".format(
@@ -66,4 +71,13 @@ def init(args) -> int:
     build_untrained_bundle(args.path, family=args.encoder, backbone=args.backbone, input_size=tuple(args.input_size),
                            tasks=tasks, seed=args.seed, codec_config=cfg)
     print(f"wrote untrained bundle {args.path}")
+    return 0
+
+
+def upgrade(args) -> int:
+    from ..bundle import FORMAT_VERSION, load_codec, upgrade_bundle
+
+    manifest = upgrade_bundle(args.path)
+    load_codec(args.path, manifest=manifest)  # the converted bundle verifies: hashes and fingerprint
+    print(f"{args.path}: bundle format version {FORMAT_VERSION} (preprocessing: {manifest.policy.describe()})")
     return 0

@@ -26,11 +26,11 @@ def run(args) -> int:
     encoded = encoder.encode(images)
     Path(args.output).write_bytes(encoded.data)
     payload = encoded.payload
-    share = payload.overhead_bytes / payload.num_images
     width = max(len(p) for p in args.images)
-    print(f"{'image':<{width}}  {'size':>11}  {'bytes':>8}  {'bpp':>7}")
-    for path, (h, w), s, bpp in zip(args.images, payload.original_sizes, payload.strings, encoded.bpp):
-        print(f"{path:<{width}}  {f'{w}x{h}':>11}  {len(s) + share:>8.1f}  {bpp:>7.4f}")
+    ih, iw = encoded.input_hw
+    print(f"{'image':<{width}}  {'original':>11}  {'input':>9}  {'bytes':>8}  {'bpp':>7}   (bpp: bits per pixel of the model input)")
+    for path, (h, w), nbytes, bpp in zip(args.images, payload.original_sizes, encoded.bytes_per_image, encoded.bpp):
+        print(f"{path:<{width}}  {f'{w}x{h}':>11}  {f'{iw}x{ih}':>9}  {nbytes:>8.1f}  {bpp:>7.4f}")
     print(f"wrote {args.output}: {encoded.num_bytes} bytes ({payload.overhead_bytes} header), "
           f"latent {'x'.join(map(str, payload.latent_shape))}, fingerprint {encoder.fingerprint[:16]}")
     return 0

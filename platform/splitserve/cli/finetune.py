@@ -13,7 +13,9 @@ OPTIONS = [
         help="dataset root (--coco is an alias: a COCO 2017 tree with annotations/instances_{train,val}2017.json)"),
     opt("--teacher", type=Path, default=None, metavar="DIR",
         help="teacher directory: same task → head init + knowledge distillation; other task → layer2..4 init"),
-    opt("--train-decoder", action="store_true", help="also train the decoder (changes the features every head sees)"),
+    opt("--freeze-decoder", action="store_true",
+        help="keep the decoder frozen (deviation from the papers, whose stage 2 trains decoder + head; use it when "
+             "other heads must keep seeing the same features)"),
     opt("--from-scratch", action="store_true", help="start from a freshly initialised head"),
     opt("--temperature", type=float, default=1.0, help="distillation temperature"),
     opt("--kd-alpha", type=float, default=0.5, help="distillation weight: (1-a)*CE + a*KL"),

@@ -24,9 +24,10 @@ from torchvision import tv_tensors
 from ..errors import DataError
 from .transforms import (
     IGNORE_INDEX,
-    as_size,
+    as_policy,
     detection_transform,
     load_rgb,
+    pad_batch,
     segmentation_transform,
     to_normalized,
 )
@@ -106,11 +107,11 @@ def _usable_for_detection(ann: dict) -> bool:
 
 
 class _CocoBase(Dataset):
-    def __init__(self, root: Path, split: str, train: bool, image_size) -> None:
+    def __init__(self, root: Path, split: str, train: bool, preprocessing) -> None:
         self.root = Path(root)
         self.split = split
         self.train = train
-        self.image_size = as_size(image_size)
+        self.preprocessing = as_policy(preprocessing)
         self.coco, self.image_dir = load_coco(self.root, split)
 
     def __len__(self) -> int:
@@ -129,10 +130,10 @@ class CocoDetection(_CocoBase):
     """Items: ``(image float (3,H,W) normalised, target)`` with ``target`` =
     ``{"boxes": float[N,4] xyxy in input pixels, "labels": long[N] in 0..K-1, "image_id": int,
     "orig_size": (height, width)}``. Boxes are scaled back to the original image with
-    ``orig_size / image_size`` for COCO evaluation against ``dataset.coco``."""
+    ``orig_size / input size`` for COCO evaluation against ``dataset.coco``."""
 
-    def __init__(self, root: Path, split: str, *, train: bool, image_size) -> None:
-        super().__init__(root, split, train, image_size)
+    def __init__(self, root: Path, split: str, *, train: bool, preprocessing) -> None:
+        super().__init__(root, split, train, preprocessing)
         cats = sorted(self.coco.cats.values(), key=lambda c: c["id"])
         self.categories: list[dict] = [{"id": int(c["id"]), "name": str(c["name"])} for c in cats]
         self.label_to_category_id: list[int] = [c["id"] for c in self.categories]
@@ -141,7 +142,7 @@ class CocoDetection(_CocoBase):
         if train:  # images without a usable box teach nothing to a detector
             ids = [i for i in ids if any(self._usable(a) for a in self.coco.imgToAnns.get(i, []))]
         self.ids: list[int] = ids
-        self.transforms = detection_transform(train, self.image_size)
+        self.transforms = detection_transform(train, self.preprocessing)
 
     def _usable(self, ann: dict) -> bool:
         return _usable_for_detection(ann) and ann["category_id"] in self.category_id_to_label
@@ -173,15 +174,15 @@ class CocoDetection(_CocoBase):
         }
 
 
-def detection_dataset(root: Path, split: str, *, train: bool, image_size: tuple[int, int]) -> Dataset:
+def detection_dataset(root: Path, split: str, *, train: bool, preprocessing) -> Dataset:
     """COCO 2017 detection (see :class:`CocoDetection`). Crowd boxes and boxes under 1 px are
     skipped; images without boxes are kept for val and dropped for train."""
-    return CocoDetection(root, split, train=train, image_size=image_size)
+    return CocoDetection(root, split, train=train, preprocessing=preprocessing)
 
 
 def collate_detection(items) -> tuple[Tensor, list[dict]]:
     images, targets = zip(*items)
-    return torch.stack(images), list(targets)
+    return pad_batch(list(images)), list(targets)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -190,11 +191,18 @@ def collate_detection(items) -> tuple[Tensor, list[dict]]:
 
 class CocoSegmentation(_CocoBase):
     """Items: ``(image float (3,H,W) normalised, mask long (H,W))``; mask values are class indices
-    into ``dataset.classes`` (0 = background) or 255 (ignore: crop padding, crowd regions).
-    Instances paint in annotation order, so where they overlap the later one wins."""
+    into ``dataset.classes`` (0 = background) or 255 (ignore: crop padding, overlapping instances).
 
-    def __init__(self, root: Path, split: str, *, train: bool, image_size, category_map: str = "auto") -> None:
-        super().__init__(root, split, train, image_size)
+    COCO → VOC masks as torchvision's segmentation references build them (and the papers use):
+    every instance of a kept category is painted with its class, crowd regions included; pixels
+    covered by more than one instance become 255; training keeps only images whose kept instances
+    cover more than 1000 pixels of area in total.
+    """
+
+    MIN_TRAIN_AREA = 1000
+
+    def __init__(self, root: Path, split: str, *, train: bool, preprocessing, category_map: str = "auto") -> None:
+        super().__init__(root, split, train, preprocessing)
         if category_map not in CATEGORY_MAPS:
             raise DataError(f"unknown category_map {category_map!r} (expected one of {', '.join(CATEGORY_MAPS)})")
         file_ids = set(self.coco.cats)
@@ -209,35 +217,32 @@ class CocoSegmentation(_CocoBase):
             self.classes = ["background"] + [str(c["name"]) for c in cats]
             self.category_id_to_label = {int(c["id"]): i + 1 for i, c in enumerate(cats)}
         ids = sorted(self.coco.imgs)
-        if train:  # as the torchvision references do for VOC-on-COCO: no foreground, no use
-            ids = [i for i in ids if any(self._foreground(a) for a in self.coco.imgToAnns.get(i, []))]
+        if train:  # as torchvision's references: too little labelled area teaches nothing
+            ids = [i for i in ids if self._kept_area(i) > self.MIN_TRAIN_AREA]
         self.ids: list[int] = ids
-        self.transforms = segmentation_transform(train, self.image_size)
+        self.transforms = segmentation_transform(train, self.preprocessing)
 
-    def _foreground(self, ann: dict) -> bool:
-        if ann.get("iscrowd", 0) or ann["category_id"] not in self.category_id_to_label:
-            return False
-        area = ann.get("area")
-        return (area if area is not None else ann["bbox"][2] * ann["bbox"][3]) > 0
+    def _kept(self, image_id: int) -> list[dict]:
+        return [a for a in self.coco.imgToAnns.get(image_id, []) if a["category_id"] in self.category_id_to_label]
+
+    def _kept_area(self, image_id: int) -> float:
+        return sum(float(a.get("area", a["bbox"][2] * a["bbox"][3])) for a in self._kept(image_id))
 
     def semantic_mask(self, image_id: int) -> np.ndarray:
         """uint8 (H,W) class-index mask of one image at its original size."""
         info = self.coco.imgs[image_id]
         mask = np.zeros((int(info["height"]), int(info["width"])), dtype=np.uint8)
-        crowd = np.zeros_like(mask, dtype=bool)
-        for ann in self.coco.imgToAnns.get(image_id, []):
-            label = self.category_id_to_label.get(ann["category_id"])
-            if label is None or "segmentation" not in ann:
+        count = np.zeros(mask.shape, dtype=np.uint16)
+        for ann in self._kept(image_id):
+            if "segmentation" not in ann:
                 continue
             try:
                 m = self.coco.annToMask(ann).astype(bool)
             except Exception as e:  # noqa: BLE001 — pycocotools raises bare errors on bad segmentations
                 raise DataError(f"annotation {ann.get('id')} of image {image_id}: unreadable segmentation ({type(e).__name__})") from None
-            if ann.get("iscrowd", 0):
-                crowd |= m
-            else:
-                mask[m] = label
-        mask[crowd & (mask == 0)] = IGNORE_INDEX
+            np.maximum(mask, m.astype(np.uint8) * self.category_id_to_label[ann["category_id"]], out=mask)
+            count += m
+        mask[count > 1] = IGNORE_INDEX
         return mask
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
@@ -255,14 +260,14 @@ class CocoSegmentation(_CocoBase):
 
 
 def segmentation_dataset(
-    root: Path, split: str, *, train: bool, image_size: tuple[int, int], category_map: str = "auto"
+    root: Path, split: str, *, train: bool, preprocessing, category_map: str = "auto"
 ) -> Dataset:
     """COCO 2017 semantic segmentation (see :class:`CocoSegmentation`). ``category_map``: "voc" =
     the 21-class COCO->VOC mapping, "all" = background + every category in the file, "auto" = voc
     when the file has all 20 VOC category ids, else all."""
-    return CocoSegmentation(root, split, train=train, image_size=image_size, category_map=category_map)
+    return CocoSegmentation(root, split, train=train, preprocessing=preprocessing, category_map=category_map)
 
 
 def collate_segmentation(items) -> tuple[Tensor, Tensor]:
     images, masks = zip(*items)
-    return torch.stack(images), torch.stack(masks)
+    return pad_batch(list(images)), pad_batch(list(masks), fill=IGNORE_INDEX)

@@ -1,9 +1,11 @@
-"""Training/eval transforms for the three tasks, on torchvision's transforms v2 API.
+"""Training/eval transforms for the three tasks, on torchvision's transforms v2 API, driven by the
+bundle's declared :class:`~splitserve.preprocess.Preprocessing`.
 
-Geometry runs on uint8 tensors (``tv_tensors.Image``) jointly with ``BoundingBoxes``/``Mask``, the
-same way :func:`splitserve.preprocess.to_input` resizes on the edge (antialiased resize of a uint8
-tensor); the result is then scaled to [0, 1] and normalised with
-:func:`splitserve.preprocess.normalize`, so training inputs match served inputs exactly.
+Classification evaluation applies the policy itself (:meth:`Preprocessing.apply`, the code the
+edge runs), so validation measures exactly what the gateway serves. Detection and segmentation
+resize image and boxes/masks jointly on uint8 tensors to the size the policy gives each image
+(torchvision's antialiased bilinear resize, which agrees with Pillow's to within one grey level);
+the result is scaled to [0, 1] and normalised like the edge input.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from ..errors import DataError, SplitserveError
-from ..preprocess import load_image, normalize
+from ..preprocess import Preprocessing, PreprocessingError, load_image, normalize
 
 IGNORE_INDEX = 255  # segmentation label ignored by the loss (padding, crowd regions)
 
@@ -32,6 +34,13 @@ def as_size(image_size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
     if len(size) != 2 or min(size) < 1:
         raise DataError(f"image_size must be (height, width) with positive sides, got {image_size!r}")
     return size  # type: ignore[return-value]
+
+
+def as_policy(preprocessing: Preprocessing | int | tuple[int, int] | list[int]) -> Preprocessing:
+    """A preprocessing policy; a bare size means the ``fixed`` policy at that size."""
+    if isinstance(preprocessing, Preprocessing):
+        return preprocessing
+    return Preprocessing.fixed(*as_size(preprocessing))
 
 
 def load_rgb(path: str | Path) -> Image.Image:
@@ -68,41 +77,83 @@ class RandomScale(v2.Transform):
         return F.resize(inpt, params["size"], antialias=True)
 
 
-def classification_transform(train: bool, image_size: tuple[int, int]) -> v2.Compose:
+class ApplyPolicy(v2.Transform):
+    """Resize image (and boxes/masks with it) to the size the policy gives this image."""
+
+    def __init__(self, policy: Preprocessing) -> None:
+        super().__init__()
+        if not policy.keeps_geometry:
+            raise DataError(f"preprocessing '{policy.describe()}' crops the image; boxes and masks need a policy "
+                            "that keeps the whole image (fixed or shorter_side)")
+        self.policy = policy
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        h, w = F.get_size(next(i for i in flat_inputs if isinstance(i, tv_tensors.Image)))
+        return {"size": list(self.policy.input_size(h, w))}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        return F.resize(inpt, params["size"], antialias=True)
+
+
+def _policy_input(policy: Preprocessing):
+    """The edge's own preprocessing on a PIL image, as a plain tensor."""
+
+    def apply(img: Image.Image) -> Tensor:
+        try:
+            return torch.from_numpy(policy.apply(img))
+        except PreprocessingError as e:
+            raise DataError(str(e)) from None
+
+    return apply
+
+
+def classification_transform(train: bool, preprocessing) -> v2.Compose:
+    policy = as_policy(preprocessing)
     if train:
-        ops = [
+        return v2.Compose([
             v2.ToImage(),
-            v2.RandomResizedCrop(list(image_size), scale=(0.35, 1.0), antialias=True),
+            v2.RandomResizedCrop(list(policy.nominal_size), scale=(0.35, 1.0), antialias=True),
             v2.RandomHorizontalFlip(),
-        ]
-    else:
-        # Exactly what the edge does (splitserve.preprocess.to_input): the whole image resized to
-        # the bundle's input size, no centre crop, so validation measures what the gateway serves.
-        ops = [v2.ToImage(), v2.Resize(list(image_size), antialias=True)]
-    return v2.Compose([*ops, v2.Lambda(to_normalized, tv_tensors.Image)])
+            v2.Lambda(to_normalized, tv_tensors.Image),
+        ])
+    # Exactly what the edge does: the bundle's policy applied by the same code.
+    return v2.Compose([_policy_input(policy)])
 
 
-def detection_transform(train: bool, image_size: tuple[int, int]) -> v2.Compose:
-    """On ``(Image, {"boxes": BoundingBoxes, "labels": ...})``: exact resize to the input size
-    (as the edge does), a consistent flip when training, and dropping boxes under 1 px."""
-    ops: list = [v2.Resize(list(image_size), antialias=True)]
+def detection_transform(train: bool, preprocessing) -> v2.Compose:
+    """On ``(Image, {"boxes": BoundingBoxes, "labels": ...})``: resize as the policy says (as the
+    edge does), a consistent flip when training, and dropping boxes under 1 px."""
+    ops: list = [ApplyPolicy(as_policy(preprocessing))]
     if train:
         ops.append(v2.RandomHorizontalFlip())
     ops.append(v2.SanitizeBoundingBoxes(min_size=1.0))
     return v2.Compose(ops)
 
 
-def segmentation_transform(train: bool, image_size: tuple[int, int]) -> v2.Compose:
-    """On ``(Image, Mask)``: train = random scale 0.5-2 + random crop (pad image 0, mask 255) + flip;
-    eval = resize to the input size (mask nearest)."""
+def segmentation_transform(train: bool, preprocessing) -> v2.Compose:
+    """On ``(Image, Mask)``: train = random scale 0.5-2 of the nominal size + random crop (pad image
+    0, mask 255) + flip; eval = resize as the policy says (mask nearest)."""
+    policy = as_policy(preprocessing)
     if train:
+        size = policy.nominal_size
         ops = [
-            RandomScale(image_size, 0.5, 2.0),
-            v2.RandomCrop(
-                list(image_size), pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX}
-            ),
+            RandomScale(size, 0.5, 2.0),
+            v2.RandomCrop(list(size), pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX}),
             v2.RandomHorizontalFlip(),
         ]
     else:
-        ops = [v2.Resize(list(image_size), antialias=True)]
+        ops = [ApplyPolicy(policy)]
     return v2.Compose(ops)
+
+
+def pad_batch(images: list[Tensor], fill: float = 0.0) -> Tensor:
+    """Stack (3, H, W) tensors of different sizes, padded at the bottom/right to the largest
+    (coordinates of boxes and masks are unchanged by such padding)."""
+    h = max(int(i.shape[-2]) for i in images)
+    w = max(int(i.shape[-1]) for i in images)
+    if all(tuple(i.shape[-2:]) == (h, w) for i in images):
+        return torch.stack(images)
+    out = images[0].new_full((len(images), *images[0].shape[:-2], h, w), fill)
+    for k, img in enumerate(images):
+        out[k, ..., : img.shape[-2], : img.shape[-1]] = img
+    return out

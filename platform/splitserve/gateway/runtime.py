@@ -54,6 +54,7 @@ class Runtime:
                  metrics: GatewayMetrics | None = None, payload_limits: PayloadLimits | None = None):
         self.path = Path(bundle)
         self.manifest: Manifest = read_manifest(self.path)
+        self.policy = self.manifest.policy
         self.metrics = metrics or GatewayMetrics()
         self.payload_limits = payload_limits or PayloadLimits()
         self.codec = load_codec(self.path, manifest=self.manifest)
@@ -100,20 +101,31 @@ class Runtime:
         with self.metrics.stage("parse"):
             payload = Payload.from_bytes(body, self.payload_limits)
             payload.check_fingerprint(self.fingerprint_id)
-            c, h, w = payload.latent_shape
-            if c != self.codec.latent_channels:
-                raise PayloadError(f"latent has {c} channels, this encoder produces {self.codec.latent_channels}")
-            input_hw = self.codec.input_hw(h, w)
+            metas = self.check_latent_shape(payload)
+        return payload, metas
+
+    def check_latent_shape(self, payload: Payload) -> list[ImageMeta]:
+        """Accept exactly the latent shapes the bundle's preprocessing produces for the images'
+        declared sizes: the decode cost a payload can claim is what a real device would send."""
+        c, h, w = payload.latent_shape
+        if c != self.codec.latent_channels:
+            raise PayloadError(f"latent has {c} channels, this encoder produces {self.codec.latent_channels}")
+        metas = []
+        for i, (oh, ow) in enumerate(payload.original_sizes):
+            input_hw = self.policy.input_size(oh, ow)
             if self.codec.latent_hw(*input_hw) != (h, w):
-                raise PayloadError(f"latent {h}x{w} does not correspond to any input size of this encoder")
-        return payload, [ImageMeta(tuple(s), input_hw) for s in payload.original_sizes]
+                expected = "x".join(map(str, self.codec.latent_hw(*input_hw)))
+                raise PayloadError(f"image {i}: latent {h}x{w} is not what this bundle's preprocessing "
+                                   f"({self.policy.describe()}) makes of a {ow}x{oh} image (expected {expected})")
+            metas.append(ImageMeta((oh, ow), input_hw))
+        return metas
 
     def preprocess_image(self, body: bytes) -> tuple[torch.Tensor, list[ImageMeta]]:
         """Full-offloading mode: the server resizes/normalises exactly like the edge would."""
         with self.metrics.stage("image_decode"):
             img = load_image(body)
-            x = to_input(img, self.manifest.input_size).unsqueeze(0)
-        return x, [ImageMeta((img.height, img.width), tuple(self.manifest.input_size))]
+            x = to_input(img, self.policy).unsqueeze(0)
+        return x, [ImageMeta((img.height, img.width), tuple(x.shape[-2:]))]
 
     # -- batch side (worker thread) ------------------------------------------------------------
     @torch.inference_mode()

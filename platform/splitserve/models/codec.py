@@ -16,6 +16,7 @@ from compressai.entropy_models import EntropyBottleneck
 from torch import Tensor, nn
 
 from ..errors import SplitserveError
+from ..payload import bits_per_pixel
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,14 @@ class CodecOutput:
     def bits(self) -> Tensor:
         """Total information content in bits (the rate term), summed over the batch."""
         return -torch.log2(self.likelihoods).sum()
+
+    def bits_per_image(self) -> Tensor:
+        """Mean bits per image of the batch: the rate term of Entropic Student's Eq. 2."""
+        return self.bits() / self.likelihoods.shape[0]
+
+    def bpp(self, input_hw: tuple[int, int]) -> Tensor:
+        """Bits per pixel of the model input (``input_hw`` = the encoder's input height, width)."""
+        return bits_per_pixel(self.bits(), self.likelihoods.shape[0], input_hw)
 
 
 class FeatureCodec(nn.Module):
@@ -55,6 +64,7 @@ class FeatureCodec(nn.Module):
         self.config = dict(config)
         self.encoder = encoder
         self.entropy_bottleneck = EntropyBottleneck(latent_channels)
+        self.entropy_bottleneck.register_load_state_dict_pre_hook(_resize_coding_tables)
         self.decoder = decoder
         self.latent_channels = latent_channels
         self.feature_channels = feature_channels
@@ -62,25 +72,38 @@ class FeatureCodec(nn.Module):
 
     # -- training path ---------------------------------------------------------------------
     def forward(self, x: Tensor) -> CodecOutput:
-        """Noisy (training) or rounded (eval) path: z̃ = f(x) + U(-½, ½), h = g(z̃)."""
+        """Noisy (training) or rounded (eval) path: z̃ = f(x) + U(-½, ½), h = g(z̃).
+
+        The entropy model runs in float32 even under autocast: its likelihoods are differences of
+        sigmoids that underflow in half precision, which would corrupt the rate term.
+        """
         y = self.encoder(x)
-        y_hat, likelihoods = self.entropy_bottleneck(y)
+        with _fp32(y):
+            y_hat, likelihoods = self.entropy_bottleneck(y.float())
         return CodecOutput(self.decoder(y_hat), likelihoods)
 
     def aux_loss(self) -> Tensor:
-        """The prior's quantile loss; optimise it every step so update() builds good CDFs."""
-        return self.entropy_bottleneck.loss()
+        """The prior's quantile loss, in float32; optimise it every step so update() builds good CDFs."""
+        with _fp32(self.entropy_bottleneck.quantiles):
+            return self.entropy_bottleneck.loss()
 
     def update(self, force: bool = True) -> bool:
         """Rebuild the prior's CDF tables; must run after any change to the prior, before coding."""
         return self.entropy_bottleneck.update(force=force)
 
+    def medians(self) -> Tensor:
+        """Per-channel medians of the prior, shape (C, 1, 1): the centres latents are rounded around."""
+        return self.entropy_bottleneck.quantiles.detach()[:, :, 1:2]
+
+    @property
+    def has_coding_tables(self) -> bool:
+        return self.entropy_bottleneck.offset.numel() > 0
+
     # -- coding path -----------------------------------------------------------------------
     def quantize(self, x: Tensor) -> Tensor:
         """The latent the server will reconstruct, computed locally (round around the medians)."""
         y = self.encoder(x)
-        medians = self.entropy_bottleneck._get_medians()
-        return self.entropy_bottleneck.quantize(y, "dequantize", medians)
+        return self.entropy_bottleneck.quantize(y, "dequantize", self.medians())
 
     @torch.no_grad()
     def compress(self, x: Tensor) -> tuple[list[bytes], tuple[int, int]]:
@@ -120,17 +143,17 @@ class FeatureCodec(nn.Module):
         edge and the server can prove they speak the same code. Requires :meth:`update`.
         """
         eb = self.entropy_bottleneck
-        if eb._offset.numel() == 0:
+        if not self.has_coding_tables:
             raise RuntimeError("call update() before fingerprint(): the prior has no CDF tables yet")
         h = hashlib.sha256()
         h.update(json.dumps({"family": self.family, "config": self.config}, sort_keys=True).encode())
         tensors = {f"encoder.{k}": v for k, v in self.encoder.state_dict().items()}
         tensors.update(
             {
-                "prior.quantized_cdf": eb._quantized_cdf,
-                "prior.cdf_length": eb._cdf_length,
-                "prior.offset": eb._offset,
-                "prior.medians": eb._get_medians().detach(),
+                "prior.quantized_cdf": eb.quantized_cdf,
+                "prior.cdf_length": eb.cdf_length,
+                "prior.offset": eb.offset,
+                "prior.medians": self.medians(),
             }
         )
         for name in sorted(tensors):
@@ -147,6 +170,23 @@ class FeatureCodec(nn.Module):
             "prior": count(self.entropy_bottleneck),
             "decoder": count(self.decoder),
         }
+
+
+_CODING_TABLES = ("_quantized_cdf", "_offset", "_cdf_length")
+
+
+def _resize_coding_tables(module: nn.Module, state_dict, prefix, *args) -> None:
+    """Load-state-dict pre-hook: the coding tables change shape with ``update()``, so size the
+    buffers like the incoming ones first. The one place this happens (bundles, checkpoints)."""
+    for name in _CODING_TABLES:
+        incoming = state_dict.get(prefix + name)
+        if incoming is not None and getattr(module, name).shape != incoming.shape:
+            getattr(module, name).resize_(incoming.shape)
+
+
+def _fp32(t: Tensor):
+    """Autocast off on ``t``'s device: the entropy model is always computed in float32."""
+    return torch.autocast(device_type=t.device.type, enabled=False)
 
 
 def conv_out(size: int, kernel: int, stride: int = 1, padding: int = 0) -> int:

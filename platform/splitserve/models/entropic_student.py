@@ -7,7 +7,7 @@ encoder 138,672 parameters, decoder 1,164,032. Smaller backbones scale the decod
 
 from __future__ import annotations
 
-from compressai.layers import GDN
+from compressai.layers import GDN1
 from torch import nn
 
 from .codec import FeatureCodec, conv_out
@@ -18,9 +18,9 @@ class EntropicStudentEncoder(nn.Sequential):
     def __init__(self, latent_channels: int = 24):
         super().__init__(
             nn.Conv2d(3, 96, 5, stride=2, padding=2, bias=False),
-            GDN(96),
+            GDN1(96),
             nn.Conv2d(96, 48, 5, stride=2, padding=2, bias=False),
-            GDN(48),
+            GDN1(48),
             nn.Conv2d(48, latent_channels, 2, stride=1, padding=0, bias=False),
         )
 
@@ -39,9 +39,9 @@ class EntropicStudentDecoder(nn.Sequential):
         c = feature_channels
         super().__init__(
             nn.Conv2d(latent_channels, 2 * c, 2, padding=1, bias=False),
-            GDN(2 * c, inverse=True),
+            GDN1(2 * c, inverse=True),
             nn.Conv2d(2 * c, c, 2, padding=0, bias=False),
-            GDN(c, inverse=True),
+            GDN1(c, inverse=True),
             nn.Conv2d(c, c, 2, padding=1, bias=False),
         )
 

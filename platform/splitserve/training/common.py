@@ -42,6 +42,19 @@ def image_size(value: Sequence[int] | int | None, default: Sequence[int]) -> tup
     return (value[0], value[1])
 
 
+def preprocessing(cfg: SimpleNamespace, inherited: Preprocessing, multiple: int = 1) -> Preprocessing:
+    """The run's preprocessing: ``--preprocessing SPEC``, else ``--image-size`` (a fixed size), else
+    the one ``inherited`` from the teacher/bundle — rounded to the codec's input ``multiple``."""
+    try:
+        if getattr(cfg, "preprocessing", None):
+            return Preprocessing.from_spec(cfg.preprocessing, multiple)
+        if cfg.image_size:
+            return Preprocessing.fixed(*image_size(cfg.image_size, inherited.nominal_size), multiple=multiple)
+        return inherited.with_multiple(multiple)
+    except PreprocessingError as e:
+        raise SplitserveError(str(e)) from None
+
+
 def resolve_data_root(plugin: TaskPlugin, root: Path, data_format: str = "auto") -> Path:
     """``root`` itself, or its ``imagefolder/`` / ``coco/`` part when it is an fmnist-scenes tree
     (or any directory holding both)."""
@@ -76,17 +89,17 @@ def base_dataset(ds: Dataset) -> Dataset:
     return ds
 
 
-def build_datasets(plugin: TaskPlugin, root: Path, size: tuple[int, int], cfg: SimpleNamespace,
+def build_datasets(plugin: TaskPlugin, root: Path, policy: Preprocessing, cfg: SimpleNamespace,
                    data_format: str = "auto", need_train: bool = True) -> tuple[Dataset | None, Dataset, Path]:
     """(train, val, resolved root) through the plugin's hooks; limits applied."""
     data_root = resolve_data_root(plugin, root, data_format)
     train = None
     if need_train:
-        train = plugin.build_dataset(data_root, "train", train=True, image_size=size)
+        train = plugin.build_dataset(data_root, "train", train=True, preprocessing=policy)
         if len(train) == 0:
             raise DataError(f"{data_root}: the train split is empty")
         train = fixed_subset(train, cfg.train_limit)
-    val = plugin.build_dataset(data_root, "val", train=False, image_size=size)
+    val = plugin.build_dataset(data_root, "val", train=False, preprocessing=policy)
     if len(val) == 0:
         raise DataError(f"{data_root}: the val split is empty")
     val = fixed_subset(val, cfg.val_limit)
@@ -222,7 +235,7 @@ def options_of(cfg: SimpleNamespace) -> dict[str, Any]:
 
 
 def save_codec_run(out: Path, result, validate, codec: FeatureCodec, *, teacher, plugin: TaskPlugin,
-                   size: tuple[int, int], head: nn.Module, head_config: Mapping[str, Any],
+                   policy: Preprocessing, head: nn.Module, head_config: Mapping[str, Any],
                    head_keys: Sequence[str], bundle_keys: Sequence[str], provenance: Mapping[str, Any]) -> dict:
     """Write the bundle of a run that trained a codec (distill, train) and return its final metrics.
 
@@ -238,7 +251,7 @@ def save_codec_run(out: Path, result, validate, codec: FeatureCodec, *, teacher,
     head_metrics = {plugin.name: {k: float(metrics[k]) for k in (metric, *head_keys) if k in metrics}}
     if metric in metrics and metric in teacher.metrics:
         head_metrics[plugin.name][f"teacher_{metric}"] = float(teacher.metrics[metric])
-    save_bundle(out, codec, backbone=teacher.arch, input_size=size,
+    save_bundle(out, codec, backbone=teacher.arch, preprocessing=policy,
                 heads={plugin.name: (head.to("cpu").eval(), head_config)},
                 head_metrics={k: v for k, v in head_metrics.items() if v},
                 metrics={k: float(metrics[k]) for k in bundle_keys if k in metrics}, provenance=provenance)

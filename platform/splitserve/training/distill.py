@@ -1,13 +1,17 @@
 """``platform distill``: Entropic Student stage 1 (Matsubara et al., WACV 2022).
 
 The student replaces the teacher's stem (conv1 … layer1) with encoder → entropy bottleneck →
-decoder; the teacher's layer2..4 are reused, frozen. Loss per batch::
+decoder; the teacher's layer2..4 are reused, frozen. The loss is the paper's Eq. 2, per image and
+averaged over the batch::
 
-    MSE(h̃, h) + Σ_{k=2..4} MSE(tail_k(h̃), tail_k(h)) + β · bpp        (bpp = bits / (B·H·W))
+    Σ_{k=1..4} ‖h̃_k − h_k‖²  +  β · bits(z̃)
 
-with h̃ decoded from the noisy latent (z + U(-½, ½)) and h the teacher's layer1 output, plus the
-prior's quantile (aux) loss on its own optimizer every step. The bundle written at the end carries
-the teacher's head for its task, so it serves immediately; ``platform finetune`` then adapts heads.
+with ‖·‖² the *summed* squared error over channels and positions of stage k (k = 1: the decoded
+feature against the teacher's layer1; k = 2..4: the frozen tail on both), h̃ decoded from the noisy
+latent (z + U(-½, ½)), and bits = −log₂ p(z̃) under the factorized prior. With this scaling the
+published β grid (0.01 … 5.12) means what it says. The prior's quantile (aux) loss runs on its
+own optimizer every step. The bundle written at the end carries the teacher's head for its task,
+so it serves immediately; ``platform finetune`` then adapts heads.
 """
 
 from __future__ import annotations
@@ -44,17 +48,9 @@ def build_codec(family: str, arch: str, blocks: int | None, latent_channels: int
     return build_encoder(family, **config)
 
 
-def run_codec(codec: FeatureCodec, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(h̃, likelihoods) with the entropy bottleneck in float32 even under autocast."""
-    y = codec.encoder(x)
-    with torch.autocast(device_type=x.device.type, enabled=False):
-        y_hat, likelihoods = codec.entropy_bottleneck(y.float())
-    return codec.decoder(y_hat), likelihoods
-
-
-def bits_per_pixel(likelihoods: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-    n, _, h, w = images.shape
-    return -torch.log2(likelihoods).sum() / (n * h * w)
+def squared_error(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """‖s − t‖² per image (summed over channels and positions), averaged over the batch."""
+    return F.mse_loss(student.float(), teacher.float(), reduction="sum") / student.shape[0]
 
 
 class DistillObjective(Objective):
@@ -71,12 +67,12 @@ class DistillObjective(Objective):
         with torch.no_grad():
             h_t = self.teacher_stem(images)
             t_feats = self.tail(h_t)
-        h_s, likelihoods = run_codec(self.codec, images)
+        out = self.codec(images)
+        h_s = out.features
         s_feats = self.tail(h_s)
-        mse_h = F.mse_loss(h_s.float(), h_t.float())
-        mse_tail = sum(F.mse_loss(s_feats[k].float(), t_feats[k].float()) for k in TAIL_STAGES)
-        bpp = bits_per_pixel(likelihoods, images)
-        return {"distill": mse_h + mse_tail, "rate": self.beta * bpp}, {"bpp": bpp.detach(), "mse_h": mse_h.detach()}
+        distortion = squared_error(h_s, h_t) + sum(squared_error(s_feats[k], t_feats[k]) for k in TAIL_STAGES)
+        logs = {"bpp": out.bpp(images.shape[-2:]).detach(), "mse_h": F.mse_loss(h_s.float(), h_t.float()).detach()}
+        return {"distill": distortion, "rate": self.beta * out.bits_per_image()}, logs
 
     def forward(self, batch: TaskBatch):
         losses, logs = self.terms(batch.images)
@@ -102,7 +98,8 @@ def validate_distill(objective: DistillObjective, loader, device, plugin=None, h
             n += b
         metrics = {k: v / max(n, 1) for k, v in total.items()}
         metrics.update(common.measure_rate(objective.codec, loader, device, estimate=False))
-        metrics["loss"] = metrics["distill_loss"] + objective.beta * metrics["bpp_estimate"]
+        h, w = images.shape[-2:]
+        metrics["loss"] = metrics["distill_loss"] + objective.beta * metrics["bpp_estimate"] * h * w
         if plugin is not None and head is not None:
             codec = objective.codec
             task = plugin.evaluate(head, common.coded_features(codec), loader, dataset=dataset)
@@ -121,11 +118,11 @@ def run_distill(cfg: SimpleNamespace) -> int:
         raise SplitserveError(f"--beta must be >= 0, got {cfg.beta}")
     info = dist_utils.setup(cfg.device)
     try:
-        size = common.image_size(cfg.image_size, teacher.input_size)
         torch.manual_seed(cfg.seed)
         codec = build_codec(cfg.encoder, teacher.arch, cfg.blocks, cfg.latent_channels)
-        codec.check_input_size(*size)
-        train_set, val_set, data_root = common.build_datasets(data_plugin, cfg.data, size, cfg)
+        policy = common.preprocessing(cfg, teacher.preprocessing, codec.input_multiple)
+        codec.check_input_size(*policy.nominal_size)
+        train_set, val_set, data_root = common.build_datasets(data_plugin, cfg.data, policy, cfg)
 
         out = Path(cfg.out)
         workdir = Path(cfg.workdir) if cfg.workdir else common.bundle_workdir(out, "distill")
@@ -162,7 +159,7 @@ def run_distill(cfg: SimpleNamespace) -> int:
             stopped_early=result.status == "max_steps",
         )
         metrics = common.save_codec_run(
-            out, result, validate, objective.codec, teacher=teacher, plugin=plugin, size=size, head=teacher.head,
+            out, result, validate, objective.codec, teacher=teacher, plugin=plugin, policy=policy, head=teacher.head,
             head_config=teacher.config, head_keys=(), provenance=provenance,
             bundle_keys=("bpp", "payload_bpp", "bpp_estimate", "distill_loss", "mse_h"))
         task_part = f", {plugin.name} {plugin.metric_name} {metrics[plugin.metric_name]:.2f}" if plugin.metric_name in metrics else ""

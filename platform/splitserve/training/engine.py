@@ -51,7 +51,6 @@ from .distributed import DistInfo
 
 CHECKPOINT_FORMAT = "splitserve-checkpoint"
 CHECKPOINT_VERSION = 1
-_PRIOR_TABLES = ("_quantized_cdf", "_offset", "_cdf_length")
 
 
 class TrainingError(SplitserveError):
@@ -96,11 +95,6 @@ class Objective(nn.Module):
         return {k: v for k, v in self.state_dict().items() if not k.startswith(skip)}
 
     def load_checkpoint_state(self, state: Mapping[str, Tensor]) -> None:
-        own = self.state_dict()
-        for key, value in state.items():  # coding tables change size after update(): match them
-            if key.rsplit(".", 1)[-1] in _PRIOR_TABLES and key in own and own[key].shape != value.shape:
-                module_name, _, buf = key.rpartition(".")
-                getattr(self.get_submodule(module_name), buf).resize_(value.shape)
         missing, unexpected = self.load_state_dict(dict(state), strict=False)
         skip = tuple(f"{n}." for n in self.frozen_modules())
         missing = [k for k in missing if not k.startswith(skip)]
@@ -522,7 +516,6 @@ class Engine:
         bar = tqdm(total=sampler.total, initial=first, desc=f"{self.name} {epoch + 1}/{cfg.epochs}", unit="step",
                    disable=not show, dynamic_ncols=True, leave=False, file=sys.stderr,
                    mininterval=0.5 if sys.stderr.isatty() else 30.0)
-        params = [p for p in objective.parameters() if p.requires_grad]
         running: dict[str, float] = {}
         count = 0
         t_last, images_since = time.perf_counter(), 0
@@ -542,10 +535,11 @@ class Engine:
                 for opt in optimizers.values():
                     opt.zero_grad(set_to_none=True)
                 scaler.scale(total).backward()
-                if cfg.clip_grad:
-                    for opt in optimizers.values():
-                        scaler.unscale_(opt)
-                    torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
+                if cfg.clip_grad and "main" in optimizers:
+                    # Only the task/codec gradients: the prior's quantile (aux) optimizer is its own
+                    # problem, and clipping both together would couple them through one norm.
+                    scaler.unscale_(optimizers["main"])
+                    torch.nn.utils.clip_grad_norm_(_params_of(optimizers["main"]), cfg.clip_grad)
                 for opt in optimizers.values():
                     scaler.step(opt)
                 scaler.update()
@@ -673,6 +667,10 @@ class Engine:
             print(f"[{self.name}] note: checkpoint written by {state.get('world_size')} processes, resuming with "
                   f"{self.info.world_size}; the data order of the current epoch changes", flush=True)
         return state
+
+
+def _params_of(optimizer: torch.optim.Optimizer) -> list[Tensor]:
+    return [p for group in optimizer.param_groups for p in group["params"]]
 
 
 def _atomic_save(obj: Any, path: Path) -> None:

@@ -3,7 +3,9 @@
 Features come from the real inference path (encoder → rounding around the prior's medians →
 decoder), so the head learns on exactly what the gateway will hand it. The encoder and prior
 never change, hence neither does the bundle's fingerprint: every deployed device keeps working.
-The decoder is frozen too unless ``--train-decoder`` (which changes what every other head sees).
+As in both papers' stage 2 (Entropic Student Fig. 3 right, the reference configs), the decoder is
+trained with the head; ``--freeze-decoder`` keeps it fixed (a deviation, for bundles whose other
+heads must keep seeing the same features).
 The loss is the plugin's own (``plugin.loss``); with a teacher of the same task it also gets the
 teacher's output for knowledge distillation (classification: 0.5·CE + 0.5·KL at ``--temperature``).
 """
@@ -127,25 +129,26 @@ def run_finetune(cfg: SimpleNamespace) -> int:
     if (spec.channels, spec.stride) != (codec.feature_channels, codec.stride):
         raise SplitserveError(f"task {plugin.name!r} consumes {spec.describe()}, the bundle's codec produces "
                               f"{codec.feature_channels} channels at stride {codec.stride}")
+    train_decoder = not cfg.freeze_decoder
     info = dist_utils.setup(cfg.device)
     try:
-        size = common.image_size(cfg.image_size, manifest.input_size)
-        codec.check_input_size(*size)
-        if size != tuple(manifest.input_size) and info.is_main:
-            print(f"warning: training at {size[0]}x{size[1]} but the edge resizes to "
-                  f"{manifest.input_size[0]}x{manifest.input_size[1]} (the bundle's input_size); "
-                  "the head will see other features in serving", flush=True)
-        train_set, val_set, data_root = common.build_datasets(plugin, cfg.data, size, cfg)
+        policy = common.preprocessing(cfg, manifest.policy, codec.input_multiple)
+        codec.check_input_size(*policy.nominal_size)
+        if policy != manifest.policy and info.is_main:
+            print(f"warning: training with preprocessing '{policy.describe()}' but the bundle declares "
+                  f"'{manifest.policy.describe()}', which the edge applies; the head will see other features "
+                  "in serving", flush=True)
+        train_set, val_set, data_root = common.build_datasets(plugin, cfg.data, policy, cfg)
         data_config = plugin.dataset_config(common.base_dataset(train_set))
         torch.manual_seed(cfg.seed)
         head, config, source, fresh = _init_head(plugin, manifest, bundle, teacher, data_config, cfg.from_scratch)
         if fresh and info.is_main:
             print(f"note: {common.describe_keys(fresh)} re-initialised (the data's config differs from the "
                   f"source head's)", flush=True)
-        if cfg.train_decoder and info.is_main:
-            others = [t for t in manifest.tasks if t != plugin.name]
-            print("warning: --train-decoder changes the bundle's decoder, which every head consumes"
-                  + (f" (also {', '.join(others)}); re-fine-tune or re-evaluate them" if others else ""), flush=True)
+        others = [t for t in manifest.tasks if t != plugin.name]
+        if train_decoder and others and info.is_main:
+            print(f"note: stage 2 trains the decoder, which the other heads ({', '.join(others)}) consume too; "
+                  "re-fine-tune or re-evaluate them, or pass --freeze-decoder", flush=True)
         kd_teacher = teacher if teacher is not None and teacher.task == plugin.name else None
         if teacher is not None and kd_teacher is None and info.is_main:
             print(f"note: the teacher is a {teacher.task} model: used to initialise layer2..4 only, "
@@ -153,8 +156,8 @@ def run_finetune(cfg: SimpleNamespace) -> int:
 
         workdir = Path(cfg.workdir) if cfg.workdir else common.bundle_workdir(bundle, f"finetune-{plugin.name}")
         engine = Engine(common.engine_config(cfg, workdir, common.signature(cfg)), info, f"finetune {plugin.name}")
-        objective = FinetuneObjective(plugin, codec, head, kd_teacher, common.options_of(cfg), cfg.train_decoder)
-        params = list(head.parameters()) + (list(codec.decoder.parameters()) if cfg.train_decoder else [])
+        objective = FinetuneObjective(plugin, codec, head, kd_teacher, common.options_of(cfg), train_decoder)
+        params = list(head.parameters()) + (list(codec.decoder.parameters()) if train_decoder else [])
         optimizer = build_optimizer(params, cfg)
         schedulers = build_scheduler(optimizer, cfg, steps_per_epoch(len(train_set), cfg.batch_size, info.world_size))
         val_loader = common.eval_loader(plugin, val_set, cfg)
@@ -204,13 +207,13 @@ def run_finetune(cfg: SimpleNamespace) -> int:
             "epochs": cfg.epochs,
             "steps": result.global_step,
             "selected_epoch": chosen_epoch,
-            "train_decoder": bool(cfg.train_decoder),
+            "train_decoder": train_decoder,
             "seed": cfg.seed,
             "stopped_early": result.status == "max_steps",
         }
         new = update_heads(bundle, {plugin.name: (objective.head, config)}, head_metrics={plugin.name: head_metrics},
                            head_provenance={plugin.name: provenance},
-                           decoder=objective.codec.decoder if cfg.train_decoder else None)
+                           decoder=objective.codec.decoder if train_decoder else None)
         if new.fingerprint != fingerprint:  # update_heads never touches encoder/prior; be sure
             raise BundleError(f"{bundle}: fingerprint changed during finetune; the bundle is inconsistent")
         shown = ", ".join(f"{k} {v:.2f}" for k, v in chosen.items())

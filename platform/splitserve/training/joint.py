@@ -1,7 +1,11 @@
 """``platform train``: single-stage training of Duan & Zhu ("Efficient Feature Compression for
 Edge-Cloud Systems") for classification.
 
-    loss = λ · bpp + MSE(h̃, h_teacher) + 0.5 · (KL(teacher ‖ student logits) + CE)
+    loss = λ · bpp + Σ_{k=1..4} MSE(h̃_k, h_k) + 0.5 · (KL(teacher ‖ student logits) + CE)
+
+with bpp over the pixels of the model input and MSE the mean squared error of stage k: the decoded
+feature against the teacher's layer1 (k = 1) and the student's layer2..4 against the teacher's
+(the reference code's ``transfer_loss``).
 
 ``--joint`` trains the codec and the classifier (ResNet layer2..4 + fc, initialised from the
 teacher); ``--cls-fixed`` keeps the teacher's classifier frozen and trains only the codec. The
@@ -10,6 +14,7 @@ prior's quantile (aux) loss is optimised every step on its own optimizer, as in 
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,7 +28,7 @@ from ..models import FeatureCodec
 from ..plugins import TaskBatch, TaskPlugin
 from . import common
 from . import distributed as dist_utils
-from .distill import bits_per_pixel, build_codec, run_codec
+from .distill import TAIL_STAGES, build_codec
 from .engine import Engine, Objective, freeze
 from .optim import build_optimizer, build_scheduler, split_codec_params, steps_per_epoch
 from .teacher import load_teacher
@@ -44,19 +49,38 @@ class JointObjective(Objective):
 
     def forward(self, batch: TaskBatch):
         images = batch.images
-        with torch.no_grad():
+        with torch.no_grad(), capture_output(self.teacher_head.tail) as t_feats:
             h_t = self.teacher_stem(images)
             t_logits = self.plugin.head_output(self.teacher_head, h_t, batch)
-        h_s, likelihoods = run_codec(self.codec, images)
-        bpp = bits_per_pixel(likelihoods, images)
-        task = self.plugin.loss(self.head, h_s, batch, teacher_output=t_logits, options=self.options)
+        out = self.codec(images)
+        h_s = out.features
+        bpp = out.bpp(images.shape[-2:])
+        with capture_output(self.head.tail) as s_feats:  # the tail runs once, inside the task loss
+            task = self.plugin.loss(self.head, h_s, batch, teacher_output=t_logits, options=self.options)
+        if not s_feats or not t_feats:
+            raise SplitserveError(f"task {self.plugin.name!r}: its loss/head_output did not run the head's tail, "
+                                  "so the layer2..4 feature loss cannot be computed")
+        mse = {"layer1": F.mse_loss(h_s.float(), h_t.float())}
+        mse.update({k: F.mse_loss(s_feats[0][k].float(), t_feats[0][k].float()) for k in TAIL_STAGES})
         losses = {
             "rate": self.lmbda * bpp,
-            "feature_mse": F.mse_loss(h_s.float(), h_t.float()),
+            "feature_mse": sum(mse.values()),
             **task,
             "prior_aux": self.codec.aux_loss(),
         }
-        return losses, {"bpp": bpp.detach()}
+        return losses, {"bpp": bpp.detach(), **{f"mse_{k}": v.detach() for k, v in mse.items()}}
+
+
+@contextmanager
+def capture_output(module: nn.Module):
+    """Record ``module``'s outputs while the block runs (to read intermediate features without
+    running the layers a second time)."""
+    outputs: list = []
+    handle = module.register_forward_hook(lambda _m, _i, out: outputs.append(out))
+    try:
+        yield outputs
+    finally:
+        handle.remove()
 
 
 def run_train(cfg: SimpleNamespace) -> int:
@@ -71,11 +95,11 @@ def run_train(cfg: SimpleNamespace) -> int:
         raise SplitserveError(f"`platform train` needs a classification teacher; {teacher.path} is a {teacher.task} model")
     info = dist_utils.setup(cfg.device)
     try:
-        size = common.image_size(cfg.image_size, teacher.input_size)
         torch.manual_seed(cfg.seed)
         codec = build_codec(cfg.encoder, teacher.arch, cfg.blocks, cfg.latent_channels)
-        codec.check_input_size(*size)
-        train_set, val_set, data_root = common.build_datasets(plugin, cfg.data, size, cfg)
+        policy = common.preprocessing(cfg, teacher.preprocessing, codec.input_multiple)
+        codec.check_input_size(*policy.nominal_size)
+        train_set, val_set, data_root = common.build_datasets(plugin, cfg.data, policy, cfg)
         data_config = plugin.dataset_config(common.base_dataset(train_set))
         config = {**plugin.default_config(teacher.arch), **teacher.config}
         if data_config.get("num_classes") != config.get("num_classes"):
@@ -129,7 +153,7 @@ def run_train(cfg: SimpleNamespace) -> int:
             stopped_early=result.status == "max_steps",
         )
         metrics = common.save_codec_run(
-            out, result, validate, objective.codec, teacher=teacher, plugin=plugin, size=size, head=objective.head,
+            out, result, validate, objective.codec, teacher=teacher, plugin=plugin, policy=policy, head=objective.head,
             head_config=config, head_keys=("top5",), provenance=provenance,
             bundle_keys=("bpp", "payload_bpp", "bpp_estimate"))
         print(f"wrote bundle {out}: {metric} {metrics.get(metric, float('nan')):.2f} at bpp {metrics['bpp']:.4f} (rANS)")

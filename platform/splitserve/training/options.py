@@ -307,8 +307,13 @@ def training_options(**defaults: Any) -> list[Opt]:
         opt("--gamma", type=float, default=d["gamma"], help="lr factor at each milestone / step"),
         opt("--step-size", type=int, default=d["step_size"], help="step: epochs between lr drops"),
         opt("--min-lr-ratio", type=float, default=d["min_lr_ratio"], help="cosine: final lr as a fraction of --lr"),
-        opt("--clip-grad", type=float, default=None, help="clip the gradient norm to this value"),
-        opt("--image-size", type=int, nargs="+", default=None, metavar="PX", help="input size: one side or H W"),
+        opt("--clip-grad", type=float, default=None, help="clip the norm of the main optimizer's gradients to this value (the prior's aux optimizer is never clipped)"),
+        opt("--image-size", type=int, nargs="+", default=None, metavar="PX",
+            help="fixed input size (images squashed to it): one side or H W; shorthand for --preprocessing fixed:HxW"),
+        opt("--preprocessing", default=None, metavar="SPEC",
+            help="how images become the model input, written into the bundle: fixed:H[xW], resize-crop:R:H[xW] "
+                 "(ImageNet: resize-crop:256:224) or shorter-side:S:L (COCO detection: shorter-side:800:1333); "
+                 "default: the teacher's (distill, train) or the bundle's (finetune)"),
         opt("--train-limit", type=int, default=None, metavar="N", help="use a fixed random subset of N training images"),
         opt("--val-limit", type=int, default=None, metavar="N", help="use a fixed random subset of N validation images"),
         opt("--num-workers", type=int, default=2, help="data-loading processes per training process"),

@@ -2,7 +2,7 @@
 
 A teacher is a directory::
 
-    teacher.json        task, backbone, head config (labels …), input size, metrics, provenance,
+    teacher.json        task, backbone, head config (labels …), preprocessing, metrics, provenance,
                         SHA-256 of both weight files
     stem.safetensors    conv1 … layer1 (produces h)
     head.safetensors    the task head (layer2..4 + task layers)
@@ -34,6 +34,7 @@ from .. import __version__
 from ..descriptor import read_descriptor
 from ..errors import SplitserveError
 from ..models.backbone import check_arch
+from ..preprocess import Preprocessing, PreprocessingError
 from ..plugins import TaskBatch, TaskPlugin
 from . import common
 from . import distributed as dist_utils
@@ -41,7 +42,7 @@ from .engine import Engine, Objective
 from .optim import build_optimizer, build_scheduler, steps_per_epoch
 
 TEACHER_FORMAT = "splitserve-teacher"
-TEACHER_VERSION = 1
+TEACHER_VERSION = 2  # 2: declared preprocessing instead of input_size
 
 
 class TeacherError(SplitserveError):
@@ -54,7 +55,7 @@ class Teacher:
     task: str
     arch: str
     config: dict[str, Any]
-    input_size: tuple[int, int]
+    preprocessing: Preprocessing  # how its training/validation images were made; distill inherits it
     stem: nn.Module
     head: nn.Module
     metrics: dict[str, float]
@@ -87,7 +88,7 @@ def save_teacher(path: Path, teacher: Teacher) -> None:
             "task": teacher.task,
             "arch": teacher.arch,
             "config": common.config_for_json(teacher.config),
-            "input_size": list(teacher.input_size),
+            "preprocessing": teacher.preprocessing.to_dict(),
             "metrics": {k: float(v) for k, v in teacher.metrics.items()},
             "provenance": common.config_for_json(teacher.provenance),
             "files": files,
@@ -114,7 +115,7 @@ def read_teacher_meta(path: Path) -> dict[str, Any]:
     meta_path = Path(path) / "teacher.json"
     meta = read_descriptor(path, "teacher.json", format=TEACHER_FORMAT, version=TEACHER_VERSION, kind="teacher",
                            error=TeacherError, hint="; make one with `platform teacher`")
-    for key in ("task", "arch", "config", "input_size", "files"):
+    for key in ("task", "arch", "config", "preprocessing", "files"):
         if key not in meta:
             raise TeacherError(f"{meta_path}: missing '{key}'")
     return meta
@@ -141,7 +142,11 @@ def load_teacher(path: Path, plugins) -> Teacher:
             module.load_state_dict(load_safetensors(data), strict=True)
         except Exception as e:  # noqa: BLE001 — SafetensorError or a shape mismatch, one line either way
             raise TeacherError(f"{root}: {part} weights do not fit {arch}/{meta['task']}: {str(e).splitlines()[0]}") from None
-    return Teacher(root, plugin.name, arch, dict(meta["config"]), tuple(meta["input_size"]), stem.eval(), head.eval(),
+    try:
+        policy = Preprocessing.from_dict(meta["preprocessing"])
+    except (PreprocessingError, TypeError) as e:
+        raise TeacherError(f"{root}: teacher.json: {e}") from None
+    return Teacher(root, plugin.name, arch, dict(meta["config"]), policy, stem.eval(), head.eval(),
                    dict(meta.get("metrics", {})), dict(meta.get("provenance", {})))
 
 
@@ -241,8 +246,8 @@ def run_teacher(cfg: SimpleNamespace) -> int:
         raise SplitserveError("give --weights or --checkpoint, not both")
     info = dist_utils.setup(cfg.device)
     try:
-        size = common.image_size(cfg.image_size, (224, 224))
-        train_set, val_set, data_root = common.build_datasets(plugin, cfg.data, size, cfg, need_train=True)
+        policy = common.preprocessing(cfg, Preprocessing.fixed(224, 224))
+        train_set, val_set, data_root = common.build_datasets(plugin, cfg.data, policy, cfg, need_train=True)
         config = {**plugin.default_config(arch), **plugin.dataset_config(common.base_dataset(train_set))}
         torch.manual_seed(cfg.seed)
         stem, head = plugin.build_teacher(arch, config, cfg.weights)
@@ -293,9 +298,9 @@ def run_teacher(cfg: SimpleNamespace) -> int:
             "seed": cfg.seed,
             "stopped_early": result.status == "max_steps",
         }
-        save_teacher(out, Teacher(out, plugin.name, arch, config, size, stem, head, metrics, provenance))
+        save_teacher(out, Teacher(out, plugin.name, arch, config, policy, stem, head, metrics, provenance))
         shown = ", ".join(f"{k} {v:.2f}" for k, v in metrics.items())
-        print(f"wrote teacher {out} ({plugin.name}, {arch}, {size[0]}x{size[1]}): val {shown}")
+        print(f"wrote teacher {out} ({plugin.name}, {arch}, {policy.describe()}): val {shown}")
         return 0
     finally:
         dist_utils.teardown(info)

@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 from splitserve.errors import PluginError
 from splitserve.models.backbone import check_arch
 from splitserve.plugins import FeatureFn, ImageMeta, TaskBatch, TaskPlugin
+from splitserve.preprocess import Preprocessing
 
 from .head import EmbeddingHead
 from .schema import EmbeddingResult
@@ -98,13 +99,11 @@ class EmbeddingPlugin(TaskPlugin):
     # build_teacher() is inherited: ImageNet weights (``weights="DEFAULT"``) go into head.tail;
     # GeM and the projection start fresh and are learned by the contrastive loss.
 
-    def build_dataset(
-        self, root: Path, split: str, *, train: bool, image_size: tuple[int, int]
-    ) -> Dataset:
+    def build_dataset(self, root: Path, split: str, *, train: bool, preprocessing: Preprocessing) -> Dataset:
         """An ImageFolder tree ``root/<split>/<class>/<image>``: same-class images are positives."""
         from splitserve.data import classification_dataset
 
-        return classification_dataset(root, split, train=train, image_size=image_size)
+        return classification_dataset(root, split, train=train, preprocessing=preprocessing)
 
     def collate(self, items: list) -> TaskBatch:
         images = torch.stack([img for img, _ in items])
