@@ -9,13 +9,13 @@ from torch import nn
 
 from splitserve.bundle import EDGE_PARTS, load_codec, load_head, read_manifest, save_bundle, update_heads
 from splitserve.errors import BundleError, SplitserveError
-from splitserve.models import build_encoder
+from splitserve.models import build_codec
 
 
 @pytest.fixture
 def saved(tmp_path):
     torch.manual_seed(0)
-    codec = build_encoder("rac", blocks=1, feature_channels=64).eval()
+    codec = build_codec("rac", blocks=1, feature_channels=64).eval()
     head = nn.Sequential(nn.Conv2d(64, 8, 1), nn.BatchNorm2d(8)).eval()
     path = tmp_path / "b"
     save_bundle(path, codec, backbone="resnet18", input_size=(64, 96), heads={"toy": (head, {"k": 1})},
@@ -142,7 +142,7 @@ def test_update_heads_keeps_fingerprint(saved):
 
 
 def test_bad_input_size_is_a_user_error(tmp_path):
-    codec = build_encoder("rac", blocks=0, feature_channels=64)
+    codec = build_codec("rac", blocks=0, feature_channels=64)
     with pytest.raises(SplitserveError, match="multiples of 8"):
         save_bundle(tmp_path / "b", codec, backbone="resnet18", input_size=(60, 64))
 
@@ -152,7 +152,7 @@ def test_failed_save_leaves_no_partial_bundle(tmp_path):
         def state_dict(self, *a, **k):
             raise RuntimeError("disk full")
 
-    codec = build_encoder("entropic_student", feature_channels=64)
+    codec = build_codec("entropic_student", feature_channels=64)
     save_bundle(tmp_path / "b", codec, backbone="resnet18", input_size=(64, 64))
     before = read_manifest(tmp_path / "b").fingerprint
     with pytest.raises(RuntimeError, match="disk full"):

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from compressai.layers import GDN1
 
-from splitserve.models import build_encoder
+from splitserve.models import build_codec
 from splitserve.models.backbone import ResNetTail, build_resnet, resnet_stem
 
 
@@ -22,7 +22,7 @@ def _gdn_params(layer):
 @pytest.mark.parametrize("index", [1, 3])
 def test_entropic_student_encoder_uses_simplified_gdn(index):
     """§4.2: x / (β + Σ γ·|x|), not the full GDN x / sqrt(β + Σ γ·x²)."""
-    codec = build_encoder("entropic_student", feature_channels=64)
+    codec = build_codec("entropic_student", feature_channels=64)
     layer = codec.encoder[index]
     assert isinstance(layer, GDN1) and not layer.inverse
     torch.manual_seed(0)
@@ -40,7 +40,7 @@ def test_entropic_student_encoder_uses_simplified_gdn(index):
 
 
 def test_entropic_student_decoder_uses_simplified_inverse_gdn():
-    codec = build_encoder("entropic_student", feature_channels=64)
+    codec = build_codec("entropic_student", feature_channels=64)
     layers = [m for m in codec.decoder if isinstance(m, GDN1)]
     assert len(layers) == 2 and all(m.inverse for m in layers)
     layer = layers[1]
@@ -61,7 +61,7 @@ def test_stage1_loss_is_eq2_summed_squared_error_plus_beta_bits_per_image():
 
     stem, tail = _teacher18()
     torch.manual_seed(2)
-    codec = build_encoder("entropic_student", feature_channels=64)
+    codec = build_codec("entropic_student", feature_channels=64)
     beta = 0.32
     objective = DistillObjective(codec, stem, tail, beta).eval()  # eval: rounded latent, deterministic
     x = torch.randn(3, 3, 32, 48)
@@ -97,7 +97,7 @@ def test_rac_joint_loss_has_layer1_to_4_feature_terms():
     teacher_head.tail.load_state_dict(ResNetTail.from_resnet(resnet).state_dict())
     head = plugin.build_head("resnet18", config)
     head.load_state_dict(teacher_head.state_dict())
-    codec = build_encoder("rac", blocks=0, feature_channels=64)
+    codec = build_codec("rac", blocks=0, feature_channels=64)
     objective = JointObjective(plugin, codec, head, teacher_stem, teacher_head, lmbda=0.5, options={},
                                head_fixed=False).eval()
     x = torch.randn(2, 3, 32, 32)
@@ -117,7 +117,7 @@ def test_rac_joint_loss_has_layer1_to_4_feature_terms():
 
 def test_entropy_model_runs_in_fp32_under_autocast():
     torch.manual_seed(4)
-    codec = build_encoder("entropic_student", feature_channels=64).eval()
+    codec = build_codec("entropic_student", feature_channels=64).eval()
     with torch.no_grad():
         codec.entropy_bottleneck.quantiles.add_(0.37 * torch.randn_like(codec.entropy_bottleneck.quantiles))
     x = torch.randn(1, 3, 32, 32)
@@ -132,3 +132,47 @@ def test_entropy_model_runs_in_fp32_under_autocast():
     # the encoder runs in bf16 (that is what autocast is for); the prior's likelihoods must not lose precision
     assert lik.min() > 0
     torch.testing.assert_close(lik, reference_lik, rtol=0.1, atol=0.05)
+
+
+def _coco_tree(root, split, images, annotations, categories):
+    import json
+
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    (root / f"{split}2017").mkdir(exist_ok=True)
+    (root / "annotations" / f"instances_{split}2017.json").write_text(
+        json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    return root
+
+
+def _square(ann_id, image_id, cat, x, y, size, crowd=0):
+    poly = [x, y, x + size, y, x + size, y + size, x, y + size]
+    return {"id": ann_id, "image_id": image_id, "category_id": cat, "bbox": [x, y, size, size],
+            "area": float(size * size), "iscrowd": crowd, "segmentation": [poly]}
+
+
+def test_coco_to_voc_masks_follow_torchvision_references(tmp_path):
+    """Overlaps → 255, crowd painted as its class, train keeps images with kept area > 1000."""
+    from splitserve.data.coco import VOC_CATEGORY_IDS, CocoSegmentation
+
+    person, dog, giraffe = 1, 18, 25  # person and dog are VOC classes; giraffe is not
+    cats = [{"id": i, "name": f"c{i}"} for i in sorted(set(VOC_CATEGORY_IDS) | {giraffe})]
+    images = [{"id": 1, "file_name": "a.jpg", "height": 60, "width": 60},
+              {"id": 2, "file_name": "b.jpg", "height": 60, "width": 60},
+              {"id": 3, "file_name": "c.jpg", "height": 60, "width": 60}]
+    anns = [_square(1, 1, person, 0, 0, 30), _square(2, 1, dog, 20, 20, 30),  # overlap on [20,30)²
+            _square(3, 1, giraffe, 40, 0, 15),                                   # not a VOC class: background
+            _square(4, 2, dog, 5, 5, 40, crowd=1),                               # crowd, area 1600
+            _square(5, 3, person, 0, 0, 20)]                                     # area 400 ≤ 1000
+    root = _coco_tree(tmp_path / "coco", "train", images, anns, cats)
+    person_label = VOC_CATEGORY_IDS.index(person) + 1
+    dog_label = VOC_CATEGORY_IDS.index(dog) + 1
+
+    val = CocoSegmentation(root, "train", train=False, preprocessing=(32, 32))
+    m1 = val.semantic_mask(1)
+    assert m1[5, 5] == person_label and m1[45, 45] == dog_label
+    assert (m1[21:29, 21:29] == 255).all()          # pixels of two instances are ignored
+    assert m1[5, 45] == 0                            # the giraffe is not a VOC class
+    m2 = val.semantic_mask(2)
+    assert m2[20, 20] == dog_label                   # crowd painted as its class, not 255
+    train = CocoSegmentation(root, "train", train=True, preprocessing=(32, 32))
+    assert train.ids == [1, 2]                       # image 3's 400 px of labelled area is too little

@@ -4,26 +4,26 @@ import pytest
 import torch
 
 from splitserve.errors import SplitserveError
-from splitserve.models import build_encoder, list_encoders
+from splitserve.models import build_codec, list_codecs
 
 
 def test_registry_lists_both_families():
-    assert list_encoders() == ["entropic_student", "rac"]
+    assert list_codecs() == ["entropic_student", "rac"]
     with pytest.raises(SplitserveError, match="available: entropic_student, rac"):
-        build_encoder("jpeg")
+        build_codec("jpeg")
     with pytest.raises(SplitserveError, match="bad config"):
-        build_encoder("rac", width=3)
+        build_codec("rac", width=3)
 
 
 def test_entropic_student_parameter_counts_match_paper():
-    counts = build_encoder("entropic_student").parameter_counts()
+    counts = build_codec("entropic_student").parameter_counts()
     assert counts["encoder"] == 138_672
     assert counts["decoder"] == 1_164_032
 
 
 @pytest.mark.parametrize("blocks,expected", [(0, 32_960), (4, 623_552), (8, 1_214_144)])
 def test_rac_parameter_counts_match_paper(blocks, expected):
-    counts = build_encoder("rac", blocks=blocks).parameter_counts()
+    counts = build_codec("rac", blocks=blocks).parameter_counts()
     assert counts["encoder"] == expected
     assert counts["decoder"] == 2_835_712
 
@@ -35,7 +35,7 @@ def test_rac_parameter_counts_match_paper(blocks, expected):
     [("entropic_student", {}, (24, 55, 55)), ("rac", {"blocks": 0}, (64, 28, 28))],
 )
 def test_shapes_for_224(family, cfg, latent):
-    codec = build_encoder(family, **cfg).eval()
+    codec = build_codec(family, **cfg).eval()
     x = torch.randn(1, 3, 224, 224)
     y = codec.encoder(x)
     assert tuple(y.shape[1:]) == latent
@@ -46,7 +46,7 @@ def test_shapes_for_224(family, cfg, latent):
 
 @pytest.mark.parametrize("family,cfg", [("entropic_student", {}), ("rac", {"blocks": 4})])
 def test_small_backbone_feature(family, cfg):
-    codec = build_encoder(family, feature_channels=64, **cfg).eval()
+    codec = build_codec(family, feature_channels=64, **cfg).eval()
     h = codec(torch.randn(2, 3, 96, 128)).features
     assert tuple(h.shape) == (2, 64, 24, 32)  # ResNet-18 layer1 at stride 4
 
@@ -54,7 +54,7 @@ def test_small_backbone_feature(family, cfg):
 @pytest.mark.parametrize("family,cfg", [("entropic_student", {}), ("rac", {"blocks": 0})])
 def test_rans_round_trip_is_bit_exact(family, cfg):
     torch.manual_seed(0)
-    codec = build_encoder(family, feature_channels=64, **cfg).eval()
+    codec = build_codec(family, feature_channels=64, **cfg).eval()
     codec.update()
     x = torch.randn(3, 3, 64, 96)
     strings, hw = codec.compress(x)
@@ -64,7 +64,7 @@ def test_rans_round_trip_is_bit_exact(family, cfg):
 
 def test_training_path_adds_noise_and_reports_bits():
     torch.manual_seed(0)
-    codec = build_encoder("entropic_student", feature_channels=64)
+    codec = build_codec("entropic_student", feature_channels=64)
     x = torch.randn(2, 3, 64, 64)
     codec.train()
     y = codec.encoder(x)
@@ -78,7 +78,7 @@ def test_training_path_adds_noise_and_reports_bits():
 
 def test_fingerprint_tracks_encoder_and_prior():
     torch.manual_seed(0)
-    a = build_encoder("entropic_student", feature_channels=64).eval()
+    a = build_codec("entropic_student", feature_channels=64).eval()
     a.update()
     fp = a.fingerprint()
     assert len(fp) == 64 and fp == a.fingerprint()
@@ -97,9 +97,9 @@ def test_fingerprint_tracks_encoder_and_prior():
 
 def test_fingerprint_requires_update():
     with pytest.raises(RuntimeError, match="update"):
-        build_encoder("rac", blocks=0).fingerprint()
+        build_codec("rac", blocks=0).fingerprint()
 
 
 def test_rac_any_block_count():
-    codec = build_encoder("rac", blocks=2)
+    codec = build_codec("rac", blocks=2)
     assert codec.parameter_counts()["encoder"] == 24_704 + 2 * 147_648 + 8_256

@@ -399,10 +399,10 @@ def test_check_fingerprint() -> None:
 
 # -- end to end with the real codec -------------------------------------------------------------------
 def test_real_codec_latent_round_trips_bit_exactly() -> None:
-    from splitserve.models import build_encoder
+    from splitserve.models import build_codec
 
     torch.manual_seed(0)
-    codec = build_encoder("entropic_student").eval()
+    codec = build_codec("entropic_student").eval()
     codec.update()
     x = torch.randn(2, 3, 64, 96)
     strings, (h, w) = codec.compress(x)

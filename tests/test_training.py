@@ -26,6 +26,12 @@ pytestmark = pytest.mark.slow
 FAST = ["--num-workers", "0", "--no-progress", "--no-tensorboard", "--batch-size", "8"]
 
 
+def default_bundle_path_under(home: Path) -> Path:
+    from splitserve.defaults import DEFAULT_BUNDLE
+
+    return home / "bundles" / DEFAULT_BUNDLE
+
+
 def run(*args: str) -> None:
     code = main([str(a) for a in args])
     assert code == 0, f"platform {' '.join(map(str, args))} exited {code}"
@@ -87,8 +93,10 @@ def test_chain_bundle_serves_three_tasks(chain, scenes):
     assert set(manifest.tasks) == {"classification", "detection", "segmentation"}
     # finetune never touches the encoder or the prior
     assert manifest.fingerprint == chain["distilled"]["fingerprint"]
-    for name in ("encoder", "prior", "decoder"):
+    for name in ("encoder", "prior"):
         assert manifest.files[name].sha256 == chain["distilled"]["files"][name]["sha256"]
+    # stage 2 trains decoder + head by default, as both papers do
+    assert manifest.files["decoder"].sha256 != chain["distilled"]["files"]["decoder"]["sha256"]
     assert {"bpp", "payload_bpp", "bpp_estimate", "distill_loss"} <= set(manifest.metrics)
     assert 0 < manifest.metrics["bpp"] < manifest.metrics["payload_bpp"]
     assert "beta" in manifest.provenance and "platform distill" in manifest.provenance["command"]
@@ -364,7 +372,7 @@ def test_finetune_detection_on_a_coco_tree_with_the_default_bundle(scenes, tmp_p
            "--no-progress"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    bundle = tmp_path / "home" / "bundles" / "default-untrained-v1"
+    bundle = default_bundle_path_under(tmp_path / "home")
     assert f"updating {bundle}" in proc.stdout
     manifest = json.loads((bundle / "manifest.json").read_text())
     det = manifest["tasks"]["detection"]

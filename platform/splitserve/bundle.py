@@ -26,7 +26,7 @@ from torch import nn
 from . import __version__
 from .descriptor import read_descriptor
 from .errors import BundleError, SplitserveError
-from .models import FeatureCodec, build_encoder
+from .models import FeatureCodec, build_codec
 from .models.backbone import check_arch
 from .preprocess import Preprocessing, PreprocessingError
 
@@ -139,7 +139,7 @@ def load_codec(path: str | Path, parts: Iterable[str] = CODEC_PARTS, manifest: M
     manifest = manifest or read_manifest(root)
     parts = tuple(parts)
     try:
-        codec = build_encoder(manifest.codec.family, **manifest.codec.config)
+        codec = build_codec(manifest.codec.family, **manifest.codec.config)
     except SplitserveError as e:
         raise BundleError(f"{root}: {e}") from None
     codec.eval()
@@ -289,7 +289,7 @@ def upgrade_bundle(path: str | Path) -> Manifest:
         raise BundleError(f"{mpath}: a version-1 Entropic Student bundle used full GDN instead of the paper's "
                           "simplified GDN; its weights cannot be converted — retrain it with `platform distill`")
     try:
-        codec = build_encoder(family, **raw["codec"]["config"])
+        codec = build_codec(family, **raw["codec"]["config"])
         size = tuple(int(v) for v in raw["input_size"])
     except (KeyError, TypeError, ValueError, SplitserveError) as e:
         raise BundleError(f"{mpath}: invalid version-1 manifest ({e})") from None

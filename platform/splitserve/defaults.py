@@ -47,14 +47,14 @@ def build_untrained_bundle(path: Path, *, family: str = "entropic_student", back
                            seed: int = DEFAULT_SEED, codec_config: dict | None = None) -> Path:
     """Write a bundle with deterministic initial weights for every requested (default: installed) task."""
     from .bundle import default_provenance, save_bundle
-    from .models import build_encoder
+    from .models import build_codec
     from .models.backbone import FEATURE_CHANNELS
     from .plugins import PluginRegistry
 
     registry = PluginRegistry.discover()
     plugins = registry.resolve(tasks) if tasks else list(registry)
     torch.manual_seed(seed)
-    codec = build_encoder(family, feature_channels=FEATURE_CHANNELS[backbone], **(codec_config or {})).eval()
+    codec = build_codec(family, feature_channels=FEATURE_CHANNELS[backbone], **(codec_config or {})).eval()
     heads = {}
     for plugin in plugins:
         config = {**plugin.default_config(backbone), **default_head_config(plugin.name)}

@@ -9,7 +9,21 @@ from ..training.options import Opt, add_options, command_line, opt, parse_key_va
 from . import add_command
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
-ENCODERS = ("entropic_student", "rac")
+
+
+def codec_options(default_family: str) -> list[Opt]:
+    """The codec a training command builds: any family in the registry (built-in or installed
+    through the ``splitserve.codecs`` entry point) and its builder's arguments."""
+    from ..models.registry import RegisteredCodecs
+
+    return [
+        opt("--encoder", default=default_family, choices=RegisteredCodecs(), metavar="FAMILY",
+            help="codec family from the registry (built in: entropic_student, rac; installed packages add more)"),
+        opt("--blocks", type=int, default=None, metavar="N", help="residual blocks of the rac family (0, 4, 8)"),
+        opt("--latent-channels", type=int, default=None, metavar="C", help="latent channels (default: the family's)"),
+        opt("--codec-option", dest="codec_option", type=parse_key_value, nargs="+", default=None, metavar="KEY=VALUE",
+            help="further arguments of the family's builder"),
+    ]
 
 
 def task_option(required: bool = True) -> Opt:
@@ -37,4 +51,4 @@ def _dispatch(args, name: str, options: Sequence[Opt], runner) -> int:
     return runner(cfg)
 
 
-__all__ = ["ARCHS", "ENCODERS", "Path", "loss_option", "opt", "register_training_command", "task_option"]
+__all__ = ["ARCHS", "Path", "codec_options", "loss_option", "opt", "register_training_command", "task_option"]

@@ -19,7 +19,8 @@ def register(sub) -> None:
 
     c = bsub.add_parser("init", help="Write a bundle with deterministic untrained weights (a starting point).")
     c.add_argument("path", metavar="DIR")
-    c.add_argument("--encoder", default="entropic_student", help="encoder family: entropic_student | rac")
+    c.add_argument("--encoder", default="entropic_student", metavar="FAMILY",
+                   help="codec family from the registry (built in: entropic_student, rac)")
     c.add_argument("--blocks", type=int, default=None, help="residual blocks for the rac family (0, 4, 8, …)")
     c.add_argument("--backbone", default="resnet18", help="resnet18 | resnet50 | …")
     c.add_argument("--input-size", type=int, nargs=2, default=(224, 224), metavar=("H", "W"))

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 from ..training.options import training_options
-from ._training import ENCODERS, Path, opt, register_training_command
+from ._training import Path, codec_options, opt, register_training_command
 
 OPTIONS = [
-    opt("--encoder", default="entropic_student", choices=ENCODERS, help="encoder family"),
-    opt("--blocks", type=int, default=None, metavar="N", help="residual blocks of the rac encoder (0, 4, 8)"),
-    opt("--latent-channels", type=int, default=None, metavar="C", help="latent channels (default: the family's)"),
+    *codec_options("entropic_student"),
     opt("--teacher", type=Path, required=True, metavar="DIR", help="teacher directory (`platform teacher`)"),
     opt("--data", type=Path, required=True, metavar="DIR", help="dataset root (images only are used)"),
     opt("--beta", type=float, required=True, metavar="B", help="rate weight: loss = distillation MSEs + B * bpp"),

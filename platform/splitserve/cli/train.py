@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..training.options import training_options
-from ._training import ENCODERS, Path, opt, register_training_command
+from ._training import Path, codec_options, opt, register_training_command
 
 OPTIONS = [
     opt("--mode", default=None, choices=("joint", "cls-fixed"), group="mode", help="same as --joint / --cls-fixed"),
@@ -11,9 +11,7 @@ OPTIONS = [
         help="train codec and classifier (layer2..4 + fc) together"),
     opt("--cls-fixed", dest="mode", action="store_const", const="cls-fixed", group="mode",
         help="keep the teacher's classifier frozen; train the codec only"),
-    opt("--encoder", default="rac", choices=ENCODERS, help="encoder family"),
-    opt("--blocks", type=int, default=None, metavar="N", help="residual blocks of the rac encoder (0, 4, 8)"),
-    opt("--latent-channels", type=int, default=None, metavar="C", help="latent channels (default: the family's)"),
+    *codec_options("rac"),
     opt("--teacher", type=Path, required=True, metavar="DIR", help="classification teacher directory"),
     opt("--data", type=Path, required=True, metavar="DIR", help="ImageFolder root (train/, val/) or fmnist-scenes dir"),
     opt("--lmbda", type=float, required=True, metavar="L", help="rate weight: loss = L * bpp + MSE + 0.5 (KL + CE)"),

@@ -1,7 +1,8 @@
-"""Codec families and backbones. ``build_encoder("rac", blocks=4)`` / ``list_encoders()``."""
+"""Codec families and backbones. ``build_codec("rac", blocks=4)`` / ``list_codecs()``."""
 
-from . import entropic_student, rac  # noqa: F401  (register the families)
+from . import entropic_student, rac  # noqa: F401  (register the built-in families)
 from .codec import CodecOutput, FeatureCodec
-from .registry import build_encoder, list_encoders, register_encoder
+from .registry import ENTRY_POINT_GROUP, RegisteredCodecs, build_codec, list_codecs, register_codec
 
-__all__ = ["CodecOutput", "FeatureCodec", "build_encoder", "list_encoders", "register_encoder"]
+__all__ = ["ENTRY_POINT_GROUP", "CodecOutput", "FeatureCodec", "RegisteredCodecs", "build_codec", "list_codecs",
+           "register_codec"]

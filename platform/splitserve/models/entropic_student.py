@@ -11,7 +11,7 @@ from compressai.layers import GDN1
 from torch import nn
 
 from .codec import FeatureCodec, conv_out
-from .registry import register_encoder
+from .registry import register_codec
 
 
 class EntropicStudentEncoder(nn.Sequential):
@@ -46,7 +46,7 @@ class EntropicStudentDecoder(nn.Sequential):
         )
 
 
-@register_encoder("entropic_student")
+@register_codec("entropic_student")
 def entropic_student(latent_channels: int = 24, feature_channels: int = 256) -> FeatureCodec:
     """Entropic Student codec; 4× down, so any input size maps onto ResNet's layer1 grid."""
     return FeatureCodec(

@@ -10,7 +10,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from .codec import FeatureCodec
-from .registry import register_encoder
+from .registry import register_codec
 
 
 class ResidualBlock(nn.Module):
@@ -63,7 +63,7 @@ class RACDecoder(nn.Sequential):
         )
 
 
-@register_encoder("rac")
+@register_codec("rac")
 def rac(
     blocks: int = 8,
     feature_channels: int = 256,

@@ -1,39 +1,77 @@
-"""Encoder-family registry in the style of torchvision's ``get_model``/``list_models``."""
+"""Codec-family registry in the style of torchvision's ``get_model``/``list_models``.
+
+The registry is the single source of truth for which families exist: the CLI's choices, bundle
+loading and training all ask it. Families register with :func:`register_codec`; an installed
+package adds its own through the ``splitserve.codecs`` entry-point group (the entry point names a
+module that registers on import, or a builder function registered under the entry point's name),
+so a family defined elsewhere can be trained, served and encoded with no edit to the core.
+"""
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable, Iterator
+from importlib.metadata import entry_points
 
 from ..errors import SplitserveError
 
+ENTRY_POINT_GROUP = "splitserve.codecs"
 _FAMILIES: dict[str, Callable[..., "object"]] = {}
+_discovered = False
 
 
-def register_encoder(name: str):
-    """Decorator: make a codec builder available as ``build_encoder(name, **cfg)``."""
+def register_codec(name: str):
+    """Decorator: make a codec builder available as ``build_codec(name, **cfg)``."""
 
     def wrap(fn):
-        if name in _FAMILIES:
-            raise ValueError(f"encoder family {name!r} registered twice")
+        if name in _FAMILIES and _FAMILIES[name] is not fn:
+            raise ValueError(f"codec family {name!r} registered twice")
         _FAMILIES[name] = fn
         return fn
 
     return wrap
 
 
-def list_encoders() -> list[str]:
+def _discover() -> None:
+    """Load the families installed packages declare (once; a broken one names itself)."""
+    global _discovered
+    if _discovered:
+        return
+    _discovered = True
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            obj = ep.load()
+        except Exception as e:  # noqa: BLE001 — a third-party import error of any kind
+            raise SplitserveError(f"codec family {ep.name!r} ({ep.value}) failed to import: {e}") from e
+        if callable(obj) and ep.name not in _FAMILIES:
+            register_codec(ep.name)(obj)
+        if ep.name not in _FAMILIES:
+            raise SplitserveError(f"entry point {ep.name!r} ({ep.value}) registered no codec family named {ep.name!r}")
+
+
+def list_codecs() -> list[str]:
+    _discover()
     return sorted(_FAMILIES)
 
 
-def build_encoder(name: str, **cfg):
+def build_codec(name: str, **cfg):
     """Build a :class:`~splitserve.models.codec.FeatureCodec` of family ``name``."""
+    _discover()
     try:
         builder = _FAMILIES[name]
     except KeyError:
-        raise SplitserveError(
-            f"unknown encoder family {name!r}; available: {', '.join(list_encoders())}"
-        ) from None
+        raise SplitserveError(f"unknown codec family {name!r}; available: {', '.join(list_codecs())}") from None
     try:
         return builder(**cfg)
     except TypeError as e:
-        raise SplitserveError(f"bad config for encoder family {name!r}: {e}") from None
+        raise SplitserveError(f"bad config for codec family {name!r}: {e}") from None
+
+
+class RegisteredCodecs:
+    """``argparse`` choices that ask the registry only when used (no torch import for ``--help``
+    of other commands)."""
+
+    def __contains__(self, name: object) -> bool:
+        return name in list_codecs()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list_codecs())

@@ -18,6 +18,7 @@ from ..errors import DataError, SplitserveError
 from ..models import FeatureCodec
 from ..payload import fingerprint_id
 from ..plugins import PluginRegistry, TaskPlugin
+from ..preprocess import Preprocessing, PreprocessingError
 from .engine import EngineConfig, move_to
 
 # fmnist-scenes (``platform data fmnist-scenes --out DIR``) writes both layouts side by side.

@@ -25,7 +25,7 @@ from torch import nn
 
 from ..bundle import default_provenance
 from ..errors import SplitserveError
-from ..models import FeatureCodec, build_encoder
+from ..models import FeatureCodec, build_codec
 from ..models.backbone import FEATURE_CHANNELS
 from ..plugins import TaskBatch
 from . import common
@@ -37,15 +37,16 @@ from .teacher import load_teacher
 TAIL_STAGES = ("layer2", "layer3", "layer4")
 
 
-def build_codec(family: str, arch: str, blocks: int | None, latent_channels: int | None) -> FeatureCodec:
-    config: dict = {"feature_channels": FEATURE_CHANNELS[arch]}
-    if blocks is not None:
-        if family != "rac":
-            raise SplitserveError(f"--blocks applies to the rac encoder, not {family}")
-        config["blocks"] = blocks
-    if latent_channels is not None:
-        config["latent_channels"] = latent_channels
-    return build_encoder(family, **config)
+def codec_for(cfg: SimpleNamespace, arch: str) -> FeatureCodec:
+    """The codec a training command asked for: ``--encoder`` family, its output channels adapted to
+    the teacher's backbone, plus ``--blocks`` / ``--latent-channels`` / ``--codec-option K=V``
+    (whatever the family's builder accepts; it names what it does not)."""
+    config: dict = {"feature_channels": FEATURE_CHANNELS[arch], **dict(cfg.codec_option or {})}
+    if cfg.blocks is not None:
+        config["blocks"] = cfg.blocks
+    if cfg.latent_channels is not None:
+        config["latent_channels"] = cfg.latent_channels
+    return build_codec(cfg.encoder, **config)
 
 
 def squared_error(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -119,7 +120,7 @@ def run_distill(cfg: SimpleNamespace) -> int:
     info = dist_utils.setup(cfg.device)
     try:
         torch.manual_seed(cfg.seed)
-        codec = build_codec(cfg.encoder, teacher.arch, cfg.blocks, cfg.latent_channels)
+        codec = codec_for(cfg, teacher.arch)
         policy = common.preprocessing(cfg, teacher.preprocessing, codec.input_multiple)
         codec.check_input_size(*policy.nominal_size)
         train_set, val_set, data_root = common.build_datasets(data_plugin, cfg.data, policy, cfg)

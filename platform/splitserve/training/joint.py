@@ -28,7 +28,7 @@ from ..models import FeatureCodec
 from ..plugins import TaskBatch, TaskPlugin
 from . import common
 from . import distributed as dist_utils
-from .distill import TAIL_STAGES, build_codec
+from .distill import TAIL_STAGES, codec_for
 from .engine import Engine, Objective, freeze
 from .optim import build_optimizer, build_scheduler, split_codec_params, steps_per_epoch
 from .teacher import load_teacher
@@ -96,7 +96,7 @@ def run_train(cfg: SimpleNamespace) -> int:
     info = dist_utils.setup(cfg.device)
     try:
         torch.manual_seed(cfg.seed)
-        codec = build_codec(cfg.encoder, teacher.arch, cfg.blocks, cfg.latent_channels)
+        codec = codec_for(cfg, teacher.arch)
         policy = common.preprocessing(cfg, teacher.preprocessing, codec.input_multiple)
         codec.check_input_size(*policy.nominal_size)
         train_set, val_set, data_root = common.build_datasets(plugin, cfg.data, policy, cfg)
