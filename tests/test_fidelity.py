@@ -89,7 +89,7 @@ def test_rac_joint_loss_has_layer1_to_4_feature_terms():
     from splitserve_tasks.classification import ClassificationPlugin
 
     plugin = ClassificationPlugin()
-    config = {"num_classes": 10, "labels": [str(i) for i in range(10)]}
+    config = ClassificationPlugin().resolve_config("resnet18", {"num_classes": 10})
     torch.manual_seed(3)
     resnet = build_resnet("resnet18")
     teacher_stem = resnet_stem(resnet).eval()

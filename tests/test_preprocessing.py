@@ -84,7 +84,7 @@ def test_bad_declarations_rejected(bad):
 
 @pytest.fixture(scope="module")
 def policy_bundles(tmp_path_factory):
-    from splitserve.defaults import default_head_config
+    from splitserve.defaults import FMNIST_LABELS
 
     registry = PluginRegistry.discover()
     out = {}
@@ -95,7 +95,7 @@ def policy_bundles(tmp_path_factory):
         heads = {}
         for t in tasks:
             plugin = registry.get(t)
-            cfg = {**plugin.default_config("resnet18"), **default_head_config(t)}
+            cfg = plugin.resolve_config("resnet18", plugin.config_for_classes(FMNIST_LABELS))
             heads[t] = (plugin.build_head("resnet18", cfg).eval(), cfg)
         path = tmp_path_factory.mktemp(name) / "bundle"
         save_bundle(path, codec, backbone="resnet18", preprocessing=policy, heads=heads)

@@ -38,7 +38,12 @@ def registry() -> PluginRegistry:
 def heads(registry):
     """One small resnet18 head per plugin, built once (construction dominates the runtime)."""
     torch.manual_seed(0)
-    return {name: registry.get(name).build_head(ARCH, cfg).eval() for name, cfg in SMALL.items()}
+    return {name: registry.get(name).build_head(ARCH, _cfg(registry.get(name))).eval() for name in SMALL}
+
+
+def _cfg(plugin, extra=None) -> dict:
+    """The resolved config of this module's small heads (plus ``extra``), as the runtime resolves it."""
+    return plugin.resolve_config(ARCH, {**SMALL.get(plugin.name, {}), **(extra or {})})
 
 
 def _h(batch: int = 2, arch: str = ARCH, size=INPUT) -> torch.Tensor:
@@ -91,34 +96,44 @@ def test_tail_outputs_have_tail_channels(heads):
 
 def test_classification_predict(registry, heads):
     plugin, head = registry.get("cls"), heads["classification"]
-    results = _validated(plugin, plugin.predict(head, _h(), _metas(), {"top_k": 3}))
+    results = _validated(plugin, plugin.predict(head, _h(), _metas(), _cfg(plugin, {"top_k": 3})))
     logits = head(_h())
     for r, row in zip(results, logits.softmax(1)):
         assert [c.index for c in r.top] == row.topk(3).indices.tolist()
         assert [c.label for c in r.top] == [str(c.index) for c in r.top]
         assert r.top[0].probability == pytest.approx(row.max().item(), abs=1e-6)
-    capped = plugin.predict(head, _h(), _metas(), {"top_k": 50})  # more than num_classes
+    capped = plugin.predict(head, _h(), _metas(), _cfg(plugin, {"top_k": 50}))  # more than num_classes
     assert all(len(r.top) == 5 for r in capped)
     assert sum(c.probability for c in capped[0].top) == pytest.approx(1.0, abs=1e-5)
     with pytest.raises(PluginError, match="top_k"):
-        plugin.predict(head, _h(), _metas(), {"top_k": 0})
+        plugin.predict(head, _h(), _metas(), _cfg(plugin, {"top_k": 0}))
 
 
 def test_default_configs_mirror_torchvision_datasets(registry):
     cls, det, seg = (registry.get(n) for n in ("cls", "det", "seg"))
-    assert cls.default_config(ARCH)["labels"][0] == "tench" and len(cls.default_config(ARCH)["labels"]) == 1000
-    assert det.default_config(ARCH)["labels"][1] == "person" and det.default_config(ARCH)["num_classes"] == 91
-    assert seg.default_config(ARCH)["labels"][15] == "person" and seg.default_config(ARCH)["num_classes"] == 21
-    assert cls.config(ARCH, {"num_classes": 3})["labels"] == ["0", "1", "2"]
-    assert det.config(ARCH, {"labels": ["a", "b"]})["num_classes"] == 2
+    assert cls.resolve_config(ARCH, {})["labels"][0] == "tench" and len(cls.resolve_config(ARCH, {})["labels"]) == 1000
+    assert det.resolve_config(ARCH, {})["labels"][1] == "person" and det.resolve_config(ARCH, {})["num_classes"] == 91
+    assert seg.resolve_config(ARCH, {})["labels"][15] == "person" and seg.resolve_config(ARCH, {})["num_classes"] == 21
+    assert cls.resolve_config(ARCH, {"num_classes": 3})["labels"] == ["0", "1", "2"]
+    assert det.resolve_config(ARCH, {"labels": ["a", "b"]})["num_classes"] == 2
     with pytest.raises(PluginError, match="3 labels given for num_classes=2"):
-        seg.build_head(ARCH, {"num_classes": 2, "labels": ["a", "b", "c"]})
+        seg.resolve_config(ARCH, {"num_classes": 2, "labels": ["a", "b", "c"]})
+
+
+def test_partial_stored_config_resolves_once(registry):
+    """A manifest holding only num_classes serves: the config is resolved once, not merged twice."""
+    cls = registry.get("cls")
+    cfg = cls.resolve_config(ARCH, {"num_classes": 10})
+    assert cfg["num_classes"] == 10 and cfg["labels"] == [str(i) for i in range(10)] and cfg["top_k"] == 5
+    assert cls.resolve_config(ARCH, cfg) == cfg  # resolving is idempotent
+    head = cls.build_head(ARCH, cfg)
+    assert head.num_classes == 10
 
 
 def test_detection_predict_boxes_in_original_pixels(registry, heads):
     plugin, head = registry.get("det"), heads["detection"]
     # an untrained head scores everything near the 0.01 prior: threshold 0 keeps boxes to check
-    results = _validated(plugin, plugin.predict(head, _h(), _metas(), {"score_threshold": 0.0, "max_detections": 7}))
+    results = _validated(plugin, plugin.predict(head, _h(), _metas(), _cfg(plugin, {"score_threshold": 0.0, "max_detections": 7})))
     for r, (oh, ow) in zip(results, ORIGINALS):
         assert len(r.detections) == 7
         scores = [d.score for d in r.detections]
@@ -128,9 +143,9 @@ def test_detection_predict_boxes_in_original_pixels(registry, heads):
             assert 0 <= x1 <= x2 <= ow and 0 <= y1 <= y2 <= oh
             assert d.label == str(d.index) and 0 <= d.index < 3
     # the serving default (0.3) keeps none of the prior-level scores
-    assert all(r.detections == [] for r in plugin.predict(head, _h(), _metas(), {}))
+    assert all(r.detections == [] for r in plugin.predict(head, _h(), _metas(), _cfg(plugin, {})))
     with pytest.raises(PluginError, match="score_threshold"):
-        plugin.predict(head, _h(), _metas(), {"score_threshold": 2})
+        plugin.predict(head, _h(), _metas(), _cfg(plugin, {"score_threshold": 2}))
 
 
 def test_scale_boxes_maps_x_and_y_separately():
@@ -165,7 +180,7 @@ def test_segmentation_predict_png_at_original_size(registry, heads, monkeypatch)
     for max_pixels in (None, 5_000):  # the second forces the nearest-neighbour enlargement path
         if max_pixels:
             monkeypatch.setattr("splitserve_tasks.segmentation.plugin.MAX_UPSAMPLE_PIXELS", max_pixels)
-        results = _validated(plugin, plugin.predict(head, _h(), _metas(), {}))
+        results = _validated(plugin, plugin.predict(head, _h(), _metas(), _cfg(plugin, {})))
         for r, (oh, ow) in zip(results, ORIGINALS):
             mask = _decode(r.mask)
             assert (r.width, r.height, r.encoding) == (ow, oh, "png") and mask.shape == (oh, ow)
@@ -176,7 +191,7 @@ def test_segmentation_predict_png_at_original_size(registry, heads, monkeypatch)
                 assert c.fraction == pytest.approx(counts[c.index] / mask.size)
     # at full resolution the mask is the argmax of the bilinearly upsampled logits
     monkeypatch.undo()
-    r = plugin.predict(head, _h(), _metas(), {})[0]
+    r = plugin.predict(head, _h(), _metas(), _cfg(plugin, {}))[0]
     logits = F.interpolate(head.logits(_h())[:1], size=ORIGINALS[0], mode="bilinear", align_corners=False)
     agree = (torch.from_numpy(_decode(r.mask)).long() == logits[0].argmax(0)).float().mean()
     assert agree > 0.999
@@ -200,12 +215,12 @@ def test_teachers_stem_to_head(registry):
     images = torch.randn(2, 3, *INPUT)
     for name, cfg in SMALL.items():
         plugin = registry.get(name)
-        stem, head = plugin.build_teacher(ARCH, cfg)
+        stem, head = plugin.build_teacher(ARCH, _cfg(plugin))
         stem.eval(), head.eval()
         with torch.no_grad():
             h = stem(images)
             assert h.shape == (2, FEATURE_CHANNELS[ARCH], INPUT[0] // 4, INPUT[1] // 4)
-            _validated(plugin, plugin.predict(head, h, _metas(), {}))
+            _validated(plugin, plugin.predict(head, h, _metas(), _cfg(plugin, {})))
 
 
 def _fake_download(monkeypatch, enum, state_dict):
@@ -299,7 +314,7 @@ def _overfit(plugin, head, h, batch, steps=6, lr=0.01, **kw):
 def test_classification_loss_overfits_and_distils(registry):
     plugin = registry.get("cls")
     torch.manual_seed(0)
-    head = plugin.build_head(ARCH, {"num_classes": 5})
+    head = plugin.build_head(ARCH, plugin.resolve_config(ARCH, {"num_classes": 5}))
     items = [(torch.randn(3, *INPUT), i % 5) for i in range(4)]
     batch = plugin.collate(items)
     assert batch.targets.tolist() == [0, 1, 2, 3] and batch.metas[0].input_size == INPUT
@@ -321,7 +336,7 @@ def test_classification_loss_overfits_and_distils(registry):
 def test_detection_loss_overfits(registry):
     plugin = registry.get("det")
     torch.manual_seed(0)
-    head = plugin.build_head(ARCH, {"num_classes": 3})
+    head = plugin.build_head(ARCH, plugin.resolve_config(ARCH, {"num_classes": 3}))
     targets = [
         {"boxes": torch.tensor([[8.0, 8.0, 40.0, 40.0], [30.0, 10.0, 60.0, 50.0], [5.0, 5.0, 5.0, 9.0]]),
          "labels": torch.tensor([0, 2, 1]), "image_id": 1, "orig_size": (480, 640)},
@@ -338,7 +353,7 @@ def test_detection_loss_overfits(registry):
 def test_segmentation_loss_overfits(registry):
     plugin = registry.get("seg")
     torch.manual_seed(0)
-    head = plugin.build_head(ARCH, {"num_classes": 4})
+    head = plugin.build_head(ARCH, plugin.resolve_config(ARCH, {"num_classes": 4}))
     masks = torch.zeros(2, *INPUT, dtype=torch.long)
     masks[:, :32] = 1
     masks[0, :, 40:] = 3
@@ -472,8 +487,8 @@ def test_detection_evaluate_coco_map(registry):
     with pytest.raises(PluginError, match="COCO ground truth"):
         plugin.evaluate(_DetOracle(batches), lambda x: x, batches)
     # the real head: untrained scores sit below the 0.05 COCO threshold, so nothing is found
-    head = plugin.build_head(ARCH, plugin.dataset_config(dataset))
+    head = plugin.build_head(ARCH, plugin.resolve_config(ARCH, plugin.dataset_config(dataset)))
     real = plugin.evaluate(head, lambda x: _h(1), loader)
     assert real == {"mAP": 0.0, "AP50": 0.0} and head.training  # mode restored
     with pytest.raises(PluginError, match="the head has 3 classes, the dataset 2"):
-        plugin.evaluate(plugin.build_head(ARCH, {"num_classes": 3}), lambda x: _h(1), loader)
+        plugin.evaluate(plugin.build_head(ARCH, plugin.resolve_config(ARCH, {"num_classes": 3})), lambda x: _h(1), loader)

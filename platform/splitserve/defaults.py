@@ -33,15 +33,6 @@ def default_bundle_path() -> Path:
     return cache_dir() / "bundles" / DEFAULT_BUNDLE
 
 
-def default_head_config(task: str) -> dict:
-    """Heads of the default bundle speak the fmnist-scenes label set (the benchmark we train on)."""
-    if task == "segmentation":
-        return {"num_classes": 11, "labels": ["background", *FMNIST_LABELS]}
-    if task in ("classification", "detection"):
-        return {"num_classes": 10, "labels": list(FMNIST_LABELS)}
-    return {}
-
-
 def build_untrained_bundle(path: Path, *, family: str = "entropic_student", backbone: str = DEFAULT_BACKBONE,
                            input_size: tuple[int, int] = DEFAULT_INPUT_SIZE, tasks: list[str] | None = None,
                            seed: int = DEFAULT_SEED, codec_config: dict | None = None) -> Path:
@@ -49,15 +40,16 @@ def build_untrained_bundle(path: Path, *, family: str = "entropic_student", back
     from .bundle import default_provenance, save_bundle
     from .models import build_codec
     from .models.backbone import FEATURE_CHANNELS
-    from .plugins import PluginRegistry
+    from .plugins import PluginRegistry, TrainingHooks
 
     registry = PluginRegistry.discover()
     plugins = registry.resolve(tasks) if tasks else list(registry)
     torch.manual_seed(seed)
     codec = build_codec(family, feature_channels=FEATURE_CHANNELS[backbone], **(codec_config or {})).eval()
     heads = {}
-    for plugin in plugins:
-        config = {**plugin.default_config(backbone), **default_head_config(plugin.name)}
+    for plugin in plugins:  # heads speak the fmnist-scenes label set (the benchmark we train on)
+        stored = plugin.config_for_classes(FMNIST_LABELS) if isinstance(plugin, TrainingHooks) else {}
+        config = plugin.resolve_config(backbone, stored)
         heads[plugin.name] = (plugin.build_head(backbone, config).eval(), config)
     save_bundle(
         path, codec, backbone=backbone, input_size=input_size, heads=heads,

@@ -1,10 +1,10 @@
 """Task plugin interface and discovery.
 
-A task plugin turns the decoded feature ``h`` into an answer. It says what it consumes
-(:class:`FeatureSpec`), builds its head ``nn.Module`` for a backbone, predicts in batches, and
-supplies the hooks the shared ``platform teacher/distill/finetune`` commands need (dataset,
-loss, metric). Plugins are found through the ``splitserve.tasks`` entry-point group; the
-built-in ones register through it too.
+A task plugin turns the decoded feature ``h`` into an answer. Serving needs four members
+(:class:`TaskPlugin`: name, response model, build_head, predict); training needs more
+(:class:`TrainingHooks`: dataset, collate, loss, metric), kept separate so a serve-only plugin stays
+small. Plugins are found through the ``splitserve.tasks`` entry-point group; the built-in ones
+register through it too.
 """
 
 from __future__ import annotations
@@ -48,32 +48,37 @@ FeatureFn = Callable[[Tensor], Tensor]
 """Maps normalised images to h: the codec (decoder output) or a teacher's stem."""
 
 
+class PluginContractError(RuntimeError):
+    """A plugin broke its contract at run time (e.g. predict returned the wrong number of answers):
+    a bug in the plugin, not in the request, so the gateway answers 500 and logs it."""
+
+
 class TaskPlugin(ABC):
-    """Base class for task plugins. Subclass it, set the class attributes, implement the
-    abstract methods; training hooks are optional (``finetune`` refuses a plugin without them)."""
+    """What a task needs to be *served*: four members.
+
+    Required: ``name``, ``response_model``, :meth:`build_head`, :meth:`predict`. Optional:
+    ``aliases``, ``description``, :meth:`resolve_config` (defaults and validation of the head
+    config stored in a bundle), :meth:`feature_spec` (default: the ResNet layer1 feature) and
+    :meth:`summarize` (one line for ``platform infer``). Training is a separate contract,
+    :class:`TrainingHooks`, which ``platform teacher/distill/finetune/train`` require.
+    """
 
     name: ClassVar[str]
+    response_model: ClassVar[type[BaseModel]]
     aliases: ClassVar[tuple[str, ...]] = ()
     description: ClassVar[str] = ""
-    response_model: ClassVar[type[BaseModel]]
-    metric_name: ClassVar[str] = "metric"  # primary validation metric, higher is better
 
-    # -- serving -------------------------------------------------------------------------
-    def feature_spec(self, backbone: str) -> FeatureSpec:
-        """What the head consumes; checked against the bundle's codec at server start-up."""
-        return feature_spec(backbone)
-
-    def default_config(self, backbone: str) -> dict:
-        """Head hyperparameters stored in the bundle manifest (e.g. num_classes, labels)."""
-        return {}
+    def resolve_config(self, backbone: str, stored: Mapping[str, Any]) -> dict[str, Any]:
+        """The head config, complete and validated, from what a bundle/teacher stored (possibly
+        partial, e.g. only ``{"num_classes": 10}``). Called once; build_head and predict get its
+        result. Raise :class:`PluginError` for an invalid config."""
+        return dict(stored)
 
     @abstractmethod
     def build_head(self, backbone: str, config: Mapping[str, Any]) -> nn.Module:
-        """A freshly initialised head for ``backbone``; the bundle then loads its weights.
-
-        The head must expose ``tail`` (a :class:`ResNetTail`): its layer2..4 outputs are what
-        stage-1 distillation matches against the teacher.
-        """
+        """A freshly initialised head for ``backbone`` and a resolved ``config``; the bundle then
+        loads its weights. Heads that build on the ResNet tail expose it as ``tail`` (a
+        :class:`ResNetTail`): stage-1 distillation and shared trunks use it."""
 
     @abstractmethod
     def predict(
@@ -81,44 +86,52 @@ class TaskPlugin(ABC):
         head: nn.Module,
         features: Tensor,
         metas: Sequence[ImageMeta],
-        options: Mapping[str, Any],
+        config: Mapping[str, Any],
     ) -> list[BaseModel]:
-        """One ``response_model`` per image, for a batch of decoded features (B, C, H/4, W/4)."""
+        """One ``response_model`` per image (exactly ``len(metas)``) for a batch of decoded
+        features (B, C, H/4, W/4); ``config`` is the resolved config (plus per-request options)."""
 
-    # -- training hooks -------------------------------------------------------------------
-    def build_teacher(
-        self, backbone: str, config: Mapping[str, Any], weights: str | None = None
-    ) -> tuple[nn.Module, nn.Module]:
-        """(stem, head) of the uncompressed model: stem maps images to h, head is as above.
+    def feature_spec(self, backbone: str) -> FeatureSpec:
+        """What the head consumes; checked against the bundle's codec at server start-up."""
+        return feature_spec(backbone)
 
-        ``weights`` names torchvision weights for the whole model (plugins override this to
-        load task weights; the default only loads ImageNet weights into the ResNet).
-        """
-        resnet, head = self.resnet_teacher(backbone, config, weights)
-        return resnet_stem(resnet), head
+    def summarize(self, answer: BaseModel) -> str:
+        """A one-line human summary of one answer (``platform infer``)."""
+        text = answer.model_dump_json()
+        return text if len(text) <= 120 else text[:117] + "..."
 
-    def resnet_teacher(
-        self, backbone: str, config: Mapping[str, Any], weights: str | None = None, **resnet_kwargs: Any
-    ) -> tuple[nn.Module, nn.Module]:
-        """(torchvision ResNet, head whose ``tail`` holds the ResNet's layer2..4): the building
-        block of :meth:`build_teacher`; ``resnet_kwargs`` go to :func:`build_resnet`."""
-        resnet = build_resnet(backbone, weights=weights, **resnet_kwargs)
-        head = self.build_head(backbone, config)
-        head.tail.load_state_dict(ResNetTail.from_resnet(resnet).state_dict())
-        return resnet, head
 
+class TrainingHooks(ABC):
+    """What ``platform teacher``, ``distill``, ``finetune`` and ``train`` need from a task, on top
+    of :class:`TaskPlugin`: data, loss, metric. A serve-only plugin leaves this out, and the
+    training commands refuse it with a message naming this class.
+
+    ``data_layout`` names the sub-folder of an fmnist-scenes tree (``imagefolder`` or ``coco``)
+    the task's loader reads; ``metric_name`` is the primary validation metric (higher is better).
+    """
+
+    metric_name: ClassVar[str] = "metric"
+    data_layout: ClassVar[str | None] = None
+
+    @abstractmethod
     def build_dataset(self, root: Path, split: str, *, train: bool, preprocessing: Preprocessing) -> Dataset:
         """Dataset whose items :meth:`collate` turns into a :class:`TaskBatch`; evaluation items are
         made by ``preprocessing`` (the bundle's declared policy), as the edge makes them."""
-        raise PluginError(f"task {self.name!r} does not provide a dataset for training")
 
     def dataset_config(self, dataset: Dataset) -> dict:
-        """Head config learned from the data (e.g. labels), merged into :meth:`default_config`."""
+        """Head config learned from the data (e.g. labels), passed through ``resolve_config``."""
         return {}
 
-    def collate(self, items: list) -> TaskBatch:
-        raise PluginError(f"task {self.name!r} does not provide a collate function")
+    def config_for_classes(self, names: Sequence[str]) -> dict:
+        """Head config for a dataset whose object classes are ``names`` (no background): what
+        :meth:`dataset_config` would give for it."""
+        return {"num_classes": len(names), "labels": list(names)}
 
+    @abstractmethod
+    def collate(self, items: list) -> TaskBatch:
+        """A :class:`TaskBatch` from dataset items."""
+
+    @abstractmethod
     def loss(
         self,
         head: nn.Module,
@@ -130,12 +143,12 @@ class TaskPlugin(ABC):
     ) -> dict[str, Tensor]:
         """Named loss terms (summed by the trainer). ``teacher_output`` is ``head_output`` of
         the teacher on the same batch, for distillation losses such as KD."""
-        raise PluginError(f"task {self.name!r} does not provide a training loss")
 
     def head_output(self, head: nn.Module, features: Tensor, batch: TaskBatch) -> Any:
         """Raw head output used as ``teacher_output`` (e.g. logits); None if the loss needs none."""
         return None
 
+    @abstractmethod
     def evaluate(
         self,
         head: nn.Module,
@@ -144,12 +157,38 @@ class TaskPlugin(ABC):
         *,
         dataset: Dataset | None = None,
     ) -> dict[str, float]:
-        """Validation metrics; must include ``metric_name``.
+        """Validation metrics; must include ``metric_name``. ``dataset`` is the dataset the batches
+        come from (default: ``batches.dataset``); metrics such as COCO mAP need its ground truth."""
 
-        ``dataset`` is the dataset the batches come from (default: ``batches.dataset`` when
-        ``batches`` is a DataLoader); metrics such as COCO mAP need its ground-truth index.
+    def build_teacher(
+        self, backbone: str, config: Mapping[str, Any], weights: str | None = None
+    ) -> tuple[nn.Module, nn.Module]:
+        """(stem, head) of the uncompressed model: stem maps images to h, head is as above.
+        ``config`` is a stored (possibly partial) config: it is resolved here.
+
+        ``weights`` names torchvision weights for the whole model (plugins override this to
+        load task weights; the default only loads ImageNet weights into the ResNet).
         """
-        raise PluginError(f"task {self.name!r} does not provide an evaluation metric")
+        resnet, head = self.resnet_teacher(backbone, self.resolve_config(backbone, config), weights)  # type: ignore[attr-defined]
+        return resnet_stem(resnet), head
+
+    def resnet_teacher(
+        self, backbone: str, config: Mapping[str, Any], weights: str | None = None, **resnet_kwargs: Any
+    ) -> tuple[nn.Module, nn.Module]:
+        """(torchvision ResNet, head whose ``tail`` holds the ResNet's layer2..4): the building
+        block of :meth:`build_teacher`; ``resnet_kwargs`` go to :func:`build_resnet`."""
+        resnet = build_resnet(backbone, weights=weights, **resnet_kwargs)
+        head = self.build_head(backbone, config)  # type: ignore[attr-defined]
+        head.tail.load_state_dict(ResNetTail.from_resnet(resnet).state_dict())
+        return resnet, head
+
+
+def trainable(plugin: TaskPlugin, command: str) -> TrainingHooks:
+    """``plugin`` as a :class:`TrainingHooks`, or one clear error naming what is missing."""
+    if not isinstance(plugin, TrainingHooks):
+        raise PluginError(f"task {plugin.name!r} can be served but not trained: `platform {command}` needs a plugin "
+                          "that also implements splitserve.plugins.TrainingHooks (dataset, collate, loss, evaluate)")
+    return plugin
 
 
 class PluginRegistry:

@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 
 from splitserve.errors import PluginError
 from splitserve.models.backbone import check_arch, resnet_stem
-from splitserve.plugins import FeatureFn, ImageMeta, TaskBatch, TaskPlugin
+from splitserve.plugins import FeatureFn, ImageMeta, TaskBatch, TaskPlugin, TrainingHooks
 from splitserve.preprocess import Preprocessing
 
 from .._common import evaluating, label_of, merge_config, to_device
@@ -32,7 +32,7 @@ def _positive_int(name: str, value: Any) -> int:
     return value
 
 
-class ClassificationPlugin(TaskPlugin):
+class ClassificationPlugin(TrainingHooks, TaskPlugin):
     """Image classification; the default head mirrors torchvision's ImageNet ResNet."""
 
     name = "classification"
@@ -40,23 +40,22 @@ class ClassificationPlugin(TaskPlugin):
     description = "Image classification (top-k classes with probabilities)."
     response_model = ClassificationResult
     metric_name = "top1"
+    data_layout = "imagefolder"
 
     # -- serving -------------------------------------------------------------------------
-    def default_config(self, backbone: str) -> dict:
+    def resolve_config(self, backbone: str, stored: Mapping[str, Any]) -> dict:
+        """``num_classes`` (default 1000), ``labels`` (ImageNet names for 1000 classes, else
+        "0".."n-1" unless given), ``top_k`` (5)."""
         check_arch(backbone)
-        return {"num_classes": 1000, "labels": _imagenet_categories(backbone), "top_k": 5}
-
-    def config(self, backbone: str, config: Mapping[str, Any]) -> dict:
-        """Defaults merged with ``config``; labels default to ImageNet names for 1000 classes."""
-        defaults = self.default_config(backbone)
-        defaults.pop("labels")
-        cfg = merge_config(self.name, defaults, config, _imagenet_categories(backbone))
+        cfg = merge_config(self.name, {"num_classes": 1000, "top_k": 5}, stored, _imagenet_categories(backbone))
         _positive_int("top_k", cfg["top_k"])
         return cfg
 
     def build_head(self, backbone: str, config: Mapping[str, Any]) -> ClassificationHead:
-        cfg = self.config(backbone, config)
-        return ClassificationHead(backbone, cfg["num_classes"], cfg["labels"], cfg["top_k"])
+        return ClassificationHead(backbone, config["num_classes"], config["labels"], config["top_k"])
+
+    def summarize(self, answer: ClassificationResult) -> str:
+        return ", ".join(f"{t.label} {t.probability:.1%}" for t in answer.top[:3])
 
     @torch.no_grad()
     def predict(
@@ -64,9 +63,9 @@ class ClassificationPlugin(TaskPlugin):
         head: nn.Module,
         features: Tensor,
         metas: Sequence[ImageMeta],
-        options: Mapping[str, Any],
+        config: Mapping[str, Any],
     ) -> list[ClassificationResult]:
-        k = min(_positive_int("top_k", options.get("top_k", head.top_k)), head.num_classes)
+        k = min(_positive_int("top_k", config["top_k"]), head.num_classes)
         probs = head(features).float().softmax(dim=1)
         values, indices = probs.topk(k, dim=1)
         return [
@@ -85,8 +84,8 @@ class ClassificationPlugin(TaskPlugin):
     ) -> tuple[nn.Module, nn.Module]:
         """Stem and head of a torchvision ResNet; with ``weights`` the ImageNet fc is kept when
         num_classes is 1000 and replaced by a fresh one otherwise."""
-        cfg = self.config(backbone, config)
-        resnet, head = self.resnet_teacher(backbone, cfg, weights, num_classes=cfg["num_classes"])
+        config = self.resolve_config(backbone, config)
+        resnet, head = self.resnet_teacher(backbone, config, weights, num_classes=config["num_classes"])
         if resnet.fc.out_features == head.num_classes:
             head.fc.load_state_dict(resnet.fc.state_dict())
         return resnet_stem(resnet), head

@@ -18,7 +18,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from splitserve.data.transforms import pad_batch
 from splitserve.errors import PluginError
 from splitserve.models.backbone import build_resnet, check_arch, resnet_stem
-from splitserve.plugins import FeatureFn, ImageMeta, TaskBatch, TaskPlugin
+from splitserve.plugins import FeatureFn, ImageMeta, TaskBatch, TaskPlugin, TrainingHooks
 from splitserve.preprocess import Preprocessing
 
 from .._common import (
@@ -76,7 +76,7 @@ def coco_bbox_metrics(coco_gt, results: list[dict], image_ids: Iterable[int]) ->
     return {"mAP": 100.0 * max(float(ev.stats[0]), 0.0), "AP50": 100.0 * max(float(ev.stats[1]), 0.0)}
 
 
-class DetectionPlugin(TaskPlugin):
+class DetectionPlugin(TrainingHooks, TaskPlugin):
     """Object detection with torchvision's RetinaNet (ResNet-FPN, P3..P7); the default head
     mirrors ``retinanet_resnet50_fpn`` and its 91 COCO labels."""
 
@@ -85,23 +85,15 @@ class DetectionPlugin(TaskPlugin):
     description = "Object detection (RetinaNet): boxes, scores and labels in original image pixels."
     response_model = DetectionResult
     metric_name = "mAP"
+    data_layout = "coco"
 
     # -- serving -------------------------------------------------------------------------
-    def default_config(self, backbone: str) -> dict:
+    def resolve_config(self, backbone: str, stored: Mapping[str, Any]) -> dict:
+        """``num_classes`` (default 91 with COCO's labels), ``labels``, ``score_threshold`` (0.3),
+        ``nms_threshold`` (0.5), ``max_detections`` (100), optional ``category_ids`` (COCO ids per label)."""
         check_arch(backbone)
-        return {
-            "num_classes": 91,
-            "labels": list(COCO_CATEGORIES),
-            "score_threshold": 0.3,
-            "max_detections": 100,
-            "nms_threshold": 0.5,
-        }
-
-    def config(self, backbone: str, config: Mapping[str, Any]) -> dict:
-        """Defaults merged with ``config``; labels default to COCO names for 91 classes."""
-        defaults = self.default_config(backbone)
-        defaults.pop("labels")
-        cfg = merge_config(self.name, defaults, config, COCO_CATEGORIES)
+        defaults = {"num_classes": 91, "score_threshold": 0.3, "max_detections": 100, "nms_threshold": 0.5}
+        cfg = merge_config(self.name, defaults, stored, COCO_CATEGORIES)
         _threshold("score_threshold", cfg["score_threshold"])
         _threshold("nms_threshold", cfg["nms_threshold"])
         _max_detections(cfg["max_detections"])
@@ -110,8 +102,13 @@ class DetectionPlugin(TaskPlugin):
             raise PluginError(f"detection: {len(ids)} category_ids for num_classes={cfg['num_classes']}")
         return cfg
 
+    def summarize(self, answer: DetectionResult) -> str:
+        dets = answer.detections
+        best = ", ".join(f"{d.label} {d.score:.2f} @ {[round(v) for v in d.box]}" for d in dets[:3])
+        return f"{len(dets)} objects" + (f": {best}" if dets else "")
+
     def build_head(self, backbone: str, config: Mapping[str, Any]) -> FeatureRetinaNet:
-        cfg = self.config(backbone, config)
+        cfg = config
         head = FeatureRetinaNet(
             backbone,
             cfg["num_classes"],
@@ -129,17 +126,12 @@ class DetectionPlugin(TaskPlugin):
         head: nn.Module,
         features: Tensor,
         metas: Sequence[ImageMeta],
-        options: Mapping[str, Any],
+        config: Mapping[str, Any],
     ) -> list[DetectionResult]:
-        """Options ``score_threshold``, ``nms_threshold``, ``max_detections`` override the config."""
-        kw = {}
-        if "score_threshold" in options:
-            kw["score_thresh"] = _threshold("score_threshold", options["score_threshold"])
-        if "nms_threshold" in options:
-            kw["nms_thresh"] = _threshold("nms_threshold", options["nms_threshold"])
-        if "max_detections" in options:
-            kw["detections_per_img"] = _max_detections(options["max_detections"])
-        dets = head(features, [m.input_size for m in metas], **kw)
+        """Boxes in original-image pixels; ``score_threshold``, ``nms_threshold`` and
+        ``max_detections`` come from the (resolved) config."""
+        dets = head(features, [m.input_size for m in metas], score_thresh=config["score_threshold"],
+                    nms_thresh=config["nms_threshold"], detections_per_img=config["max_detections"])
         out = []
         for det, meta in zip(dets, metas):
             boxes = scale_boxes(det["boxes"].float(), meta.input_size, meta.original_size).tolist()
@@ -160,7 +152,7 @@ class DetectionPlugin(TaskPlugin):
         """Stem and head of torchvision's RetinaNet. ``weights`` "DEFAULT"/"COCO_V1" (resnet50)
         loads ``retinanet_resnet50_fpn``'s COCO weights (the classifier re-indexed by label name
         when the label set differs); a ResNet weights name loads ImageNet weights only."""
-        cfg = self.config(backbone, config)
+        cfg = self.resolve_config(backbone, config)
         kind, w = resolve_teacher_weights(f"retinanet_{backbone}_fpn", backbone, weights)
         if kind != "task":
             resnet, head = self.resnet_teacher(backbone, cfg, w, norm_layer=FrozenBatchNorm2d)

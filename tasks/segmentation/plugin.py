@@ -21,7 +21,7 @@ from torchvision.models.segmentation import DeepLabV3_ResNet50_Weights
 from splitserve.data.transforms import pad_batch
 from splitserve.errors import PluginError
 from splitserve.models.backbone import build_resnet, check_arch, resnet_stem
-from splitserve.plugins import FeatureFn, ImageMeta, TaskBatch, TaskPlugin
+from splitserve.plugins import FeatureFn, ImageMeta, TaskBatch, TaskPlugin, TrainingHooks
 from splitserve.preprocess import Preprocessing
 
 from .._common import (
@@ -86,7 +86,7 @@ def encode_mask(classes: np.ndarray) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-class SegmentationPlugin(TaskPlugin):
+class SegmentationPlugin(TrainingHooks, TaskPlugin):
     """Semantic segmentation with torchvision's DeepLabv3; the default head mirrors
     ``deeplabv3_resnet50`` and its 21 VOC labels."""
 
@@ -95,24 +95,22 @@ class SegmentationPlugin(TaskPlugin):
     description = "Semantic segmentation (DeepLabv3): a class-index PNG at the original resolution."
     response_model = SegmentationResult
     metric_name = "mIoU"
+    data_layout = "coco"
 
     # -- serving -------------------------------------------------------------------------
-    def default_config(self, backbone: str) -> dict:
+    def resolve_config(self, backbone: str, stored: Mapping[str, Any]) -> dict:
+        """``num_classes`` (default 21 with VOC's labels, background first) and ``labels``."""
         check_arch(backbone)
-        return {"num_classes": 21, "labels": list(VOC_CATEGORIES)}
-
-    def config(self, backbone: str, config: Mapping[str, Any]) -> dict:
-        """Defaults merged with ``config``; labels default to VOC names for 21 classes."""
-        defaults = self.default_config(backbone)
-        defaults.pop("labels")
-        cfg = merge_config(self.name, defaults, config, VOC_CATEGORIES)
+        cfg = merge_config(self.name, {"num_classes": 21}, stored, VOC_CATEGORIES)
         if cfg["num_classes"] > IGNORE_INDEX:
             raise PluginError(f"segmentation: at most {IGNORE_INDEX} classes fit an 8-bit mask, got {cfg['num_classes']}")
         return cfg
 
     def build_head(self, backbone: str, config: Mapping[str, Any]) -> DeepLabV3Head:
-        cfg = self.config(backbone, config)
-        return DeepLabV3Head(backbone, cfg["num_classes"], cfg["labels"])
+        return DeepLabV3Head(backbone, config["num_classes"], config["labels"])
+
+    def summarize(self, answer: SegmentationResult) -> str:
+        return ", ".join(f"{c.label} {c.fraction:.1%}" for c in sorted(answer.classes, key=lambda c: -c.fraction)[:4])
 
     @torch.no_grad()
     def predict(
@@ -120,7 +118,7 @@ class SegmentationPlugin(TaskPlugin):
         head: nn.Module,
         features: Tensor,
         metas: Sequence[ImageMeta],
-        options: Mapping[str, Any],
+        config: Mapping[str, Any],
     ) -> list[SegmentationResult]:
         logits = head.logits(features)  # one forward for the batch; upsampling is per image size
         out = []
@@ -147,7 +145,7 @@ class SegmentationPlugin(TaskPlugin):
         """Stem and head of torchvision's DeepLabV3. ``weights`` "DEFAULT"/"COCO_WITH_VOC_LABELS_V1"
         (resnet50/101) loads ``deeplabv3_<backbone>``'s weights (classifiers re-indexed by label
         name when the label set differs); a ResNet weights name loads ImageNet weights only."""
-        cfg = self.config(backbone, config)
+        cfg = self.resolve_config(backbone, config)
         kind, w = resolve_teacher_weights(f"deeplabv3_{backbone}", backbone, weights)
         if kind != "task":
             return super().build_teacher(backbone, cfg, w)  # dilation changes no parameter shapes
@@ -169,6 +167,9 @@ class SegmentationPlugin(TaskPlugin):
         from splitserve.data import segmentation_dataset
 
         return segmentation_dataset(root, split, train=train, preprocessing=preprocessing)
+
+    def config_for_classes(self, names: Sequence[str]) -> dict:
+        return {"num_classes": len(names) + 1, "labels": ["background", *names]}  # index 0: background
 
     def dataset_config(self, dataset: Dataset) -> dict:
         classes = [str(c) for c in dataset.classes]

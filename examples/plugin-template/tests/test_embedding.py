@@ -61,7 +61,7 @@ def test_predict_is_batched_unit_length_and_valid(plugin, head):
         assert r.dim == DIM and len(r.vector) == DIM
         assert abs(float(np.linalg.norm(r.vector)) - 1.0) < 1e-4
     assert len({r.space for r in results}) == 1
-    alone = plugin.predict(head, h[1:2], metas[1:2], {})[0]  # batching does not change the answer
+    alone = plugin.predict(head, h[1:2], metas[1:2], {"dim": DIM})[0]  # batching does not change the answer
     assert np.allclose(alone.vector, results[1].vector, atol=1e-5)
     assert not np.allclose(results[0].vector, results[1].vector)
 
@@ -75,10 +75,10 @@ def test_space_changes_with_the_weights(plugin, head):
 
 
 def test_config_is_checked(plugin):
-    assert plugin.default_config(ARCH) == {"dim": 128}
+    assert plugin.resolve_config(ARCH, {}) == {"dim": 128}
     for bad in (0, -3, 2.5, True, 10**6):
         with pytest.raises(PluginError, match="dim must be"):
-            plugin.build_head(ARCH, {"dim": bad})
+            plugin.resolve_config(ARCH, {"dim": bad})
 
 
 def test_schema_documents_every_field():

@@ -46,23 +46,25 @@ def run(args) -> int:
         return 0
     print(f"{answer['bytes_received']} bytes sent, fingerprint {answer['fingerprint'][:16]}, "
           f"tasks {', '.join(answer['tasks'])}")
+    from ..plugins import PluginRegistry
+
+    registry = PluginRegistry.discover()
     for path, result in zip(args.images, answer["results"]):
         h, w = result["original_size"]
         print(f"\n{path} ({w}x{h})")
         for task, section in result["tasks"].items():
             if section is not None:
-                print(f"  {task}: {summarize(section)}")
+                print(f"  {task}: {summarize(registry, task, section)}")
     return 0
 
 
-def summarize(section: dict) -> str:
-    """One human-readable line per task section (the JSON has everything)."""
-    if "top" in section:
-        return ", ".join(f"{t['label']} {t['probability']:.1%}" for t in section["top"][:3])
-    if "detections" in section:
-        dets = section["detections"]
-        best = ", ".join(f"{d['label']} {d['score']:.2f} @ {[round(v) for v in d['box']]}" for d in dets[:3])
-        return f"{len(dets)} objects" + (f": {best}" if dets else "")
-    if "classes" in section:
-        return ", ".join(f"{c['label']} {c['fraction']:.1%}" for c in section["classes"][:4])
-    return json.dumps(section)[:200]
+def summarize(registry, task: str, section: dict) -> str:
+    """One human-readable line per task section, by the task's plugin when it is installed here
+    (the JSON has everything)."""
+    from ..errors import PluginError
+
+    try:
+        plugin = registry.get(task)
+        return plugin.summarize(plugin.response_model.model_validate(section))
+    except (PluginError, ValueError):
+        return json.dumps(section)[:200]

@@ -19,7 +19,7 @@ from pydantic import BaseModel
 from ..bundle import Manifest, load_codec, load_head, read_manifest
 from ..errors import PayloadError, PluginError
 from ..payload import Payload, PayloadLimits, fingerprint_id
-from ..plugins import ImageMeta, PluginRegistry, TaskPlugin
+from ..plugins import ImageMeta, PluginContractError, PluginRegistry, TaskPlugin
 from ..preprocess import load_image, to_input
 from .metrics import GatewayMetrics
 
@@ -65,7 +65,7 @@ class Runtime:
         self.heads = {}
         self.head_configs: dict[str, dict[str, Any]] = {}
         for plugin in self.plugins:
-            config = {**plugin.default_config(self.manifest.backbone), **self.manifest.tasks[plugin.name].config}
+            config = plugin.resolve_config(self.manifest.backbone, self.manifest.tasks[plugin.name].config)
             head = plugin.build_head(self.manifest.backbone, config)
             self.heads[plugin.name] = load_head(self.path, plugin.name, head, self.manifest)
             self.head_configs[plugin.name] = config
@@ -148,6 +148,9 @@ class Runtime:
                 with self.metrics.stage(f"task:{plugin.name}"):
                     answers = plugin.predict(self.heads[plugin.name], sel, [metas[r] for r in rows],
                                              self.head_configs[plugin.name])
+                if len(answers) != len(rows):  # zip would silently drop answers or images
+                    raise PluginContractError(f"task plugin {plugin.name!r} returned {len(answers)} answers for "
+                                      f"{len(rows)} images")
                 for r, answer in zip(rows, answers):
                     ji, k = owners[r]
                     results[ji][k][plugin.name] = answer

@@ -17,17 +17,19 @@ from ..edge import pack
 from ..errors import DataError, SplitserveError
 from ..models import FeatureCodec
 from ..payload import fingerprint_id
-from ..plugins import PluginRegistry, TaskPlugin
+from ..plugins import PluginRegistry, TaskPlugin, TrainingHooks, trainable
 from ..preprocess import Preprocessing, PreprocessingError
 from .engine import EngineConfig, move_to
 
-# fmnist-scenes (``platform data fmnist-scenes --out DIR``) writes both layouts side by side.
-_LAYOUT_SUBDIRS = {"classification": "imagefolder"}
-_DEFAULT_SUBDIR = "coco"
 
 
 def registry() -> PluginRegistry:
     return PluginRegistry.discover()
+
+
+def training_plugin(plugins: PluginRegistry, task: str, command: str) -> TrainingHooks:
+    """The installed plugin for ``task``, which must implement the training hooks."""
+    return trainable(plugins.get(task), command)
 
 
 def image_size(value: Sequence[int] | int | None, default: Sequence[int]) -> tuple[int, int]:
@@ -67,8 +69,8 @@ def resolve_data_root(plugin: TaskPlugin, root: Path, data_format: str = "auto")
         return sub if sub.is_dir() else root
     has_both = (root / "imagefolder").is_dir() and (root / "coco").is_dir()
     if has_both:
-        sub = getattr(plugin, "data_subdir", None) or _LAYOUT_SUBDIRS.get(plugin.name, _DEFAULT_SUBDIR)
-        if (root / sub).is_dir():
+        sub = getattr(plugin, "data_layout", None)  # the plugin names the layout its loader reads
+        if sub and (root / sub).is_dir():
             return root / sub
     return root
 

@@ -113,8 +113,9 @@ def validate_distill(objective: DistillObjective, loader, device, plugin=None, h
 def run_distill(cfg: SimpleNamespace) -> int:
     plugins = common.registry()
     teacher = load_teacher(cfg.teacher, plugins)
-    plugin = plugins.get(teacher.task)
-    data_plugin = plugin if cfg.task_data_format in (None, "", "auto") else plugins.get(cfg.task_data_format)
+    plugin = common.training_plugin(plugins, teacher.task, "distill")
+    data_plugin = plugin if cfg.task_data_format in (None, "", "auto") else common.training_plugin(
+        plugins, cfg.task_data_format, "distill")
     if cfg.beta < 0:
         raise SplitserveError(f"--beta must be >= 0, got {cfg.beta}")
     info = dist_utils.setup(cfg.device)

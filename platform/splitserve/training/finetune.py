@@ -80,16 +80,15 @@ def _init_head(plugin: TaskPlugin, manifest, bundle: Path, teacher: Teacher | No
     """The head to fine-tune: the bundle's (same task), else the teacher's (same task), else a
     fresh one (its layer2..4 from any teacher). Returns (head, config, source, re-initialised keys)."""
     backbone = manifest.backbone
-    defaults = plugin.default_config(backbone)
     if plugin.name in manifest.tasks and not from_scratch:
-        src_cfg = {**defaults, **manifest.tasks[plugin.name].config}
+        src_cfg = plugin.resolve_config(backbone, manifest.tasks[plugin.name].config)
         src = load_head(bundle, plugin.name, plugin.build_head(backbone, src_cfg), manifest)
         source = f"bundle head ({bundle})"
     elif teacher is not None and teacher.task == plugin.name and not from_scratch:
-        src_cfg, src = {**defaults, **teacher.config}, teacher.head
+        src_cfg, src = plugin.resolve_config(backbone, teacher.config), teacher.head
         source = f"teacher head ({teacher.path})"
     else:
-        src_cfg, src = defaults, None
+        src_cfg, src = {}, None
         source = "fresh head"
         if teacher is not None:
             source += f", layer2..4 from teacher {teacher.path}"
@@ -99,7 +98,7 @@ def _init_head(plugin: TaskPlugin, manifest, bundle: Path, teacher: Teacher | No
                 f"{bundle}: bundle has no {plugin.name!r} head (it has: {have}) and no --teacher was given; "
                 f"pass --teacher DIR (a `platform teacher --task {plugin.name}` directory) or --from-scratch"
             )
-    config = {**src_cfg, **data_config}
+    config = plugin.resolve_config(backbone, {**src_cfg, **data_config})
     head = plugin.build_head(backbone, config)
     fresh: list[str] = []
     if src is not None:
@@ -115,7 +114,7 @@ def _init_head(plugin: TaskPlugin, manifest, bundle: Path, teacher: Teacher | No
 
 def run_finetune(cfg: SimpleNamespace) -> int:
     plugins = common.registry()
-    plugin = plugins.get(cfg.task)
+    plugin = common.training_plugin(plugins, cfg.task, "finetune")
     bundle = resolve_bundle(cfg.bundle)  # like serve/encode: --bundle, $SPLITSERVE_BUNDLE, the default
     if cfg.bundle is None:
         print(f"finetune: no --bundle given; updating {bundle}")

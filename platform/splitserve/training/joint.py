@@ -1,5 +1,5 @@
 """``platform train``: single-stage training of Duan & Zhu ("Efficient Feature Compression for
-Edge-Cloud Systems") for classification.
+Edge-Cloud Systems") for the teacher's task (classification in the paper).
 
     loss = λ · bpp + Σ_{k=1..4} MSE(h̃_k, h_k) + 0.5 · (KL(teacher ‖ student logits) + CE)
 
@@ -85,14 +85,12 @@ def capture_output(module: nn.Module):
 
 def run_train(cfg: SimpleNamespace) -> int:
     plugins = common.registry()
-    plugin = plugins.get("classification")
     if cfg.mode not in ("joint", "cls-fixed"):
         raise SplitserveError("choose --joint (train codec and classifier) or --cls-fixed (classifier frozen)")
     if cfg.lmbda < 0:
         raise SplitserveError(f"--lmbda must be >= 0, got {cfg.lmbda}")
     teacher = load_teacher(cfg.teacher, plugins)
-    if teacher.task != plugin.name:
-        raise SplitserveError(f"`platform train` needs a classification teacher; {teacher.path} is a {teacher.task} model")
+    plugin = common.training_plugin(plugins, teacher.task, "train")
     info = dist_utils.setup(cfg.device)
     try:
         torch.manual_seed(cfg.seed)
@@ -101,10 +99,12 @@ def run_train(cfg: SimpleNamespace) -> int:
         codec.check_input_size(*policy.nominal_size)
         train_set, val_set, data_root = common.build_datasets(plugin, cfg.data, policy, cfg)
         data_config = plugin.dataset_config(common.base_dataset(train_set))
-        config = {**plugin.default_config(teacher.arch), **teacher.config}
-        if data_config.get("num_classes") != config.get("num_classes"):
-            raise SplitserveError(f"the teacher has {config.get('num_classes')} classes, the data "
-                                  f"{data_config.get('num_classes')}; train a teacher on this data first")
+        config = plugin.resolve_config(teacher.arch, teacher.config)
+        differ = [k for k, v in data_config.items() if config.get(k) != v]
+        if differ:
+            k = differ[0]
+            raise SplitserveError(f"the teacher's {k} is {config.get(k)!r}, the data's {data_config[k]!r}; "
+                                  "train a teacher on this data first")
         head = plugin.build_head(teacher.arch, config)
         head.load_state_dict(teacher.head.state_dict())
         head_fixed = cfg.mode == "cls-fixed"

@@ -125,9 +125,9 @@ def load_teacher(path: Path, plugins) -> Teacher:
     """Rebuild stem and head through the task's plugin and load the verified weights."""
     root = Path(path)
     meta = read_teacher_meta(root)
-    plugin = plugins.get(meta["task"])
+    plugin = common.training_plugin(plugins, meta["task"], "distill")
     arch = check_arch(meta["arch"])
-    stem, head = plugin.build_teacher(arch, meta["config"], None)
+    stem, head = plugin.build_teacher(arch, plugin.resolve_config(arch, meta["config"]), None)
     for part, module in (("stem", stem), ("head", head)):
         entry = meta["files"].get(part)
         if not isinstance(entry, dict) or "path" not in entry:
@@ -240,7 +240,7 @@ def evaluate(plugin: TaskPlugin, stem: nn.Module, head: nn.Module, loader, datas
 
 def run_teacher(cfg: SimpleNamespace) -> int:
     plugins = common.registry()
-    plugin = plugins.get(cfg.task)
+    plugin = common.training_plugin(plugins, cfg.task, "teacher")
     arch = check_arch(cfg.arch)
     if cfg.weights and cfg.checkpoint:
         raise SplitserveError("give --weights or --checkpoint, not both")
@@ -248,7 +248,7 @@ def run_teacher(cfg: SimpleNamespace) -> int:
     try:
         policy = common.preprocessing(cfg, Preprocessing.fixed(224, 224))
         train_set, val_set, data_root = common.build_datasets(plugin, cfg.data, policy, cfg, need_train=True)
-        config = {**plugin.default_config(arch), **plugin.dataset_config(common.base_dataset(train_set))}
+        config = plugin.resolve_config(arch, plugin.dataset_config(common.base_dataset(train_set)))
         torch.manual_seed(cfg.seed)
         stem, head = plugin.build_teacher(arch, config, cfg.weights)
         source = f"torchvision weights {cfg.weights}" if cfg.weights else "random initialisation"

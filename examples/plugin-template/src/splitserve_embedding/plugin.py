@@ -1,7 +1,10 @@
-"""The embedding :class:`~splitserve.plugins.TaskPlugin`.
+"""The embedding plugin: a :class:`~splitserve.plugins.TaskPlugin` (serving) that also implements
+:class:`~splitserve.plugins.TrainingHooks` (training).
 
-Serving: ``build_head`` + ``predict`` (one :class:`EmbeddingResult` per image, computed for the whole
-batch at once). Training: an ImageFolder dataset (``splitserve.data.classification_dataset``), a
+Serving needs four members: ``name``, ``response_model``, ``build_head``, ``predict`` (one
+:class:`EmbeddingResult` per image, computed for the whole batch at once); ``aliases``,
+``description`` and ``resolve_config`` are optional extras used here. A serve-only plugin stops
+there. Training adds an ImageFolder dataset (``splitserve.data.classification_dataset``), a
 supervised contrastive loss with optional relational distillation, and leave-one-out recall@k.
 """
 
@@ -18,7 +21,7 @@ from torch.utils.data import Dataset
 
 from splitserve.errors import PluginError
 from splitserve.models.backbone import check_arch
-from splitserve.plugins import FeatureFn, ImageMeta, TaskBatch, TaskPlugin
+from splitserve.plugins import FeatureFn, ImageMeta, TaskBatch, TaskPlugin, TrainingHooks
 from splitserve.preprocess import Preprocessing
 
 from .head import EmbeddingHead
@@ -53,33 +56,32 @@ def _device(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
-class EmbeddingPlugin(TaskPlugin):
+class EmbeddingPlugin(TrainingHooks, TaskPlugin):
     """Global image embeddings for retrieval and deduplication (unit vectors, cosine similarity)."""
 
     name = "embedding"
     aliases = ("embed",)
     description = "Global image embedding for retrieval: an L2-normalised vector per image."
     response_model = EmbeddingResult
-    metric_name = "recall@1"
+    metric_name = "recall@1"  # training hooks from here on
+    data_layout = "imagefolder"
 
     # -- serving -------------------------------------------------------------------------
     # feature_spec() is inherited: the head consumes h of the bundle's backbone (64 channels for
     # resnet18/34, 256 for resnet50/101) at stride 4, which is what every splitserve codec rebuilds.
 
-    def default_config(self, backbone: str) -> dict:
+    def resolve_config(self, backbone: str, stored: Mapping[str, Any]) -> dict:
+        """Optional: defaults merged with what the bundle stored (``tasks.embedding.config``), checked
+        once; build_head and predict receive the result."""
         check_arch(backbone)
-        return {"dim": DEFAULT_DIM}
-
-    def config(self, backbone: str, config: Mapping[str, Any]) -> dict:
-        """Defaults merged with ``config`` (the bundle manifest's ``tasks.embedding.config``), checked."""
-        cfg = {**self.default_config(backbone), **config}
+        cfg = {"dim": DEFAULT_DIM, **stored}
         dim = cfg["dim"]
         if not isinstance(dim, int) or isinstance(dim, bool) or not 1 <= dim <= MAX_DIM:
             raise PluginError(f"embedding: dim must be an integer in 1..{MAX_DIM}, got {dim!r}")
         return cfg
 
     def build_head(self, backbone: str, config: Mapping[str, Any]) -> EmbeddingHead:
-        return EmbeddingHead(backbone, self.config(backbone, config)["dim"])
+        return EmbeddingHead(backbone, config["dim"])
 
     @torch.no_grad()
     def predict(
@@ -87,7 +89,7 @@ class EmbeddingPlugin(TaskPlugin):
         head: nn.Module,
         features: Tensor,
         metas: Sequence[ImageMeta],
-        options: Mapping[str, Any],
+        config: Mapping[str, Any],
     ) -> list[EmbeddingResult]:
         """One forward pass for the whole batch; an embedding does not depend on the image's
         original size, so ``metas`` only fixes how many answers to return."""
