@@ -19,7 +19,8 @@ from ..models import FeatureCodec
 from ..payload import fingerprint_id
 from ..plugins import PluginRegistry, TaskPlugin, TrainingHooks, trainable
 from ..preprocess import Preprocessing, PreprocessingError
-from .engine import EngineConfig, move_to
+from .engine import EngineConfig
+from .sampling import move_to
 
 
 

@@ -23,14 +23,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..bundle import default_provenance
 from ..errors import SplitserveError
 from ..models import FeatureCodec, build_codec
 from ..models.backbone import FEATURE_CHANNELS
 from ..plugins import TaskBatch
 from . import common
-from . import distributed as dist_utils
-from .engine import Engine, Objective, freeze, move_to
+from . import stage
+from .engine import Engine
+from .objective import Objective, freeze
+from .sampling import move_to
 from .optim import build_optimizer, build_scheduler, split_codec_params, steps_per_epoch
 from .teacher import load_teacher
 
@@ -118,8 +119,7 @@ def run_distill(cfg: SimpleNamespace) -> int:
         plugins, cfg.task_data_format, "distill")
     if cfg.beta < 0:
         raise SplitserveError(f"--beta must be >= 0, got {cfg.beta}")
-    info = dist_utils.setup(cfg.device)
-    try:
+    with stage.session(cfg) as info:
         torch.manual_seed(cfg.seed)
         codec = codec_for(cfg, teacher.arch)
         policy = common.preprocessing(cfg, teacher.preprocessing, codec.input_multiple)
@@ -142,24 +142,11 @@ def run_distill(cfg: SimpleNamespace) -> int:
 
         result = engine.fit(objective, {"main": optimizer, "aux": aux_optimizer}, schedulers, train_set,
                             data_plugin.collate, validate)
-        if result.status == "interrupted":
-            return 128 + (result.signum or 15)
-        if not info.is_main:
-            return 0
-        provenance = default_provenance(
-            stage="distill (Entropic Student stage 1)",
-            command=cfg.command_line,
-            teacher=str(teacher.path),
-            teacher_task=teacher.task,
-            data=str(data_root),
-            beta=cfg.beta,
-            seed=cfg.seed,
-            epochs=cfg.epochs,
-            steps=result.global_step,
-            train_images=len(train_set),
-            val_images=len(val_set),
-            stopped_early=result.status == "max_steps",
-        )
+        if (code := stage.early_exit(result, info)) is not None:
+            return code
+        provenance = stage.provenance("distill (Entropic Student stage 1)", cfg, result, data_root=data_root,
+                                      train_set=train_set, val_set=val_set, teacher=str(teacher.path),
+                                      teacher_task=teacher.task, beta=cfg.beta)
         metrics = common.save_codec_run(
             out, result, validate, objective.codec, teacher=teacher, plugin=plugin, policy=policy, head=teacher.head,
             head_config=teacher.config, head_keys=(), provenance=provenance,
@@ -168,5 +155,3 @@ def run_distill(cfg: SimpleNamespace) -> int:
         print(f"wrote bundle {out}: bpp {metrics['bpp']:.4f} (rANS), payload {metrics['payload_bpp']:.4f}, "
               f"distill loss {metrics['distill_loss']:.4f}{task_part}")
         return 0
-    finally:
-        dist_utils.teardown(info)

@@ -12,7 +12,6 @@ teacher's output for knowledge distillation (classification: 0.5·CE + 0.5·KL a
 
 from __future__ import annotations
 
-import datetime as _dt
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -26,8 +25,9 @@ from ..errors import BundleError, SplitserveError
 from ..models import FeatureCodec
 from ..plugins import TaskBatch, TaskPlugin
 from . import common
-from . import distributed as dist_utils
-from .engine import Engine, Objective, freeze
+from . import stage
+from .engine import Engine
+from .objective import Objective, freeze
 from .optim import build_optimizer, build_scheduler, steps_per_epoch
 from .teacher import Teacher, evaluate, load_teacher
 
@@ -129,8 +129,7 @@ def run_finetune(cfg: SimpleNamespace) -> int:
         raise SplitserveError(f"task {plugin.name!r} consumes {spec.describe()}, the bundle's codec produces "
                               f"{codec.feature_channels} channels at stride {codec.stride}")
     train_decoder = not cfg.freeze_decoder
-    info = dist_utils.setup(cfg.device)
-    try:
+    with stage.session(cfg) as info:
         policy = common.preprocessing(cfg, manifest.policy, codec.input_multiple)
         codec.check_input_size(*policy.nominal_size)
         if policy != manifest.policy and info.is_main:
@@ -172,10 +171,8 @@ def run_finetune(cfg: SimpleNamespace) -> int:
             teacher_metrics = evaluate(plugin, kd_teacher.stem, kd_teacher.head, val_loader, val_set)
         result = engine.fit(objective, {"main": optimizer}, schedulers, train_set, plugin.collate, validate,
                             best_metric=plugin.metric_name)
-        if result.status == "interrupted":
-            return 128 + (result.signum or 15)
-        if not info.is_main:
-            return 0
+        if (code := stage.early_exit(result, info)) is not None:
+            return code
         metric = plugin.metric_name
         last = result.last_metrics if result.history and result.history[-1]["global_step"] == result.global_step else {}
         if not last:
@@ -193,23 +190,10 @@ def run_finetune(cfg: SimpleNamespace) -> int:
         head_metrics = {**chosen, **{f"last_{k}": v for k, v in last.items()}, "epoch": float(chosen_epoch),
                         "bpp": rate["bpp"], "payload_bpp": rate["payload_bpp"]}
         head_metrics.update({f"teacher_{k}": v for k, v in teacher_metrics.items()})
-        provenance = {
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "stage": "finetune (stage 2; encoder and prior frozen)",
-            "command": cfg.command_line,
-            "init": source,
-            "teacher": str(teacher.path) if teacher is not None else None,
-            "distillation": kd_teacher is not None,
-            "data": str(data_root),
-            "train_images": len(train_set),
-            "val_images": len(val_set),
-            "epochs": cfg.epochs,
-            "steps": result.global_step,
-            "selected_epoch": chosen_epoch,
-            "train_decoder": train_decoder,
-            "seed": cfg.seed,
-            "stopped_early": result.status == "max_steps",
-        }
+        provenance = stage.provenance(
+            "finetune (stage 2; encoder and prior frozen)", cfg, result, data_root=data_root, train_set=train_set,
+            val_set=val_set, init=source, teacher=str(teacher.path) if teacher is not None else None,
+            distillation=kd_teacher is not None, selected_epoch=chosen_epoch, train_decoder=train_decoder)
         new = update_heads(bundle, {plugin.name: (objective.head, config)}, head_metrics={plugin.name: head_metrics},
                            head_provenance={plugin.name: provenance},
                            decoder=objective.codec.decoder if train_decoder else None)
@@ -220,5 +204,3 @@ def run_finetune(cfg: SimpleNamespace) -> int:
         print(f"updated {bundle}: {plugin.name} head from epoch {chosen_epoch}: {shown}{teacher_part}; "
               f"bpp {rate['bpp']:.4f}; fingerprint unchanged")
         return 0
-    finally:
-        dist_utils.teardown(info)

@@ -22,14 +22,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..bundle import default_provenance
 from ..errors import SplitserveError
 from ..models import FeatureCodec
 from ..plugins import TaskBatch, TaskPlugin
 from . import common
-from . import distributed as dist_utils
+from . import stage
 from .distill import TAIL_STAGES, codec_for
-from .engine import Engine, Objective, freeze
+from .engine import Engine
+from .objective import Objective, freeze
 from .optim import build_optimizer, build_scheduler, split_codec_params, steps_per_epoch
 from .teacher import load_teacher
 
@@ -91,8 +91,7 @@ def run_train(cfg: SimpleNamespace) -> int:
         raise SplitserveError(f"--lmbda must be >= 0, got {cfg.lmbda}")
     teacher = load_teacher(cfg.teacher, plugins)
     plugin = common.training_plugin(plugins, teacher.task, "train")
-    info = dist_utils.setup(cfg.device)
-    try:
+    with stage.session(cfg) as info:
         torch.manual_seed(cfg.seed)
         codec = codec_for(cfg, teacher.arch)
         policy = common.preprocessing(cfg, teacher.preprocessing, codec.input_multiple)
@@ -136,27 +135,15 @@ def run_train(cfg: SimpleNamespace) -> int:
 
         result = engine.fit(objective, {"main": optimizer, "aux": aux_optimizer}, schedulers, train_set,
                             plugin.collate, validate)
-        if result.status == "interrupted":
-            return 128 + (result.signum or 15)
-        if not info.is_main:
-            return 0
+        if (code := stage.early_exit(result, info)) is not None:
+            return code
         metric = plugin.metric_name
-        provenance = default_provenance(
-            stage=f"train (Duan & Zhu single stage, {cfg.mode})",
-            command=cfg.command_line,
-            teacher=str(teacher.path),
-            data=str(data_root),
-            lmbda=cfg.lmbda,
-            seed=cfg.seed,
-            epochs=cfg.epochs,
-            steps=result.global_step,
-            stopped_early=result.status == "max_steps",
-        )
+        provenance = stage.provenance(f"train (Duan & Zhu single stage, {cfg.mode})", cfg, result,
+                                      data_root=data_root, train_set=train_set, val_set=val_set,
+                                      teacher=str(teacher.path), lmbda=cfg.lmbda)
         metrics = common.save_codec_run(
             out, result, validate, objective.codec, teacher=teacher, plugin=plugin, policy=policy, head=objective.head,
             head_config=config, head_keys=("top5",), provenance=provenance,
             bundle_keys=("bpp", "payload_bpp", "bpp_estimate"))
         print(f"wrote bundle {out}: {metric} {metrics.get(metric, float('nan')):.2f} at bpp {metrics['bpp']:.4f} (rANS)")
         return 0
-    finally:
-        dist_utils.teardown(info)

@@ -12,9 +12,8 @@ This module imports no torch, so ``platform --help`` stays fast.
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -42,7 +41,6 @@ class Opt:
     recipe: bool = True  # may a recipe set it?
     group: str | None = None  # mutually exclusive group name (flags that share a dest)
     hidden: bool = False
-    extra_flags: tuple[str, ...] = field(default=())
 
 
 def opt(*flags: str, dest: str | None = None, **kw) -> Opt:
@@ -267,11 +265,6 @@ def options_dict(values: Sequence[Any] | dict | None) -> dict[str, Any]:
         key, value = item
         out[key] = value
     return out
-
-
-def to_jsonable(cfg: SimpleNamespace) -> dict[str, Any]:
-    """The resolved options as plain JSON values (for provenance and checkpoints)."""
-    return json.loads(json.dumps(vars(cfg), default=str))
 
 
 def training_options(**defaults: Any) -> list[Opt]:

@@ -13,7 +13,6 @@ model.pth``) is read with ``torch.load(weights_only=True)``, which refuses pickl
 
 from __future__ import annotations
 
-import datetime as _dt
 import hashlib
 import json
 import os
@@ -30,15 +29,15 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from .. import __version__
 from ..descriptor import read_descriptor
 from ..errors import SplitserveError
 from ..models.backbone import check_arch
 from ..preprocess import Preprocessing, PreprocessingError
 from ..plugins import TaskBatch, TaskPlugin
 from . import common
-from . import distributed as dist_utils
-from .engine import Engine, Objective
+from . import stage
+from .engine import Engine
+from .objective import Objective
 from .optim import build_optimizer, build_scheduler, steps_per_epoch
 
 TEACHER_FORMAT = "splitserve-teacher"
@@ -244,8 +243,7 @@ def run_teacher(cfg: SimpleNamespace) -> int:
     arch = check_arch(cfg.arch)
     if cfg.weights and cfg.checkpoint:
         raise SplitserveError("give --weights or --checkpoint, not both")
-    info = dist_utils.setup(cfg.device)
-    try:
+    with stage.session(cfg) as info:
         policy = common.preprocessing(cfg, Preprocessing.fixed(224, 224))
         train_set, val_set, data_root = common.build_datasets(plugin, cfg.data, policy, cfg, need_train=True)
         config = plugin.resolve_config(arch, plugin.dataset_config(common.base_dataset(train_set)))
@@ -275,32 +273,16 @@ def run_teacher(cfg: SimpleNamespace) -> int:
         optimizer = build_optimizer(objective.parameters(), cfg)
         schedulers = build_scheduler(optimizer, cfg, steps_per_epoch(len(train_set), cfg.batch_size, info.world_size))
         result = engine.fit(objective, {"main": optimizer}, schedulers, train_set, plugin.collate, validate)
-        if result.status == "interrupted":
-            return 128 + (result.signum or 15)
-        if not info.is_main:
-            return 0
+        if (code := stage.early_exit(result, info)) is not None:
+            return code
         metrics = result.last_metrics if result.history and result.history[-1]["global_step"] == result.global_step else {}
         if not metrics:
             objective.to(info.device)
             metrics = evaluate(plugin, stem, head, val_loader, val_set)
         objective.to("cpu")
-        provenance = {
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "splitserve_version": __version__,
-            "torch_version": torch.__version__,
-            "command": cfg.command_line,
-            "init": source,
-            "data": str(data_root),
-            "train_images": len(train_set),
-            "val_images": len(val_set),
-            "epochs": cfg.epochs,
-            "steps": result.global_step,
-            "seed": cfg.seed,
-            "stopped_early": result.status == "max_steps",
-        }
+        provenance = stage.provenance("teacher", cfg, result, data_root=data_root, train_set=train_set,
+                                      val_set=val_set, init=source)
         save_teacher(out, Teacher(out, plugin.name, arch, config, policy, stem, head, metrics, provenance))
         shown = ", ".join(f"{k} {v:.2f}" for k, v in metrics.items())
         print(f"wrote teacher {out} ({plugin.name}, {arch}, {policy.describe()}): val {shown}")
         return 0
-    finally:
-        dist_utils.teardown(info)
