@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, Field, ValidationError, field_validator
@@ -27,7 +27,7 @@ from . import __version__
 from .descriptor import read_descriptor
 from .errors import BundleError, SplitserveError
 from .models import FeatureCodec, build_codec
-from .models.backbone import check_arch
+from .models.backbone import ResNetTail, SharedTrunk, attach_trunk, build_resnet, check_arch, tail_path
 from .preprocess import Preprocessing, PreprocessingError
 
 FORMAT = "splitserve-bundle"
@@ -49,6 +49,8 @@ class CodecSpec(BaseModel):
 
 class TaskEntry(BaseModel):
     file: FileEntry
+    trunk: Literal["own", "shared"] = Field(
+        "own", description="own: the head file holds its layer2..4; shared: it uses the bundle's trunk file")
     config: dict[str, Any] = {}
     metrics: dict[str, float] = {}
     provenance: dict[str, Any] = {}
@@ -122,9 +124,10 @@ def _read_tensors(root: Path, entry: FileEntry, what: str) -> dict[str, torch.Te
         raise BundleError(f"{root}: {what} weights {entry.path} are not a valid safetensors file ({e})") from None
 
 
-def _load_into(module: nn.Module, tensors: Mapping[str, torch.Tensor], what: str, root: Path) -> None:
+def _load_into(module: nn.Module, tensors: Mapping[str, torch.Tensor], what: str, root: Path,
+               strict: bool = True) -> None:
     try:
-        module.load_state_dict(dict(tensors), strict=True)
+        module.load_state_dict(dict(tensors), strict=strict)
     except RuntimeError as e:
         msg = str(e).split("\n")[0:3]
         raise BundleError(f"{root}: {what} weights do not fit the manifest's architecture: {' '.join(msg)}") from None
@@ -158,29 +161,80 @@ def load_codec(path: str | Path, parts: Iterable[str] = CODEC_PARTS, manifest: M
     return codec
 
 
-def load_head(path: str | Path, task: str, head: nn.Module, manifest: Manifest | None = None) -> nn.Module:
-    """Load a task head's weights (built by its plugin) from the bundle."""
+def load_trunk(path: str | Path, manifest: Manifest | None = None) -> SharedTrunk | None:
+    """The bundle's shared layer2..4 (the ``trunk`` file), or None when every head has its own."""
+    root = Path(path)
+    manifest = manifest or read_manifest(root)
+    if "trunk" not in manifest.files:
+        if any(t.trunk == "shared" for t in manifest.tasks.values()):
+            raise BundleError(f"{root}: heads use a shared trunk but the manifest lists no trunk file")
+        return None
+    tail = ResNetTail.from_resnet(build_resnet(manifest.backbone))
+    _load_into(tail, _read_tensors(root, manifest.files["trunk"], "trunk"), "trunk", root)
+    return SharedTrunk(tail).eval()
+
+
+def load_head(path: str | Path, task: str, head: nn.Module, manifest: Manifest | None = None,
+              trunk: SharedTrunk | None = None) -> nn.Module:
+    """Load a task head's weights (built by its plugin) from the bundle. A head stored on the shared
+    trunk gets ``trunk`` (see :func:`load_trunk`) as its layer2..4."""
     root = Path(path)
     manifest = manifest or read_manifest(root)
     if task not in manifest.tasks:
         have = ", ".join(manifest.tasks) or "none"
         raise BundleError(f"{root}: bundle has no {task!r} head (it has: {have})")
-    _load_into(head, _read_tensors(root, manifest.tasks[task].file, f"{task} head"), f"{task} head", root)
+    entry = manifest.tasks[task]
+    tensors = _read_tensors(root, entry.file, f"{task} head")
+    if entry.trunk == "own":
+        _load_into(head, tensors, f"{task} head", root)
+        return head.eval()
+    if trunk is None:
+        raise BundleError(f"{root}: the {task} head uses the shared trunk; load it with load_trunk()")
+    prefix = tail_path(head) + "."
+    expected = {k for k in head.state_dict() if not k.startswith(prefix)}
+    if set(tensors) != expected:
+        odd = sorted(set(tensors) ^ expected)[:3]
+        raise BundleError(f"{root}: {task} head weights do not fit the manifest's architecture "
+                          f"(shared-trunk head; mismatched keys: {', '.join(odd)})")
+    _load_into(head, tensors, f"{task} head", root, strict=False)
+    attach_trunk(head, trunk)
     return head.eval()
 
 
 # -- writing -------------------------------------------------------------------------------
-def _state(module: nn.Module) -> dict[str, torch.Tensor]:
+def _state(module: nn.Module, skip: str | None = None) -> dict[str, torch.Tensor]:
     # clone: safetensors refuses tensors that share storage (e.g. weights tied across modules)
-    return {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
+    return {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()
+            if skip is None or not k.startswith(skip)}
 
 
-def _write(root: Path, rel: str, module: nn.Module) -> FileEntry:
+def _write(root: Path, rel: str, module: nn.Module, skip: str | None = None) -> FileEntry:
+    """Write ``module``'s weights (without the state-dict entries under ``skip``)."""
     target = root / rel
     target.parent.mkdir(parents=True, exist_ok=True)
-    save_file(_state(module), str(target))
+    state = _state(module, skip)
+    save_file(state, str(target))
     digest = hashlib.sha256(target.read_bytes()).hexdigest()
-    return FileEntry(path=rel, sha256=digest, parameters=sum(p.numel() for p in module.parameters()))
+    params = {id(p): p.numel() for name, p in module.named_parameters() if skip is None or not name.startswith(skip)}
+    return FileEntry(path=rel, sha256=digest, parameters=sum(params.values()))
+
+
+def _check_shared(heads: Mapping[str, Any], trunk: Any, shared_tasks: Iterable[str]) -> set[str]:
+    shared = set(shared_tasks)
+    if shared and trunk is None:
+        raise SplitserveError(f"heads {', '.join(sorted(shared))} use a shared trunk, but there is none")
+    unknown = shared - set(heads)
+    if unknown:
+        raise SplitserveError(f"shared_tasks names {', '.join(sorted(unknown))}, which are not among the heads")
+    return shared
+
+
+def _head_entry(root: Path, name: str, module: nn.Module, cfg: Mapping[str, Any], shared: bool,
+                metrics: Mapping[str, float] | None = None, provenance: Mapping[str, Any] | None = None) -> TaskEntry:
+    """A head's file and manifest entry; a shared-trunk head's file leaves its layer2..4 out."""
+    skip = tail_path(module) + "." if shared else None
+    return TaskEntry(file=_write(root, f"heads/{name}.safetensors", module, skip), trunk="shared" if shared else "own",
+                     config=dict(cfg), metrics=dict(metrics or {}), provenance=dict(provenance or {}))
 
 
 def default_provenance(**extra: Any) -> dict[str, Any]:
@@ -203,6 +257,8 @@ def save_bundle(
     head_metrics: Mapping[str, Mapping[str, float]] | None = None,
     metrics: Mapping[str, float] | None = None,
     provenance: Mapping[str, Any] | None = None,
+    trunk: ResNetTail | None = None,
+    shared_tasks: Iterable[str] = (),
 ) -> Manifest:
     """Write a complete bundle atomically (to a temp dir, then renamed into place).
 
@@ -232,12 +288,11 @@ def save_bundle(
             "prior": _write(tmp, "prior.safetensors", codec.entropy_bottleneck),
             "decoder": _write(tmp, "decoder.safetensors", codec.decoder),
         }
+        shared = _check_shared(heads or {}, trunk, shared_tasks)
+        if trunk is not None:
+            files["trunk"] = _write(tmp, "trunk.safetensors", trunk)
         tasks = {
-            name: TaskEntry(
-                file=_write(tmp, f"heads/{name}.safetensors", module),
-                config=dict(cfg),
-                metrics=dict((head_metrics or {}).get(name, {})),
-            )
+            name: _head_entry(tmp, name, module, cfg, name in shared, (head_metrics or {}).get(name))
             for name, (module, cfg) in (heads or {}).items()
         }
         manifest = Manifest(
@@ -308,21 +363,23 @@ def update_heads(
     head_metrics: Mapping[str, Mapping[str, float]] | None = None,
     head_provenance: Mapping[str, Mapping[str, Any]] | None = None,
     decoder: nn.Module | None = None,
+    trunk: ResNetTail | None = None,
+    shared_tasks: Iterable[str] = (),
 ) -> Manifest:
-    """Add or replace task heads (and optionally the decoder) in an existing bundle.
+    """Add or replace task heads (and optionally the decoder or the shared trunk) in an existing bundle.
 
     The encoder and prior are untouched, so the fingerprint — and every deployed device —
-    stays valid.
+    stays valid. Heads named in ``shared_tasks`` are stored without their layer2..4 and use the
+    bundle's trunk (``trunk`` writes a new one; heads already on the old trunk must agree with it).
     """
     root = Path(path)
     manifest = read_manifest(root)
+    shared = _check_shared(heads, trunk if trunk is not None else ("trunk" in manifest.files or None), shared_tasks)
+    if trunk is not None:
+        manifest.files["trunk"] = _write(root, "trunk.safetensors", trunk)
     for name, (module, cfg) in heads.items():
-        manifest.tasks[name] = TaskEntry(
-            file=_write(root, f"heads/{name}.safetensors", module),
-            config=dict(cfg),
-            metrics=dict((head_metrics or {}).get(name, {})),
-            provenance=dict((head_provenance or {}).get(name, {})),
-        )
+        manifest.tasks[name] = _head_entry(root, name, module, cfg, name in shared, (head_metrics or {}).get(name),
+                                           (head_provenance or {}).get(name))
     if decoder is not None:
         manifest.files["decoder"] = _write(root, "decoder.safetensors", decoder)
     tmp = root / "manifest.json.tmp"

@@ -16,6 +16,10 @@ OPTIONS = [
     opt("--freeze-decoder", action="store_true",
         help="keep the decoder frozen (deviation from the papers, whose stage 2 trains decoder + head; use it when "
              "other heads must keep seeing the same features)"),
+    opt("--shared-trunk", action="store_true",
+        help="train only the task's own layers (fc; FPN + RetinaNet head; ASPP + DeepLabv3 head) on the bundle's "
+             "shared, frozen layer2..4, which the gateway then runs once per batch for every head on it; the first "
+             "shared head's layer2..4 become the trunk; implies --freeze-decoder"),
     opt("--from-scratch", action="store_true", help="start from a freshly initialised head"),
     opt("--temperature", type=float, default=1.0, help="distillation temperature"),
     opt("--kd-alpha", type=float, default=0.5, help="distillation weight: (1-a)*CE + a*KL"),

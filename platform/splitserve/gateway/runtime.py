@@ -6,6 +6,7 @@ first request rather than on it. Runs in a worker thread; holds no HTTP concepts
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import defaultdict
 from collections.abc import Sequence
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel
 
-from ..bundle import Manifest, load_codec, load_head, read_manifest
+from ..bundle import Manifest, load_codec, load_head, load_trunk, read_manifest
 from ..errors import PayloadError, PluginError
 from ..payload import Payload, PayloadLimits, fingerprint_id
 from ..plugins import ImageMeta, PluginContractError, PluginRegistry, TaskPlugin
@@ -62,12 +63,14 @@ class Runtime:
         self.fingerprint_id = fingerprint_id(self.fingerprint)
         self.plugins = self._select_plugins(registry, tasks)
         self.registry = PluginRegistry(self.plugins)  # only what is served resolves
+        self.trunk = load_trunk(self.path, self.manifest)  # layer2..4 shared by heads, or None
+        self.shared = {p.name for p in self.plugins if self.manifest.tasks[p.name].trunk == "shared"}
         self.heads = {}
         self.head_configs: dict[str, dict[str, Any]] = {}
         for plugin in self.plugins:
             config = plugin.resolve_config(self.manifest.backbone, self.manifest.tasks[plugin.name].config)
             head = plugin.build_head(self.manifest.backbone, config)
-            self.heads[plugin.name] = load_head(self.path, plugin.name, head, self.manifest)
+            self.heads[plugin.name] = load_head(self.path, plugin.name, head, self.manifest, trunk=self.trunk)
             self.head_configs[plugin.name] = config
 
     def _select_plugins(self, registry: PluginRegistry, tasks: Sequence[str] | None) -> list[TaskPlugin]:
@@ -140,12 +143,19 @@ class Runtime:
             features = self._decode(group)
             metas = [m for job in group for m in job.metas]
             owners = [(ji, k) for ji in members for k in range(jobs[ji].num_images)]
+            trunk_out = None
             for plugin in self.plugins:
                 rows = [r for r, (ji, _) in enumerate(owners) if plugin in jobs[ji].plugins]
                 if not rows:
                     continue
                 sel = features if len(rows) == len(owners) else features[rows]
-                with self.metrics.stage(f"task:{plugin.name}"):
+                lend = contextlib.nullcontext()
+                if plugin.name in self.shared:
+                    if trunk_out is None:  # layer2..4 once per batch, for every head that shares them
+                        with self.metrics.stage("trunk"):
+                            trunk_out = self.trunk.tail(features)
+                    lend = self.trunk.reuse(sel, trunk_out if sel is features else {k: v[rows] for k, v in trunk_out.items()})
+                with self.metrics.stage(f"task:{plugin.name}"), lend:
                     answers = plugin.predict(self.heads[plugin.name], sel, [metas[r] for r in rows],
                                              self.head_configs[plugin.name])
                 if len(answers) != len(rows):  # zip would silently drop answers or images

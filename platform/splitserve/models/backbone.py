@@ -6,8 +6,10 @@ download is impossible, :func:`build_resnet` says so in one line.
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torchvision
@@ -114,3 +116,82 @@ class ResNetTail(nn.Module):
         out["layer3"] = x = self.layer3(x)
         out["layer4"] = self.layer4(x)
         return out
+
+
+class SharedTrunk(nn.Module):
+    """One layer2..4 that several heads use as their ``tail``, so a batch runs it once.
+
+    The gateway computes the trunk's outputs once per batch and, while a head predicts, lends
+    them through :meth:`reuse`: when the head calls ``self.tail(h)`` with that very tensor it gets
+    the stored outputs instead of a second forward. Any other input is computed normally, so a
+    head that transforms ``h`` first is merely slower, never wrong. The stored outputs are
+    per-thread (the gateway may run batches on several worker threads).
+    """
+
+    def __init__(self, tail: ResNetTail):
+        super().__init__()
+        self.tail = tail
+        self._local = threading.local()
+
+    def forward(self, h: Tensor) -> "OrderedDict[str, Tensor]":
+        lent = getattr(self._local, "lent", None)
+        if lent is not None and lent[0] is h:
+            return lent[1]
+        return self.tail(h)
+
+    @contextmanager
+    def reuse(self, h: Tensor, outputs: "OrderedDict[str, Tensor]") -> Iterator[None]:
+        """While the block runs, ``self(h)`` returns ``outputs`` (for exactly this tensor)."""
+        previous = getattr(self._local, "lent", None)
+        self._local.lent = (h, outputs)
+        try:
+            yield
+        finally:
+            self._local.lent = previous
+
+
+def tie_tail(tail: ResNetTail, trunk: ResNetTail) -> None:
+    """Make ``tail`` use ``trunk``'s parameters and buffers (same tensors, not copies).
+
+    For heads whose layer3/4 run dilated (DeepLabv3 on ResNet-50): dilation changes strides and
+    padding, not parameter shapes, so the dilated tail shares the trunk's weights — stored once —
+    while computing its own, denser outputs.
+    """
+    for (name, p), (tname, tp) in zip(tail.named_parameters(), trunk.named_parameters(), strict=True):
+        if name != tname or p.shape != tp.shape:
+            raise SplitserveError(f"cannot tie tail parameter {name} to the trunk's {tname}")
+    for module_name, module in tail.named_modules():
+        source = trunk.get_submodule(module_name)
+        for pname, _ in list(module.named_parameters(recurse=False)):
+            setattr(module, pname, getattr(source, pname))
+        for bname, _ in list(module.named_buffers(recurse=False)):
+            module.register_buffer(bname, getattr(source, bname))
+
+
+def tail_path(head: nn.Module) -> str:
+    """Where ``head.tail`` lives in the head's module tree (its state-dict prefix, without the dot)."""
+    tail = head.tail
+    for name, module in head.named_modules():
+        if module is tail and name:
+            return name
+    raise SplitserveError(f"{type(head).__name__}.tail is not a submodule of the head")
+
+
+def _geometry(tail: nn.Module) -> list[tuple]:
+    return [(m.stride, m.padding, m.dilation) for m in tail.modules() if isinstance(m, nn.Conv2d)]
+
+
+def attach_trunk(head: nn.Module, trunk: SharedTrunk) -> None:
+    """Make ``head`` use the shared ``trunk`` as its layer2..4.
+
+    A head whose tail has the trunk's geometry *becomes* a user of the trunk module (its outputs
+    are computed once per batch); a dilated tail keeps its own geometry but ties its weights to
+    the trunk's (see :func:`tie_tail`).
+    """
+    path = tail_path(head)
+    own = head.get_submodule(path)
+    if _geometry(own) == _geometry(trunk.tail):
+        parent, _, attr = path.rpartition(".")
+        setattr(head.get_submodule(parent) if parent else head, attr, trunk)
+    else:
+        tie_tail(own, trunk.tail)

@@ -19,10 +19,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..bundle import load_codec, load_head, read_manifest, update_heads
+from ..bundle import load_codec, load_head, load_trunk, read_manifest, update_heads
 from ..defaults import resolve_bundle
 from ..errors import BundleError, SplitserveError
 from ..models import FeatureCodec
+from ..models.backbone import ResNetTail, SharedTrunk, attach_trunk, build_resnet, tail_path
 from ..plugins import TaskBatch, TaskPlugin
 from . import common
 from . import stage
@@ -36,7 +37,7 @@ class FinetuneObjective(Objective):
     aux_terms = ()
 
     def __init__(self, plugin: TaskPlugin, codec: FeatureCodec, head: nn.Module, teacher: Teacher | None,
-                 options: dict[str, Any], train_decoder: bool):
+                 options: dict[str, Any], train_decoder: bool, frozen_trunk: str | None = None):
         super().__init__()
         self.plugin = plugin
         self.codec = codec
@@ -50,7 +51,7 @@ class FinetuneObjective(Objective):
         self.teacher_head = freeze(teacher.head) if teacher is not None else None
         self.options = options
         self.frozen = ("codec.encoder", "codec.entropy_bottleneck", "teacher_stem", "teacher_head") + (
-            () if train_decoder else ("codec.decoder",))
+            () if train_decoder else ("codec.decoder",)) + ((f"head.{frozen_trunk}",) if frozen_trunk else ())
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -69,20 +70,21 @@ class FinetuneObjective(Objective):
         return self.plugin.loss(self.head, h, batch, teacher_output=teacher_output, options=self.options), {}
 
     def export_state(self):
-        state = {f"head.{k}": v for k, v in self.head.state_dict().items()}
+        skip = tuple(f"{n}." for n in self.frozen_modules())
+        state = {f"head.{k}": v for k, v in self.head.state_dict().items() if not f"head.{k}".startswith(skip)}
         if self.train_decoder:
             state.update({f"codec.decoder.{k}": v for k, v in self.codec.decoder.state_dict().items()})
         return state
 
 
 def _init_head(plugin: TaskPlugin, manifest, bundle: Path, teacher: Teacher | None, data_config: dict,
-               from_scratch: bool) -> tuple[nn.Module, dict, str, list[str]]:
+               from_scratch: bool, trunk: SharedTrunk | None) -> tuple[nn.Module, dict, str, list[str]]:
     """The head to fine-tune: the bundle's (same task), else the teacher's (same task), else a
     fresh one (its layer2..4 from any teacher). Returns (head, config, source, re-initialised keys)."""
     backbone = manifest.backbone
     if plugin.name in manifest.tasks and not from_scratch:
         src_cfg = plugin.resolve_config(backbone, manifest.tasks[plugin.name].config)
-        src = load_head(bundle, plugin.name, plugin.build_head(backbone, src_cfg), manifest)
+        src = load_head(bundle, plugin.name, plugin.build_head(backbone, src_cfg), manifest, trunk=trunk)
         source = f"bundle head ({bundle})"
     elif teacher is not None and teacher.task == plugin.name and not from_scratch:
         src_cfg, src = plugin.resolve_config(backbone, teacher.config), teacher.head
@@ -103,6 +105,8 @@ def _init_head(plugin: TaskPlugin, manifest, bundle: Path, teacher: Teacher | No
     fresh: list[str] = []
     if src is not None:
         fresh = common.load_matching(head, src.state_dict())
+        if isinstance(src.get_submodule(tail_path(src)), SharedTrunk):  # a shared-trunk head: its layer2..4
+            common.load_matching(head.tail, trunk.tail.state_dict())
     elif teacher is not None:
         tail_state = {f"tail.{k}": v for k, v in teacher.head.tail.state_dict().items()}
         common.load_matching(head, {k: v for k, v in tail_state.items() if k in head.state_dict()})
@@ -128,7 +132,9 @@ def run_finetune(cfg: SimpleNamespace) -> int:
     if (spec.channels, spec.stride) != (codec.feature_channels, codec.stride):
         raise SplitserveError(f"task {plugin.name!r} consumes {spec.describe()}, the bundle's codec produces "
                               f"{codec.feature_channels} channels at stride {codec.stride}")
-    train_decoder = not cfg.freeze_decoder
+    shared = bool(cfg.shared_trunk)
+    train_decoder = not (cfg.freeze_decoder or shared)  # a shared trunk's other heads need the decoder as it is
+    bundle_trunk = load_trunk(bundle, manifest)
     with stage.session(cfg) as info:
         policy = common.preprocessing(cfg, manifest.policy, codec.input_multiple)
         codec.check_input_size(*policy.nominal_size)
@@ -139,7 +145,17 @@ def run_finetune(cfg: SimpleNamespace) -> int:
         train_set, val_set, data_root = common.build_datasets(plugin, cfg.data, policy, cfg)
         data_config = plugin.dataset_config(common.base_dataset(train_set))
         torch.manual_seed(cfg.seed)
-        head, config, source, fresh = _init_head(plugin, manifest, bundle, teacher, data_config, cfg.from_scratch)
+        head, config, source, fresh = _init_head(plugin, manifest, bundle, teacher, data_config, cfg.from_scratch,
+                                                 bundle_trunk)
+        new_trunk = None
+        if shared:  # train only the task's own part on the bundle's frozen layer2..4
+            if bundle_trunk is None:  # the first shared head: its (source's) layer2..4 become the trunk
+                new_trunk = ResNetTail.from_resnet(build_resnet(manifest.backbone))
+                common.load_matching(new_trunk, head.tail.state_dict())
+                bundle_trunk = SharedTrunk(new_trunk)
+            attach_trunk(head, bundle_trunk)
+            freeze(bundle_trunk)
+            freeze(head.tail)
         if fresh and info.is_main:
             print(f"note: {common.describe_keys(fresh)} re-initialised (the data's config differs from the "
                   f"source head's)", flush=True)
@@ -154,8 +170,10 @@ def run_finetune(cfg: SimpleNamespace) -> int:
 
         workdir = Path(cfg.workdir) if cfg.workdir else common.bundle_workdir(bundle, f"finetune-{plugin.name}")
         engine = Engine(common.engine_config(cfg, workdir, common.signature(cfg)), info, f"finetune {plugin.name}")
-        objective = FinetuneObjective(plugin, codec, head, kd_teacher, common.options_of(cfg), train_decoder)
-        params = list(head.parameters()) + (list(codec.decoder.parameters()) if train_decoder else [])
+        objective = FinetuneObjective(plugin, codec, head, kd_teacher, common.options_of(cfg), train_decoder,
+                                      frozen_trunk=tail_path(head) if shared else None)
+        params = [p for p in head.parameters() if p.requires_grad]
+        params += list(codec.decoder.parameters()) if train_decoder else []
         optimizer = build_optimizer(params, cfg)
         schedulers = build_scheduler(optimizer, cfg, steps_per_epoch(len(train_set), cfg.batch_size, info.world_size))
         val_loader = common.eval_loader(plugin, val_set, cfg)
@@ -193,10 +211,12 @@ def run_finetune(cfg: SimpleNamespace) -> int:
         provenance = stage.provenance(
             "finetune (stage 2; encoder and prior frozen)", cfg, result, data_root=data_root, train_set=train_set,
             val_set=val_set, init=source, teacher=str(teacher.path) if teacher is not None else None,
-            distillation=kd_teacher is not None, selected_epoch=chosen_epoch, train_decoder=train_decoder)
+            distillation=kd_teacher is not None, selected_epoch=chosen_epoch, train_decoder=train_decoder,
+            shared_trunk=shared)
         new = update_heads(bundle, {plugin.name: (objective.head, config)}, head_metrics={plugin.name: head_metrics},
                            head_provenance={plugin.name: provenance},
-                           decoder=objective.codec.decoder if train_decoder else None)
+                           decoder=objective.codec.decoder if train_decoder else None,
+                           trunk=new_trunk, shared_tasks={plugin.name} if shared else ())
         if new.fingerprint != fingerprint:  # update_heads never touches encoder/prior; be sure
             raise BundleError(f"{bundle}: fingerprint changed during finetune; the bundle is inconsistent")
         shown = ", ".join(f"{k} {v:.2f}" for k, v in chosen.items())
