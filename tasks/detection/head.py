@@ -50,10 +50,11 @@ class FeatureRetinaNet(nn.Module):
         score_thresh: float = 0.3,
         nms_thresh: float = 0.5,
         detections_per_img: int = 100,
+        fpn_channels: int = FPN_CHANNELS,
     ):
         super().__init__()
         resnet = build_resnet(backbone, norm_layer=FrozenBatchNorm2d)
-        fpn = FeatureFPN(ResNetTail.from_resnet(resnet), TAIL_CHANNELS[backbone])
+        fpn = FeatureFPN(ResNetTail.from_resnet(resnet), TAIL_CHANNELS[backbone], fpn_channels)
         self.retinanet = RetinaNet(
             fpn,
             num_classes,

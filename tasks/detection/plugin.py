@@ -90,13 +90,18 @@ class DetectionPlugin(TrainingHooks, TaskPlugin):
     # -- serving -------------------------------------------------------------------------
     def resolve_config(self, backbone: str, stored: Mapping[str, Any]) -> dict:
         """``num_classes`` (default 91 with COCO's labels), ``labels``, ``score_threshold`` (0.3),
-        ``nms_threshold`` (0.5), ``max_detections`` (100), optional ``category_ids`` (COCO ids per label)."""
+        ``nms_threshold`` (0.5), ``max_detections`` (100), ``fpn_channels`` (FPN and head width, 256 as
+        torchvision's RetinaNet), optional ``category_ids`` (COCO ids per label)."""
         check_arch(backbone)
-        defaults = {"num_classes": 91, "score_threshold": 0.3, "max_detections": 100, "nms_threshold": 0.5}
+        defaults = {"num_classes": 91, "score_threshold": 0.3, "max_detections": 100, "nms_threshold": 0.5,
+                    "fpn_channels": 256}
         cfg = merge_config(self.name, defaults, stored, COCO_CATEGORIES)
         _threshold("score_threshold", cfg["score_threshold"])
         _threshold("nms_threshold", cfg["nms_threshold"])
         _max_detections(cfg["max_detections"])
+        fpn = cfg["fpn_channels"]
+        if not isinstance(fpn, int) or isinstance(fpn, bool) or not 8 <= fpn <= 1024:
+            raise PluginError(f"detection: fpn_channels must be an integer in 8..1024, got {fpn!r}")
         ids = cfg.get("category_ids")
         if ids is not None and len(ids) != cfg["num_classes"]:
             raise PluginError(f"detection: {len(ids)} category_ids for num_classes={cfg['num_classes']}")
@@ -116,6 +121,7 @@ class DetectionPlugin(TrainingHooks, TaskPlugin):
             score_thresh=cfg["score_threshold"],
             nms_thresh=cfg["nms_threshold"],
             detections_per_img=cfg["max_detections"],
+            fpn_channels=cfg["fpn_channels"],
         )
         head.category_ids = list(cfg["category_ids"]) if cfg.get("category_ids") is not None else None
         return head

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.models.segmentation.deeplabv3 import DeepLabHead
+from torchvision.models.segmentation.deeplabv3 import ASPP, DeepLabHead
 from torchvision.models.segmentation.fcn import FCNHead
 
 from splitserve.models.backbone import FEATURE_CHANNELS, TAIL_CHANNELS, ResNetTail, build_resnet
@@ -18,16 +18,31 @@ def uses_dilation(backbone: str) -> bool:
     return FEATURE_CHANNELS[backbone] == 256
 
 
+def deeplab_head(in_channels: int, num_classes: int, width: int = 256) -> nn.Sequential:
+    """torchvision's ``DeepLabHead`` (ASPP rates 12/24/36 → 3×3 conv → BN → ReLU → 1×1), ``width``
+    channels wide (torchvision: 256). Same layout and names at any width, so torchvision's
+    checkpoints load at 256 and a 10-class head can be narrower."""
+    if width == 256:
+        return DeepLabHead(in_channels, num_classes)
+    return nn.Sequential(
+        ASPP(in_channels, (12, 24, 36), out_channels=width),
+        nn.Conv2d(width, width, 3, padding=1, bias=False),
+        nn.BatchNorm2d(width),
+        nn.ReLU(),
+        nn.Conv2d(width, num_classes, 1),
+    )
+
+
 class DeepLabV3Head(nn.Module):
     """torchvision's DeepLabV3 minus the stem the codec replaces: ``tail`` → ``classifier``
     (``DeepLabHead``) and ``aux_classifier`` (``FCNHead``), named as in torchvision."""
 
-    def __init__(self, backbone: str, num_classes: int, labels: Sequence[str]):
+    def __init__(self, backbone: str, num_classes: int, labels: Sequence[str], aspp_channels: int = 256):
         super().__init__()
         resnet = build_resnet(backbone, dilation=(False, True, True) if uses_dilation(backbone) else None)
         self.tail = ResNetTail.from_resnet(resnet)
         _, c3, c4 = TAIL_CHANNELS[backbone]
-        self.classifier = DeepLabHead(c4, num_classes)
+        self.classifier = deeplab_head(c4, num_classes, aspp_channels)
         self.aux_classifier = FCNHead(c3, num_classes)
         self.num_classes = num_classes
         self.labels = list(labels)  # serving metadata, not weights

@@ -86,6 +86,12 @@ def encode_mask(classes: np.ndarray) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def _width(name: str, value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 8 <= value <= 1024:
+        raise PluginError(f"segmentation: {name} must be an integer in 8..1024, got {value!r}")
+    return value
+
+
 class SegmentationPlugin(TrainingHooks, TaskPlugin):
     """Semantic segmentation with torchvision's DeepLabv3; the default head mirrors
     ``deeplabv3_resnet50`` and its 21 VOC labels."""
@@ -99,15 +105,17 @@ class SegmentationPlugin(TrainingHooks, TaskPlugin):
 
     # -- serving -------------------------------------------------------------------------
     def resolve_config(self, backbone: str, stored: Mapping[str, Any]) -> dict:
-        """``num_classes`` (default 21 with VOC's labels, background first) and ``labels``."""
+        """``num_classes`` (default 21 with VOC's labels, background first), ``labels`` and
+        ``aspp_channels`` (ASPP width, default 256 as torchvision's DeepLabv3)."""
         check_arch(backbone)
-        cfg = merge_config(self.name, {"num_classes": 21}, stored, VOC_CATEGORIES)
+        cfg = merge_config(self.name, {"num_classes": 21, "aspp_channels": 256}, stored, VOC_CATEGORIES)
+        _width("aspp_channels", cfg["aspp_channels"])
         if cfg["num_classes"] > IGNORE_INDEX:
             raise PluginError(f"segmentation: at most {IGNORE_INDEX} classes fit an 8-bit mask, got {cfg['num_classes']}")
         return cfg
 
     def build_head(self, backbone: str, config: Mapping[str, Any]) -> DeepLabV3Head:
-        return DeepLabV3Head(backbone, config["num_classes"], config["labels"])
+        return DeepLabV3Head(backbone, config["num_classes"], config["labels"], config["aspp_channels"])
 
     def summarize(self, answer: SegmentationResult) -> str:
         return ", ".join(f"{c.label} {c.fraction:.1%}" for c in sorted(answer.classes, key=lambda c: -c.fraction)[:4])

@@ -1,6 +1,8 @@
 """Serving benchmark on loopback against real gateway processes.
 
-1. Decode once: one ``tasks=cls,det,seg`` request vs three single-task requests, same payload.
+1. Decode once: one ``tasks=cls,det,seg`` request vs three single-task requests, same payload,
+   for the bundle as it is (each head with its own layer2..4) and for the same heads on one
+   shared trunk (trunk once per batch), both servers up and measured in interleaved rounds.
 2. Dynamic batching: throughput at a fixed concurrency with ``--max-batch N`` vs ``--max-batch 1``.
 Both comparisons run side by side in one invocation, so their ratios are meaningful on a noisy
 shared machine; absolute numbers are reported with the machine named.
@@ -54,24 +56,60 @@ def sample_payload(encoder: EdgeEncoder) -> bytes:
     return encoder.encode(Image.fromarray(data.astronaut())).data
 
 
-def measure_latency(url: str, payload: bytes, rounds: int) -> LatencyResult:
-    combined, separate = [], []
-    with httpx.Client(base_url=url, timeout=120) as c:
-        def post(tasks: str) -> None:
+def measure_latency(urls: list[str], payload: bytes, rounds: int) -> list[LatencyResult]:
+    """Per server: one 3-task request vs three single-task requests, in rounds that interleave
+    the servers (so machine noise hits every configuration alike)."""
+    results = [LatencyResult([], []) for _ in urls]
+    clients = [httpx.Client(base_url=url, timeout=120) for url in urls]
+    try:
+        def post(c: httpx.Client, tasks: str) -> None:
             r = c.post("/infer", params={"tasks": tasks}, content=payload, headers=HEADERS)
             r.raise_for_status()
 
-        for _ in range(2):  # warm connections and caches
-            post("cls,det,seg")
+        for c in clients:
+            for _ in range(2):  # warm connections and caches
+                post(c, "cls,det,seg")
         for _ in tqdm(range(rounds), desc="latency", unit="round"):
-            t = time.perf_counter()
-            post("cls,det,seg")
-            combined.append((time.perf_counter() - t) * 1000)
-            t = time.perf_counter()
-            for task in ("cls", "det", "seg"):
-                post(task)
-            separate.append((time.perf_counter() - t) * 1000)
-    return LatencyResult(combined, separate)
+            for c, res in zip(clients, results):
+                t = time.perf_counter()
+                post(c, "cls,det,seg")
+                res.combined_ms.append((time.perf_counter() - t) * 1000)
+                t = time.perf_counter()
+                for task in ("cls", "det", "seg"):
+                    post(c, task)
+                res.separate_ms.append((time.perf_counter() - t) * 1000)
+    finally:
+        for c in clients:
+            c.close()
+    return results
+
+
+def shared_trunk_variant(bundle: Path, out: Path) -> Path:
+    """The bundle's heads moved onto one shared layer2..4 (the classification head's), for timing.
+
+    The other heads' own layer2..4 are replaced, so their *answers* change: this variant measures
+    speed only. A real shared-trunk bundle comes from ``platform finetune --shared-trunk``.
+    """
+    from ..bundle import load_codec, load_head, load_trunk, read_manifest, save_bundle
+    from ..models.backbone import ResNetTail, SharedTrunk
+    from ..plugins import PluginRegistry
+
+    manifest = read_manifest(bundle)
+    registry = PluginRegistry.discover()
+    trunk = load_trunk(bundle, manifest)
+    heads = {}
+    for task, entry in manifest.tasks.items():
+        plugin = registry.get(task)
+        config = plugin.resolve_config(manifest.backbone, entry.config)
+        heads[task] = (load_head(bundle, task, plugin.build_head(manifest.backbone, config), manifest, trunk), config)
+    if trunk is None:
+        first = heads.get("classification", next(iter(heads.values())))[0].tail
+        trunk = SharedTrunk(first.tail if isinstance(first, SharedTrunk) else first)
+    shared_tail = ResNetTail(trunk.tail.layer2, trunk.tail.layer3, trunk.tail.layer4)
+    save_bundle(out, load_codec(bundle, manifest=manifest), backbone=manifest.backbone,
+                preprocessing=manifest.policy, heads=heads, trunk=shared_tail, shared_tasks=set(heads),
+                provenance={"note": f"benchmark variant of {bundle}: heads on one shared trunk (speed only)"})
+    return out
 
 
 async def _load(url: str, payload: bytes, concurrency: int, per_client: int, tasks: str) -> tuple[float, list[float]]:
@@ -137,6 +175,13 @@ def measure_throughput(bundle: Path, payload: bytes, *, max_batch: int, concurre
     return ThroughputResult(max_batch, concurrency * per_client, seconds, lat, mean_batch)
 
 
+def _stage_table(rows: dict[str, dict[str, float]]) -> list[str]:
+    names = list(dict.fromkeys(k for r in rows.values() for k in r))
+    return ["| heads | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names),
+            *[f"| {label} | " + " | ".join(f"{r[n]:.1f}" if n in r else "—" for n in names) + " |"
+              for label, r in rows.items()]]
+
+
 def _backbone(bundle: Path) -> str:
     from ..bundle import read_manifest
 
@@ -152,12 +197,18 @@ def run(bundle: Path, *, rounds: int, concurrency: int, per_client: int, max_bat
     """Run both comparisons and return the Markdown report."""
     from .report import machine
 
+    import tempfile
+
     encoder = EdgeEncoder.from_bundle(bundle)
     payload = sample_payload(encoder)
-    args = ["--bundle", str(bundle)] + (["--threads", str(threads)] if threads else [])
-    with GatewayProcess(*args) as server:
-        latency = measure_latency(server.url, payload, rounds)
-        stages = stage_means(server.url)
+    extra = ["--threads", str(threads)] if threads else []
+    with tempfile.TemporaryDirectory() as tmp:
+        shared = shared_trunk_variant(bundle, Path(tmp) / "shared")
+        with GatewayProcess("--bundle", str(bundle), *extra) as own_server, \
+                GatewayProcess("--bundle", str(shared), *extra) as shared_server:
+            latency, shared_latency = measure_latency([own_server.url, shared_server.url], payload, rounds)
+            stages = stage_means(own_server.url)
+            shared_stages = stage_means(shared_server.url)
     results = [
         measure_throughput(bundle, payload, max_batch=mb, concurrency=concurrency, per_client=per_client,
                            tasks=tasks, max_wait_ms=max_wait_ms if mb > 1 else 0, threads=threads)
@@ -171,22 +222,22 @@ def run(bundle: Path, *, rounds: int, concurrency: int, per_client: int, max_bat
         f"Bundle: `{bundle.name}` ({encoder.codec.family}, {_backbone(bundle)}, preprocessing {encoder.preprocessing.describe()}); "
         f"payload {len(payload)} bytes (one real photo). Loopback HTTP, real uvicorn processes.",
         "",
-        "### Decode once: one 3-task request vs three single-task requests",
+        "### Decode once, trunk once: one 3-task request vs three single-task requests",
         "",
-        "| | median ms | p90 ms |",
-        "|---|---:|---:|",
-        f"| `tasks=cls,det,seg` (one request) | {med(latency.combined_ms):.1f} | {_pct(latency.combined_ms, 90):.1f} |",
-        f"| `cls`, `det`, `seg` (three requests) | {med(latency.separate_ms):.1f} | {_pct(latency.separate_ms, 90):.1f} |",
+        "| heads | `tasks=cls,det,seg` (one request), median ms | p90 ms | `cls`, `det`, `seg` (three requests), median ms | p90 ms | ratio |",
+        "|---|---:|---:|---:|---:|---:|",
+        *[f"| {label} | {med(r.combined_ms):.1f} | {_pct(r.combined_ms, 90):.1f} | {med(r.separate_ms):.1f} | "
+          f"{_pct(r.separate_ms, 90):.1f} | **{r.ratio:.2f}×** |"
+          for label, r in (("each with its own layer2..4", latency), ("on one shared trunk", shared_latency))],
         "",
-        f"Three separate requests take **{latency.ratio:.2f}×** as long as one combined request "
-        f"({rounds} rounds, interleaved).",
+        f"Ratio: three separate requests' time over one combined request's ({rounds} rounds, both servers "
+        "up, interleaved). With a shared trunk, the combined request decodes once *and* runs layer2..4 once; "
+        "the shared variant moves the bundle's heads onto the classification head's layer2..4, so it measures "
+        "speed, not accuracy.",
         "",
-        "Where the time goes (mean ms per batch, from the gateway's own `splitserve_stage_seconds`; the "
-        "shared stages run once per request whatever the number of tasks):",
+        "Where the time goes (mean ms per batch, from the gateway's own `splitserve_stage_seconds`):",
         "",
-        "| stage | " + " | ".join(stages) + " |",
-        "|---|" + "---:|" * len(stages),
-        "| ms | " + " | ".join(f"{v:.1f}" for v in stages.values()) + " |",
+        *_stage_table({"own layer2..4": stages, "shared trunk": shared_stages}),
         "",
         f"### Dynamic batching: throughput at concurrency {concurrency} (`tasks={tasks}`)",
         "",

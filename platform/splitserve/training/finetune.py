@@ -145,7 +145,8 @@ def run_finetune(cfg: SimpleNamespace) -> int:
         train_set, val_set, data_root = common.build_datasets(plugin, cfg.data, policy, cfg)
         data_config = plugin.dataset_config(common.base_dataset(train_set))
         torch.manual_seed(cfg.seed)
-        head, config, source, fresh = _init_head(plugin, manifest, bundle, teacher, data_config, cfg.from_scratch,
+        head, config, source, fresh = _init_head(plugin, manifest, bundle, teacher,
+                                                 {**data_config, **dict(cfg.head_config or {})}, cfg.from_scratch,
                                                  bundle_trunk)
         new_trunk = None
         if shared:  # train only the task's own part on the bundle's frozen layer2..4
