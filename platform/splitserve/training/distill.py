@@ -38,6 +38,17 @@ from .teacher import load_teacher
 TAIL_STAGES = ("layer2", "layer3", "layer4")
 
 
+def new_codec_run(cfg: SimpleNamespace, teacher, data_plugin):
+    """What distill and train start from: a fresh codec of the asked family (seeded), the run's
+    preprocessing (inherited from the teacher unless overridden) and the datasets it makes.
+    Returns (codec, policy, train_set, val_set, data_root)."""
+    torch.manual_seed(cfg.seed)
+    codec = codec_for(cfg, teacher.arch)
+    policy = common.preprocessing(cfg, teacher.preprocessing, codec.input_multiple)
+    codec.check_input_size(*policy.nominal_size)
+    return (codec, policy, *common.build_datasets(data_plugin, cfg.data, policy, cfg))
+
+
 def codec_for(cfg: SimpleNamespace, arch: str) -> FeatureCodec:
     """The codec a training command asked for: ``--encoder`` family, its output channels adapted to
     the teacher's backbone, plus ``--blocks`` / ``--latent-channels`` / ``--codec-option K=V``
@@ -120,11 +131,7 @@ def run_distill(cfg: SimpleNamespace) -> int:
     if cfg.beta < 0:
         raise SplitserveError(f"--beta must be >= 0, got {cfg.beta}")
     with stage.session(cfg) as info:
-        torch.manual_seed(cfg.seed)
-        codec = codec_for(cfg, teacher.arch)
-        policy = common.preprocessing(cfg, teacher.preprocessing, codec.input_multiple)
-        codec.check_input_size(*policy.nominal_size)
-        train_set, val_set, data_root = common.build_datasets(data_plugin, cfg.data, policy, cfg)
+        codec, policy, train_set, val_set, data_root = new_codec_run(cfg, teacher, data_plugin)
 
         out = Path(cfg.out)
         workdir = Path(cfg.workdir) if cfg.workdir else common.bundle_workdir(out, "distill")

@@ -27,7 +27,7 @@ from ..models import FeatureCodec
 from ..plugins import TaskBatch, TaskPlugin
 from . import common
 from . import stage
-from .distill import TAIL_STAGES, codec_for
+from .distill import TAIL_STAGES, new_codec_run
 from .engine import Engine
 from .objective import Objective, freeze
 from .optim import build_optimizer, build_scheduler, split_codec_params, steps_per_epoch
@@ -92,11 +92,7 @@ def run_train(cfg: SimpleNamespace) -> int:
     teacher = load_teacher(cfg.teacher, plugins)
     plugin = common.training_plugin(plugins, teacher.task, "train")
     with stage.session(cfg) as info:
-        torch.manual_seed(cfg.seed)
-        codec = codec_for(cfg, teacher.arch)
-        policy = common.preprocessing(cfg, teacher.preprocessing, codec.input_multiple)
-        codec.check_input_size(*policy.nominal_size)
-        train_set, val_set, data_root = common.build_datasets(plugin, cfg.data, policy, cfg)
+        codec, policy, train_set, val_set, data_root = new_codec_run(cfg, teacher, plugin)
         data_config = plugin.dataset_config(common.base_dataset(train_set))
         config = plugin.resolve_config(teacher.arch, teacher.config)
         differ = [k for k, v in data_config.items() if config.get(k) != v]
