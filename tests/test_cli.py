@@ -9,7 +9,7 @@ import torch
 from splitserve.cli import main
 from splitserve.edge import EdgeEncoder
 from splitserve.bundle import read_manifest
-from splitserve.payload import Payload, bits_per_pixel, bytes_per_image
+from splitserve_edge.payload import Payload, bits_per_pixel, bytes_per_image
 
 from .conftest import jpeg_bytes, texture
 

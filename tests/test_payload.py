@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from splitserve.errors import FingerprintMismatch, PayloadError
-from splitserve.payload import (
+from splitserve_edge.payload import (
     FINGERPRINT_BYTES,
     FORMAT_VERSION,
     MAGIC,

@@ -17,7 +17,7 @@ from splitserve.edge import EdgeEncoder
 from splitserve.errors import PayloadError, SplitserveError
 from splitserve.gateway.runtime import Job, Runtime
 from splitserve.models import build_codec
-from splitserve.payload import Payload
+from splitserve_edge.payload import Payload
 from splitserve.plugins import PluginRegistry
 from splitserve.preprocess import Preprocessing, PreprocessingError
 

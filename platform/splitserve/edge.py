@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .bundle import EDGE_PARTS, Manifest, load_codec, read_manifest
 from .models import FeatureCodec
-from .payload import Payload, bits_per_pixel, bytes_per_image, fingerprint_id
+from splitserve_edge.payload import Payload, bits_per_pixel, bytes_per_image, fingerprint_id
 from .errors import SplitserveError
 from .preprocess import Preprocessing, load_image, to_input
 

@@ -1,16 +1,9 @@
 """One exception type per boundary, so callers (CLI, gateway) can turn each into a clear message."""
 
 
-class SplitserveError(Exception):
-    """Base class: anything the user can fix. The CLI prints it as one line; the gateway maps it to 4xx."""
+from splitserve_edge.errors import FingerprintMismatch, PayloadError, SplitserveError
 
-
-class PayloadError(SplitserveError):
-    """A payload is malformed, truncated, corrupted or out of bounds."""
-
-
-class FingerprintMismatch(PayloadError):
-    """A well-formed payload produced by a different encoder/prior than the one being served."""
+__all__ = ["BundleError", "DataError", "FingerprintMismatch", "PayloadError", "PluginError", "SplitserveError"]
 
 
 class BundleError(SplitserveError):

@@ -16,7 +16,7 @@ from compressai.entropy_models import EntropyBottleneck
 from torch import Tensor, nn
 
 from ..errors import SplitserveError
-from ..payload import bits_per_pixel
+from splitserve_edge.payload import bits_per_pixel
 
 
 @dataclass(frozen=True)

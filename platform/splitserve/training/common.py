@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from ..edge import pack
 from ..errors import DataError, SplitserveError
 from ..models import FeatureCodec
-from ..payload import fingerprint_id
+from splitserve_edge.payload import fingerprint_id
 from ..plugins import PluginRegistry, TaskPlugin, TrainingHooks, trainable
 from ..preprocess import Preprocessing, PreprocessingError
 from .engine import EngineConfig
