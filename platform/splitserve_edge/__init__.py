@@ -1,0 +1,1 @@
+"""splitserve_edge: the torch-free device side (preprocessing, entropy coder, payloads)."""
