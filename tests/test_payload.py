@@ -51,7 +51,7 @@ def raw_payload(
     fix_crc: bool = True,
     varints: dict[str, bytes] | None = None,
 ) -> bytes:
-    """Hand-assemble a v1 payload (any field may be out of range) to test the parser from outside."""
+    """Hand-assemble a payload of the current version (any field may be out of range) to test the parser from outside."""
     records = [(224, 224, 3)] if records is None else records
     v = varints or {}
     out = bytearray(MAGIC + bytes([FORMAT_VERSION]) + FP)
@@ -238,9 +238,17 @@ def test_pickle_is_not_a_payload() -> None:
 
 def test_unsupported_version_message() -> None:
     data = bytearray(small_payload().to_bytes())
-    data[2] = 2
-    with pytest.raises(PayloadError, match=r"unsupported payload version 2.*version\(s\) 1"):
+    data[2] = 3
+    with pytest.raises(PayloadError, match=r"unsupported payload version 3.*version\(s\) 2"):
         Payload.from_bytes(bytes(data))
+
+
+def test_version1_rans_payloads_refused_with_the_reason() -> None:
+    """The 27-byte payload that crashed the gateway through CompressAI's rANS decoder (a v1 header
+    claiming a 24x1024x1024 latent, 1-byte string) is refused by the parser, before any decoder."""
+    crash = bytes.fromhex("53530159c07ca6d5c5eb73188008800801e001e0010101d0d43928")
+    with pytest.raises(PayloadError, match="version 1 is not accepted.*not memory-safe"):
+        Payload.from_bytes(crash)
 
 
 def test_too_short_message() -> None:

@@ -34,8 +34,10 @@ __all__ = [
 ]
 
 MAGIC = b"SS"
-FORMAT_VERSION = 1
-SUPPORTED_VERSIONS: tuple[int, ...] = (1,)
+FORMAT_VERSION = 2  # 2: ANS bitstreams of splitserve_edge.coder (constriction); 1: CompressAI's rANS
+SUPPORTED_VERSIONS: tuple[int, ...] = (2,)
+RETIRED_VERSIONS = {1: "version 1 carried CompressAI bitstreams, whose decoder is not memory-safe; "
+                       "re-encode the image with this splitserve's edge encoder"}
 FINGERPRINT_BYTES = 8
 
 VARINT_MAX_BYTES = 5
@@ -173,7 +175,7 @@ def fingerprint_id(fingerprint: str | bytes) -> bytes:
 # -- the container ------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Payload:
-    """N images' rANS strings coded by one codec, with the latent shape they share.
+    """N images' bitstreams coded by one codec, with the latent shape they share.
 
     Construction validates everything ``to_bytes`` needs, so a Payload that exists always
     serialises to bytes that ``from_bytes`` (with limits wide enough) accepts.
@@ -202,7 +204,7 @@ class Payload:
             raise PayloadError(f"{len(sizes)} original sizes for {len(strings)} strings")
         for i, s in enumerate(strings):
             if not 1 <= len(s) <= VARINT_MAX:
-                raise PayloadError(f"strings[{i}] has length {len(s)}; rANS strings are never empty")
+                raise PayloadError(f"strings[{i}] has length {len(s)}; bitstreams are never empty")
         object.__setattr__(self, "fingerprint", bytes(fp))
         object.__setattr__(self, "latent_shape", shape)
         object.__setattr__(self, "original_sizes", sizes)
@@ -242,7 +244,7 @@ class Payload:
 
     @property
     def overhead_bytes(self) -> int:
-        """Bytes on the wire that are not rANS data: header plus CRC (computed without encoding)."""
+        """Bytes on the wire that are not entropy-coded data: header plus CRC (computed without encoding)."""
         n = len(MAGIC) + 1 + FINGERPRINT_BYTES + _CRC.size
         n += sum(_varint_size(v) for v in self.latent_shape) + _varint_size(self.num_images)
         for (h, w), s in zip(self.original_sizes, self.strings):
@@ -265,6 +267,8 @@ class Payload:
         if buf[: len(MAGIC)] != MAGIC:
             raise PayloadError("not a splitserve payload (bad magic)")
         version = buf[len(MAGIC)]
+        if version in RETIRED_VERSIONS:
+            raise PayloadError(f"payload version {version} is not accepted: {RETIRED_VERSIONS[version]}")
         if version not in SUPPORTED_VERSIONS:
             supported = ", ".join(str(v) for v in SUPPORTED_VERSIONS)
             raise PayloadError(f"unsupported payload version {version}; this build reads version(s) {supported}")
@@ -326,7 +330,7 @@ class Payload:
 
 
 def bytes_per_image(payload: Payload) -> list[float]:
-    """What each image costs on the wire: its rANS string plus an equal share of the header + CRC.
+    """What each image costs on the wire: its bitstream plus an equal share of the header + CRC.
 
     The shares sum to ``len(payload.to_bytes())`` exactly.
     """

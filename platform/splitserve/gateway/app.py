@@ -198,6 +198,9 @@ def create_app(config: ServerConfig | None = None, runtime: Runtime | None = Non
             except QueueFull as e:
                 status = "503"
                 raise HTTPException(503, str(e), headers={"Retry-After": str(e.retry_after)}) from None
+            except PayloadError as e:  # its bitstream did not decode (the batch's other requests are fine)
+                status = "400"
+                raise HTTPException(400, str(e)) from None
             status = "200"
             return InferResponse(
                 fingerprint=runtime.fingerprint,

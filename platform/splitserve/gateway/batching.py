@@ -107,5 +107,5 @@ class DynamicBatcher:
                 continue
             self._last_batch_seconds = loop.time() - start
             for p, r in zip(live, results):
-                if not p.future.done():
-                    p.future.set_result(r)
+                if not p.future.done():  # a request whose bitstream failed to decode fails alone
+                    p.future.set_exception(r) if isinstance(r, BaseException) else p.future.set_result(r)

@@ -132,16 +132,22 @@ class Runtime:
 
     # -- batch side (worker thread) ------------------------------------------------------------
     @torch.inference_mode()
-    def run(self, jobs: Sequence[Job]) -> list[list[dict[str, BaseModel]]]:
-        """Per job, per image: {task name: response}. Entropy decode + decoder once per group."""
-        results: list[list[dict[str, BaseModel]]] = [[{} for _ in range(j.num_images)] for j in jobs]
+    def run(self, jobs: Sequence[Job]) -> list[list[dict[str, BaseModel]] | PayloadError]:
+        """Per job, per image: {task name: response} — or, for a job whose bitstream does not
+        decode, its :class:`PayloadError` (that request fails alone; its batch-mates are answered).
+        Entropy decode + decoder once per group of jobs with the same latent shape."""
+        results: list = [[{} for _ in range(j.num_images)] for j in jobs]
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i, job in enumerate(jobs):
             groups[job.group_key].append(i)
         for members in groups.values():
-            group = [jobs[i] for i in members]
-            features = self._decode(group)
-            metas = [m for job in group for m in job.metas]
+            features, failed = self._decode([jobs[i] for i in members])
+            for k, error in failed.items():
+                results[members[k]] = error
+            members = [ji for k, ji in enumerate(members) if k not in failed]
+            if not members:
+                continue
+            metas = [m for ji in members for m in jobs[ji].metas]
             owners = [(ji, k) for ji in members for k in range(jobs[ji].num_images)]
             trunk_out = None
             for plugin in self.plugins:
@@ -166,16 +172,25 @@ class Runtime:
                     results[ji][k][plugin.name] = answer
         return results
 
-    def _decode(self, group: Sequence[Job]) -> torch.Tensor:
+    def _decode(self, group: Sequence[Job]) -> tuple[torch.Tensor | None, dict[int, PayloadError]]:
+        """Features of the group's images (one decoder pass), and the jobs whose bitstreams failed."""
+        failed: dict[int, PayloadError] = {}
         if group[0].payload is not None:
-            strings = [s for job in group for s in job.payload.strings]
+            latents = []
             with self.metrics.stage("entropy_decode"):
-                y_hat = self.codec.decompress(strings, group[0].payload.latent_shape[1:])
+                for k, job in enumerate(group):
+                    try:
+                        latents.append(self.codec.decompress(list(job.payload.strings), job.payload.latent_shape[1:]))
+                    except PayloadError as e:  # a forged or corrupt bitstream: that request alone gets a 400
+                        failed[k] = e
+            if not latents:
+                return None, failed
+            y_hat = torch.cat(latents)
         else:
             with self.metrics.stage("image_encode"):
                 y_hat = self.codec.quantize(torch.cat([job.pixels for job in group]))
         with self.metrics.stage("feature_decode"):
-            return self.codec.decode(y_hat)
+            return self.codec.decode(y_hat), failed
 
     def warmup(self) -> None:
         """One full pass through every head, so the first real request is not the slow one.

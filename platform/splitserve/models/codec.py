@@ -1,7 +1,9 @@
 """FeatureCodec: encoder f_θ + factorized prior + decoder g_φ, the unit shared by edge and server.
 
 The edge runs :meth:`FeatureCodec.compress`; the server runs :meth:`decompress` then :meth:`decode`
-and hands the rebuilt feature ``h`` to every task head.
+and hands the rebuilt feature ``h`` to every task head. CompressAI's ``EntropyBottleneck`` is the
+training-time model of the rate; the bytes are coded by :mod:`splitserve_edge.coder` (memory-safe,
+torch-free) from the prior's own tables (:meth:`coding_tables`), so devices pay the modelled rate.
 """
 
 from __future__ import annotations
@@ -11,9 +13,12 @@ import json
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from compressai.entropy_models import EntropyBottleneck
 from torch import Tensor, nn
+
+from splitserve_edge.coder import CodingTables, EntropyCoder
 
 from ..errors import SplitserveError
 from splitserve_edge.payload import bits_per_pixel
@@ -64,7 +69,8 @@ class FeatureCodec(nn.Module):
         self.config = dict(config)
         self.encoder = encoder
         self.entropy_bottleneck = EntropyBottleneck(latent_channels)
-        self.entropy_bottleneck.register_load_state_dict_pre_hook(_resize_coding_tables)
+        self.entropy_bottleneck.register_load_state_dict_pre_hook(self._tables_changed)
+        self._coder: EntropyCoder | None = None
         self.decoder = decoder
         self.latent_channels = latent_channels
         self.feature_channels = feature_channels
@@ -89,7 +95,36 @@ class FeatureCodec(nn.Module):
 
     def update(self, force: bool = True) -> bool:
         """Rebuild the prior's CDF tables; must run after any change to the prior, before coding."""
+        self._coder = None
         return self.entropy_bottleneck.update(force=force)
+
+    def _tables_changed(self, module: nn.Module, state_dict, prefix, *args) -> None:
+        """Load-state-dict pre-hook: the coding tables change shape with ``update()``, so size the
+        buffers like the incoming ones first (the one place this happens: bundles, checkpoints),
+        and forget the coder built from the old tables."""
+        self._coder = None
+        for name in _CODING_TABLES:
+            incoming = state_dict.get(prefix + name)
+            if incoming is not None and getattr(module, name).shape != incoming.shape:
+                getattr(module, name).resize_(incoming.shape)
+
+    def coding_tables(self) -> CodingTables:
+        """The prior's tables in portable form (numpy): what the coder on both ends uses."""
+        if not self.has_coding_tables:
+            raise RuntimeError("call update() before coding: the prior has no CDF tables yet")
+        eb = self.entropy_bottleneck
+        return CodingTables(
+            quantized_cdf=eb.quantized_cdf.detach().cpu().numpy(),
+            cdf_length=eb.cdf_length.detach().cpu().numpy(),
+            offset=eb.offset.detach().cpu().numpy(),
+            medians=self.medians().detach().cpu().reshape(-1).numpy(),
+        )
+
+    @property
+    def coder(self) -> EntropyCoder:
+        if self._coder is None:
+            self._coder = EntropyCoder(self.coding_tables())
+        return self._coder
 
     def medians(self) -> Tensor:
         """Per-channel medians of the prior, shape (C, 1, 1): the centres latents are rounded around."""
@@ -107,15 +142,18 @@ class FeatureCodec(nn.Module):
 
     @torch.no_grad()
     def compress(self, x: Tensor) -> tuple[list[bytes], tuple[int, int]]:
-        """Encode a batch to one rANS string per image plus the latent's spatial size."""
+        """Encode a batch to one bitstream per image plus the latent's spatial size."""
         y = self.encoder(x)
-        strings = self.entropy_bottleneck.compress(y)
-        return strings, (int(y.shape[-2]), int(y.shape[-1]))
+        symbols = torch.round(y.float() - self.medians()).to(torch.int32).cpu().numpy()
+        return self.coder.encode_batch(symbols), (int(y.shape[-2]), int(y.shape[-1]))
 
     @torch.no_grad()
     def decompress(self, strings: list[bytes], latent_hw: tuple[int, int]) -> Tensor:
-        """Entropy-decode rANS strings back to the exact rounded latent."""
-        return self.entropy_bottleneck.decompress(strings, tuple(latent_hw))
+        """Entropy-decode bitstreams back to the exact rounded latent (CoderError on a bad one)."""
+        shape = (self.latent_channels, int(latent_hw[0]), int(latent_hw[1]))
+        symbols = np.stack([self.coder.decode(s, shape) for s in strings])
+        device = self.medians().device
+        return torch.from_numpy(symbols).to(device=device, dtype=torch.float32) + self.medians()
 
     def decode(self, y_hat: Tensor) -> Tensor:
         """Rebuild the backbone feature h from a (de)quantized latent."""
@@ -173,15 +211,6 @@ class FeatureCodec(nn.Module):
 
 
 _CODING_TABLES = ("_quantized_cdf", "_offset", "_cdf_length")
-
-
-def _resize_coding_tables(module: nn.Module, state_dict, prefix, *args) -> None:
-    """Load-state-dict pre-hook: the coding tables change shape with ``update()``, so size the
-    buffers like the incoming ones first. The one place this happens (bundles, checkpoints)."""
-    for name in _CODING_TABLES:
-        incoming = state_dict.get(prefix + name)
-        if incoming is not None and getattr(module, name).shape != incoming.shape:
-            getattr(module, name).resize_(incoming.shape)
 
 
 def _fp32(t: Tensor):
