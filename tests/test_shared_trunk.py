@@ -21,6 +21,7 @@ from splitserve.models.backbone import SharedTrunk
 from splitserve.plugins import PluginRegistry
 
 from .conftest import texture
+from .helpers import informative
 
 pytestmark = pytest.mark.slow
 
@@ -45,28 +46,6 @@ def shared_bundle(tmp_path_factory) -> Path:
         assert main(["finetune", "--task", task, "--bundle", str(bundle), "--data", str(data), "--shared-trunk",
                      *FAST]) == 0
     return bundle
-
-
-def informative(bundle: Path) -> None:
-    """Scale the untrained encoder's output so latents depend on the image (at initialisation they
-    all round to zero, and then no test could tell one image's answer from another's)."""
-    from splitserve.bundle import load_codec, save_bundle
-
-    manifest = read_manifest(bundle)
-    codec = load_codec(bundle, manifest=manifest)
-    with torch.no_grad():
-        codec.encoder[-1].weight.mul_(60.0)
-    registry = PluginRegistry.discover()
-    heads = {}
-    for task, entry in manifest.tasks.items():
-        plugin = registry.get(task)
-        config = plugin.resolve_config(manifest.backbone, entry.config)
-        heads[task] = (load_head(bundle, task, plugin.build_head(manifest.backbone, config), manifest), config)
-    save_bundle(bundle, codec, backbone=manifest.backbone, preprocessing=manifest.policy, heads=heads)
-    edge = EdgeEncoder.from_bundle(bundle)
-    x, _ = edge.preprocess([texture("brick", (90, 70)), texture("grass", (90, 70))])
-    y = edge.codec.quantize(x)
-    assert y.abs().sum() > 0 and not torch.equal(y[0], y[1])
 
 
 def test_trunk_stored_once_and_heads_without_it(shared_bundle):

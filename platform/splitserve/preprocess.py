@@ -1,50 +1,29 @@
-"""Image loading and the model input every head expects — one definition for edge, gateway
+"""The model input every head expects, as tensors — one definition for edge, gateway
 (full-offloading mode) and training data, so train and serve never drift apart.
 
-The geometry and normalisation live in :mod:`splitserve_edge.preprocessing` (numpy + Pillow), so
-the torch-free edge client produces bit-identical inputs; this module adds loading and tensors."""
+Loading, geometry and normalisation live in :mod:`splitserve_edge.preprocessing` (numpy + Pillow),
+so the torch-free edge client produces bit-identical inputs; this module adds the torch side."""
 
 from __future__ import annotations
 
-import io
-from pathlib import Path
-
-import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
+from splitserve_edge.preprocessing import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    MAX_IMAGE_PIXELS,
+    Preprocessing,
+    PreprocessingError,
+    load_image,
+)
+
 from torch import Tensor
 from torchvision.transforms.v2 import functional as TF
 
 from .errors import SplitserveError
 
-from splitserve_edge.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, PreprocessingError
-
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "Preprocessing", "denormalize", "load_image", "normalize", "to_input"]
-MAX_IMAGE_PIXELS = 64_000_000  # refuse decompression bombs with a clear message
-
-
-def load_image(source: str | Path | bytes | Image.Image | np.ndarray) -> Image.Image:
-    """Open a path, encoded bytes, PIL image or HxWx{1,3,4} uint8 array as an RGB PIL image."""
-    if isinstance(source, Image.Image):
-        return source.convert("RGB")
-    if isinstance(source, np.ndarray):
-        if source.dtype != np.uint8 or source.ndim not in (2, 3):
-            raise SplitserveError(f"array images must be HxW or HxWxC uint8, got {source.dtype} {source.shape}")
-        return Image.fromarray(source).convert("RGB")
-    name = "image bytes"
-    if isinstance(source, (str, Path)):
-        path = Path(source)
-        name = str(path)
-        if not path.is_file():
-            raise SplitserveError(f"{path}: no such file")
-        source = path.read_bytes()
-    try:
-        with Image.open(io.BytesIO(source)) as img:
-            if img.width * img.height > MAX_IMAGE_PIXELS:
-                raise SplitserveError(f"{name}: image of {img.width}x{img.height} pixels is too large")
-            return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError, ValueError) as e:
-        raise SplitserveError(f"{name}: not a readable image ({type(e).__name__})") from None
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "MAX_IMAGE_PIXELS", "Preprocessing", "PreprocessingError", "denormalize",
+           "load_image", "normalize", "to_input"]
 
 
 def to_input(img: Image.Image, preprocessing: Preprocessing) -> Tensor:

@@ -24,20 +24,52 @@ float32.
 
 from __future__ import annotations
 
+import io
 import math
 from dataclasses import asdict, dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Union
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
+
+from .errors import SplitserveError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 KINDS = ("fixed", "resize_crop", "shorter_side")
 MAX_SIDE = 8192  # no policy may produce (or declare) a model input side above this
+MAX_IMAGE_PIXELS = 64_000_000  # refuse decompression bombs with a clear message
+
+ImageLike = Union[str, Path, bytes, Image.Image, np.ndarray]
 
 
-class PreprocessingError(ValueError):
+def load_image(source: ImageLike) -> Image.Image:
+    """A path, encoded bytes, PIL image or HxWx{1,3,4} uint8 array as an RGB PIL image; anything
+    unreadable is one :class:`SplitserveError` line naming the input."""
+    if isinstance(source, Image.Image):
+        return source.convert("RGB")
+    if isinstance(source, np.ndarray):
+        if source.dtype != np.uint8 or source.ndim not in (2, 3):
+            raise SplitserveError(f"array images must be HxW or HxWxC uint8, got {source.dtype} {source.shape}")
+        return Image.fromarray(source).convert("RGB")
+    name = "image bytes"
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        name = str(path)
+        if not path.is_file():
+            raise SplitserveError(f"{path}: no such file")
+        source = path.read_bytes()
+    try:
+        with Image.open(io.BytesIO(source)) as img:
+            if img.width * img.height > MAX_IMAGE_PIXELS:
+                raise SplitserveError(f"{name}: image of {img.width}x{img.height} pixels is too large")
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError, ValueError) as e:
+        raise SplitserveError(f"{name}: not a readable image ({type(e).__name__})") from None
+
+
+class PreprocessingError(SplitserveError, ValueError):
     """A preprocessing declaration is malformed or cannot apply to an image."""
 
 

@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "serve",
     "infer",
     "encode",
+    "export",
     "bundle",
     "tasks",
     "data",
@@ -24,7 +25,9 @@ COMMAND_MODULES = [
     "distill",
     "finetune",
     "train",
+    "evaluate",
     "bench",
+    "ray",
 ]
 
 

@@ -9,7 +9,7 @@ from . import add_command
 
 def register(sub) -> None:
     p = add_command(sub, "encode", run, "Encode images into a payload file, as an edge device would.",
-                    "Encode images with the bundle's encoder and prior into one payload (rANS strings in "
+                    "Encode images with the bundle's encoder and prior into one payload (entropy-coded bitstreams in "
                     "splitserve's binary format); prints bytes and bits per pixel per image.")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, WebP, …) of any size")
     p.add_argument("--bundle", metavar="DIR", help="bundle directory (default: $SPLITSERVE_BUNDLE or the embedded default)")

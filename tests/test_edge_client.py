@@ -1,0 +1,163 @@
+"""The device side without torch: `platform export`, the ONNX client's byte-identical payloads, and
+a fresh virtual environment holding only the edge client that talks to a real gateway."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from splitserve.cli import main
+from splitserve.defaults import build_untrained_bundle
+from splitserve.edge import EdgeEncoder
+from splitserve.gateway.process import GatewayProcess
+from splitserve.preprocess import Preprocessing
+from splitserve_edge.runtime import EdgeModel, EdgeModelError
+
+from .conftest import jpeg_bytes, texture
+from .helpers import informative
+
+REPO = Path(__file__).resolve().parents[1]
+PHOTOS = ("astronaut", "coffee", "chelsea")
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    b = build_untrained_bundle(tmp_path_factory.mktemp("edge") / "bundle", input_size=(96, 128),
+                               tasks=["classification", "segmentation"])
+    informative(b)
+    return b
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> list[Path]:
+    root = tmp_path_factory.mktemp("photos")
+    out = []
+    for name in PHOTOS:
+        p = root / f"{name}.jpg"
+        p.write_bytes(jpeg_bytes(texture(name)))
+        out.append(p)
+    return out
+
+
+@pytest.fixture(scope="module")
+def onnx_dir(bundle, photos, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("export") / "onnx"
+    assert main(["export", "--bundle", str(bundle), "--format", "onnx", "--out", str(out),
+                 "--images", *map(str, photos)]) == 0
+    return out
+
+
+def test_export_writes_portable_files_and_checks_latents(onnx_dir, bundle, capsys):
+    meta = json.loads((onnx_dir / "edge.json").read_text())
+    assert meta["encoder"]["format"] == "onnx" and (onnx_dir / "encoder.onnx").is_file()
+    assert meta["fingerprint"] == json.loads((bundle / "manifest.json").read_text())["fingerprint"]
+    assert not list(onnx_dir.glob("*.pt")) and not list(onnx_dir.glob("*.pkl"))  # no pickles
+
+
+def test_torchscript_export_matches_pytorch(bundle, photos, tmp_path, capsys):
+    assert main(["export", "--bundle", str(bundle), "--format", "torchscript", "--out", str(tmp_path / "ts"),
+                 "--images", *map(str, photos)]) == 0
+    text = capsys.readouterr().out
+    assert "checked on 3 images: 0 of" in text
+    module = torch.jit.load(str(tmp_path / "ts" / "encoder.pt"))
+    edge = EdgeEncoder.from_bundle(bundle)
+    x, _ = edge.preprocess([photos[0]])
+    with torch.no_grad():
+        assert torch.equal(module(x), edge.codec.encoder(x))
+
+
+def test_onnx_client_payload_is_byte_identical_to_the_pytorch_edge(onnx_dir, bundle, photos):
+    model = EdgeModel.load(onnx_dir, threads=1)
+    edge = EdgeEncoder.from_bundle(bundle)
+    for photo in photos:
+        x_torch, _ = edge.preprocess([photo])
+        x_edge, _ = model.preprocess([photo])
+        assert np.array_equal(x_torch.numpy(), x_edge)  # same preprocessing code, bit for bit
+        y = edge.codec.quantize(x_torch)
+        assert y.abs().sum() > 0  # an informative latent: a real comparison
+        assert model.encode([photo]).data == edge.encode([photo]).data
+
+
+def test_edge_model_refuses_bad_directories(onnx_dir, tmp_path):
+    with pytest.raises(EdgeModelError, match="no edge.json"):
+        EdgeModel.load(tmp_path)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in onnx_dir.iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    (broken / "coding.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(EdgeModelError, match="sha256"):
+        EdgeModel.load(broken)
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--format", "tflite"], "invalid choice"),
+    (["--format", "onnx", "--images", "/no/such.jpg"], "no such file"),
+])
+def test_export_bad_input_is_one_line(bundle, tmp_path, args, match, capsys):
+    with pytest.raises(SystemExit) if "invalid choice" in match else _nullcontext():
+        code = main(["export", "--bundle", str(bundle), "--out", str(tmp_path / "x"), *args])
+        assert code == 2
+    err = capsys.readouterr().err
+    assert match in err and len(err.strip().splitlines()) <= 3
+
+
+def _nullcontext():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def test_export_refuses_a_bundle_without_an_encoder(bundle, tmp_path, capsys):
+    import shutil
+
+    broken = tmp_path / "b"
+    shutil.copytree(bundle, broken)
+    (broken / "encoder.safetensors").unlink()
+    assert main(["export", "--bundle", str(broken), "--format", "onnx", "--out", str(tmp_path / "o")]) == 2
+    assert "encoder" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_fresh_venv_with_only_the_edge_client_posts_to_a_real_gateway(onnx_dir, bundle, photos, tmp_path):
+    """pip install ./platform/splitserve_edge into an empty venv: no torch there; its CLI encodes a
+    photo and POSTs it; the gateway's answer equals the answer to the PyTorch edge's payload."""
+    env_dir = tmp_path / "venv"
+    venv.EnvBuilder(with_pip=True, clear=True).create(env_dir)
+    py = env_dir / "bin" / "python"
+    pip = subprocess.run([str(py), "-m", "pip", "install", "--quiet", "numpy<2", str(REPO / "platform" / "splitserve_edge")],
+                         capture_output=True, text=True, timeout=600)
+    assert pip.returncode == 0, pip.stderr[-3000:]
+    clean = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    probe = subprocess.run([str(py), "-c", "import importlib.util as u; print([m for m in ('torch','torchvision',"
+                            "'compressai') if u.find_spec(m)])"], capture_output=True, text=True, env=clean, cwd=tmp_path)
+    assert probe.stdout.strip() == "[]", probe.stdout + probe.stderr
+    size = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, env=clean).stdout.strip()
+    installed_mb = sum(f.stat().st_size for f in Path(size).rglob("*") if f.is_file()) / 2**20
+    assert installed_mb < 250, installed_mb  # ~210 MB with pip itself (docs/benchmarks.md), the full stack ~5.5 GB
+
+    with GatewayProcess("--bundle", str(bundle), "--max-wait-ms", "0") as server:
+        cli = env_dir / "bin" / "splitserve-edge"
+        proc = subprocess.run([str(cli), "post", str(onnx_dir), str(photos[0]), "--url", server.url, "--tasks", "cls,seg",
+                               "--threads", "1"], capture_output=True, text=True, env=clean, cwd=tmp_path, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        answer = json.loads(proc.stdout)
+        import httpx
+
+        reference = httpx.post(server.url + "/infer", params={"tasks": "cls,seg"},
+                               content=EdgeEncoder.from_bundle(bundle).encode([photos[0]]).data,
+                               headers={"Content-Type": "application/x-splitserve"}, timeout=60).json()
+    assert answer["results"] == reference["results"] and answer["bytes_received"] == reference["bytes_received"]
+    # bad input on the device: one line, exit 2
+    bad = subprocess.run([str(cli), "encode", str(onnx_dir), str(tmp_path), "-o", str(tmp_path / "x.ssp")],
+                         capture_output=True, text=True, env=clean, cwd=tmp_path)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
