@@ -25,6 +25,15 @@ def register(sub) -> None:
     s.add_argument("--output", metavar="MD", help="rewrite this Markdown file's serve section (e.g. docs/benchmarks.md)")
     s.set_defaults(func=serve, command="bench serve")
 
+    c = bsub.add_parser("encode", help="Device-side encoding: eager, TorchScript, ONNX Runtime, torch-free; both coders.",
+                        description="Entropic Student and RAC N=0/4/8 at batch 1, one thread and all threads, model "
+                                    "input to payload bytes; the old and new entropy coders; installed sizes.")
+    c.add_argument("--repeat", type=int, default=20, help="timed runs per measurement (default %(default)s)")
+    c.add_argument("--size", type=int, default=224, help="input side (default %(default)s)")
+    c.add_argument("--edge-venv", type=Path, metavar="DIR", help="a venv with the edge client, to report its size")
+    c.add_argument("--output", metavar="MD", help="rewrite this Markdown file's encode section")
+    c.set_defaults(func=encode, command="bench encode")
+
     e = bsub.add_parser("e2e", help="Classification accuracy and bpp through the real serving path, per image.",
                         description="Encode each image of an ImageFolder split alone (as a device would), parse, "
                                     "decode and classify it with the gateway runtime; compare with a teacher.")
@@ -48,6 +57,18 @@ def serve(args) -> int:
     print(report)
     if args.output:
         write_section(args.output, f"serve:{resolve_bundle(args.bundle).name}", report)
+        print(f"\nwrote {args.output}")
+    return 0
+
+
+def encode(args) -> int:
+    from ..bench import encode as bench
+    from ..bench.report import write_section
+
+    report = bench.run(repeat=args.repeat, size=args.size, edge_venv=args.edge_venv)
+    print(report)
+    if args.output:
+        write_section(args.output, "encode", report)
         print(f"\nwrote {args.output}")
     return 0
 
