@@ -169,7 +169,7 @@ def run(repeat: int = 20, size: int = 224, feature_channels: int = 256, edge_ven
     full = _du(Path(torch.__file__).parents[1])
     lines.append(f"- full environment (this one's site-packages: torch, torchvision, compressai, …): {full:,.0f} MB")
     if edge_venv is not None:
-        lines.append(f"- edge client environment ({edge_venv}, `pip install ./platform/splitserve_edge`), "
+        lines.append("- edge client environment (a fresh venv with `pip install ./platform/splitserve_edge`), "
                      f"without pip and setuptools: {_du(_site(edge_venv), skip=('pip', 'setuptools', '_distutils_hack')):,.0f} MB")
     else:
         lines.append("- edge client environment: pass `--edge-venv DIR` (a venv with `pip install ./platform/splitserve_edge`)")
