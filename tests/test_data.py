@@ -136,7 +136,7 @@ def test_coco_annotations_are_consistent(scenes, split):
 
 
 def test_detection_dataset_items(scenes):
-    ds = detection_dataset(scenes / "coco", "val", train=False, image_size=(48, 80))
+    ds = detection_dataset(scenes / "coco", "val", train=False, preprocessing=(48, 80))
     assert len(ds) == N_VAL and ds.ids == sorted(ds.coco.getImgIds())
     assert [c["id"] for c in ds.categories] == list(range(1, 11))
     assert ds.label_to_category_id == list(range(1, 11))
@@ -162,8 +162,8 @@ def test_detection_dataset_items(scenes):
 
 
 def test_detection_train_flip_is_consistent(scenes):
-    ev = detection_dataset(scenes / "coco", "train", train=False, image_size=(SIZE, SIZE))
-    tr = detection_dataset(scenes / "coco", "train", train=True, image_size=(SIZE, SIZE))
+    ev = detection_dataset(scenes / "coco", "train", train=False, preprocessing=(SIZE, SIZE))
+    tr = detection_dataset(scenes / "coco", "train", train=True, preprocessing=(SIZE, SIZE))
     assert tr.ids == ev.ids  # every generated scene has a box
     ref_image, ref = ev[0]
     flipped_boxes = ref["boxes"][:, [2, 1, 0, 3]] * torch.tensor([-1, 1, -1, 1]) + torch.tensor([SIZE, 0, SIZE, 0])
@@ -183,7 +183,7 @@ def test_detection_train_flip_is_consistent(scenes):
 
 
 def test_segmentation_dataset_items(scenes):
-    ev = segmentation_dataset(scenes / "coco", "val", train=False, image_size=(SIZE, SIZE))
+    ev = segmentation_dataset(scenes / "coco", "val", train=False, preprocessing=(SIZE, SIZE))
     assert ev.category_map == "all"
     assert ev.classes == ["background", *CLASS_SLUGS] and len(ev.classes) == 11
     for i in range(len(ev)):
@@ -195,11 +195,11 @@ def test_segmentation_dataset_items(scenes):
         for ann in ev.coco.imgToAnns[ev.ids[i]]:
             expect[ev.coco.annToMask(ann) > 0] = ann["category_id"]
         assert np.array_equal(mask.numpy(), expect)
-    small = segmentation_dataset(scenes / "coco", "val", train=False, image_size=(32, 40))
+    small = segmentation_dataset(scenes / "coco", "val", train=False, preprocessing=(32, 40))
     _, mask = small[0]
     assert mask.shape == (32, 40) and set(mask.unique().tolist()) <= set(range(11))  # nearest: no blended labels
 
-    tr = segmentation_dataset(scenes / "coco", "train", train=True, image_size=(48, 48))
+    tr = segmentation_dataset(scenes / "coco", "train", train=True, preprocessing=(48, 48))
     torch.manual_seed(0)
     values, padded = set(), 0
     for i in range(len(tr)):
@@ -215,7 +215,7 @@ def test_segmentation_dataset_items(scenes):
 
 def test_classification_dataset_items(scenes):
     for train in (True, False):
-        ds = classification_dataset(scenes / "imagefolder", "train", train=train, image_size=(40, 40))
+        ds = classification_dataset(scenes / "imagefolder", "train", train=train, preprocessing=(40, 40))
         assert ds.classes == sorted(CLASS_SLUGS) and len(ds) == N_TRAIN
         image, label = ds[0]
         assert image.shape == (3, 40, 40) and image.dtype == torch.float32 and isinstance(label, int)
@@ -277,7 +277,7 @@ def _voc_coco(tmp_path: Path) -> Path:
 
 def test_voc_mapping_and_crowd(tmp_path):
     root = _voc_coco(tmp_path)
-    seg = segmentation_dataset(root, "train", train=False, image_size=(40, 60))
+    seg = segmentation_dataset(root, "train", train=False, preprocessing=(40, 60))
     assert seg.category_map == "voc" and len(seg.classes) == 21
     assert seg.classes[0] == "background" and seg.classes[15] == "person" and seg.classes[-1] == "tvmonitor"
     assert seg.ids == [7, 9]
@@ -287,16 +287,16 @@ def test_voc_mapping_and_crowd(tmp_path):
     assert mask[25, 45] == 0  # category 90 is not VOC -> background
     assert set(mask.unique().tolist()) == {0, 15, 255}
     # train drops the image without VOC foreground
-    assert segmentation_dataset(root, "train", train=True, image_size=(32, 32)).ids == [7]
+    assert segmentation_dataset(root, "train", train=True, preprocessing=(32, 32)).ids == [7]
     # "all": background + every category of the file
-    everything = segmentation_dataset(root, "train", train=False, image_size=(40, 60), category_map="all")
+    everything = segmentation_dataset(root, "train", train=False, preprocessing=(40, 60), category_map="all")
     assert len(everything.classes) == 22
     _, mask = everything[0]
     assert mask[25, 45] == everything.classes.index("cat90")
     with pytest.raises(DataError, match="category_map"):
-        segmentation_dataset(root, "train", train=False, image_size=(40, 60), category_map="ade")
+        segmentation_dataset(root, "train", train=False, preprocessing=(40, 60), category_map="ade")
 
-    det = detection_dataset(root, "train", train=False, image_size=(40, 60))
+    det = detection_dataset(root, "train", train=False, preprocessing=(40, 60))
     assert len(det.categories) == 21
     _, target = det[0]
     assert [det.label_to_category_id[i] for i in target["labels"].tolist()] == [1, 90]  # crowd and w<1 skipped
@@ -313,11 +313,11 @@ def test_detection_keeps_empty_images_in_val_only(tmp_path):
     }
     _write_coco(root, "val", data, {"a.png": (20, 20), "b.png": (20, 20)})
     _write_coco(root, "train", data, {"a.png": (20, 20), "b.png": (20, 20)})
-    val = detection_dataset(root, "val", train=False, image_size=(16, 16))
+    val = detection_dataset(root, "val", train=False, preprocessing=(16, 16))
     assert val.ids == [1, 2]
     _, target = val[1]
     assert target["boxes"].shape == (0, 4) and target["labels"].shape == (0,)
-    assert detection_dataset(root, "train", train=True, image_size=(16, 16)).ids == [1]
+    assert detection_dataset(root, "train", train=True, preprocessing=(16, 16)).ids == [1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,14 +326,14 @@ def test_detection_keeps_empty_images_in_val_only(tmp_path):
 
 def test_missing_coco_root(tmp_path):
     with pytest.raises(DataError, match="no such directory") as e:
-        detection_dataset(tmp_path / "nope", "val", train=False, image_size=(32, 32))
+        detection_dataset(tmp_path / "nope", "val", train=False, preprocessing=(32, 32))
     assert str(tmp_path / "nope") in str(e.value) and "\n" not in str(e.value)
 
 
 def test_missing_annotation_file(tmp_path):
     (tmp_path / "val2017").mkdir()
     with pytest.raises(DataError) as e:
-        segmentation_dataset(tmp_path, "train", train=True, image_size=(32, 32))
+        segmentation_dataset(tmp_path, "train", train=True, preprocessing=(32, 32))
     msg = str(e.value)
     assert msg.startswith(str(tmp_path / "annotations" / "instances_train2017.json")) and "no such file" in msg
     assert "COCO 2017 tree" in msg
@@ -343,7 +343,7 @@ def test_missing_image_dir(tmp_path):
     (tmp_path / "annotations").mkdir()
     (tmp_path / "annotations" / "instances_val2017.json").write_text("{}")
     with pytest.raises(DataError, match="val2017: no such directory"):
-        detection_dataset(tmp_path, "val", train=False, image_size=(32, 32))
+        detection_dataset(tmp_path, "val", train=False, preprocessing=(32, 32))
 
 
 @pytest.mark.parametrize(
@@ -364,32 +364,32 @@ def test_broken_annotation_files(tmp_path, content, message):
     path = tmp_path / "annotations" / "instances_val2017.json"
     path.write_text(content)
     with pytest.raises(DataError) as e:
-        detection_dataset(tmp_path, "val", train=False, image_size=(32, 32))
+        detection_dataset(tmp_path, "val", train=False, preprocessing=(32, 32))
     assert str(e.value).startswith(str(path)) and message in str(e.value) and "\n" not in str(e.value)
 
 
 def test_missing_image_file_is_a_data_error(tmp_path):
     data = {"images": [{"id": 1, "file_name": "gone.png", "height": 8, "width": 8}], "annotations": [], "categories": []}
     _write_coco(tmp_path, "val", data, {})
-    ds = detection_dataset(tmp_path, "val", train=False, image_size=(8, 8))
+    ds = detection_dataset(tmp_path, "val", train=False, preprocessing=(8, 8))
     with pytest.raises(DataError, match="gone.png: no such file"):
         ds[0]
 
 
 def test_imagefolder_errors(tmp_path):
     with pytest.raises(DataError, match="no such directory") as e:
-        classification_dataset(tmp_path / "nope", "train", train=True, image_size=(32, 32))
+        classification_dataset(tmp_path / "nope", "train", train=True, preprocessing=(32, 32))
     assert str(tmp_path / "nope") in str(e.value)
     (tmp_path / "train").mkdir()
     with pytest.raises(DataError, match="no class folders") as e:
-        classification_dataset(tmp_path, "train", train=True, image_size=(32, 32))
+        classification_dataset(tmp_path, "train", train=True, preprocessing=(32, 32))
     assert str(tmp_path / "train") in str(e.value)
     (tmp_path / "train" / "cats").mkdir()
     (tmp_path / "train" / "cats" / "notes.txt").write_text("not an image")
     with pytest.raises(DataError, match="no images"):
-        classification_dataset(tmp_path, "train", train=False, image_size=(32, 32))
+        classification_dataset(tmp_path, "train", train=False, preprocessing=(32, 32))
     with pytest.raises(DataError, match="val: no such directory"):
-        classification_dataset(tmp_path, "val", train=False, image_size=(32, 32))
+        classification_dataset(tmp_path, "val", train=False, preprocessing=(32, 32))
 
 
 def test_missing_fashion_mnist(tmp_path):
@@ -438,7 +438,7 @@ def test_cli_fmnist_scenes(tmp_path, capsys):
     assert "train: 8 scenes" in printed and str(out / "coco") in printed
     assert len(list((out / "coco/val2017").iterdir())) == 4
     assert len(list((out / "imagefolder/train").rglob("*.png"))) == 8
-    ds = detection_dataset(out / "coco", "val", train=False, image_size=(64, 64))
+    ds = detection_dataset(out / "coco", "val", train=False, preprocessing=(64, 64))
     assert len(ds) == 4
 
 

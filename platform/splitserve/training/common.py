@@ -183,7 +183,7 @@ def describe_keys(keys: Sequence[str], limit: int = 4) -> str:
 # -- the real coding path ----------------------------------------------------------------------
 def coded_features(codec: FeatureCodec):
     """Images → encoder → rounding around the prior's medians → decoder: exactly what the gateway
-    computes after lossless rANS decoding (rANS itself does not change the latent)."""
+    computes after lossless entropy decoding (which does not change the latent)."""
 
     @torch.no_grad()
     def features(x: Tensor) -> Tensor:
@@ -194,7 +194,7 @@ def coded_features(codec: FeatureCodec):
 
 @torch.no_grad()
 def measure_rate(codec: FeatureCodec, loader, device: torch.device, estimate: bool = True) -> dict[str, float]:
-    """Rates on real data: ``bpp`` from the actual rANS strings of ``codec.compress``,
+    """Rates on real data: ``bpp`` from the actual bitstreams of ``codec.compress``,
     ``payload_bpp`` from a one-image payload per image (container header included, as an edge
     device sending images one by one pays), ``bpp_estimate`` (when ``estimate``) from the prior's
     likelihoods of the rounded latent.

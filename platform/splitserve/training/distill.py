@@ -95,7 +95,7 @@ class DistillObjective(Objective):
 
 @torch.no_grad()
 def validate_distill(objective: DistillObjective, loader, device, plugin=None, head=None, dataset=None) -> dict[str, float]:
-    """Eval-mode (rounded latent) distillation loss, real rANS rates, and — when the teacher's head
+    """Eval-mode (rounded latent) distillation loss, real coded rates, and — when the teacher's head
     fits the data — the task metric of student features through the frozen teacher head."""
     objective.eval()
     total = {"distill_loss": 0.0, "mse_h": 0.0, "bpp_estimate": 0.0}
@@ -159,6 +159,6 @@ def run_distill(cfg: SimpleNamespace) -> int:
             head_config=teacher.config, head_keys=(), provenance=provenance,
             bundle_keys=("bpp", "payload_bpp", "bpp_estimate", "distill_loss", "mse_h"))
         task_part = f", {plugin.name} {plugin.metric_name} {metrics[plugin.metric_name]:.2f}" if plugin.metric_name in metrics else ""
-        print(f"wrote bundle {out}: bpp {metrics['bpp']:.4f} (rANS), payload {metrics['payload_bpp']:.4f}, "
+        print(f"wrote bundle {out}: bpp {metrics['bpp']:.4f} (coded bytes), payload {metrics['payload_bpp']:.4f}, "
               f"distill loss {metrics['distill_loss']:.4f}{task_part}")
         return 0

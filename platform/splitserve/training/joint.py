@@ -141,5 +141,5 @@ def run_train(cfg: SimpleNamespace) -> int:
             out, result, validate, objective.codec, teacher=teacher, plugin=plugin, policy=policy, head=objective.head,
             head_config=config, head_keys=("top5",), provenance=provenance,
             bundle_keys=("bpp", "payload_bpp", "bpp_estimate"))
-        print(f"wrote bundle {out}: {metric} {metrics.get(metric, float('nan')):.2f} at bpp {metrics['bpp']:.4f} (rANS)")
+        print(f"wrote bundle {out}: {metric} {metrics.get(metric, float('nan')):.2f} at bpp {metrics['bpp']:.4f} (coded bytes)")
         return 0
