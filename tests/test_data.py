@@ -257,7 +257,7 @@ def _voc_coco(tmp_path: Path) -> Path:
             # person (COCO 1 -> VOC 15), polygon
             {"id": 1, "image_id": 7, "category_id": 1, "bbox": [10, 5, 20, 10], "area": 200, "iscrowd": 0,
              "segmentation": [[10, 5, 30, 5, 30, 15, 10, 15]]},
-            # crowd of cars: skipped for detection, ignore (255) for segmentation
+            # crowd of cars: skipped for detection; painted as car for segmentation (torchvision's references)
             {"id": 2, "image_id": 7, "category_id": 3, "bbox": [0, 30, 20, 10], "area": 200, "iscrowd": 1,
              "segmentation": crowd_rle},
             # a non-VOC category: background under the VOC map
@@ -283,11 +283,11 @@ def test_voc_mapping_and_crowd(tmp_path):
     assert seg.ids == [7, 9]
     _, mask = seg[0]
     assert mask[10, 20] == 15  # person
-    assert mask[35, 10] == 255  # crowd -> ignore
+    assert mask[35, 10] == seg.classes.index("car")  # crowd -> its class, as torchvision's references
     assert mask[25, 45] == 0  # category 90 is not VOC -> background
-    assert set(mask.unique().tolist()) == {0, 15, 255}
-    # train drops the image without VOC foreground
-    assert segmentation_dataset(root, "train", train=True, preprocessing=(32, 32)).ids == [7]
+    assert set(mask.unique().tolist()) == {0, 7, 15}
+    # train keeps images whose VOC objects cover more than 1000 px: 200 + 200 + 2 here is too little
+    assert segmentation_dataset(root, "train", train=True, preprocessing=(32, 32)).ids == []
     # "all": background + every category of the file
     everything = segmentation_dataset(root, "train", train=False, preprocessing=(40, 60), category_map="all")
     assert len(everything.classes) == 22
