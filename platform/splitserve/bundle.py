@@ -356,6 +356,39 @@ def upgrade_bundle(path: str | Path) -> Manifest:
     return read_manifest(root)
 
 
+def pack_bundle(src: str | Path, dst: str | Path, *, half: bool = True) -> Manifest:
+    """Copy a bundle with the server-side weights (decoder, trunk, heads) stored in float16.
+
+    The encoder and prior stay float32, so the fingerprint and every bitstream are unchanged;
+    loading casts the stored weights back to the modules' float32. Halves the bundle's size (a
+    ResNet-18 trunk is 45 MB in float32) at a cost measured by re-evaluating the packed bundle.
+    """
+    from safetensors.torch import load_file
+
+    src, dst = Path(src), Path(dst)
+    manifest = read_manifest(src)
+    load_codec(src, manifest=manifest)  # verify before copying
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent if dst.parent.exists() else None))
+    try:
+        shutil.copytree(src, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.runs", "checkpoint"))
+        entries = [manifest.files[k] for k in manifest.files if k not in EDGE_PARTS] + [t.file for t in manifest.tasks.values()]
+        for entry in entries if half else []:
+            path = tmp / entry.path
+            tensors = {k: (v.half() if v.is_floating_point() else v) for k, v in load_file(str(path)).items()}
+            save_file(tensors, str(path))
+            entry.sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
+        manifest.provenance = {**manifest.provenance, "packed": "server-side weights in float16" if half else "copy"}
+        (tmp / "manifest.json").write_text(manifest.model_dump_json(indent=2) + "\n")
+        if dst.exists():
+            shutil.rmtree(dst)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return read_manifest(dst)
+
+
 def update_heads(
     path: str | Path,
     heads: Mapping[str, tuple[nn.Module, Mapping[str, Any]]],

@@ -124,8 +124,8 @@ class TrainingHooks(ABC):
 
     def config_for_classes(self, names: Sequence[str]) -> dict:
         """Head config for a dataset whose object classes are ``names`` (no background): what
-        :meth:`dataset_config` would give for it."""
-        return {"num_classes": len(names), "labels": list(names)}
+        :meth:`dataset_config` would give for it; ``{}`` for a head that has no classes."""
+        return {}
 
     @abstractmethod
     def collate(self, items: list) -> TaskBatch:

@@ -95,6 +95,9 @@ class ClassificationPlugin(TrainingHooks, TaskPlugin):
 
         return classification_dataset(root, split, train=train, preprocessing=preprocessing)
 
+    def config_for_classes(self, names: Sequence[str]) -> dict:
+        return {"num_classes": len(names), "labels": list(names)}
+
     def dataset_config(self, dataset: Dataset) -> dict:
         classes = list(dataset.classes)
         return {"num_classes": len(classes), "labels": classes}

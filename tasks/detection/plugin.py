@@ -185,6 +185,9 @@ class DetectionPlugin(TrainingHooks, TaskPlugin):
 
         return detection_dataset(root, split, train=train, preprocessing=preprocessing)
 
+    def config_for_classes(self, names: Sequence[str]) -> dict:
+        return {"num_classes": len(names), "labels": list(names)}
+
     def dataset_config(self, dataset: Dataset) -> dict:
         cats = list(dataset.categories)
         return {

@@ -28,6 +28,11 @@ def register(sub) -> None:
     c.add_argument("--seed", type=int, default=0)
     c.set_defaults(func=init, command="bundle init")
 
+    k = bsub.add_parser("pack", help="Copy a bundle with decoder, trunk and heads in float16 (encoder and prior exact).")
+    k.add_argument("path", metavar="DIR")
+    k.add_argument("out", metavar="OUT")
+    k.set_defaults(func=pack, command="bundle pack")
+
     u = bsub.add_parser("upgrade", help="Convert a bundle written by an older splitserve to the current format.")
     u.add_argument("path", metavar="DIR")
     u.set_defaults(func=upgrade, command="bundle upgrade")
@@ -81,4 +86,15 @@ def upgrade(args) -> int:
     manifest = upgrade_bundle(args.path)
     load_codec(args.path, manifest=manifest)  # the converted bundle verifies: hashes and fingerprint
     print(f"{args.path}: bundle format version {FORMAT_VERSION} (preprocessing: {manifest.policy.describe()})")
+    return 0
+
+
+def pack(args) -> int:
+    from pathlib import Path
+
+    from ..bundle import pack_bundle
+
+    manifest = pack_bundle(args.path, args.out)
+    size = sum(f.stat().st_size for f in Path(args.out).rglob("*") if f.is_file())
+    print(f"wrote {args.out}: {size / 2**20:.1f} MB, fingerprint {manifest.fingerprint[:16]} (unchanged)")
     return 0

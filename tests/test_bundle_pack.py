@@ -1,0 +1,39 @@
+"""`platform bundle pack`: server-side weights in float16, the device side and its bitstreams exact."""
+
+from __future__ import annotations
+
+import torch
+from safetensors.torch import load_file
+
+from splitserve.bundle import read_manifest
+from splitserve.cli import main
+from splitserve.edge import EdgeEncoder
+from splitserve.gateway.runtime import Job, Runtime
+from splitserve.plugins import PluginRegistry
+
+from .conftest import texture
+
+
+def test_pack_halves_server_weights_and_keeps_the_code(bundle_dir, tmp_path, capsys):
+    out = tmp_path / "packed"
+    assert main(["bundle", "pack", str(bundle_dir), str(out)]) == 0
+    assert "fingerprint" in capsys.readouterr().out
+    src, dst = read_manifest(bundle_dir), read_manifest(out)
+    assert dst.fingerprint == src.fingerprint
+    for part in ("encoder", "prior"):
+        assert dst.files[part].sha256 == src.files[part].sha256  # the device side is untouched
+    dec = load_file(str(out / dst.files["decoder"].path))
+    assert {t.dtype for t in dec.values() if t.is_floating_point()} == {torch.float16}
+    size = lambda b: sum(f.stat().st_size for f in b.rglob("*.safetensors"))  # noqa: E731
+    assert size(out) < 0.6 * size(bundle_dir)
+    # same payload, near-identical answers
+    image = texture("coffee", (90, 70))
+    data = EdgeEncoder.from_bundle(bundle_dir).encode([image]).data
+    assert EdgeEncoder.from_bundle(out).encode([image]).data == data
+    answers = []
+    for b in (bundle_dir, out):
+        rt = Runtime(b, PluginRegistry.discover(), tasks=["classification"])
+        payload, metas = rt.parse_payload(data)
+        answers.append(rt.run([Job(plugins=list(rt.plugins), payload=payload, metas=metas)])[0][0]["classification"])
+    assert [t.index for t in answers[0].top] == [t.index for t in answers[1].top]
+    assert abs(answers[0].top[0].probability - answers[1].top[0].probability) < 1e-2

@@ -1,0 +1,165 @@
+"""Tests that fail when a refactor silently breaks what users rely on: answers going to the right
+images, one entropy decode per batch, knowledge distillation as published, head files verified."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import shutil
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+import torch.nn.functional as F
+
+from splitserve.bundle import BundleError, load_head, read_manifest
+from splitserve.defaults import build_untrained_bundle
+from splitserve.edge import EdgeEncoder
+from splitserve.gateway.process import GatewayProcess
+from splitserve.gateway.runtime import Runtime
+from splitserve.plugins import ImageMeta, PluginRegistry, TaskBatch
+
+from .conftest import texture
+from .helpers import informative
+
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "brick", "grass")
+
+
+# -- knowledge distillation, by hand -----------------------------------------------------------
+
+def test_kd_loss_is_hintons_with_t_squared():
+    """(1-a)·CE + a·T²·KL(softmax(t/T) ‖ softmax(s/T)), computed by hand for a tiny batch."""
+    plugin = PluginRegistry.discover().get("cls")
+
+    class Logits(torch.nn.Module):  # a "head" that returns fixed logits
+        def __init__(self, logits):
+            super().__init__()
+            self.logits = logits
+
+        def forward(self, h):
+            return self.logits
+
+    student = torch.tensor([[2.0, 0.5, -1.0], [0.1, 0.2, 3.0]])
+    teacher = torch.tensor([[1.0, 1.5, -0.5], [-1.0, 0.3, 2.0]])
+    targets = torch.tensor([0, 2])
+    t, a = 2.5, 0.7
+    losses = plugin.loss(Logits(student), torch.zeros(2, 64, 4, 4), TaskBatch(torch.zeros(2, 3, 16, 16), targets),
+                         teacher_output=teacher, options={"temperature": t, "kd_alpha": a})
+    p_t = (teacher / t).softmax(1)
+    log_p_s = (student / t).log_softmax(1)
+    kl = (p_t * (p_t.log() - log_p_s)).sum(1).mean()  # KL(teacher ‖ student), batch mean
+    ce = F.cross_entropy(student, targets)
+    assert losses["kd"].item() == pytest.approx(a * t * t * kl.item(), rel=1e-5)
+    assert losses["ce"].item() == pytest.approx((1 - a) * ce.item(), rel=1e-6)
+    # direction: KL(student ‖ teacher) is a different number here
+    reverse = ((student / t).softmax(1) * (log_p_s - (teacher / t).log_softmax(1))).sum(1).mean()
+    assert not math.isclose(reverse.item(), kl.item(), rel_tol=1e-3)
+    # without a teacher: plain cross-entropy
+    assert plugin.loss(Logits(student), None, TaskBatch(None, targets), teacher_output=None)["ce"].item() == \
+        pytest.approx(ce.item(), rel=1e-6)
+
+
+# -- head files are verified like the codec's ----------------------------------------------------
+
+def test_tampered_or_escaping_head_file_is_refused(bundle_dir, tmp_path):
+    registry = PluginRegistry.discover()
+    plugin = registry.get("cls")
+    for mutate, match in (("bytes", "do not match the manifest"), ("path", "escapes the bundle directory")):
+        b = tmp_path / mutate
+        shutil.copytree(bundle_dir, b)
+        manifest = json.loads((b / "manifest.json").read_text())
+        entry = manifest["tasks"]["classification"]["file"]
+        if mutate == "bytes":
+            data = bytearray((b / entry["path"]).read_bytes())
+            data[-10] ^= 0xFF
+            (b / entry["path"]).write_bytes(bytes(data))
+        else:
+            outside = tmp_path / "outside.safetensors"
+            shutil.copy(b / entry["path"], outside)
+            entry["path"] = "../outside.safetensors"
+            (b / "manifest.json").write_text(json.dumps(manifest))
+        m = read_manifest(b)
+        config = plugin.resolve_config(m.backbone, m.tasks["classification"].config)
+        with pytest.raises(BundleError, match=match):
+            load_head(b, "classification", plugin.build_head(m.backbone, config), m)
+        with pytest.raises(BundleError, match=match):
+            Runtime(b, registry, tasks=["classification"])
+
+
+# -- the gateway answers each image, once decoded per batch ------------------------------------------
+
+@pytest.fixture(scope="module")
+def answering_bundle(tmp_path_factory) -> Path:
+    """An untrained bundle whose latents depend on the image (so answers differ per image)."""
+    b = build_untrained_bundle(tmp_path_factory.mktemp("guards") / "bundle", input_size=(64, 64),
+                               tasks=["classification", "segmentation"])
+    informative(b)
+    return b
+
+
+def _local_answers(bundle: Path, images) -> list[dict]:
+    """What the gateway must answer for each image alone: edge encode → decode → heads, in process."""
+    from splitserve.gateway.runtime import Job
+
+    runtime = Runtime(bundle, PluginRegistry.discover())
+    edge = EdgeEncoder.from_bundle(bundle)
+    out = []
+    for img in images:
+        payload, metas = runtime.parse_payload(edge.encode([img]).data)
+        answer = runtime.run([Job(plugins=list(runtime.plugins), payload=payload, metas=metas)])[0][0]
+        out.append({k: v.model_dump(mode="json") for k, v in answer.items()})
+    return out
+
+
+def _stage_count(url: str, stage: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(httpx.get(url + "/metrics").text):
+        for s in family.samples:
+            if s.name == "splitserve_stage_seconds_count" and s.labels.get("stage") == stage:
+                return s.value
+    return 0.0
+
+
+def _assert_same_answer(got: dict, want: dict) -> None:
+    """Equal up to float noise: a batch of 8 and a batch of 1 round differently in the last bits."""
+    g, w = got["classification"]["top"], want["classification"]["top"]
+    assert [c["index"] for c in g] == [c["index"] for c in w]
+    assert [c["probability"] for c in g] == pytest.approx([c["probability"] for c in w], rel=1e-4, abs=1e-6)
+    gs, ws = got["segmentation"], want["segmentation"]
+    assert (gs["width"], gs["height"]) == (ws["width"], ws["height"])
+    shares = {c["index"]: c["fraction"] for c in ws["classes"]}
+    for c in gs["classes"]:
+        assert c["fraction"] == pytest.approx(shares.get(c["index"], 0.0), abs=2e-3)
+
+
+def test_gateway_answers_each_image_with_its_own_answer(answering_bundle):
+    images = [texture(n, (80, 60)) for n in PHOTOS]
+    expected = _local_answers(answering_bundle, images)
+    assert len({json.dumps(e["classification"], sort_keys=True) for e in expected}) > 1, "answers must differ per image"
+    edge = EdgeEncoder.from_bundle(answering_bundle)
+    headers = {"Content-Type": "application/x-splitserve"}
+    multi = [edge.encode(images[:3]).data, edge.encode(images[3:]).data]  # multi-image payloads
+    singles = [edge.encode([img]).data for img in images]
+
+    async def fire(url):
+        async with httpx.AsyncClient(base_url=url, timeout=120) as c:
+            reqs = [c.post("/infer", content=body, headers=headers) for body in multi + singles]
+            return await asyncio.gather(*reqs)
+
+    with GatewayProcess("--bundle", str(answering_bundle), "--max-wait-ms", "300", "--max-batch", "64") as server:
+        before_decode = _stage_count(server.url, "feature_decode")
+        before_entropy = _stage_count(server.url, "entropy_decode")
+        responses = asyncio.run(fire(server.url))
+        batches = _stage_count(server.url, "feature_decode") - before_decode
+        entropy = _stage_count(server.url, "entropy_decode") - before_entropy
+    assert all(r.status_code == 200 for r in responses)
+    got = [res["tasks"] for r in responses for res in r.json()["results"]]
+    want = expected[:3] + expected[3:] + expected  # the two multi-image payloads, then the singles
+    for g, w in zip(got, want, strict=True):
+        _assert_same_answer(g, w)
+    # 8 requests arrived within one batching window: far fewer batches than requests, and the
+    # entropy decode ran once per batch, not once per request
+    assert batches < len(responses) and entropy == batches
