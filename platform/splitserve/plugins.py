@@ -234,7 +234,8 @@ class PluginRegistry:
         try:
             return self._by_name[self._lookup[key.strip().lower()]]
         except KeyError:
-            raise PluginError(f"unknown task {key!r}; available: {self.describe_available()}") from None
+            shown = key if len(key) <= 40 else key[:40] + "…"
+            raise PluginError(f"unknown task {shown!r}; available: {self.describe_available()}") from None
 
     def resolve(self, spec: str | Sequence[str]) -> list[TaskPlugin]:
         """``"cls,det"`` → [classification, detection], de-duplicated, order kept."""

@@ -140,10 +140,10 @@ def _as_byte_view(data: object) -> memoryview:
     """A flat 1-D unsigned-byte view of any bytes-like input, or PayloadError."""
     try:
         view = memoryview(data)  # type: ignore[arg-type]
-    except TypeError:
-        raise PayloadError(f"payload must be bytes-like, got {type(data).__name__}") from None
-    if view.ndim != 1 or view.itemsize != 1 or not view.c_contiguous:
-        view = memoryview(view.tobytes())
+        if view.ndim != 1 or view.itemsize != 1 or not view.c_contiguous:
+            view = memoryview(view.tobytes())
+    except (TypeError, ValueError):  # not bytes-like, or a released memoryview
+        raise PayloadError(f"payload must be bytes-like and readable, got {type(data).__name__}") from None
     if view.format != "B":
         view = view.cast("B")
     return view

@@ -44,9 +44,10 @@ MAX_IMAGE_PIXELS = 64_000_000  # refuse decompression bombs with a clear message
 ImageLike = Union[str, Path, bytes, Image.Image, np.ndarray]
 
 
-def load_image(source: ImageLike) -> Image.Image:
+def load_image(source: ImageLike, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
     """A path, encoded bytes, PIL image or HxWx{1,3,4} uint8 array as an RGB PIL image; anything
-    unreadable is one :class:`SplitserveError` line naming the input."""
+    unreadable is one :class:`SplitserveError` line naming the input. Encoded images larger than
+    ``max_pixels`` are refused from their header, before any pixel is decoded."""
     if isinstance(source, Image.Image):
         return source.convert("RGB")
     if isinstance(source, np.ndarray):
@@ -62,7 +63,7 @@ def load_image(source: ImageLike) -> Image.Image:
         source = path.read_bytes()
     try:
         with Image.open(io.BytesIO(source)) as img:
-            if img.width * img.height > MAX_IMAGE_PIXELS:
+            if img.width * img.height > max_pixels:
                 raise SplitserveError(f"{name}: image of {img.width}x{img.height} pixels is too large")
             return img.convert("RGB")
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError, ValueError) as e:

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Optional
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response
+from fastapi.security import APIKeyHeader
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field, create_model
 
@@ -23,11 +24,13 @@ from ..plugins import PluginRegistry
 from .batching import DynamicBatcher, QueueFull
 from .config import ServerConfig
 from .metrics import GatewayMetrics
+from ..payload import PayloadLimits
 from .runtime import Job, Runtime
 
 log = logging.getLogger("splitserve.gateway")
 
 PAYLOAD_TYPES = ("application/x-splitserve", "application/octet-stream")
+API_KEY = APIKeyHeader(name="X-API-Key", auto_error=False, description="the gateway's API key, when it has one")
 IMAGE_TYPES = ("image/jpeg", "image/png", "image/webp")
 
 
@@ -84,13 +87,27 @@ def _result_models(runtime: Runtime) -> tuple[type[BaseModel], type[BaseModel]]:
     return response, image_model
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """Read at most ``limit`` bytes; refuse early on Content-Length, and while streaming."""
+def excerpt(text: str, limit: int = 40) -> str:
+    """A short, printable excerpt of client input for error messages (never the whole thing)."""
+    clean = "".join(c if c.isprintable() else "?" for c in text[:limit])
+    return repr(clean + ("…" if len(text) > limit else ""))
+
+
+async def _read_body(request: Request, limit: int, timeout: float) -> bytes:
+    """Read at most ``limit`` bytes; refuse early on Content-Length, and while streaming; a body
+    that stalls for ``timeout`` seconds gets 408 (a slow client cannot hold a slot forever)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise HTTPException(413, f"body of {declared} bytes exceeds the limit of {limit} bytes")
     chunks, size = [], 0
-    async for chunk in request.stream():
+    stream = request.stream().__aiter__()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(stream.__anext__(), timeout)
+        except StopAsyncIteration:
+            break
+        except asyncio.TimeoutError:
+            raise HTTPException(408, f"request body stalled for {timeout:g} s") from None
         size += len(chunk)
         if size > limit:
             raise HTTPException(413, f"body exceeds the limit of {limit} bytes")
@@ -109,8 +126,12 @@ def create_app(config: ServerConfig | None = None, runtime: Runtime | None = Non
             import torch
 
             torch.set_num_threads(config.threads)
-        runtime = Runtime(resolve_bundle(config.bundle), PluginRegistry.discover(), config.tasks, metrics)
-    state: dict[str, Any] = {"ready": False}
+        limits = PayloadLimits(max_images=config.max_batch, max_image_side=config.max_image_side,
+                               max_total_bytes=config.max_body_bytes)
+        runtime = Runtime(resolve_bundle(config.bundle), PluginRegistry.discover(), config.tasks, metrics, limits)
+    api_key = config.resolved_api_key()
+    state: dict[str, Any] = {"ready": False, "broken": None}
+    image_decodes = asyncio.Semaphore(2)  # uploaded images decode two at a time, within the pixel budget
     batcher = DynamicBatcher(runtime, metrics, max_batch=config.max_batch, max_wait_ms=config.max_wait_ms,
                              max_queue=config.max_queue)
     InferResponse, ImageResult = _result_models(runtime)
@@ -119,7 +140,7 @@ def create_app(config: ServerConfig | None = None, runtime: Runtime | None = Non
     async def lifespan(app: FastAPI):
         batcher.start()
         if config.warmup:
-            await asyncio.get_running_loop().run_in_executor(batcher._executor, runtime.warmup)
+            await batcher.run_in_worker(runtime.warmup)
         state["ready"] = True
         log.info("serving %s (fingerprint %s) tasks: %s", runtime.path, runtime.fingerprint[:16],
                  ", ".join(p.name for p in runtime.plugins))
@@ -127,16 +148,17 @@ def create_app(config: ServerConfig | None = None, runtime: Runtime | None = Non
         state["ready"] = False
         await batcher.stop()
 
-    def require_key(request: Request) -> None:
-        if config.api_key is None:
+    def require_key(given: Annotated[Optional[str], Depends(API_KEY)] = None) -> None:
+        if api_key is None:
             return
-        given = request.headers.get("x-api-key", "")
-        if not secrets.compare_digest(given.encode(), config.api_key.encode()):
+        if not secrets.compare_digest((given or "").encode(), api_key.encode()):
             raise HTTPException(401, "missing or wrong API key (send it in the X-API-Key header)",
                                 headers={"WWW-Authenticate": "X-API-Key"})
 
+    protected = [Depends(require_key)] if config.auth_all else []
+
     router = APIRouter()
-    errors = {s: {"model": ErrorResponse} for s in (400, 401, 409, 413, 415, 503)}
+    errors = {s: {"model": ErrorResponse} for s in (400, 401, 408, 409, 413, 415, 503)}
 
     @router.post(
         "/infer",
@@ -162,7 +184,7 @@ def create_app(config: ServerConfig | None = None, runtime: Runtime | None = Non
         start = time.perf_counter()
         try:
             plugins = runtime.registry.resolve(tasks) if tasks is not None else list(runtime.plugins)
-        except PluginError as e:
+        except PluginError as e:  # names the unknown task, shortened (PluginRegistry.get)
             metrics.requests.labels(task="?", status="400").inc()
             raise HTTPException(400, str(e)) from None
         status = "500"
@@ -170,12 +192,12 @@ def create_app(config: ServerConfig | None = None, runtime: Runtime | None = Non
             ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
             if ctype not in PAYLOAD_TYPES + IMAGE_TYPES:
                 status = "415"
-                raise HTTPException(415, f"unsupported content type {ctype or '(none)'!r}; send "
+                raise HTTPException(415, f"unsupported content type {excerpt(ctype) if ctype else '(none)'}; send "
                                          f"{', '.join(PAYLOAD_TYPES + IMAGE_TYPES)}")
             try:
-                body = await _read_body(request, config.max_body_bytes)
-            except HTTPException:
-                status = "413"
+                body = await _read_body(request, config.max_body_bytes, config.body_timeout_s)
+            except HTTPException as e:
+                status = str(e.status_code)
                 raise
             kind = "payload" if ctype in PAYLOAD_TYPES else "image"
             metrics.payload_bytes.labels(kind=kind).observe(len(body))
@@ -184,8 +206,9 @@ def create_app(config: ServerConfig | None = None, runtime: Runtime | None = Non
                     payload, metas = runtime.parse_payload(body)
                     job = Job(plugins=plugins, payload=payload, metas=metas)
                 else:
-                    pixels, metas = await asyncio.get_running_loop().run_in_executor(
-                        None, runtime.preprocess_image, body)
+                    async with image_decodes:
+                        pixels, metas = await asyncio.get_running_loop().run_in_executor(
+                            None, runtime.preprocess_image, body, config.max_image_pixels)
                     job = Job(plugins=plugins, pixels=pixels, metas=metas)
             except FingerprintMismatch as e:
                 status = "409"
@@ -217,7 +240,8 @@ def create_app(config: ServerConfig | None = None, runtime: Runtime | None = Non
                 metrics.requests.labels(task=p.name, status=status).inc()
             metrics.request_seconds.observe(time.perf_counter() - start)
 
-    @router.get("/v1/tasks", response_model=list[TaskInfo], summary="Served task plugins and their schemas")
+    @router.get("/v1/tasks", response_model=list[TaskInfo], summary="Served task plugins and their schemas",
+                dependencies=protected)
     async def list_tasks():
         return [
             TaskInfo(
@@ -230,7 +254,7 @@ def create_app(config: ServerConfig | None = None, runtime: Runtime | None = Non
             for p in runtime.plugins
         ]
 
-    @router.get("/v1/encoder", response_model=EncoderInfo,
+    @router.get("/v1/encoder", response_model=EncoderInfo, dependencies=protected,
                 summary="The encoder an edge client must use (check the fingerprint)")
     async def encoder_info():
         from ..payload import FORMAT_VERSION
@@ -242,18 +266,23 @@ def create_app(config: ServerConfig | None = None, runtime: Runtime | None = Non
             latent_channels=runtime.codec.latent_channels, payload_format_version=FORMAT_VERSION,
         )
 
-    @router.get("/healthz", response_model=Health, summary="Liveness: the process answers")
+    @router.api_route("/healthz", methods=["GET", "HEAD"], response_model=Health,
+                      responses={503: {"model": Health}}, summary="Liveness: the process can still answer")
     async def healthz():
+        if batcher.broken is not None:  # e.g. after a MemoryError: restart me
+            return JSONResponse({"status": f"broken: {batcher.broken}"}, status_code=503)
         return Health(status="ok")
 
-    @router.get("/readyz", response_model=Health, responses={503: {"model": Health}},
-                summary="Readiness: models loaded and warmed up")
+    @router.api_route("/readyz", methods=["GET", "HEAD"], response_model=Health, responses={503: {"model": Health}},
+                      summary="Readiness: models loaded and warmed up")
     async def readyz():
+        if batcher.broken is not None:
+            return JSONResponse({"status": f"broken: {batcher.broken}"}, status_code=503)
         if not state["ready"]:
             return JSONResponse({"status": "starting"}, status_code=503)
         return Health(status="ready")
 
-    @router.get("/metrics", summary="Prometheus metrics", response_class=Response,
+    @router.get("/metrics", summary="Prometheus metrics", response_class=Response, dependencies=protected,
                 responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
     async def prometheus():
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
@@ -264,6 +293,8 @@ def create_app(config: ServerConfig | None = None, runtime: Runtime | None = Non
         description="Decode edge-compressed features once; run classification, detection, segmentation "
                     "and any installed task plugin on them.",
         lifespan=lifespan,
+        docs_url="/docs" if config.docs else None,
+        redoc_url="/redoc" if config.docs else None,
     )
     app.include_router(router)
     app.state.runtime = runtime

@@ -5,6 +5,8 @@ instead of growing memory without bound."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -55,6 +57,26 @@ class DynamicBatcher:
                 pass
         self._executor.shutdown(wait=False, cancel_futures=True)
 
+    broken: str | None = None
+
+    def break_down(self, reason: str) -> None:
+        """Mark the gateway unhealthy (/healthz and /readyz answer 503) and stop the process
+        gracefully, so its supervisor (Kubernetes, systemd, Compose) starts a fresh one."""
+        if self.broken is None:
+            self.broken = reason
+            log.error("gateway broken (%s): shutting down for a restart", reason)
+            asyncio.get_running_loop().call_later(0.5, os.kill, os.getpid(), signal.SIGTERM)
+
+    @staticmethod
+    def _fail(pending, error: BaseException) -> None:
+        for p in pending:
+            if not p.future.done():
+                p.future.set_exception(error)
+
+    async def run_in_worker(self, fn, *args):
+        """Run ``fn`` on the batch worker thread (e.g. the warm-up), in order with the batches."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
     async def submit(self, job: Job):
         if self._waiting + job.num_images > self.max_queue:
             self.metrics.rejected.inc()
@@ -99,12 +121,26 @@ class DynamicBatcher:
             start = loop.time()
             try:
                 results = await loop.run_in_executor(self._executor, self.runtime.run, [p.job for p in live])
-            except Exception as e:  # a head failing must fail these requests, not the server
-                log.exception("batch of %d requests failed", len(live))
-                for p in live:
-                    if not p.future.done():
-                        p.future.set_exception(e)
+            except MemoryError as e:  # this process may be unable to answer anything now: say so, restart
+                self._fail(live, e)
+                self.break_down(f"MemoryError in a batch of {len(live)} requests")
                 continue
+            except Exception as e:  # noqa: BLE001 — one bad request must not fail its batch-mates
+                if len(live) == 1:
+                    log.exception("request failed")
+                    self._fail(live, e)
+                    continue
+                log.warning("batch of %d requests failed (%s); retrying them one by one", len(live), e)
+                results = []
+                for p in live:
+                    try:
+                        results.append((await loop.run_in_executor(self._executor, self.runtime.run, [p.job]))[0])
+                    except MemoryError as err:
+                        self.break_down("MemoryError")
+                        results.append(err)
+                    except Exception as err:  # noqa: BLE001
+                        log.exception("request failed")
+                        results.append(err)
             self._last_batch_seconds = loop.time() - start
             for p, r in zip(live, results):
                 if not p.future.done():  # a request whose bitstream failed to decode fails alone

@@ -21,9 +21,37 @@ class ServerConfig(BaseModel):
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=64, description="largest request body (413 above)")
     workers: int = Field(1, ge=1, description="server processes (each loads the models)")
     threads: int | None = Field(None, ge=1, description="torch intra-op threads per process")
-    api_key: str | None = Field(None, description="require this key in the X-API-Key header")
+    api_key: str | None = Field(None, description="require this key in the X-API-Key header (prefer "
+                                "SPLITSERVE_API_KEY or --api-key-file: a flag is visible in /proc/PID/cmdline)")
+    api_key_file: str | None = Field(None, description="read the API key from this file (e.g. a mounted secret)")
+    auth_all: bool = Field(False, description="also require the key for /metrics and /v1/* (probes stay open)")
+    docs: bool = Field(False, description="serve /docs and /redoc (their assets load from a CDN); "
+                                          "/openapi.json is always served")
+    max_image_side: int = Field(8192, ge=16, le=65535, description="largest original side a payload may declare, "
+                                                                   "and the largest side of an uploaded image")
+    max_image_pixels: int = Field(16_000_000, ge=256, description="largest uploaded image (full offloading), in pixels")
+    body_timeout_s: float = Field(10.0, gt=0, description="a request body that stalls this long gets 408")
+    keep_alive_s: float = Field(5.0, gt=0, description="idle keep-alive connections close after this")
+    shutdown_timeout_s: float = Field(20.0, gt=0, description="on SIGTERM, wait at most this long for requests")
+    max_header_bytes: int = Field(16384, ge=1024, description="largest request head (request line + headers)")
     warmup: bool = True
     log_level: str = "info"
+
+    def resolved_api_key(self) -> str | None:
+        """The key from --api-key-file, else --api-key / SPLITSERVE_API_KEY."""
+        if self.api_key_file:
+            from pathlib import Path
+
+            from ..errors import SplitserveError
+
+            try:
+                key = Path(self.api_key_file).read_text().strip()
+            except OSError as e:
+                raise SplitserveError(f"--api-key-file {self.api_key_file}: {e.strerror or e}") from None
+            if not key:
+                raise SplitserveError(f"--api-key-file {self.api_key_file} is empty")
+            return key
+        return self.api_key
 
     @classmethod
     def from_env(cls, **overrides: Any) -> "ServerConfig":

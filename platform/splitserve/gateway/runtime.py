@@ -123,10 +123,15 @@ class Runtime:
             metas.append(ImageMeta((oh, ow), input_hw))
         return metas
 
-    def preprocess_image(self, body: bytes) -> tuple[torch.Tensor, list[ImageMeta]]:
-        """Full-offloading mode: the server resizes/normalises exactly like the edge would."""
+    def preprocess_image(self, body: bytes, max_pixels: int = 16_000_000) -> tuple[torch.Tensor, list[ImageMeta]]:
+        """Full-offloading mode: the server applies the bundle's preprocessing exactly like the edge
+        would. Images above ``max_pixels`` or the payload limits' largest side are refused from
+        their header, before decoding."""
         with self.metrics.stage("image_decode"):
-            img = load_image(body)
+            img = load_image(body, max_pixels)
+            side = self.payload_limits.max_image_side
+            if max(img.height, img.width) > side:
+                raise PayloadError(f"image of {img.width}x{img.height} pixels has a side above {side}")
             x = to_input(img, self.policy).unsqueeze(0)
         return x, [ImageMeta((img.height, img.width), tuple(x.shape[-2:]))]
 

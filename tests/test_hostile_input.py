@@ -1,0 +1,132 @@
+"""The attacks of the reliability issue, each against a real gateway process: the cost of a request
+is bounded by what it pays for, and no request can take the server down or hold it."""
+
+from __future__ import annotations
+
+import io
+import signal
+import socket
+import time
+
+import httpx
+import pytest
+from PIL import Image
+
+from splitserve.errors import PayloadError
+from splitserve.gateway.process import GatewayProcess
+from splitserve_edge.payload import Payload
+
+from .conftest import texture
+
+pytestmark = pytest.mark.slow
+PAYLOAD = {"Content-Type": "application/x-splitserve"}
+
+
+@pytest.fixture(scope="module")
+def gateway(bundle_dir, tmp_path_factory):
+    key = tmp_path_factory.mktemp("secret") / "key"
+    key.write_text("s3cret\n")
+    s = GatewayProcess("--bundle", str(bundle_dir), "--max-batch", "8", "--max-wait-ms", "5",
+                       "--body-timeout-s", "1", "--shutdown-timeout-s", "2", "--max-image-pixels", "4000000",
+                       "--api-key-file", str(key), "--auth-all").start()
+    yield s
+    s.stop()
+
+
+def _client(gateway) -> httpx.Client:
+    return httpx.Client(base_url=gateway.url, headers={"X-API-Key": "s3cret"}, timeout=30)
+
+
+def _forge(real: Payload, *, latent=None, sizes=None, images=None) -> bytes:
+    n = images or real.num_images
+    return Payload(real.fingerprint, latent or real.latent_shape, sizes or real.original_sizes * n,
+                   real.strings * n if images else real.strings).to_bytes()
+
+
+def test_oversized_claims_are_refused_fast(gateway, edge):
+    real = edge.encode([texture("brick", (70, 50))]).payload
+    c = real.latent_shape[0]
+    with _client(gateway) as client:
+        for body, reason in [
+            (_forge(real, latent=(c, 512, 512)), "preprocessing"),            # row 1: 24x512x512 latent claim
+            (_forge(real, sizes=((16384, 16384),)), "original height"),      # row 2: huge original size
+            (_forge(real, sizes=((65535, 65535),)), "original height"),      # row 3
+            (_forge(real, images=160), "image count"),                        # row 4: N above max_batch
+        ]:
+            t = time.perf_counter()
+            r = client.post("/infer", content=body, headers=PAYLOAD)
+            assert r.status_code == 400 and reason in r.json()["detail"], (reason, r.status_code, r.text[:200])
+            assert time.perf_counter() - t < 2.0
+        assert client.post("/infer", content=real.to_bytes(), headers=PAYLOAD).status_code == 200
+
+
+def test_decompression_bomb_upload_is_refused_from_its_header(gateway):
+    buf = io.BytesIO()
+    Image.new("1", (8000, 8000)).save(buf, format="PNG")  # row 5: a few kB, 64 M pixels
+    assert len(buf.getvalue()) < 50_000
+    with _client(gateway) as client:
+        t = time.perf_counter()
+        r = client.post("/infer", content=buf.getvalue(), headers={"Content-Type": "image/png"})
+        assert r.status_code == 400 and "too large" in r.json()["detail"]
+        assert time.perf_counter() - t < 2.0
+
+
+def test_stalled_body_gets_408_and_huge_header_is_refused(gateway):
+    host, port = "127.0.0.1", int(gateway.url.rsplit(":", 1)[1])
+    with socket.create_connection((host, port), timeout=10) as s:  # row 6: declares 5 MB, sends 1 kB, stalls
+        s.sendall(b"POST /infer HTTP/1.1\r\nHost: x\r\nX-API-Key: s3cret\r\nContent-Type: application/x-splitserve\r\n"
+                  b"Content-Length: 5000000\r\n\r\n" + b"\0" * 1024)
+        t = time.perf_counter()
+        answer = s.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 408") or answer.startswith(b"HTTP/1.1 413"), answer[:80]
+        assert time.perf_counter() - t < 5
+    with socket.create_connection((host, port), timeout=10) as s:  # one 1 MB header line
+        try:
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Junk: " + b"a" * (1 << 20) + b"\r\n\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        answer = s.recv(4096)
+        assert answer == b"" or answer.split(b" ")[1] in (b"400", b"431"), answer[:80]
+    assert httpx.get(gateway.url + "/healthz").status_code == 200
+
+
+def test_error_bodies_echo_only_a_short_excerpt(gateway, edge):
+    data = edge.encode([texture("brick", (40, 40))]).data
+    with _client(gateway) as client:  # row 8
+        r = client.post("/infer", params={"tasks": "x" * 60_000}, content=data, headers=PAYLOAD)
+        assert r.status_code == 400 and len(r.text) < 500
+        r = client.post("/infer", content=data, headers={"Content-Type": "a/" + "b" * 1_000_000})
+        assert r.status_code in (400, 415, 431) and len(r.text) < 500
+
+
+def test_released_memoryview_is_a_payload_error():
+    view = memoryview(b"SS\x02" + b"\0" * 40)
+    view.release()
+    with pytest.raises(PayloadError):  # row 9
+        Payload.from_bytes(view)
+
+
+def test_key_from_file_protects_everything_but_the_probes(gateway):
+    with httpx.Client(base_url=gateway.url, timeout=10) as anonymous:  # row 10
+        for path in ("/metrics", "/v1/tasks", "/v1/encoder"):
+            assert anonymous.get(path).status_code == 401
+        for path in ("/healthz", "/readyz"):
+            assert anonymous.get(path).status_code == 200
+            assert anonymous.head(path).status_code == 200  # probes answer HEAD too
+    with _client(gateway) as client:
+        assert client.get("/v1/encoder").status_code == 200 and client.get("/metrics").status_code == 200
+
+
+def test_sigterm_with_a_slow_client_exits_within_the_deadline(bundle_dir):
+    s = GatewayProcess("--bundle", str(bundle_dir), "--shutdown-timeout-s", "2", "--body-timeout-s", "30",
+                       "--no-warmup").start()
+    port = int(s.url.rsplit(":", 1)[1])
+    slow = socket.create_connection(("127.0.0.1", port), timeout=10)  # row 7: a body that never finishes
+    slow.sendall(b"POST /infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-splitserve\r\n"
+                 b"Content-Length: 100000\r\n\r\n" + b"\0" * 100)
+    time.sleep(0.5)
+    t = time.perf_counter()
+    s.proc.send_signal(signal.SIGTERM)
+    s.proc.wait(timeout=15)
+    assert time.perf_counter() - t < 6, "graceful shutdown must end at its deadline"
+    slow.close()
