@@ -33,6 +33,8 @@ def register(sub) -> None:
     p.add_argument("--keep-alive-s", type=float, help="idle keep-alive timeout (default 5)")
     p.add_argument("--shutdown-timeout-s", type=float, help="SIGTERM: finish requests for at most this long (default 20)")
     p.add_argument("--max-header-bytes", type=int, help="largest request head in bytes (default 16384; 431/400 above)")
+    p.add_argument("--device", choices=("cpu", "cuda", "auto"),
+                   help="where codec and heads run (default cpu; auto: cuda when available)")
     p.add_argument("--no-warmup", dest="warmup", action="store_const", const=False,
                    help="skip the warm-up pass before /readyz turns ready")
     p.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"])

@@ -128,7 +128,8 @@ def create_app(config: ServerConfig | None = None, runtime: Runtime | None = Non
             torch.set_num_threads(config.threads)
         limits = PayloadLimits(max_images=config.max_batch, max_image_side=config.max_image_side,
                                max_total_bytes=config.max_body_bytes)
-        runtime = Runtime(resolve_bundle(config.bundle), PluginRegistry.discover(), config.tasks, metrics, limits)
+        runtime = Runtime(resolve_bundle(config.bundle), PluginRegistry.discover(), config.tasks, metrics, limits,
+                          device=config.device)
     api_key = config.resolved_api_key()
     state: dict[str, Any] = {"ready": False, "broken": None}
     image_decodes = asyncio.Semaphore(2)  # uploaded images decode two at a time, within the pixel budget

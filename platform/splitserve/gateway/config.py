@@ -34,6 +34,7 @@ class ServerConfig(BaseModel):
     keep_alive_s: float = Field(5.0, gt=0, description="idle keep-alive connections close after this")
     shutdown_timeout_s: float = Field(20.0, gt=0, description="on SIGTERM, wait at most this long for requests")
     max_header_bytes: int = Field(16384, ge=1024, description="largest request head (request line + headers)")
+    device: str = Field("cpu", pattern=r"^(cpu|cuda|auto)$", description="where codec and heads run: cpu, cuda, auto")
     warmup: bool = True
     log_level: str = "info"
 

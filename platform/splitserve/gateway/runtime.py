@@ -48,11 +48,34 @@ class Job:
         return ("pixels", tuple(self.pixels.shape[1:]))
 
 
+class TrunkOnce:
+    """The shared layer2..4 of one batch, computed on first use and then sliced per plugin."""
+
+    def __init__(self, runtime: "Runtime", features: torch.Tensor):
+        self.runtime, self.features, self._out = runtime, features, None
+
+    def outputs(self, rows: Sequence[int] | None):
+        if self._out is None:
+            with self.runtime.metrics.stage("trunk"):
+                self._out = self.runtime.trunk.tail(self.features)
+        return self._out if rows is None else {k: v[list(rows)] for k, v in self._out.items()}
+
+
+def resolve_device(name: str) -> torch.device:
+    """``cpu``, ``cuda`` (one clear error without a GPU) or ``auto`` (cuda when available)."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise PluginError("--device cuda: no CUDA device is available here (use --device cpu or auto)")
+    return torch.device(name)
+
+
 class Runtime:
     """The codec, the heads and the plugins of one bundle, validated and warmed up."""
 
     def __init__(self, bundle: str | Path, registry: PluginRegistry, tasks: Sequence[str] | None = None,
-                 metrics: GatewayMetrics | None = None, payload_limits: PayloadLimits | None = None):
+                 metrics: GatewayMetrics | None = None, payload_limits: PayloadLimits | None = None,
+                 device: str = "cpu", load_heads: bool = True):
         self.path = Path(bundle)
         self.manifest: Manifest = read_manifest(self.path)
         self.policy = self.manifest.policy
@@ -63,15 +86,22 @@ class Runtime:
         self.fingerprint_id = fingerprint_id(self.fingerprint)
         self.plugins = self._select_plugins(registry, tasks)
         self.registry = PluginRegistry(self.plugins)  # only what is served resolves
-        self.trunk = load_trunk(self.path, self.manifest)  # layer2..4 shared by heads, or None
-        self.shared = {p.name for p in self.plugins if self.manifest.tasks[p.name].trunk == "shared"}
+        # load_heads=False: parse and decode only (a front end that hands features to head servers)
+        self.trunk = load_trunk(self.path, self.manifest) if load_heads else None
+        self.shared = {p.name for p in self.plugins if self.manifest.tasks[p.name].trunk == "shared"} if load_heads else set()
         self.heads = {}
         self.head_configs: dict[str, dict[str, Any]] = {}
-        for plugin in self.plugins:
+        for plugin in self.plugins if load_heads else ():
             config = plugin.resolve_config(self.manifest.backbone, self.manifest.tasks[plugin.name].config)
             head = plugin.build_head(self.manifest.backbone, config)
             self.heads[plugin.name] = load_head(self.path, plugin.name, head, self.manifest, trunk=self.trunk)
             self.head_configs[plugin.name] = config
+        self.device = resolve_device(device)
+        self.codec.to(self.device)
+        for head in self.heads.values():
+            head.to(self.device)
+        if self.trunk is not None:
+            self.trunk.to(self.device)
 
     def _select_plugins(self, registry: PluginRegistry, tasks: Sequence[str] | None) -> list[TaskPlugin]:
         if tasks:
@@ -146,7 +176,7 @@ class Runtime:
         for i, job in enumerate(jobs):
             groups[job.group_key].append(i)
         for members in groups.values():
-            features, failed = self._decode([jobs[i] for i in members])
+            features, failed = self.decode([jobs[i] for i in members])
             for k, error in failed.items():
                 results[members[k]] = error
             members = [ji for k, ji in enumerate(members) if k not in failed]
@@ -154,30 +184,36 @@ class Runtime:
                 continue
             metas = [m for ji in members for m in jobs[ji].metas]
             owners = [(ji, k) for ji in members for k in range(jobs[ji].num_images)]
-            trunk_out = None
+            trunk = TrunkOnce(self, features)
             for plugin in self.plugins:
                 rows = [r for r, (ji, _) in enumerate(owners) if plugin in jobs[ji].plugins]
                 if not rows:
                     continue
-                sel = features if len(rows) == len(owners) else features[rows]
-                lend = contextlib.nullcontext()
-                if plugin.name in self.shared:
-                    if trunk_out is None:  # layer2..4 once per batch, for every head that shares them
-                        with self.metrics.stage("trunk"):
-                            trunk_out = self.trunk.tail(features)
-                    lend = self.trunk.reuse(sel, trunk_out if sel is features else {k: v[rows] for k, v in trunk_out.items()})
-                with self.metrics.stage(f"task:{plugin.name}"), lend:
-                    answers = plugin.predict(self.heads[plugin.name], sel, [metas[r] for r in rows],
-                                             self.head_configs[plugin.name])
-                if len(answers) != len(rows):  # zip would silently drop answers or images
-                    raise PluginContractError(f"task plugin {plugin.name!r} returned {len(answers)} answers for "
-                                      f"{len(rows)} images")
+                answers = self.predict(plugin, features, [metas[r] for r in rows],
+                                       rows if len(rows) < len(owners) else None, trunk)
                 for r, answer in zip(rows, answers):
                     ji, k = owners[r]
                     results[ji][k][plugin.name] = answer
         return results
 
-    def _decode(self, group: Sequence[Job]) -> tuple[torch.Tensor | None, dict[int, PayloadError]]:
+    def predict(self, plugin: TaskPlugin, features: torch.Tensor, metas: Sequence[ImageMeta],
+                rows: Sequence[int] | None = None, trunk: "TrunkOnce | None" = None) -> list[BaseModel]:
+        """One plugin's answers for ``features`` (or its ``rows``): exactly one per image, or
+        :class:`PluginContractError` naming the plugin. A head on the shared trunk gets the trunk's
+        outputs computed once per batch (``trunk``)."""
+        sel = features if rows is None else features[list(rows)]
+        lend = contextlib.nullcontext()
+        if plugin.name in self.shared:
+            trunk = trunk or TrunkOnce(self, features)
+            lend = self.trunk.reuse(sel, trunk.outputs(rows))
+        with self.metrics.stage(f"task:{plugin.name}"), lend:
+            answers = plugin.predict(self.heads[plugin.name], sel, metas, self.head_configs[plugin.name])
+        if len(answers) != len(metas):  # zip would silently drop answers or images
+            raise PluginContractError(f"task plugin {plugin.name!r} returned {len(answers)} answers for "
+                                      f"{len(metas)} images")
+        return answers
+
+    def decode(self, group: Sequence[Job]) -> tuple[torch.Tensor | None, dict[int, PayloadError]]:
         """Features of the group's images (one decoder pass), and the jobs whose bitstreams failed."""
         failed: dict[int, PayloadError] = {}
         if group[0].payload is not None:
@@ -193,7 +229,7 @@ class Runtime:
             y_hat = torch.cat(latents)
         else:
             with self.metrics.stage("image_encode"):
-                y_hat = self.codec.quantize(torch.cat([job.pixels for job in group]))
+                y_hat = self.codec.quantize(torch.cat([job.pixels for job in group]).to(self.device))
         with self.metrics.stage("feature_decode"):
             return self.codec.decode(y_hat), failed
 
