@@ -34,6 +34,18 @@ def register(sub) -> None:
     c.add_argument("--output", metavar="MD", help="rewrite this Markdown file's encode section")
     c.set_defaults(func=encode, command="bench encode")
 
+    r = bsub.add_parser("reliability", help="Load, fault and fuzz runs against a live gateway: statuses, "
+                                             "latency quantiles, RSS, restarts.",
+                        description="Start a real gateway on loopback and send it a bounded load, the reliability "
+                                    "issue's attacks, and forged payloads; report what came back.")
+    r.add_argument("--bundle", metavar="DIR", help="bundle to serve (default: the embedded default)")
+    r.add_argument("--requests", type=int, default=400, help="load-run requests (default %(default)s)")
+    r.add_argument("--concurrency", type=int, default=16)
+    r.add_argument("--fuzz", type=int, default=2000, help="forged payloads (default %(default)s)")
+    r.add_argument("--rounds", type=int, default=5, help="rounds of the attack list (default %(default)s)")
+    r.add_argument("--output", metavar="MD", help="rewrite this Markdown file's reliability section")
+    r.set_defaults(func=reliability, command="bench reliability")
+
     e = bsub.add_parser("e2e", help="Classification accuracy and bpp through the real serving path, per image.",
                         description="Encode each image of an ImageFolder split alone (as a device would), parse, "
                                     "decode and classify it with the gateway runtime; compare with a teacher.")
@@ -69,6 +81,19 @@ def encode(args) -> int:
     print(report)
     if args.output:
         write_section(args.output, "encode", report)
+        print(f"\nwrote {args.output}")
+    return 0
+
+
+def reliability(args) -> int:
+    from ..bench import reliability as bench
+    from ..bench.report import write_section
+    from ..defaults import resolve_bundle
+
+    report = bench.run(resolve_bundle(args.bundle), args.requests, args.concurrency, args.fuzz, args.rounds)
+    print(report)
+    if args.output:
+        write_section(args.output, "reliability", report)
         print(f"\nwrote {args.output}")
     return 0
 
