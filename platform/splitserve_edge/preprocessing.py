@@ -217,8 +217,9 @@ class Preprocessing:
         return self.resized_size(height, width)
 
     # -- pixels ------------------------------------------------------------------------------
-    def apply(self, image: Image.Image) -> np.ndarray:
-        """RGB PIL image → float32 (3, H, W) array, normalised: the encoder's input."""
+    def geometry(self, image: Image.Image) -> Image.Image:
+        """The resized (and cropped) RGB image the model input is made of, before normalisation:
+        what an input codec (JPEG, WebP) would have to send instead of features."""
         if image.mode != "RGB":
             image = image.convert("RGB")
         rh, rw = self.resized_size(image.height, image.width)
@@ -228,7 +229,11 @@ class Preprocessing:
             ch, cw = self.size
             top, left = int(round((rh - ch) / 2.0)), int(round((rw - cw) / 2.0))
             image = image.crop((left, top, left + cw, top + ch))
-        return normalize(np.asarray(image, dtype=np.uint8))
+        return image
+
+    def apply(self, image: Image.Image) -> np.ndarray:
+        """RGB PIL image → float32 (3, H, W) array, normalised: the encoder's input."""
+        return normalize(np.asarray(self.geometry(image), dtype=np.uint8))
 
     def describe(self) -> str:
         if self.kind == "fixed":

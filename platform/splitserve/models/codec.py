@@ -202,7 +202,7 @@ class FeatureCodec(nn.Module):
 
     def parameter_counts(self) -> dict[str, int]:
         """Device side = encoder + prior (what the edge must hold); server side = decoder."""
-        count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+        count = lambda m: sum(p.numel() for p in m.parameters()) if m is not None else 0  # noqa: E731
         return {
             "encoder": count(self.encoder),
             "prior": count(self.entropy_bottleneck),

@@ -1,0 +1,1 @@
+"""Rate–accuracy studies: ``platform evaluate`` measures every point of a sweep and writes the report."""
