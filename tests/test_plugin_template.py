@@ -1,20 +1,18 @@
 """A real third-party plugin: examples/plugin-template installed with pip, found through its entry
 point, served by a real gateway next to a built-in head; and the start-up checks that guard plugins.
 
-The template is installed into the running environment for this module and uninstalled afterwards
-(if this module installed it): left behind, it would be part of every bundle other tests build.
+The template is installed with ``pip install --target`` into a throw-away directory that this module
+and its subprocesses put on their path; the running environment is never modified.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 import textwrap
-from importlib.metadata import PackageNotFoundError, distribution
+from importlib.metadata import distribution
 from pathlib import Path
-from urllib.parse import unquote, urlparse
 
 import httpx
 import numpy as np
@@ -47,45 +45,32 @@ def platform_cmd() -> list[str]:
     return [str(script)] if script.is_file() else [sys.executable, "-m", "splitserve"]
 
 
-def installed_from_here() -> bool:
-    """The template is installed editable from this checkout, with the entry point it declares now."""
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory):
+    """``pip install --target`` of examples/plugin-template into a throw-away directory, put on the
+    path of this process and of every subprocess: the running environment is never modified."""
+    import shutil
+
+    source = tmp_path_factory.mktemp("template-src") / "plugin-template"
+    shutil.copytree(TEMPLATE, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+    target = tmp_path_factory.mktemp("template-site")
+    base = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target), str(source)]
+    proc = run(*base[:5], "--no-build-isolation", "--no-index", *base[5:])  # offline: setuptools is here
+    if proc.returncode != 0:  # an environment without a usable setuptools: let pip fetch one
+        proc = run(*base)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    ENV["PYTHONPATH"] = os.pathsep.join(p for p in (str(target), os.environ.get("PYTHONPATH", "")) if p)
+    sys.path.insert(0, str(target))
     try:
         dist = distribution(DIST)
-    except PackageNotFoundError:
-        return False
-    direct = json.loads(dist.read_text("direct_url.json") or "{}")
-    source = Path(unquote(urlparse(direct.get("url", "")).path))
-    eps = {(ep.group, ep.name, ep.value) for ep in dist.entry_points}
-    return bool(direct.get("dir_info", {}).get("editable")) and source.resolve() == TEMPLATE and ENTRY in eps
-
-
-def is_installed() -> bool:
-    try:
-        distribution(DIST)
-        return True
-    except PackageNotFoundError:
-        return False
-
-
-@pytest.fixture(scope="module")
-def installed():
-    """``pip install -e examples/plugin-template`` (skipped when already installed from here)."""
-    was_installed = is_installed()
-    if not installed_from_here():
-        base = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "-e", str(TEMPLATE)]
-        proc = run(*base[:5], "--no-build-isolation", "--no-index", *base[5:])  # offline: setuptools is here
-        if proc.returncode != 0:  # an environment without a usable setuptools: let pip fetch one
-            proc = run(*base)
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-        assert installed_from_here()
-    # This interpreter read its .pth files at start-up, before the install: import from source here.
-    sys.path.insert(0, str(SRC))
-    try:
-        yield
+        assert Path(str(dist.locate_file(""))).resolve() == target.resolve()
+        assert ENTRY in {(ep.group, ep.name, ep.value) for ep in dist.entry_points}
+        yield target
     finally:
-        sys.path.remove(str(SRC))
-        if not was_installed:
-            run(sys.executable, "-m", "pip", "uninstall", "--quiet", "--yes", DIST)
+        sys.path.remove(str(target))
+        ENV.pop("PYTHONPATH", None)
+        for name in [m for m in sys.modules if m == "splitserve_embedding" or m.startswith("splitserve_embedding.")]:
+            del sys.modules[name]
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +94,7 @@ def bundles(installed, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(bundles):
-    s = GatewayProcess("--bundle", str(bundles / "embed-cls"), "--max-wait-ms", "20").start()
+    s = GatewayProcess("--bundle", str(bundles / "embed-cls"), "--max-wait-ms", "20", env=ENV).start()
     yield s
     s.stop()
 
