@@ -19,11 +19,28 @@ def platform(*args, env=None):
                           timeout=300, env=env)
 
 
-def test_help_lists_every_command():
+def _commands() -> dict[str, str]:
+    """Every subcommand of the real parser, with its one-line summary (new commands included)."""
+    import argparse
+
+    from splitserve.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return {c.dest: c.help for c in sub._choices_actions}
+
+
+def test_help_lists_every_command(capsys):
+    commands = _commands()
+    assert {"serve", "infer", "encode", "export", "bundle", "tasks", "data", "teacher", "distill", "finetune",
+            "train", "evaluate", "bench", "ray"} <= set(commands)
     proc = platform("--help")
     assert proc.returncode == 0
-    for cmd in ("serve", "infer", "encode", "bundle", "tasks"):
-        assert f"    {cmd}" in proc.stdout
+    for cmd, summary in commands.items():
+        assert f"    {cmd}" in proc.stdout and summary.split()[0] in proc.stdout, cmd
+        with pytest.raises(SystemExit) as exit_:
+            main([cmd, "--help"])
+        assert exit_.value.code == 0, cmd
+        assert "usage: platform " + cmd in capsys.readouterr().out
 
 
 def test_encode_jpeg_of_any_size(bundle_dir, photo_jpeg, tmp_path, capsys):

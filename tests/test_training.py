@@ -380,3 +380,28 @@ def test_finetune_detection_on_a_coco_tree_with_the_default_bundle(scenes, tmp_p
     from splitserve.bundle import load_codec
 
     assert load_codec(bundle).fingerprint() == manifest["fingerprint"]
+
+
+def test_joint_resume_is_exact_with_a_per_step_schedule(chain, scenes, tmp_path):
+    """`train --joint` steps its cosine schedule every step: a resumed run must restore it exactly."""
+    common = ["train", "--joint", "--encoder", "rac", "--blocks", "0", "--teacher", chain["teacher_cls"],
+              "--data", scenes, "--lmbda", "0.5", "--epochs", "2", "--train-limit", "24", "--val-limit", "4",
+              "--seed", "5", "--log-every", "1", "--lr", "0.05", *FAST]
+    run(*common, "--out", tmp_path / "straight")
+    work = tmp_path / "work"
+    run(*common, "--out", tmp_path / "resumed", "--workdir", work, "--max-steps", "3")
+    run(*common, "--out", tmp_path / "resumed", "--workdir", work, "--resume")
+    a, b = _codec_tensors(tmp_path / "straight"), _codec_tensors(tmp_path / "resumed")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    lrs = [json.loads(line)["lr"] for line in (work / "metrics.jsonl").read_text().splitlines()
+           if json.loads(line)["kind"] == "train"]
+    assert len(lrs) == 6 and lrs == sorted(lrs, reverse=True) and lrs[0] > lrs[-1]  # cosine, per step
+
+
+def test_finetune_with_a_teacher_logs_a_distillation_term(chain):
+    """KD is on when finetune is given a teacher of the task: the kd term is logged and positive."""
+    work = Path(str(chain["bundle"]) + ".runs") / "finetune-classification"
+    records = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    assert train and all("kd" in r and r["kd"] > 0 for r in train)
