@@ -19,7 +19,7 @@ from splitserve.defaults import build_untrained_bundle
 from splitserve.edge import EdgeEncoder
 from splitserve.gateway.process import GatewayProcess
 from splitserve.gateway.runtime import Runtime
-from splitserve.plugins import ImageMeta, PluginRegistry, TaskBatch
+from splitserve.plugins import PluginRegistry, TaskBatch
 
 from .conftest import texture
 from .helpers import informative
