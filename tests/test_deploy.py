@@ -75,7 +75,6 @@ def test_kustomization_lists_every_manifest():
 
 
 def test_deployment_agrees_with_the_gateway():
-    from splitserve.gateway.app import create_app  # noqa: F401 — the routes below are the app's
 
     deployment = _docs(K8S / "deployment.yaml")[0]
     pod = deployment["spec"]["template"]["spec"]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import venv
 from pathlib import Path
 
@@ -18,7 +17,6 @@ from splitserve.cli import main
 from splitserve.defaults import build_untrained_bundle
 from splitserve.edge import EdgeEncoder
 from splitserve.gateway.process import GatewayProcess
-from splitserve.preprocess import Preprocessing
 from splitserve_edge.runtime import EdgeModel, EdgeModelError
 
 from .conftest import jpeg_bytes, texture

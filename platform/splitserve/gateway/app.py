@@ -24,7 +24,7 @@ from ..plugins import PluginRegistry
 from .batching import DynamicBatcher, QueueFull
 from .config import ServerConfig
 from .metrics import GatewayMetrics
-from ..payload import PayloadLimits
+from splitserve_edge.payload import PayloadLimits
 from .runtime import Job, Runtime
 
 log = logging.getLogger("splitserve.gateway")
@@ -258,7 +258,7 @@ def create_app(config: ServerConfig | None = None, runtime: Runtime | None = Non
     @router.get("/v1/encoder", response_model=EncoderInfo, dependencies=protected,
                 summary="The encoder an edge client must use (check the fingerprint)")
     async def encoder_info():
-        from ..payload import FORMAT_VERSION
+        from splitserve_edge.payload import FORMAT_VERSION
 
         return EncoderInfo(
             fingerprint=runtime.fingerprint, fingerprint_id=runtime.fingerprint_id.hex(),

@@ -19,7 +19,7 @@ from pydantic import BaseModel
 
 from ..bundle import Manifest, load_codec, load_head, load_trunk, read_manifest
 from ..errors import PayloadError, PluginError
-from ..payload import Payload, PayloadLimits, fingerprint_id
+from splitserve_edge.payload import Payload, PayloadLimits, fingerprint_id
 from ..plugins import ImageMeta, PluginContractError, PluginRegistry, TaskPlugin
 from ..preprocess import load_image, to_input
 from .metrics import GatewayMetrics
