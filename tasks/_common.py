@@ -38,6 +38,11 @@ def merge_config(
     return cfg
 
 
+def class_list_config(names: Sequence[str]) -> dict:
+    """The head config of a dataset whose classes are ``names``: one output per name."""
+    return {"num_classes": len(names), "labels": list(names)}
+
+
 def label_of(labels: Sequence[str], index: int) -> str:
     return labels[index] if 0 <= index < len(labels) else str(index)
 

@@ -17,7 +17,7 @@ from splitserve.models.backbone import check_arch, resnet_stem
 from splitserve.plugins import FeatureFn, ImageMeta, TaskBatch, TaskPlugin, TrainingHooks
 from splitserve.preprocess import Preprocessing
 
-from .._common import evaluating, label_of, merge_config, to_device
+from .._common import class_list_config, evaluating, label_of, merge_config, to_device
 from .head import ClassificationHead
 from .schema import ClassificationResult, ClassScore
 
@@ -96,7 +96,7 @@ class ClassificationPlugin(TrainingHooks, TaskPlugin):
         return classification_dataset(root, split, train=train, preprocessing=preprocessing)
 
     def config_for_classes(self, names: Sequence[str]) -> dict:
-        return {"num_classes": len(names), "labels": list(names)}
+        return class_list_config(names)
 
     def dataset_config(self, dataset: Dataset) -> dict:
         classes = list(dataset.classes)

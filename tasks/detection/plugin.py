@@ -23,6 +23,7 @@ from splitserve.preprocess import Preprocessing
 
 from .._common import (
     adapt_class_rows,
+    class_list_config,
     download_state_dict,
     evaluating,
     label_of,
@@ -186,7 +187,7 @@ class DetectionPlugin(TrainingHooks, TaskPlugin):
         return detection_dataset(root, split, train=train, preprocessing=preprocessing)
 
     def config_for_classes(self, names: Sequence[str]) -> dict:
-        return {"num_classes": len(names), "labels": list(names)}
+        return class_list_config(names)
 
     def dataset_config(self, dataset: Dataset) -> dict:
         cats = list(dataset.categories)

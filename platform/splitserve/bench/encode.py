@@ -13,10 +13,7 @@ weights learned.
 
 from __future__ import annotations
 
-import statistics
 import tempfile
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +25,7 @@ from splitserve_edge.coder import EntropyCoder
 from splitserve_edge.payload import Payload, fingerprint_id
 
 from ..models import FeatureCodec, build_codec
+from .timing import median_ms
 
 FAMILIES = {"Entropic Student": ("entropic_student", {}), "RAC N=0": ("rac", {"blocks": 0}),
             "RAC N=4": ("rac", {"blocks": 4}), "RAC N=8": ("rac", {"blocks": 8})}
@@ -53,16 +51,6 @@ def realistic_codec(family: str, cfg: dict, x: torch.Tensor, feature_channels: i
     codec.eval()
     codec.update(force=True)
     return codec
-
-
-def _median_ms(fn: Callable[[], object], repeat: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1000)
-    return statistics.median(times)
 
 
 @dataclass
@@ -113,11 +101,11 @@ def run(repeat: int = 20, size: int = 224, feature_channels: int = 256, edge_ven
                 session = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
                 xn = x.numpy()
                 with torch.inference_mode():
-                    row.ms.setdefault("eager PyTorch", {})[n] = _median_ms(lambda: finish(codec.encoder(x).numpy()), repeat)
-                    row.ms.setdefault("TorchScript", {})[n] = _median_ms(lambda: finish(traced(x).numpy()), repeat)
-                row.ms.setdefault("ONNX Runtime", {})[n] = _median_ms(
+                    row.ms.setdefault("eager PyTorch", {})[n] = median_ms(lambda: finish(codec.encoder(x).numpy()), repeat)
+                    row.ms.setdefault("TorchScript", {})[n] = median_ms(lambda: finish(traced(x).numpy()), repeat)
+                row.ms.setdefault("ONNX Runtime", {})[n] = median_ms(
                     lambda: finish(session.run(None, {"image": xn})[0]), repeat)
-                row.ms.setdefault("torch-free client (JPEG → payload)", {})[n] = _median_ms(
+                row.ms.setdefault("torch-free client (JPEG → payload)", {})[n] = median_ms(
                     lambda: finish(session.run(None, {"image": policy.apply(photo)[None]})[0]), repeat)
             torch.set_num_threads(all_threads)
             with torch.inference_mode():
@@ -128,10 +116,10 @@ def run(repeat: int = 20, size: int = 224, feature_channels: int = 256, edge_ven
                 new = coder.encode(sym)
                 row.coder = {
                     "old bytes": len(old[0]), "new bytes": len(new),
-                    "old encode ms": _median_ms(lambda: eb.compress(y), repeat),
-                    "new encode ms": _median_ms(lambda: coder.encode(sym), repeat),
-                    "old decode ms": _median_ms(lambda: eb.decompress(old, y.shape[-2:]), repeat),
-                    "new decode ms": _median_ms(lambda: coder.decode(new, sym.shape), repeat),
+                    "old encode ms": median_ms(lambda: eb.compress(y), repeat),
+                    "new encode ms": median_ms(lambda: coder.encode(sym), repeat),
+                    "old decode ms": median_ms(lambda: eb.decompress(old, y.shape[-2:]), repeat),
+                    "new decode ms": median_ms(lambda: coder.decode(new, sym.shape), repeat),
                 }
                 assert np.array_equal(coder.decode(new, sym.shape), sym)
             rows.append(row)

@@ -25,7 +25,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,6 +36,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..errors import SplitserveError
+from ..bench.timing import median_ms
 from .metrics import CurveError, bd_rate, delta_accuracy
 
 KINDS = ("bundle", "jpeg", "webp")
@@ -136,16 +136,6 @@ def _images(sweep: Sweep) -> list[tuple[Path, int]]:
     return items
 
 
-def _median_ms(fn, repeat: int = 10) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1000)
-    return statistics.median(times)
-
-
 def device_macs(module: torch.nn.Module, x: torch.Tensor) -> int:
     """Multiply–accumulates of one forward (convolutions and linear layers), counted with hooks."""
     total = 0
@@ -189,9 +179,9 @@ def _bundle_point(name: str, bundle: Path, items, threads: int) -> Point:
         bits += encoded.bpp[0]
     torch.set_num_threads(threads)
     x, _ = edge.preprocess([load_image(items[0][0])])
-    enc = _median_ms(lambda: edge.encode_tensor(x, [(1, 1)]))
+    enc = median_ms(lambda: edge.encode_tensor(x, [(1, 1)]))
     payload, metas = runtime.parse_payload(edge.encode_tensor(x, [(1, 1)]).data)
-    server = _median_ms(lambda: runtime.run([Job(plugins=[plugin], payload=payload, metas=metas)]))
+    server = median_ms(lambda: runtime.run([Job(plugins=[plugin], payload=payload, metas=metas)]))
     counts = edge.codec.parameter_counts()
     n = len(items)
     return Point(name, "bundle", bundle.name, n, total_bytes / n, bits / n, 100 * correct / n, enc, server,
@@ -225,10 +215,10 @@ def _codec_point(name: str, kind: str, quality: int, items, teacher, threads: in
         bits += bits_per_pixel(8 * len(data), 1, (geo.height, geo.width))
     torch.set_num_threads(threads)
     geo = policy.geometry(load_image(items[0][0]))
-    enc = _median_ms(lambda: encode(geo))
+    enc = median_ms(lambda: encode(geo))
     x = torch.from_numpy(policy.apply(geo))[None]
     with torch.no_grad():
-        server = _median_ms(lambda: teacher.head(teacher.stem(x)))
+        server = median_ms(lambda: teacher.head(teacher.stem(x)))
     n = len(items)
     return Point(name, kind, f"q{quality}", n, total_bytes / n, bits / n, 100 * correct / n, enc, server)
 
