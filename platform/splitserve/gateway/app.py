@@ -19,7 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field, create_model
 
 from .. import __version__
-from ..errors import FingerprintMismatch, PayloadError, PluginError, SplitserveError
+from ..errors import FingerprintMismatch, SplitserveError
 from ..plugins import PluginRegistry
 from .batching import DynamicBatcher, QueueFull
 from .config import ServerConfig
@@ -182,64 +182,34 @@ def create_app(config: ServerConfig | None = None, runtime: Runtime | None = Non
                                                           "cls,det,seg (default: every served task)",
                                               examples=["cls,det,seg"])] = None,
     ):
-        start = time.perf_counter()
-        try:
-            plugins = runtime.registry.resolve(tasks) if tasks is not None else list(runtime.plugins)
-        except PluginError as e:  # names the unknown task, shortened (PluginRegistry.get)
-            metrics.requests.labels(task="?", status="400").inc()
-            raise HTTPException(400, str(e)) from None
-        status = "500"
-        try:
-            ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-            if ctype not in PAYLOAD_TYPES + IMAGE_TYPES:
-                status = "415"
-                raise HTTPException(415, f"unsupported content type {excerpt(ctype) if ctype else '(none)'}; send "
-                                         f"{', '.join(PAYLOAD_TYPES + IMAGE_TYPES)}")
-            try:
-                body = await _read_body(request, config.max_body_bytes, config.body_timeout_s)
-            except HTTPException as e:
-                status = str(e.status_code)
-                raise
-            kind = "payload" if ctype in PAYLOAD_TYPES else "image"
-            metrics.payload_bytes.labels(kind=kind).observe(len(body))
-            try:
-                if kind == "payload":
-                    payload, metas = runtime.parse_payload(body)
-                    job = Job(plugins=plugins, payload=payload, metas=metas)
-                else:
-                    async with image_decodes:
-                        pixels, metas = await asyncio.get_running_loop().run_in_executor(
-                            None, runtime.preprocess_image, body, config.max_image_pixels)
-                    job = Job(plugins=plugins, pixels=pixels, metas=metas)
-            except FingerprintMismatch as e:
-                status = "409"
-                raise HTTPException(409, str(e)) from None
-            except (PayloadError, SplitserveError) as e:
-                status = "400"
-                raise HTTPException(400, str(e)) from None
-            try:
-                per_image = await batcher.submit(job)
-            except QueueFull as e:
-                status = "503"
-                raise HTTPException(503, str(e), headers={"Retry-After": str(e.retry_after)}) from None
-            except PayloadError as e:  # its bitstream did not decode (the batch's other requests are fine)
-                status = "400"
-                raise HTTPException(400, str(e)) from None
-            status = "200"
-            return InferResponse(
-                fingerprint=runtime.fingerprint,
-                bytes_received=len(body),
-                input=kind,
-                tasks=[p.name for p in plugins],
-                results=[
-                    ImageResult(index=i, original_size=m.original_size, tasks=answers)
-                    for i, (m, answers) in enumerate(zip(job.metas, per_image))
-                ],
-            )
-        finally:
-            for p in plugins:
-                metrics.requests.labels(task=p.name, status=status).inc()
-            metrics.request_seconds.observe(time.perf_counter() - start)
+        plugins = runtime.registry.resolve(tasks) if tasks is not None else list(runtime.plugins)
+        request.state.tasks = [p.name for p in plugins]
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype not in PAYLOAD_TYPES + IMAGE_TYPES:
+            raise HTTPException(415, f"unsupported content type {excerpt(ctype) if ctype else '(none)'}; send "
+                                     f"{', '.join(PAYLOAD_TYPES + IMAGE_TYPES)}")
+        body = await _read_body(request, config.max_body_bytes, config.body_timeout_s)
+        kind = "payload" if ctype in PAYLOAD_TYPES else "image"
+        metrics.payload_bytes.labels(kind=kind).observe(len(body))
+        if kind == "payload":
+            payload, metas = runtime.parse_payload(body)
+            job = Job(plugins=plugins, payload=payload, metas=metas)
+        else:
+            async with image_decodes:
+                pixels, metas = await asyncio.get_running_loop().run_in_executor(
+                    None, runtime.preprocess_image, body, config.max_image_pixels)
+            job = Job(plugins=plugins, pixels=pixels, metas=metas)
+        per_image = await batcher.submit(job)
+        return InferResponse(
+            fingerprint=runtime.fingerprint,
+            bytes_received=len(body),
+            input=kind,
+            tasks=[p.name for p in plugins],
+            results=[
+                ImageResult(index=i, original_size=m.original_size, tasks=answers)
+                for i, (m, answers) in enumerate(zip(job.metas, per_image))
+            ],
+        )
 
     @router.get("/v1/tasks", response_model=list[TaskInfo], summary="Served task plugins and their schemas",
                 dependencies=protected)
@@ -298,9 +268,43 @@ def create_app(config: ServerConfig | None = None, runtime: Runtime | None = Non
         redoc_url="/redoc" if config.docs else None,
     )
     app.include_router(router)
+    _install_error_handlers(app)
+
+    @app.middleware("http")
+    async def record_inference(request: Request, call_next):
+        """Request metrics in one place: per task and HTTP status, and end-to-end latency."""
+        if request.url.path != "/infer":
+            return await call_next(request)
+        start = time.perf_counter()
+        status = 500
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            for task in getattr(request.state, "tasks", None) or ["?"]:
+                metrics.requests.labels(task=task, status=str(status)).inc()
+            metrics.request_seconds.observe(time.perf_counter() - start)
+
     app.state.runtime = runtime
     app.state.config = config
     return app
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    """Every error a user can fix is a 4xx with ``{"detail": reason}``; the server keeps serving."""
+
+    @app.exception_handler(FingerprintMismatch)
+    async def other_encoder(request: Request, e: FingerprintMismatch):
+        return JSONResponse({"detail": str(e)}, status_code=409)
+
+    @app.exception_handler(SplitserveError)  # PayloadError, PluginError (unknown task), image errors
+    async def bad_request(request: Request, e: SplitserveError):
+        return JSONResponse({"detail": str(e)}, status_code=400)
+
+    @app.exception_handler(QueueFull)
+    async def busy(request: Request, e: QueueFull):
+        return JSONResponse({"detail": str(e)}, status_code=503, headers={"Retry-After": str(e.retry_after)})
 
 
 def factory() -> FastAPI:
