@@ -75,3 +75,28 @@ def write_report(out: Path, points, summary: dict[str, Any], sweep, timings: dic
     for n in names:
         lines.append(f"| {n} | " + " | ".join(f"{summary['links'][k][n]:.0f}" for k in sweep.links_kbit_s) + " |")
     (out / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def plot_learning_curves(runs: dict[str, Path], out: Path, metric: str = "top1") -> Path:
+    """Validation ``metric`` per epoch (and the training loss) of each run's ``metrics.jsonl``."""
+    import json
+
+    fig, (ax_val, ax_loss) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for label, workdir in runs.items():
+        records = [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        val = [r for r in records if r.get("kind") == "val" and metric in r]
+        train = [r for r in records if r.get("kind") == "train" and "loss" in r]
+        ax_val.plot([r["epoch"] for r in val], [r[metric] for r in val], marker="o", label=label)
+        ax_loss.plot([r["global_step"] for r in train], [r["loss"] for r in train], alpha=0.7, label=label)
+    ax_val.set_xlabel("epoch")
+    ax_val.set_ylabel(f"validation {metric}")
+    ax_loss.set_xlabel("step")
+    ax_loss.set_ylabel("training loss")
+    for ax in (ax_val, ax_loss):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
