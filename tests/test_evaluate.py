@@ -1,43 +1,60 @@
-"""Rate–accuracy summaries on curves with known answers, and `platform evaluate` end to end."""
+"""`platform evaluate`: summaries on curves with known answers, rate accounting, complexity counting,
+the link model, the sweep schema, CompressAI image codecs, and the whole study end to end on a tiny
+fmnist-scenes set (all three tasks, every kind of method)."""
 
 from __future__ import annotations
 
 import csv
+import io
 import json
+import math
 
 import numpy as np
 import pytest
+import torch
+from PIL import Image
 
 from splitserve.cli import main
-from splitserve.evaluation.metrics import CurveError, bd_rate, delta_accuracy
+from splitserve.evaluation.metrics import CurveError, bd_rate, delta_accuracy, pareto_front
 
-# Published ImageNet / ResNet-50 points (DESIGN.md): top-1 % at bpp
+# Published ImageNet / ResNet-50 points (DESIGN.md §1, §4): top-1 % at bpp
 ES = ([0.147, 0.331, 0.596, 0.887, 1.312], [57.37, 71.61, 74.23, 75.10, 75.31])
 RAC8 = ([0.093, 0.225, 0.435, 1.159], [67.92, 71.51, 73.51, 75.20])
 WEBP = ([0.24, 0.48, 1.04, 1.82], [46.7, 61.4, 72.1, 74.8])
+CURVE = ([0.1, 0.3, 0.6, 1.0, 1.5], [50.0, 65.0, 71.0, 74.0, 75.0])
 
 
+# -- summaries -----------------------------------------------------------------------------------
 def test_delta_accuracy_of_a_shifted_curve_is_the_shift():
-    rate = [0.1, 0.3, 0.6, 1.0, 1.5]
-    acc = [50.0, 65.0, 71.0, 74.0, 75.0]
-    assert delta_accuracy(rate, acc, rate, [a + 2.5 for a in acc]) == pytest.approx(2.5, abs=1e-9)
+    rate, acc = CURVE
+    assert delta_accuracy(rate, acc, rate, [a + 2.5 for a in acc]) == pytest.approx(2.5, abs=1e-12)
+    assert delta_accuracy(rate, acc, rate, [a - 1.0 for a in acc]) == pytest.approx(-1.0, abs=1e-12)
     assert delta_accuracy(rate, acc, rate, acc) == pytest.approx(0.0, abs=1e-12)
 
 
+def test_delta_accuracy_averages_over_the_shared_range_in_linear_bpp():
+    # A: acc = 10 r on [0, 4]; B: acc = 20 r on [1, 2] (PCHIP reproduces straight lines exactly).
+    # Shared range [1, 2]: mean of 10 r over it = 15. Over log bpp it would be 10/ln2 · (2 − 1)·… ≠ 15.
+    a = ([0.0, 1.0, 2.0, 3.0, 4.0], [0.0, 10.0, 20.0, 30.0, 40.0])
+    b = ([1.0, 1.5, 2.0], [20.0, 30.0, 40.0])
+    assert delta_accuracy(*a, *b) == pytest.approx(15.0, abs=1e-12)
+    assert delta_accuracy(*b, *a) == pytest.approx(-15.0, abs=1e-12)
+
+
 def test_bd_rate_of_a_curve_at_half_the_rate_is_minus_50_percent():
-    rate = [0.1, 0.3, 0.6, 1.0, 1.5]
-    acc = [50.0, 65.0, 71.0, 74.0, 75.0]
-    assert bd_rate(rate, acc, [r / 2 for r in rate], acc) == pytest.approx(-50.0, abs=1e-6)
-    assert bd_rate(rate, acc, [r * 1.25 for r in rate], acc) == pytest.approx(25.0, abs=1e-6)
+    rate, acc = CURVE
+    assert bd_rate(rate, acc, [r / 2 for r in rate], acc) == pytest.approx(-50.0, abs=1e-9)
+    assert bd_rate(rate, acc, [r * 1.25 for r in rate], acc) == pytest.approx(25.0, abs=1e-9)
+    assert bd_rate(rate, acc, rate, acc) == pytest.approx(0.0, abs=1e-12)
 
 
-def test_delta_accuracy_is_a_mean_over_the_overlap_in_linear_bpp():
-    # B is 2 pp better on [0, 1] and 0 pp on [1, 2]; the overlap is [0.5, 2]: mean = (2*0.5 + 0*1)/1.5
-    a = ([0.5, 1.0, 1.5, 2.0, 3.0], [60.0, 70.0, 74.0, 76.0, 77.0])
-    b_rate = [0.0, 0.5, 1.0, 1.5, 2.0]
-    b_acc = [f + d for f, d in zip(np.interp(b_rate, a[0], a[1], left=58.0), [2, 2, 0, 0, 0])]
-    value = delta_accuracy(*a, b_rate, b_acc)
-    assert 0.0 < value < 2.0
+def test_bd_rate_reads_rate_off_the_pareto_front():
+    rate, acc = CURVE
+    # a dominated point (more bits, less accuracy) and a saturated repeat change nothing
+    noisy = ([*rate, 2.0, 3.0], [*acc, 74.5, 75.0])
+    assert bd_rate(rate, acc, *noisy) == pytest.approx(0.0, abs=1e-12)
+    r, a = pareto_front(*noisy)
+    assert list(r) == rate and list(a) == acc
 
 
 def _cubic_bd_rate(a, b):
@@ -49,65 +66,346 @@ def _cubic_bd_rate(a, b):
     return (np.exp(d) - 1) * 100
 
 
-def test_published_points_give_the_papers_figures_with_pchip():
-    """On the papers' ImageNet points PCHIP gives the published picture: about -66 % BD-rate for
-    Entropic Student and -77 % for RAC N=8 against WebP, and RAC N=8 about +1 pp over Entropic
-    Student. A single cubic polynomial says Entropic Student needs 70 % *more* bits than WebP."""
+def test_published_points_keep_their_signs_with_pchip():
+    """On the papers' ImageNet points PCHIP gives the published picture: RAC N=8 about +1 pp over
+    Entropic Student; about −66 % BD-rate for Entropic Student and −77 % for RAC N=8 against WebP.
+    A single cubic polynomial says Entropic Student needs 70 % *more* bits than WebP."""
+    assert delta_accuracy(*ES, *RAC8) > 0
+    assert delta_accuracy(*ES, *RAC8) == pytest.approx(1.06, abs=0.05)
     assert bd_rate(*WEBP, *ES) == pytest.approx(-66.1, abs=0.5)
     assert bd_rate(*WEBP, *RAC8) == pytest.approx(-77.1, abs=0.5)
-    assert delta_accuracy(*ES, *RAC8) == pytest.approx(1.06, abs=0.05)
+    assert bd_rate(*ES, *RAC8) < 0
     assert _cubic_bd_rate(WEBP, ES) > 50  # the wrong sign PCHIP avoids
 
 
 def test_curves_must_overlap_and_have_points():
-    with pytest.raises(CurveError, match="share no range"):
+    with pytest.raises(CurveError, match="no shared range"):
         delta_accuracy([0.1, 0.2], [50, 60], [0.5, 0.6], [70, 71])
-    with pytest.raises(CurveError, match="at least two"):
+    with pytest.raises(CurveError, match="fewer than two"):
         delta_accuracy([0.1], [50], [0.1, 0.2], [50, 60])
+    with pytest.raises(CurveError, match="Pareto"):
+        bd_rate([0.1, 0.2], [50, 50], [0.1, 0.2], [50, 60])
+
+
+# -- rate accounting, complexity, link model ---------------------------------------------------
+def test_bpp_is_bits_over_model_input_pixels():
+    from splitserve.evaluation.methods import rate_of
+
+    assert rate_of([100, 300], [(32, 32), (32, 32)]) == (200.0, pytest.approx(8 * 200 / 1024))
+    # per image, over each image's own model input: (800/1024 + 2400/2048) / 2
+    assert rate_of([100, 300], [(32, 32), (32, 64)])[1] == pytest.approx((0.78125 + 1.171875) / 2)
+
+
+@pytest.mark.parametrize("kind,fmt", [("jpeg", "JPEG"), ("webp", "WEBP")])
+def test_input_codec_rate_is_the_file_size(kind, fmt):
+    from splitserve.evaluation.methods import PillowCodec
+
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 40, 3), dtype=np.uint8))
+    codec = PillowCodec(kind, 30)
+    data = codec.encode(img)
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, quality=30)
+    assert data == buf.getvalue()
+    assert codec.decode(data).size == img.size
+
+
+def test_mac_counts_have_known_answers():
+    from compressai.layers import GDN1
+
+    from splitserve.evaluation.complexity import count_macs, count_parameters
+
+    conv, lin = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Linear(10, 5)
+    convt, gdn = torch.nn.ConvTranspose2d(4, 2, 2, stride=2), GDN1(8)
+    assert count_macs([conv], lambda: conv(torch.zeros(1, 3, 16, 16))) == 16 * 16 * 8 * 3 * 9
+    assert count_macs([lin], lambda: lin(torch.zeros(2, 10))) == 2 * 5 * 10
+    assert count_macs([convt], lambda: convt(torch.zeros(1, 4, 5, 5))) == 25 * 4 * 2 * 4
+    assert count_macs([gdn], lambda: gdn(torch.zeros(1, 8, 4, 4))) == 16 * 8 * 8
+    assert count_parameters([conv, conv, None]) == 3 * 8 * 9 + 8
+
+
+def test_link_model():
+    from splitserve.evaluation.link import end_to_end_ms, winners
+
+    assert end_to_end_ms(2.0, 1000, 10.0, 37.5) == pytest.approx(2.0 + 8000 / 37.5 + 10.0)
+    pts = [{"method": "small", "setting": "a", "accuracy": 70.0, "bytes_per_image": 100, "encode_ms": 20.0, "server_ms": 5.0},
+           {"method": "big", "setting": "b", "accuracy": 71.0, "bytes_per_image": 2000, "encode_ms": 1.0, "server_ms": 5.0},
+           {"method": "bad", "setting": "c", "accuracy": 10.0, "bytes_per_image": 1, "encode_ms": 0.0, "server_ms": 0.0}]
+    w = winners(pts, {"slow": 10.0, "fast": 100_000.0}, min_accuracy=69.0)
+    assert w["slow"]["winner"] == "small" and w["fast"]["winner"] == "big" and "bad" not in w["slow"]["per_method"]
+    assert w["slow"]["per_method"]["small"]["ms"] == pytest.approx(20 + 80 + 5)
+
+
+# -- sweep schema ------------------------------------------------------------------------------
+def test_sweep_reports_every_bad_field(tmp_path):
+    from splitserve.evaluation.sweep import SweepError, load_sweep
+
+    (tmp_path / "data").mkdir()
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text("""
+data: data
+teachers: {classification: nowhere}
+colour: blue
+limit: 0
+anchors: {delta_accuracy: Nope}
+methods:
+  - {name: A, kind: bundle, points: [missing-bundle]}
+  - {name: B, kind: png, points: [1]}
+  - {name: C, kind: webp, points: [101]}
+  - {name: C, kind: jpeg, points: []}
+""")
+    with pytest.raises(SweepError) as e:
+        load_sweep(sweep)
+    msg = str(e.value)
+    for expected in ("colour: unknown key", "limit: expected an integer", "teachers.classification:",
+                     "methods[0] (A).points[0]:", "kind 'png'", "methods[2] (C).points[0] (quality)",
+                     "name used twice", "anchors.delta_accuracy: 'Nope'"):
+        assert expected in msg, expected
+    assert len(msg.splitlines()) == 10  # the summary line + one per problem
+    assert main(["evaluate", str(sweep), "--out", str(tmp_path / "o")]) == 2
+    assert main(["evaluate", str(tmp_path / "absent.yaml"), "--out", str(tmp_path / "o")]) == 2
+
+
+# -- CompressAI image codecs -------------------------------------------------------------------
+def test_image_codec_container_round_trip():
+    from splitserve.evaluation.imagecodec import pack, unpack
+
+    strings = [b"y" * 300, b"z" * 7]
+    data = pack(48, 40, strings)
+    assert len(data) == 4 + 2 + 307  # H, W; one varint length (300 needs two bytes); the strings
+    assert unpack(data, 2) == (48, 40, strings)
+    assert len(pack(16, 16, [b"abc"])) == 4 + 3
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory):
+    from splitserve.data import make_fmnist_scenes
+
+    out = tmp_path_factory.mktemp("data") / "fm"
+    make_fmnist_scenes(out, train_scenes=8, val_scenes=10, image_size=64, seed=0, progress=False)
+    return out
+
+
+def test_train_image_codec_resumes_and_codes_real_bytes(scenes, tmp_path):
+    from splitserve.evaluation.imagecodec import ImageCodec, to_unit_tensor
+
+    out, work = tmp_path / "codec", tmp_path / "work"
+    common = ["train-image-codec", "--arch", "mbt2018-mean", "--data", str(scenes), "--out", str(out), "--channels",
+              "8,8", "--lmbda", "0.01", "--batch-size", "4", "--num-workers", "0", "--val-limit", "2", "--workdir",
+              str(work), "--no-progress", "--epochs", "2"]
+    assert main([*common, "--max-steps", "1"]) == 0
+    assert main([*common, "--max-steps", "3"]) == 2  # a checkpoint exists: resume must be asked for
+    assert main([*common, "--max-steps", "3", "--resume"]) == 0
+    state = torch.load(work / "checkpoint.pt", weights_only=True)
+    # 16 train images (8 ImageFolder + 8 COCO scenes), 4 per batch: step 3 is batch 3 of the first epoch
+    assert (int(state["step"]), int(state["epoch"]), int(state["batch"])) == (3, 0, 3)
+    meta = json.loads((out / "codec.json").read_text())
+    assert meta["architecture"] == "mbt2018-mean" and meta["provenance"]["steps"] == 3
+    assert meta["metrics"]["images"] == 2 and meta["metrics"]["bpp"] > 0
+    codec = ImageCodec.load(out)
+    img = Image.open(next((scenes / "imagefolder" / "val").rglob("*.png"))).convert("RGB")
+    data = codec.encode(img)
+    assert codec.decode(data).size == img.size
+    # the bits the prior charges for y, plus z and the 5-byte header, are what the bytes cost (± coder slack)
+    bits = codec.bit_map(to_unit_tensor(img)).sum()
+    assert 8 * len(data) >= bits - 64
+
+
+def test_ground_truth_answers_score_100_and_wrong_ones_less(scenes):
+    """Scoring from the plugins' responses, on answers with known scores: the ground truth itself
+    (mAP 100, mIoU 100, top-1 100), then a shifted box / a wrong class."""
+    from splitserve_tasks.classification.schema import ClassificationResult, ClassScore
+    from splitserve_tasks.detection.schema import Detection, DetectionResult
+    from splitserve_tasks.segmentation.plugin import encode_mask
+    from splitserve_tasks.segmentation.schema import SegmentationResult
+
+    cls = _items(scenes, "classification")
+    right = [ClassificationResult(top=[ClassScore(index=it.target, label="x", probability=1.0)]) for it in cls.items]
+    wrong = [ClassificationResult(top=[ClassScore(index=(it.target + 1) % 10, label="x", probability=1.0)])
+             for it in cls.items[:1]] + right[1:]
+    assert cls.score(right) == {"top1": 100.0} and cls.score(wrong) == {"top1": 75.0}
+
+    det = _items(scenes, "detection")
+    ds = det.dataset
+    answers = []
+    for it in det.items:
+        anns = ds.coco.imgToAnns[it.target]
+        answers.append(DetectionResult(detections=[
+            Detection(box=[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]],
+                      score=1.0, index=ds.category_id_to_label[a["category_id"]], label="x") for a in anns]))
+    assert det.score(answers)["mAP"] == pytest.approx(100.0)
+    shifted = [DetectionResult(detections=[d.model_copy(update={"box": [v + 6 for v in d.box]}) for d in a.detections])
+               for a in answers]
+    assert det.score(shifted)["mAP"] < 100.0
+
+    seg = _items(scenes, "segmentation")
+    masks = [seg.dataset.semantic_mask(it.target) for it in seg.items]
+    perfect = [SegmentationResult(width=m.shape[1], height=m.shape[0], mask=encode_mask(m), classes=[]) for m in masks]
+    assert seg.score(perfect, num_classes=11)["mIoU"] == pytest.approx(100.0)
+    blank = [p.model_copy(update={"mask": encode_mask(np.zeros_like(m))}) for p, m in zip(perfect, masks)]
+    assert seg.score(blank, num_classes=11)["mIoU"] < 100.0
+
+
+# -- the whole study ---------------------------------------------------------------------------
+def _teacher(task: str, path, size: int):
+    from splitserve.defaults import FMNIST_LABELS
+    from splitserve.plugins import PluginRegistry
+    from splitserve.preprocess import Preprocessing
+    from splitserve.training.teacher import Teacher, save_teacher
+
+    plugin = PluginRegistry.discover().get(task)
+    torch.manual_seed(0)
+    config = plugin.resolve_config("resnet18", plugin.config_for_classes(FMNIST_LABELS))
+    stem, head = plugin.build_teacher("resnet18", config)
+    save_teacher(path, Teacher(path, task, "resnet18", config, Preprocessing.fixed(size, size), stem.eval(),
+                               head.eval(), {}, {}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def study(scenes, tmp_path_factory):
+    from splitserve.defaults import build_untrained_bundle
+    from splitserve.evaluation.imagecodec import train_image_codec
+    from splitserve.preprocess import Preprocessing
+
+    root = tmp_path_factory.mktemp("study")
+    for task in ("classification", "detection", "segmentation"):
+        _teacher(task, root / f"t-{task[:3]}", 64)
+    for i in range(2):  # two untrained ES bundles (the second without a detection head) as "rate points"
+        tasks = ["classification", "detection", "segmentation"] if i == 0 else ["classification", "segmentation"]
+        build_untrained_bundle(root / f"es{i}", input_size=(64, 64), seed=i, tasks=tasks)
+    train_image_codec("bmshj2018-factorized", scenes, root / "fp", channels=(8, 8), lmbda=0.01,
+                      preprocessing=Preprocessing.fixed(64, 64), max_steps=2, batch_size=4, num_workers=0,
+                      val_limit=2, progress=False)
+    sweep = root / "sweep.yaml"
+    sweep.write_text(f"""
+data: {scenes}
+teachers: {{classification: t-cla, detection: t-det, segmentation: t-seg}}
+limit: 4
+repeat: 2
+batch_size: 3
+anchors: {{delta_accuracy: ES, bd_rate: WebP}}
+bitmaps: {{images: 2}}
+methods:
+  - {{name: ES, kind: bundle, points: [es0, es1]}}
+  - {{name: WebP, kind: webp, points: [5, 50, 95]}}
+  - {{name: JPEG, kind: jpeg, points: [10, 90]}}
+  - {{name: Factorized prior, kind: compressai, points: [fp]}}
+""")
+    out = root / "out"
+    assert main(["evaluate", str(sweep), "--out", str(out), "--no-progress"]) == 0
+    return {"root": root, "out": out, "doc": json.loads((out / "points.json").read_text())}
+
+
+def _items(scenes, task: str, limit: int = 4):
+    from splitserve.evaluation.tasks import load_task_data
+    from splitserve.plugins import PluginRegistry
+    from splitserve.preprocess import Preprocessing
+
+    return load_task_data(PluginRegistry.discover().get(task), scenes, "val", Preprocessing.fixed(64, 64), limit)
 
 
 @pytest.mark.slow
-def test_platform_evaluate_end_to_end(tmp_path):
-    from PIL import Image
-
-    from splitserve.data import make_fmnist_scenes
-    from splitserve.defaults import build_untrained_bundle
-
-    data = tmp_path / "fm"
-    make_fmnist_scenes(data, train_scenes=16, val_scenes=10, image_size=32, seed=0, progress=False)
-    teacher = tmp_path / "teacher"
-    fast = ["--num-workers", "0", "--no-progress", "--no-tensorboard", "--batch-size", "8"]
-    assert main(["teacher", "--task", "cls", "--arch", "resnet18", "--data", str(data), "--out", str(teacher),
-                 "--image-size", "32", "--epochs", "1", *fast]) == 0
-    bundles = [build_untrained_bundle(tmp_path / f"b{i}", input_size=(32, 32), tasks=["classification"], seed=i)
-               for i in range(2)]
-    sweep = tmp_path / "sweep.yaml"
-    sweep.write_text(f"""
-data: {data}
-teacher: {teacher}
-limit: 8
-anchors: {{delta_accuracy: Untrained, bd_rate: WebP}}
-methods:
-  - {{name: Untrained, kind: bundle, points: [{bundles[0]}, {bundles[1]}]}}
-  - {{name: WebP, kind: webp, points: [5, 50, 95]}}
-  - {{name: JPEG, kind: jpeg, points: [10, 90]}}
-""")
-    out = tmp_path / "out"
-    assert main(["evaluate", str(sweep), "--out", str(out)]) == 0
-    for f in ("report.md", "points.json", "points.csv", "rate_accuracy.png", "delta_accuracy_vs_latency.png"):
-        assert (out / f).is_file()
-    points = json.loads((out / "points.json").read_text())["points"]
-    assert len(points) == 7 and all(p["images"] == 8 for p in points)
-    # rate is real bytes: a WebP point's bytes equal Pillow's file sizes for these images
-    webp95 = next(p for p in points if p["method"] == "WebP" and p["setting"] == "q95")
-    webp5 = next(p for p in points if p["method"] == "WebP" and p["setting"] == "q5")
-    assert webp95["bytes_per_image"] > webp5["bytes_per_image"]
-    assert webp95["bpp"] == pytest.approx(8 * webp95["bytes_per_image"] / (32 * 32), rel=1e-6)
-    ours = next(p for p in points if p["method"] == "Untrained")
-    assert ours["device_params"] > 0 and ours["device_macs"] > 0
-    assert ours["bpp"] == pytest.approx(8 * ours["bytes_per_image"] / (32 * 32), rel=1e-6)
+def test_study_writes_consistent_outputs(study, scenes):
+    out, doc = study["out"], study["doc"]
+    for f in ("report.md", "points.json", "points.csv", "bitmaps.png", *(f"rate_accuracy_{t}.png" for t in
+              ("classification", "detection", "segmentation")), "delta_accuracy_vs_latency_classification.png"):
+        assert (out / f).is_file(), f
+    points = doc["points"]
+    # ES: 2 points × (3 + 2 tasks); WebP 3, JPEG 2, factorized 1 point × 3 tasks
+    assert len(points) == 5 + 3 * 6
+    assert any("es1: no head for detection" in n for n in doc["notes"])
     with (out / "points.csv").open() as f:
         rows = list(csv.DictReader(f))
-    assert [float(r["bytes_per_image"]) for r in rows] == pytest.approx([p["bytes_per_image"] for p in points])
-    with Image.open(out / "rate_accuracy.png") as img:
-        assert img.width > 100
+    assert [(r["method"], r["setting"], r["task"]) for r in rows] == [(p["method"], p["setting"], p["task"]) for p in points]
+    for r, p in zip(rows, points):
+        assert float(r["bytes_per_image"]) == pytest.approx(p["bytes_per_image"])
+        assert float(r["accuracy"]) == pytest.approx(p["accuracy"])
+        assert p["bpp"] == pytest.approx(8 * p["bytes_per_image"] / (64 * 64))  # fixed 64×64 model input
+        assert p["images"] == 4
+    report = (out / "report.md").read_text()
+    assert f"Machine: `{doc['uname']['node']}`" in report and "| step | seconds |" in report
+    assert "PCHIP" in report and "LoRa (37.5 kbit/s)" in report
+
+
+@pytest.mark.slow
+def test_study_rates_are_real_bytes(study, scenes):
+    from splitserve.edge import EdgeEncoder
+    from splitserve.evaluation.imagecodec import ImageCodec
+    from splitserve.preprocess import load_image
+
+    points = study["doc"]["points"]
+    for task in ("classification", "segmentation"):
+        items = _items(scenes, task).items
+        # our bundle: the mean length of the payloads a device sends, one image each, header included
+        edge = EdgeEncoder.from_bundle(study["root"] / "es0")
+        sizes = [len(edge.encode([it.path]).data) for it in items]
+        es0 = next(p for p in points if p["setting"] == "es0" and p["task"] == task)
+        assert es0["bytes_per_image"] == pytest.approx(np.mean(sizes))
+        # WebP: the file Pillow writes for the 64×64 model input
+        geo = [load_image(it.path).resize((64, 64), Image.BILINEAR) for it in items]
+        webp = []
+        for g in geo:
+            buf = io.BytesIO()
+            g.save(buf, format="WEBP", quality=50)
+            webp.append(len(buf.getvalue()))
+        q50 = next(p for p in points if p["setting"] == "q50" and p["task"] == task)
+        assert q50["bytes_per_image"] == pytest.approx(np.mean(webp))
+        fp = ImageCodec.load(study["root"] / "fp")
+        assert next(p for p in points if p["method"] == "Factorized prior" and p["task"] == task)["bytes_per_image"] \
+            == pytest.approx(np.mean([len(fp.encode(g)) for g in geo]))
+
+
+@pytest.mark.slow
+def test_study_scores_like_the_plugins_own_evaluate(study, scenes):
+    """The uncompressed reference, scored from the plugins' responses, equals each plugin's own
+    `evaluate` on the same images (top-1, COCO mAP, mIoU)."""
+    from torch.utils.data import DataLoader, Subset
+
+    from splitserve.evaluation.tasks import evenly
+    from splitserve.plugins import PluginRegistry
+    from splitserve.training.teacher import load_teacher
+
+    reg = PluginRegistry.discover()
+    for task, short in (("classification", "cla"), ("detection", "det"), ("segmentation", "seg")):
+        plugin, data = reg.get(task), _items(scenes, task)
+        teacher = load_teacher(study["root"] / f"t-{short}", reg)
+        subset = Subset(data.dataset, evenly(len(data.dataset), 4))
+        loader = DataLoader(subset, batch_size=4, collate_fn=plugin.collate)
+        theirs = plugin.evaluate(teacher.head, teacher.stem, loader, dataset=data.dataset)[plugin.metric_name]
+        ours = study["doc"]["reference"][task]["accuracy"]
+        assert ours == pytest.approx(theirs, abs=1e-6), task
+
+
+@pytest.mark.slow
+def test_study_summaries_complexity_and_maps(study):
+    doc = study["doc"]
+    s = doc["summary"]
+    assert s["tasks"]["classification"]["delta_accuracy"]["ES"] == pytest.approx(0.0, abs=1e-12)
+    cx = s["complexity"]
+    assert cx["ES"]["params_ratio"] == 1.0 and cx["ES"]["encode_ms_ratio"] == 1.0
+    assert cx["ES"]["params"] > 138_672 and cx["ES"]["macs"] > 0  # encoder (138,672, DESIGN.md) + prior
+    assert cx["WebP"]["params"] is None and cx["WebP"]["encode_ms_median"] > 0
+    assert 0 < cx["Factorized prior"]["params"] < cx["ES"]["params"]
+    links = s["tasks"]["classification"]["links"]
+    assert set(links) == {"LoRa", "LTE-M", "Wi-Fi"} and links["LoRa"]["kbit_s"] == 37.5
+    e2e = s["tasks"]["classification"]["end_to_end_ms"]
+    p = next(p for p in doc["points"] if p["setting"] == "q5" and p["task"] == "classification")
+    assert e2e["WebP q5"]["LoRa"] == pytest.approx(p["encode_ms"] + 8 * p["bytes_per_image"] / 37.5 + p["server_ms"])
+    maps = doc["bitmaps"]
+    assert {m["method"] for m in maps} == {"ES", "Factorized prior"} and len(maps) == 4
+    es_map = next(m for m in maps if m["method"] == "ES")
+    assert es_map["map_hw"] == [15, 15]  # the Entropic Student latent of a 64×64 input
+    assert all(m["total_bits"] > 0 for m in maps)
+
+
+@pytest.mark.slow
+def test_bundle_bit_map_sums_to_the_coded_bits(study, scenes):
+    from splitserve.edge import EdgeEncoder
+    from splitserve.evaluation.bitmaps import feature_codec_bits
+
+    edge = EdgeEncoder.from_bundle(study["root"] / "es0")
+    path = _items(scenes, "classification").items[0].path
+    x, _ = edge.preprocess([path])
+    coded = 8 * sum(len(s) for s in edge.encode([path]).payload.strings)
+    bits = feature_codec_bits(edge.codec, x).sum()
+    assert math.isclose(bits, coded, rel_tol=0.02, abs_tol=64)

@@ -1,9 +1,20 @@
 """The Ray Serve application on a real local Ray instance gives the FastAPI gateway's answers and
-errors for the same payloads."""
+errors for the same requests: the same JSON, value for value, and the same statuses and details.
+
+Two applications run on one Ray instance: ``plain`` (every head with its own layer2..4) and
+``shared`` (heads on one shared trunk, which the ingress runs once and hands to the heads that use
+it; the dilated segmentation head only ties its weights to it). Each is compared with a FastAPI
+gateway process serving the same bundle.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import httpx
 import pytest
@@ -12,20 +23,56 @@ from splitserve.defaults import build_untrained_bundle
 from splitserve.edge import EdgeEncoder
 from splitserve.gateway.process import GatewayProcess, free_port
 
-from .conftest import texture
+from .conftest import jpeg_bytes, texture
 from .helpers import informative
 
-pytestmark = pytest.mark.slow
-HEADERS = {"Content-Type": "application/x-splitserve"}
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::pydantic.warnings.PydanticDeprecatedSince20")]
+PAYLOAD = {"Content-Type": "application/x-splitserve"}
+PREFIX = {"plain": "", "shared": "/shared"}
 
 
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory):
+    from splitserve.bench.serve import shared_trunk_variant
+
     root = tmp_path_factory.mktemp("ray")
-    main = build_untrained_bundle(root / "main", input_size=(64, 64), tasks=["classification", "segmentation"])
-    informative(main)
-    other = build_untrained_bundle(root / "other", input_size=(64, 64), tasks=["classification"], seed=1)
-    return main, other
+    plain = build_untrained_bundle(root / "plain", input_size=(64, 64),
+                                   tasks=["classification", "detection", "segmentation"])
+    informative(plain)  # latents depend on the image, so equal answers prove something
+    return {"plain": plain, "shared": shared_trunk_variant(plain, root / "shared"),
+            "other": build_untrained_bundle(root / "other", input_size=(64, 64), tasks=["classification"], seed=1)}
+
+
+def test_platform_ray_serves_and_stops_on_sigterm(bundles):
+    """`platform ray` on its own local Ray instance (before the module's instance starts)."""
+    port = free_port()
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "SPLITSERVE_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "splitserve", "ray", "--bundle", str(bundles["plain"]), "--tasks",
+                             "cls", "--port", str(port), "--num-cpus", "1", "--object-store-mb", "100",
+                             "--max-replicas", "1"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        payload = EdgeEncoder.from_bundle(bundles["plain"]).encode([texture("coffee", (90, 70))]).data
+        r = _post(url, payload, None)
+        assert r.status_code == 200, r.text
+        assert r.json()["tasks"] == ["classification"] and r.json()["results"][0]["tasks"]["classification"]["top"]
+        assert _post(url, payload, "det").json()["detail"].startswith("unknown task")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -34,54 +81,115 @@ def ray_url(bundles):
     import ray
     from ray import serve
 
-    from splitserve.gateway.ray_app import build_app
+    from splitserve.gateway.config import ServerConfig
+    from splitserve.gateway.ray_app import app, build_app
 
     port = free_port()
+    # 8 replicas of 0.25 CPU (2 applications × ingress + 3 tasks) on a 2-CPU loopback node
     ray.init(num_cpus=2, object_store_memory=200 * 2**20, include_dashboard=False, _node_ip_address="127.0.0.1",
-             log_to_driver=False)
+             log_to_driver=False, configure_logging=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(str(bundles[0])), name="splitserve")
+        serve.run(build_app(str(bundles["plain"]), config=ServerConfig(threads=1)), name="plain", route_prefix="/")
+        serve.run(app({"bundle": str(bundles["shared"]), "threads": "1"}), name="shared", route_prefix="/shared")
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
         ray.shutdown()
 
 
-def _post(url: str, body: bytes, tasks: str | None = "cls,seg", headers=HEADERS):
-    return httpx.post(url + "/infer", params={"tasks": tasks} if tasks else None, content=body, headers=headers,
-                      timeout=120)
+def _post(url: str, body: bytes, tasks: str | None = "cls,det,seg", headers=PAYLOAD) -> httpx.Response:
+    return httpx.post(url + "/infer", params={"tasks": tasks} if tasks is not None else None, content=body,
+                      headers=headers, timeout=120)
 
 
-def test_ray_answers_and_errors_equal_the_fastapi_gateways(ray_url, bundles):
-    main, other = bundles
-    edge = EdgeEncoder.from_bundle(main)
+@pytest.mark.parametrize("which", ["plain", "shared"])
+def test_ray_answers_and_errors_equal_the_fastapi_gateways(ray_url, bundles, which):
+    ray = ray_url + PREFIX[which]
+    edge = EdgeEncoder.from_bundle(bundles[which])
     payloads = [edge.encode([texture("astronaut", (90, 70)), texture("coffee", (90, 70))]).data,
-                edge.encode([texture("rocket", (50, 80))]).data]
+                edge.encode([texture("rocket", (50, 80))]).data,
+                edge.encode([texture("chelsea", (64, 64)), texture("camera", (120, 40)),
+                             texture("brick", (64, 64))]).data]
+    good = [(p, "cls,det,seg") for p in payloads] + [(payloads[0], "seg,cls"), (payloads[2], None)]
+    forged = bytearray(payloads[1])
+    forged[:2] = b"XX"
     bad = [
-        (payloads[0][:-7], "cls"),                                              # truncated
-        (payloads[0], "cls,pose"),                                              # unknown task
-        (EdgeEncoder.from_bundle(other).encode([texture("brick", (64, 64))]).data, "cls"),  # another encoder
+        (payloads[0][:-7], "cls", PAYLOAD),                                          # truncated
+        (bytes(forged), "cls", PAYLOAD),                                             # bad magic
+        (payloads[0], "cls,pose", PAYLOAD),                                          # unknown task
+        (payloads[0], "", PAYLOAD),                                                  # no task
+        (EdgeEncoder.from_bundle(bundles["other"]).encode([texture("brick", (64, 64))]).data, "cls", PAYLOAD),
+        (payloads[0], "cls", {"Content-Type": "text/plain"}),                        # 415
+        (b"\0" * (8 * 2**20 + 1), "cls", PAYLOAD),                                   # 413
+        (b"not an image", "cls", {"Content-Type": "image/png"}),                     # unreadable upload
     ]
-    with GatewayProcess("--bundle", str(main), "--max-wait-ms", "0") as fastapi:
-        for body in payloads:
-            r, f = _post(ray_url, body), _post(fastapi.url, body)
-            assert r.status_code == f.status_code == 200
-            got, want = r.json(), f.json()
-            assert got["fingerprint"] == want["fingerprint"] and got["tasks"] == want["tasks"]
-            for g, w in zip(got["results"], want["results"], strict=True):
-                assert g["original_size"] == w["original_size"]
-                assert [c["index"] for c in g["tasks"]["classification"]["top"]] == \
-                    [c["index"] for c in w["tasks"]["classification"]["top"]]
-                assert [c["probability"] for c in g["tasks"]["classification"]["top"]] == pytest.approx(
-                    [c["probability"] for c in w["tasks"]["classification"]["top"]], rel=1e-4, abs=1e-6)
-                seg_g, seg_w = g["tasks"]["segmentation"], w["tasks"]["segmentation"]
-                assert (seg_g["width"], seg_g["height"]) == (seg_w["width"], seg_w["height"])
-                assert {c["index"] for c in seg_g["classes"]} == {c["index"] for c in seg_w["classes"]}
-        for body, tasks in bad:
-            r, f = _post(ray_url, body, tasks), _post(fastapi.url, body, tasks)
-            assert r.status_code == f.status_code and r.status_code in (400, 409), (tasks, r.status_code, f.status_code)
-            assert r.json()["detail"] == f.json()["detail"]
-        r = _post(ray_url, payloads[0], headers={"Content-Type": "text/plain"})
-        f = _post(fastapi.url, payloads[0], headers={"Content-Type": "text/plain"})
-        assert r.status_code == f.status_code == 415 and r.json()["detail"] == f.json()["detail"]
+    with GatewayProcess("--bundle", str(bundles[which]), "--max-wait-ms", "0", "--threads", "1") as fastapi:
+        answers = []
+        for body, tasks in good:
+            r, f = _post(ray, body, tasks), _post(fastapi.url, body, tasks)
+            assert r.status_code == f.status_code == 200, (r.text[:300], f.text[:300])
+            assert r.json() == f.json()
+            answers.append(r.json())
+        first, second = answers[0]["results"]
+        assert first["tasks"]["classification"] != second["tasks"]["classification"]  # image-dependent answers
+        assert first["tasks"]["segmentation"] != second["tasks"]["segmentation"]
+        assert answers[3]["results"][0]["tasks"]["detection"] is None
+
+        upload = jpeg_bytes(texture("coffee", (333, 217)))  # full offloading: the server encodes
+        r, f = (_post(u, upload, "cls,seg", {"Content-Type": "image/jpeg"}) for u in (ray, fastapi.url))
+        assert r.status_code == f.status_code == 200 and r.json() == f.json()
+
+        statuses = []
+        for body, tasks, headers in bad:
+            r, f = _post(ray, body, tasks, headers), _post(fastapi.url, body, tasks, headers)
+            assert (r.status_code, r.json()) == (f.status_code, f.json()), tasks
+            statuses.append(r.status_code)
+        assert statuses == [400, 400, 400, 400, 409, 415, 413, 400]
+
+        for path in ("/v1/encoder", "/v1/tasks", "/healthz", "/readyz"):
+            r, f = httpx.get(ray + path), httpx.get(fastapi.url + path)
+            assert (r.status_code, r.json()) == (f.status_code, f.json()) == (200, f.json()), path
+        for method, path in (("GET", "/infer"), ("GET", "/nope")):
+            r, f = httpx.request(method, ray + path), httpx.request(method, fastapi.url + path)
+            assert (r.status_code, r.json()) == (f.status_code, f.json()), path
+
+    async def concurrently():  # batched across requests in the task deployments, split back correctly
+        async with httpx.AsyncClient(timeout=120) as client:
+            return await asyncio.gather(*[client.post(ray + "/infer", params={"tasks": "cls,det,seg"}, content=p,
+                                                      headers=PAYLOAD) for p in payloads * 3])
+
+    replies = asyncio.run(concurrently())
+    for reply, alone in zip(replies, answers[:3] * 3, strict=True):
+        _assert_close(reply.json(), alone)  # a batch of another size may move float32 results by ~1 ulp
+
+
+def _assert_close(got, want, path="$"):
+    """Equal structure, strings and integers; floats to float32 precision."""
+    if isinstance(want, dict):
+        assert isinstance(got, dict) and got.keys() == want.keys(), path
+        for k in want:
+            _assert_close(got[k], want[k], f"{path}.{k}")
+    elif isinstance(want, list):
+        assert isinstance(got, list) and len(got) == len(want), path
+        for i, (g, w) in enumerate(zip(got, want)):
+            _assert_close(g, w, f"{path}[{i}]")
+    elif isinstance(want, float):
+        assert got == pytest.approx(want, rel=1e-5, abs=1e-7), path
+    else:
+        assert got == want, path
+
+
+def test_serve_config_names_the_application_and_its_deployments():
+    from pathlib import Path
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    config = yaml.safe_load((Path(__file__).parents[1] / "deploy" / "ray" / "serve_config.yaml").read_text())
+    ServeDeploySchema.parse_obj(config)  # Ray's own schema for `serve deploy` / `serve run`
+    (application,) = config["applications"]
+    assert application["import_path"] == "splitserve.gateway.ray_app:app"
+    names = {d["name"] for d in application["deployments"]}
+    assert names <= {"ingress", "task-classification", "task-detection", "task-segmentation"}
+

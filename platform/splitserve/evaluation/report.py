@@ -1,7 +1,11 @@
-"""The study's Markdown report and plots (matplotlib, no display needed)."""
+"""The study's outputs: points.json, points.csv, matplotlib plots (no display needed), report.md."""
 
 from __future__ import annotations
 
+import csv
+import json
+import re
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -10,77 +14,198 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+UNITS = {"top1": "top-1 (%)", "mAP": "box mAP@[.5:.95] (%)", "mIoU": "mIoU (%)"}
 
-def write_report(out: Path, points, summary: dict[str, Any], sweep, timings: dict[str, float], seconds: float) -> None:
-    from ..bench.report import machine
 
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_").lower()
+
+
+def write_json(out: Path, study, sweep) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    doc = {
+        "sweep": str(sweep.path) if sweep.path else None,
+        "data": str(sweep.data), "split": sweep.split, "limit": sweep.limit,
+        "threads": sweep.threads, "repeat": sweep.repeat, "links_kbit_s": sweep.links_kbit_s,
+        "machine": study.machine, "uname": study.uname, "seconds": study.seconds, "timings": study.timings,
+        "reference": study.reference, "points": [asdict(p) for p in study.points], "summary": study.summary,
+        "bitmaps": study.bitmaps, "notes": study.notes,
+    }
+    path = out / "points.json"
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+    return path
+
+
+def write_csv(out: Path, points) -> Path:
+    from .run import Point
+
+    path = out / "points.csv"
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=[fl.name for fl in fields(Point)])
+        w.writeheader()
+        for p in points:
+            w.writerow(asdict(p))
+    return path
+
+
+def _curves(points, task: str) -> dict[str, list]:
     curves: dict[str, list] = {}
     for p in points:
-        curves.setdefault(p.method, []).append(p)
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        if p.task == task:
+            curves.setdefault(p.method, []).append(p)
+    return {k: sorted(v, key=lambda p: p.bpp) for k, v in curves.items()}
+
+
+def plot_rate_accuracy(out: Path, points, task: str, reference: dict[str, Any] | None) -> Path:
+    curves = _curves(points, task)
+    fig, ax = plt.subplots(figsize=(6.6, 4.4))
     for name, c in curves.items():
-        c = sorted(c, key=lambda p: p.bpp)
-        ax.plot([p.bpp for p in c], [p.top1 for p in c], marker="o", label=name)
-    ax.set_xlabel("bits per pixel of the model input")
-    ax.set_ylabel("top-1 (%)")
-    ax.grid(alpha=0.3)
-    ax.legend()
+        ax.plot([p.bpp for p in c], [p.accuracy for p in c], marker="o", ms=4, label=name)
+    if reference:
+        ax.axhline(reference["accuracy"], color="k", ls="--", lw=1, label="uncompressed teacher")
+    ax.set_xscale("log")
+    ax.set_xlabel("bits per pixel of the model input (log scale)")
+    metric = next(iter(curves.values()))[0].metric if curves else ""
+    ax.set_ylabel(UNITS.get(metric, metric))
+    ax.set_title(f"{task}: rate–accuracy")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "rate_accuracy.png", dpi=120)
+    path = out / f"rate_accuracy_{slug(task)}.png"
+    fig.savefig(path, dpi=120)
     plt.close(fig)
+    return path
 
-    es = curves.get(sweep.anchors.get("delta_accuracy", ""), [])
-    base_ms = min((p.encode_ms for p in es), default=None)
+
+def plot_delta_vs_latency(out: Path, study, sweep, task: str) -> Path | None:
+    deltas = study.summary["tasks"].get(task, {}).get("delta_accuracy", {})
+    cx = study.summary["complexity"]
+    xs = {n: cx[n]["encode_ms_median"] for n, v in deltas.items() if isinstance(v, float) and n in cx}
+    if not xs:
+        return None
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for name, value in summary["delta_accuracy"].items():
-        if isinstance(value, float):
-            ms = min(p.encode_ms for p in curves[name])
-            ax.scatter([ms], [value])
-            ax.annotate(name, (ms, value))
-    ax.set_xlabel(f"encoder latency, ms (batch 1, {sweep.threads} thread)")
-    ax.set_ylabel("Δ-accuracy (pp) vs " + sweep.anchors.get("delta_accuracy", "anchor"))
-    ax.grid(alpha=0.3)
+    for name, ms in xs.items():
+        ax.scatter([ms], [deltas[name]], s=30)
+        ax.annotate(name, (ms, deltas[name]), fontsize=8, xytext=(4, 4), textcoords="offset points")
+    ax.axhline(0.0, color="k", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel(f"encoder latency incl. entropy coding, ms (batch 1, {sweep.threads} thread(s), log scale)")
+    ax.set_ylabel(f"Δ-accuracy vs {sweep.anchors.get('delta_accuracy')} (pp)")
+    ax.set_title(f"{task}: Δ-accuracy against encoder latency")
+    ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
-    fig.savefig(out / "delta_accuracy_vs_latency.png", dpi=120)
+    path = out / f"delta_accuracy_vs_latency_{slug(task)}.png"
+    fig.savefig(path, dpi=120)
     plt.close(fig)
+    return path
 
-    lines = ["# Rate–accuracy study", "", f"Machine: {machine()}. {points[0].images} images of `{sweep.data}` "
-             f"({sweep.split}); teacher `{sweep.teacher}`. Total {seconds:.0f} s "
-             f"({', '.join(f'{k} {v:.0f} s' for k, v in timings.items())}).", "",
-             "Rate: real bytes (payload with header, or the image file) per image and in bits per pixel of the model "
-             "input. Accuracy: bundles through the gateway runtime from payload bytes; input codecs decoded and fed to "
-             "the uncompressed teacher. Summaries use PCHIP interpolation (see docs/evaluation.md).", "",
-             "![rate–accuracy](rate_accuracy.png)", "",
-             "| method | setting | bytes/image | bpp | top-1 % | encode ms | server ms | device params | device MACs |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for p in points:
-        params = f"{p.device_params:,}" if p.device_params else "—"
-        macs = f"{p.device_macs:,}" if p.device_macs else "—"
-        lines.append(f"| {p.method} | {p.setting} | {p.bytes_per_image:.0f} | {p.bpp:.3f} | {p.top1:.1f} | "
-                     f"{p.encode_ms:.2f} | {p.server_ms:.1f} | {params} | {macs} |")
-    lines += ["", "| method | Δ-accuracy vs " + str(sweep.anchors.get("delta_accuracy")) + " (pp) | BD-rate vs "
-              + str(sweep.anchors.get("bd_rate")) + " (%) | encoder latency vs anchor |", "|---|---:|---:|---:|"]
-    for name in curves:
-        d = summary["delta_accuracy"].get(name, "—")
-        b = summary["bd_rate"].get(name, "—")
-        ms = min(p.encode_ms for p in curves[name])
-        ratio = f"{ms / base_ms:.2f}×" if base_ms else "—"
-        lines.append(f"| {name} | {d if isinstance(d, str) else f'{d:+.2f}'} | "
-                     f"{b if isinstance(b, str) else f'{b:+.1f}'} | {ratio} |")
-    lines += ["", "![Δ-accuracy vs latency](delta_accuracy_vs_latency.png)", "",
-              "End-to-end time per image (device encode + bytes ÷ link rate + server), ms:", "",
-              "| point | " + " | ".join(f"{k} ({v:g} kbit/s)" for k, v in sweep.links_kbit_s.items()) + " |",
-              "|---|" + "---:|" * len(sweep.links_kbit_s)]
-    names = list(next(iter(summary["links"].values())).keys()) if summary["links"] else []
-    for n in names:
-        lines.append(f"| {n} | " + " | ".join(f"{summary['links'][k][n]:.0f}" for k in sweep.links_kbit_s) + " |")
-    (out / "report.md").write_text("\n".join(lines) + "\n")
+
+def _num(v, fmt: str) -> str:
+    return "—" if v is None or isinstance(v, str) else format(v, fmt)
+
+
+def _md_report(study, sweep, plots: dict[str, dict[str, str]]) -> str:
+    u = study.uname
+    L = ["# Rate–accuracy study", "",
+         f"Machine: `{u.get('node')}` ({u.get('system')} {u.get('release')}, {u.get('machine')}); {study.machine}.",
+         f"Sweep: `{sweep.path}`. Data: `{sweep.data}`, split `{sweep.split}`"
+         + (f", an evenly spaced subset of {sweep.limit} images per task" if sweep.limit else "") + ".",
+         f"Latency: batch 1, `torch.set_num_threads({sweep.threads})`, median of {sweep.repeat} runs after a warm-up, "
+         "every method in this one run on this machine.", "",
+         f"Wall time: {study.seconds:.1f} s in all.", "", "| step | seconds |", "|---|---:|"]
+    L += [f"| {k} | {v:.1f} |" for k, v in study.timings.items()]
+    L += ["", "Rate is measured from real bytes: our payload (header included, one payload per image as a device "
+          "sends it) or the encoded image file, in bits per pixel of the model input and bytes per image. "
+          "Accuracy goes through the served path: our bundles from payload bytes through the gateway `Runtime`; "
+          "input codecs encode the model-input-sized image, decode it, and feed the uncompressed teacher. "
+          "Δ-accuracy (mean accuracy gain over the shared rate range, linear bpp) and BD-rate (mean log-rate "
+          "difference over the shared accuracy range) interpolate each curve with PCHIP (piecewise cubic, "
+          "monotone), not a single cubic polynomial, which swings on saturating accuracy curves "
+          "(docs/evaluation.md).", ""]
+    anchors = sweep.anchors
+    for task, ref in study.reference.items():
+        metric = ref["metric"]
+        L += [f"## {task} ({UNITS.get(metric, metric)})", "",
+              f"Uncompressed teacher: **{ref['accuracy']:.2f}** on {ref['images']} images "
+              f"(model input {ref['input_hw'][0]}×{ref['input_hw'][1]}, teacher `{ref['teacher']}`).", ""]
+        if "rate" in plots.get(task, {}):
+            L += [f"![rate–accuracy, {task}]({plots[task]['rate']})", ""]
+        L += [f"| method | setting | bytes/image | bpp | {metric} | encode ms | server ms |",
+              "|---|---|---:|---:|---:|---:|---:|"]
+        for p in study.points:
+            if p.task == task:
+                L.append(f"| {p.method} | {p.setting} | {p.bytes_per_image:.1f} | {p.bpp:.4f} | {p.accuracy:.2f} | "
+                         f"{p.encode_ms:.2f} | {p.server_ms:.2f} |")
+        s = study.summary["tasks"].get(task, {})
+        da, br = s.get("delta_accuracy", {}), s.get("bd_rate", {})
+        if da or br:
+            L += ["", f"| method | Δ-accuracy vs {anchors.get('delta_accuracy', '—')} (pp) | "
+                      f"BD-rate vs {anchors.get('bd_rate', '—')} (%) |", "|---|---:|---:|"]
+            for name in dict.fromkeys(p.method for p in study.points if p.task == task):
+                d, b = da.get(name), br.get(name)
+                L.append(f"| {name} | {d if isinstance(d, str) else _num(d, '+.2f')} | "
+                         f"{b if isinstance(b, str) else _num(b, '+.1f')} |")
+        if "delta" in plots.get(task, {}):
+            L += ["", f"![Δ-accuracy vs encoder latency, {task}]({plots[task]['delta']})"]
+        links = s.get("links", {})
+        if links:
+            floor = s.get("links_min_accuracy")
+            L += ["", "Link model: end-to-end ms per image = device encode + 8·bytes ÷ link rate + server time; for "
+                  "each method its fastest point with " + (f"{metric} ≥ {floor:.2f} (the teacher's − "
+                  f"{sweep.link_tolerance:g})" if floor is not None else "any accuracy") + ".", "",
+                  "| method | " + " | ".join(f"{k} ({v['kbit_s']:g} kbit/s)" for k, v in links.items()) + " |",
+                  "|---|" + "---:|" * len(links)]
+            names = list(dict.fromkeys(p.method for p in study.points if p.task == task))
+            for name in names:
+                cells = []
+                for v in links.values():
+                    b = v["per_method"].get(name)
+                    cells.append(f"{b['ms']:.1f} ({b['setting']})" if b else "— (never reaches it)")
+                L.append(f"| {name} | " + " | ".join(cells) + " |")
+            L.append("| **wins** | " + " | ".join(f"**{v['winner'] or '—'}**" for v in links.values()) + " |")
+        L.append("")
+    cx = study.summary["complexity"]
+    if cx:
+        a = anchors.get("complexity")
+        L += ["## Device-side complexity", "",
+              f"Batch 1, {sweep.threads} thread(s). Parameters and MACs of what the device runs (our encoder + "
+              "prior; a learned image codec's analysis transforms + entropy models; none for JPEG/WebP, which "
+              "Pillow runs in C). Latency includes entropy coding and, for our bundles, the payload container."
+              + (f" Ratios are to {a}." if a else ""), "",
+              "| method | model input | device params | device MACs | encode ms (median over points) | params × | MACs × | latency × |",
+              "|---|---|---:|---:|---:|---:|---:|---:|"]
+        for name, c in cx.items():
+            L.append(f"| {name} | {c['input_hw'][0]}×{c['input_hw'][1]} | {_num(c['params'], ',')} | "
+                     f"{_num(c['macs'], ',')} | {c['encode_ms_median']:.2f} | {_num(c.get('params_ratio'), '.2f')} | "
+                     f"{_num(c.get('macs_ratio'), '.2f')} | {_num(c.get('encode_ms_ratio'), '.2f')} |")
+        L.append("")
+    if study.bitmaps:
+        L += ["## Bit-allocation maps", "",
+              "Bits per latent position under each codec's prior (−log2 of the likelihood of the rounded latent, "
+              "summed over channels), overlaid on the model input.", "", "![bit-allocation maps](bitmaps.png)", ""]
+    if study.notes:
+        L += ["## Notes", ""] + [f"- {n}" for n in study.notes] + [""]
+    return "\n".join(L)
+
+
+def write_outputs(out: Path, study, sweep) -> dict[str, dict[str, str]]:
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out, study, sweep)
+    write_csv(out, study.points)
+    plots: dict[str, dict[str, str]] = {}
+    for task in study.reference:
+        plots[task] = {}
+        if any(p.task == task for p in study.points):
+            plots[task]["rate"] = plot_rate_accuracy(out, study.points, task, study.reference[task]).name
+        d = plot_delta_vs_latency(out, study, sweep, task)
+        if d is not None:
+            plots[task]["delta"] = d.name
+    (out / "report.md").write_text(_md_report(study, sweep, plots))
+    return plots
 
 
 def plot_learning_curves(runs: dict[str, Path], out: Path, metric: str = "top1") -> Path:
     """Validation ``metric`` per epoch (and the training loss) of each run's ``metrics.jsonl``."""
-    import json
-
     fig, (ax_val, ax_loss) = plt.subplots(1, 2, figsize=(10, 3.8))
     for label, workdir in runs.items():
         records = [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines() if line.strip()]

@@ -1,278 +1,275 @@
-"""``platform evaluate``: every point of a rate–accuracy sweep, measured through the served path.
+"""``platform evaluate``: every point of a rate–accuracy sweep, measured through the served path,
+then the summaries and the report (see :mod:`.sweep` for the sweep file, ``docs/evaluation.md``).
 
-Rate comes from real bytes — the payload with its header, or the image file — in bits per pixel of
-the model input (and bytes per image). Accuracy goes through what is served: payload bytes →
-gateway :class:`~splitserve.gateway.runtime.Runtime` for our bundles; encode → decode → the
-uncompressed teacher for input codecs (JPEG, WebP via Pillow). Classification top-1 today.
-
-The sweep file (YAML)::
-
-    data: runs/default/fm64          # an ImageFolder root, or an fmnist-scenes tree
-    split: val
-    limit: 500                       # evenly spaced subset (optional)
-    teacher: runs/default/teacher-cls
-    threads: 1                       # for the latency measurements
-    anchors: {delta_accuracy: Entropic Student, bd_rate: WebP}
-    links_kbit_s: {LoRa: 37.5, LTE-M: 1000, Wi-Fi: 50000}
-    methods:
-      - {name: Entropic Student, kind: bundle, points: [runs/es-b0.32, runs/es-b1.28]}
-      - {name: WebP, kind: webp, points: [5, 20, 40, 80]}
-      - {name: JPEG, kind: jpeg, points: [10, 30, 50, 90]}
+Steps, each timed and shown with a progress bar: load the teachers and the data; the uncompressed
+reference of each task; every point of every method on every task it applies to (accuracy from
+real bytes, then device-side complexity and server time at batch 1 and the sweep's thread count);
+summaries (Δ-accuracy, BD-rate, complexity ratios, link model); bit-allocation maps; the report.
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import json
+import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-import yaml
-from PIL import Image
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from ..errors import SplitserveError
-from ..bench.timing import median_ms
+from .link import end_to_end_ms, winners
 from .metrics import CurveError, bd_rate, delta_accuracy
+from .sweep import Sweep, SweepError, load_sweep  # noqa: F401 — re-exported for callers
 
-KINDS = ("bundle", "jpeg", "webp")
-DEFAULT_LINKS = {"LoRa": 37.5, "LTE-M": 1000.0, "Wi-Fi": 50000.0}
-
-
-class SweepError(SplitserveError):
-    """The sweep file is missing, malformed, or names something that does not exist."""
-
-
-@dataclass
-class Method:
-    name: str
-    kind: str
-    points: list
-
-
-@dataclass
-class Sweep:
-    data: Path
-    teacher: Path
-    methods: list[Method]
-    split: str = "val"
-    limit: int | None = None
-    threads: int = 1
-    anchors: dict[str, str] = field(default_factory=dict)
-    links_kbit_s: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_LINKS))
-
-
-def load_sweep(path: str | Path) -> Sweep:
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise SweepError(f"{path}: no such sweep file") from None
-    except yaml.YAMLError as e:
-        raise SweepError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(raw, dict):
-        raise SweepError(f"{path}: a sweep is a mapping (data, teacher, methods, …)")
-    unknown = set(raw) - {"data", "teacher", "methods", "split", "limit", "threads", "anchors", "links_kbit_s"}
-    if unknown:
-        raise SweepError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}")
-    for key in ("data", "teacher", "methods"):
-        if key not in raw:
-            raise SweepError(f"{path}: missing '{key}'")
-    methods = []
-    for i, m in enumerate(raw["methods"] or []):
-        if not isinstance(m, dict) or {"name", "kind", "points"} - set(m):
-            raise SweepError(f"{path}: methods[{i}] needs name, kind and points")
-        if m["kind"] not in KINDS:
-            raise SweepError(f"{path}: methods[{i}] kind {m['kind']!r} is not one of {', '.join(KINDS)}")
-        if not m["points"]:
-            raise SweepError(f"{path}: methods[{i}] has no points")
-        methods.append(Method(str(m["name"]), m["kind"], list(m["points"])))
-    base = path.parent
-    sweep = Sweep(data=_rel(base, raw["data"]), teacher=_rel(base, raw["teacher"]), methods=methods,
-                  split=str(raw.get("split", "val")), limit=raw.get("limit"), threads=int(raw.get("threads", 1)),
-                  anchors=dict(raw.get("anchors") or {}), links_kbit_s=dict(raw.get("links_kbit_s") or DEFAULT_LINKS))
-    for m in sweep.methods:
-        if m.kind == "bundle":
-            m.points = [_rel(base, p) for p in m.points]
-    return sweep
-
-
-def _rel(base: Path, p: str | Path) -> Path:
-    p = Path(p)
-    return p if p.is_absolute() or p.exists() else base / p
+__all__ = ["Point", "Study", "evaluate", "load_sweep", "summarize"]
 
 
 @dataclass
 class Point:
+    """One method at one setting on one task."""
+
     method: str
     kind: str
     setting: str
+    task: str
+    metric: str
+    accuracy: float
     images: int
     bytes_per_image: float
     bpp: float
-    top1: float
+    input_h: int
+    input_w: int
     encode_ms: float
     server_ms: float
-    device_params: int | None = None
-    device_macs: int | None = None
+    device_params: int | None
+    device_macs: int | None
+    source: str
 
 
-def _images(sweep: Sweep) -> list[tuple[Path, int]]:
-    root = sweep.data / "imagefolder" if (sweep.data / "imagefolder").is_dir() else sweep.data
-    split = root / sweep.split
-    if not split.is_dir():
-        raise SweepError(f"{split}: no such directory (an ImageFolder split: {split}/<class>/<image>)")
-    classes = sorted(p.name for p in split.iterdir() if p.is_dir())
-    items = [(f, k) for k, c in enumerate(classes) for f in sorted((split / c).iterdir()) if f.is_file()]
-    if sweep.limit and sweep.limit < len(items):
-        step = len(items) / sweep.limit
-        items = [items[int(i * step)] for i in range(sweep.limit)]
-    if not items:
-        raise SweepError(f"{split}: no images")
-    return items
+@dataclass
+class Study:
+    points: list[Point]
+    reference: dict[str, dict[str, Any]]  # task → {metric, accuracy, images, teacher}
+    summary: dict[str, Any]
+    timings: dict[str, float]
+    notes: list[str]
+    bitmaps: list[dict[str, Any]]
+    machine: str
+    uname: dict[str, str]
+    seconds: float
 
 
-def device_macs(module: torch.nn.Module, x: torch.Tensor) -> int:
-    """Multiply–accumulates of one forward (convolutions and linear layers), counted with hooks."""
-    total = 0
+class _Timer:
+    def __init__(self):
+        self.timings: dict[str, float] = {}
 
-    def hook(m, inputs, out):
-        nonlocal total
-        if isinstance(m, torch.nn.Conv2d):
-            total += out.numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
-        elif isinstance(m, torch.nn.ConvTranspose2d):
-            total += inputs[0].numel() * (m.out_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
-        elif isinstance(m, torch.nn.Linear):
-            total += out.numel() * m.in_features
+    def __call__(self, name: str):
+        timer = self
 
-    handles = [m.register_forward_hook(hook) for m in module.modules()
-               if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d, torch.nn.Linear))]
-    try:
-        with torch.no_grad():
-            module(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return total
+        class _Step:
+            def __enter__(self):
+                self.t = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timer.timings[name] = timer.timings.get(name, 0.0) + time.perf_counter() - self.t
+
+        return _Step()
 
 
-def _bundle_point(name: str, bundle: Path, items, threads: int) -> Point:
-    from ..edge import EdgeEncoder
-    from ..gateway.runtime import Job, Runtime
-    from ..plugins import PluginRegistry
-    from ..preprocess import load_image
-
-    edge = EdgeEncoder.from_bundle(bundle)
-    runtime = Runtime(bundle, PluginRegistry.discover(), tasks=["classification"])
-    plugin = runtime.plugins[0]
-    total_bytes = bits = correct = 0.0
-    for path, label in tqdm(items, desc=f"{name} {bundle.name}", unit="img", leave=False):
-        encoded = edge.encode([load_image(path)])
-        payload, metas = runtime.parse_payload(encoded.data)
-        answer = runtime.run([Job(plugins=[plugin], payload=payload, metas=metas)])[0][0]["classification"]
-        correct += answer.top[0].index == label
-        total_bytes += len(encoded.data)
-        bits += encoded.bpp[0]
-    torch.set_num_threads(threads)
-    x, _ = edge.preprocess([load_image(items[0][0])])
-    enc = median_ms(lambda: edge.encode_tensor(x, [(1, 1)]))
-    payload, metas = runtime.parse_payload(edge.encode_tensor(x, [(1, 1)]).data)
-    server = median_ms(lambda: runtime.run([Job(plugins=[plugin], payload=payload, metas=metas)]))
-    counts = edge.codec.parameter_counts()
-    n = len(items)
-    return Point(name, "bundle", bundle.name, n, total_bytes / n, bits / n, 100 * correct / n, enc, server,
-                 counts["encoder"] + counts["prior"], device_macs(edge.codec.encoder, x))
-
-
-def _codec_point(name: str, kind: str, quality: int, items, teacher, threads: int) -> Point:
-    from ..preprocess import load_image
-    from splitserve_edge.payload import bits_per_pixel
-    from splitserve_edge.preprocessing import normalize
-    import numpy as np
-
-    fmt = "JPEG" if kind == "jpeg" else "WEBP"
-    policy = teacher.preprocessing
-    total_bytes = bits = correct = 0.0
-
-    def encode(img: Image.Image) -> bytes:
-        buf = io.BytesIO()
-        img.save(buf, format=fmt, quality=int(quality))
-        return buf.getvalue()
-
-    for path, label in tqdm(items, desc=f"{name} q{quality}", unit="img", leave=False):
-        geo = policy.geometry(load_image(path))
-        data = encode(geo)
-        decoded = Image.open(io.BytesIO(data)).convert("RGB")
-        x = torch.from_numpy(normalize(np.asarray(decoded, dtype=np.uint8)))[None]
-        with torch.no_grad():
-            logits = teacher.head(teacher.stem(x))
-        correct += int(logits.argmax(1)) == label
-        total_bytes += len(data)
-        bits += bits_per_pixel(8 * len(data), 1, (geo.height, geo.width))
-    torch.set_num_threads(threads)
-    geo = policy.geometry(load_image(items[0][0]))
-    enc = median_ms(lambda: encode(geo))
-    x = torch.from_numpy(policy.apply(geo))[None]
-    with torch.no_grad():
-        server = median_ms(lambda: teacher.head(teacher.stem(x)))
-    n = len(items)
-    return Point(name, kind, f"q{quality}", n, total_bytes / n, bits / n, 100 * correct / n, enc, server)
-
-
-def evaluate(sweep: Sweep, out: Path) -> dict[str, Any]:
-    from ..plugins import PluginRegistry
+def _teachers(sweep: Sweep, registry) -> dict[str, Any]:
     from ..training.teacher import load_teacher
 
+    out = {}
+    for key, path in sweep.teachers.items():
+        teacher = load_teacher(path, registry)
+        if key != "*" and registry.get(key).name != teacher.task:
+            raise SweepError(f"teachers.{key}: {path} is a {teacher.task} teacher")
+        out[teacher.task] = teacher
+    return out
+
+
+def evaluate(sweep: Sweep, out: Path, *, progress: bool = True) -> Study:
+    """Measure the sweep, write ``out``/points.json, points.csv, the plots and report.md."""
+    import platform as _platform
+
+    from ..bench.report import machine
+    from ..plugins import PluginRegistry
+    from ..preprocess import load_image
+    from .methods import BundlePoint, TeacherPath, input_codec
+    from .tasks import load_task_data
+
     started = time.perf_counter()
-    items = _images(sweep)
-    teacher = load_teacher(sweep.teacher, PluginRegistry.discover())
-    teacher.stem.eval(), teacher.head.eval()
+    step = _Timer()
+    notes: list[str] = []
+    registry = PluginRegistry.discover()
+    with step("load teachers and data"):
+        teachers = _teachers(sweep, registry)
+        try:
+            tasks = [p.name for p in registry.resolve(sweep.tasks)] if sweep.tasks else list(teachers)
+        except SplitserveError as e:
+            raise SweepError(f"tasks: {e}") from None
+        missing = [t for t in tasks if t not in teachers]
+        if missing:
+            raise SweepError(f"teachers: no teacher for {', '.join(missing)} (every task needs its uncompressed model)")
+        data = {t: load_task_data(registry.get(t), sweep.data, sweep.split, teachers[t].preprocessing, sweep.limit)
+                for t in tasks}
+        paths = {t: TeacherPath(teachers[t], registry.get(t)) for t in tasks}
+        samples = {t: load_image(data[t].items[0].path) for t in tasks}
+        device_sample = samples[tasks[0]]  # one image for every device-side latency
+
+    reference: dict[str, dict[str, Any]] = {}
+    with step("uncompressed teachers"):
+        for t in tasks:
+            m = paths[t].run(data[t], None, sweep.batch_size, progress, f"teacher {t}")
+            acc = data[t].score(m.answers, paths[t].num_classes())[data[t].metric]
+            reference[t] = {"metric": data[t].metric, "accuracy": acc, "images": len(data[t].items),
+                            "teacher": str(teachers[t].path), "input_hw": list(m.input_hw)}
+
     points: list[Point] = []
-    timings: dict[str, float] = {}
-    for m in sweep.methods:
-        t = time.perf_counter()
-        for setting in m.points:
-            if m.kind == "bundle":
-                if not (Path(setting) / "manifest.json").is_file():
-                    raise SweepError(f"{m.name}: {setting} is not a bundle directory")
-                points.append(_bundle_point(m.name, Path(setting), items, sweep.threads))
-            else:
-                points.append(_codec_point(m.name, m.kind, int(setting), items, teacher, sweep.threads))
-        timings[m.name] = time.perf_counter() - t
-    summary = summarize(points, sweep)
-    out.mkdir(parents=True, exist_ok=True)
-    rows = [asdict(p) for p in points]
-    (out / "points.json").write_text(json.dumps({"points": rows, "summary": summary, "seconds": timings}, indent=2))
-    with (out / "points.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    from .report import write_report
+    kw = {"threads": sweep.threads, "repeat": sweep.repeat}
+    total = sum(len(m.points) for m in sweep.methods)
+    bar = tqdm(total=total, desc="methods", unit="point", disable=not progress)
+    bundle_points: dict[str, list] = {}
+    codec_points: dict[str, list] = {}
+    for method in sweep.methods:
+        with step(method.name):
+            for setting in method.points:
+                bar.set_postfix_str(f"{method.name} {setting if not isinstance(setting, Path) else setting.name}")
+                if method.kind == "bundle":
+                    bp = BundlePoint(setting, tasks, registry)
+                    bundle_points.setdefault(method.name, []).append(bp)
+                    lacking = [t for t in tasks if t not in bp.tasks]
+                    if lacking:
+                        notes.append(f"{method.name} {bp.setting}: no head for {', '.join(lacking)} (not measured there)")
+                    dev = bp.device(device_sample, **kw)
+                    for t in bp.tasks:
+                        m = bp.run(data[t], sweep.batch_size, progress, f"{method.name} {bp.setting} {t}")
+                        acc = data[t].score(m.answers, bp.num_classes(t))[data[t].metric]
+                        server = bp.server_ms(t, samples[t], **kw)
+                        points.append(_point(method, bp.setting, t, data[t], m, acc, dev, server, bp.path))
+                else:
+                    codec = input_codec(method.kind, setting)
+                    if method.kind == "compressai":
+                        codec_points.setdefault(method.name, []).append(codec)
+                    dev = codec.device(paths[tasks[0]].policy.geometry(device_sample), **kw)
+                    for t in tasks:
+                        m = paths[t].run(data[t], codec, sweep.batch_size, progress, f"{method.name} {codec.setting} {t}")
+                        acc = data[t].score(m.answers, paths[t].num_classes())[data[t].metric]
+                        server = paths[t].server_ms(codec, samples[t], **kw)
+                        src = str(setting) if method.kind == "compressai" else f"Pillow {codec.format}"
+                        points.append(_point(method, codec.setting, t, data[t], m, acc, dev, server, src))
+                bar.update(1)
+    bar.close()
 
-    write_report(out, points, summary, sweep, timings, time.perf_counter() - started)
-    return summary
+    with step("summaries"):
+        summary = summarize(points, sweep, reference)
+
+    bitmaps: list[dict[str, Any]] = []
+    if sweep.bitmap_images:
+        with step("bit-allocation maps"):
+            bitmaps = _bitmaps(sweep, out, bundle_points, codec_points, data[tasks[0]], paths[tasks[0]].policy)
+
+    study = Study(points, reference, summary, step.timings, notes, bitmaps, machine(),
+                  dict(_platform.uname()._asdict()), 0.0)
+    with step("report"):
+        from .report import write_outputs
+
+        study.seconds = time.perf_counter() - started
+        write_outputs(out, study, sweep)
+    study.timings = step.timings
+    study.seconds = time.perf_counter() - started
+    from .report import write_json
+
+    write_json(out, study, sweep)  # again, with the report step's own time
+    return study
 
 
-def summarize(points: list[Point], sweep: Sweep) -> dict[str, Any]:
-    curves: dict[str, list[Point]] = {}
+def _point(method, setting: str, task: str, data, m, acc: float, dev: dict, server: float, source) -> Point:
+    h, w = m.input_hw
+    return Point(method=method.name, kind=method.kind, setting=setting, task=task, metric=data.metric,
+                 accuracy=float(acc), images=len(m.answers), bytes_per_image=m.bytes_per_image, bpp=m.mean_bpp,
+                 input_h=int(h), input_w=int(w), encode_ms=float(dev["encode_ms"]), server_ms=float(server),
+                 device_params=dev["device_params"], device_macs=dev["device_macs"], source=str(source))
+
+
+def _bitmaps(sweep: Sweep, out: Path, bundle_points, codec_points, data, policy) -> list[dict[str, Any]]:
+    from ..preprocess import load_image
+    from .bitmaps import bundle_map, image_codec_map, plot_bitmaps
+
+    names = sweep.bitmap_methods
+    if names is None:
+        names = [m.name for m in sweep.methods if m.kind == "bundle" or
+                 (m.kind == "compressai" and m.name in codec_points)]
+    chosen = []
+    for name in names:  # the middle rate point of each method
+        if name in bundle_points:
+            pts = bundle_points[name]
+            chosen.append(("bundle", name, pts[len(pts) // 2]))
+        elif name in codec_points:
+            pts = codec_points[name]
+            chosen.append(("compressai", name, pts[len(pts) // 2]))
+    if not chosen:
+        return []
+    rows, records = [], []
+    for item in data.items[: sweep.bitmap_images]:
+        img = load_image(item.path)
+        row = []
+        for kind, name, pt in chosen:
+            bm = bundle_map(pt, name, img) if kind == "bundle" else image_codec_map(pt, name, img, policy)
+            row.append(bm)
+            records.append({"method": name, "setting": bm.setting, "image": str(item.path),
+                            "map_hw": list(bm.bits.shape), "total_bits": bm.total_bits})
+        rows.append(row)
+    plot_bitmaps(rows, out / "bitmaps.png")
+    return records
+
+
+def _curve(points: list[Point]) -> tuple[list[float], list[float]]:
+    return [p.bpp for p in points], [p.accuracy for p in points]
+
+
+def summarize(points: list[Point], sweep: Sweep, reference: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Per task: Δ-accuracy and BD-rate of every curve against the anchors, the link model; per
+    method: device-side complexity and its ratio to the complexity anchor."""
+    by_task: dict[str, dict[str, list[Point]]] = {}
     for p in points:
-        curves.setdefault(p.method, []).append(p)
-    out: dict[str, Any] = {"delta_accuracy": {}, "bd_rate": {}, "links": {}}
-    for key, fn, anchor in (("delta_accuracy", delta_accuracy, sweep.anchors.get("delta_accuracy")),
-                            ("bd_rate", bd_rate, sweep.anchors.get("bd_rate"))):
-        if anchor not in curves:
-            continue
-        a = curves[anchor]
-        for name, c in curves.items():
-            try:
-                out[key][name] = fn([p.bpp for p in a], [p.top1 for p in a], [p.bpp for p in c], [p.top1 for p in c])
-            except CurveError as e:
-                out[key][name] = f"n/a ({e})"
-    for link, kbit in sweep.links_kbit_s.items():
-        out["links"][link] = {f"{p.method} {p.setting}": p.encode_ms + p.bytes_per_image * 8 / kbit + p.server_ms
-                              for p in points}
+        by_task.setdefault(p.task, {}).setdefault(p.method, []).append(p)
+    out: dict[str, Any] = {"anchors": dict(sweep.anchors), "tasks": {}, "complexity": {}}
+    for task, curves in by_task.items():
+        entry: dict[str, Any] = {"delta_accuracy": {}, "bd_rate": {}}
+        for key, fn in (("delta_accuracy", delta_accuracy), ("bd_rate", bd_rate)):
+            anchor = sweep.anchors.get(key)
+            if anchor not in curves:
+                continue
+            for name, c in curves.items():
+                try:
+                    entry[key][name] = fn(*_curve(curves[anchor]), *_curve(c))
+                except CurveError as e:
+                    entry[key][name] = f"n/a ({e})"
+        ref = reference.get(task, {}).get("accuracy")
+        floor = ref - sweep.link_tolerance if ref is not None else None
+        rows = [asdict(p) for p in points if p.task == task]
+        entry["links"] = winners(rows, sweep.links_kbit_s, floor)
+        entry["links_min_accuracy"] = floor
+        entry["end_to_end_ms"] = {f"{p.method} {p.setting}": {link: end_to_end_ms(p.encode_ms, p.bytes_per_image,
+                                                                                   p.server_ms, kbit)
+                                                              for link, kbit in sweep.links_kbit_s.items()}
+                                  for p in points if p.task == task}
+        out["tasks"][task] = entry
+
+    per_method: dict[str, dict[str, Any]] = {}
+    for p in points:
+        per_method.setdefault(p.method, {"kind": p.kind, "encode_ms": {}, "params": p.device_params,
+                                         "macs": p.device_macs, "input_hw": [p.input_h, p.input_w]})
+        per_method[p.method]["encode_ms"][p.setting] = p.encode_ms
+    for c in per_method.values():
+        c["encode_ms_median"] = statistics.median(c["encode_ms"].values())
+    anchor = per_method.get(sweep.anchors.get("complexity", ""))
+    for c in per_method.values():
+        if anchor:
+            c["encode_ms_ratio"] = c["encode_ms_median"] / anchor["encode_ms_median"]
+            c["params_ratio"] = (c["params"] / anchor["params"]) if c["params"] is not None and anchor["params"] else None
+            c["macs_ratio"] = (c["macs"] / anchor["macs"]) if c["macs"] is not None and anchor["macs"] else None
+    out["complexity"] = per_method
     return out

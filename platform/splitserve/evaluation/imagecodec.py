@@ -1,0 +1,465 @@
+"""Learned *image* codecs from CompressAI as baselines: the factorized prior (Ballé et al. 2018,
+``bmshj2018-factorized``) and the mean-scale hyperprior (Minnen et al. 2018, ``mbt2018-mean``).
+
+The architectures are CompressAI's own (``compressai.zoo`` configurations, untrained: no weights
+can be downloaded here). :func:`train_image_codec` trains one with CompressAI's rate–distortion
+loss on the study's train split; :class:`ImageCodec` loads the result and codes images.
+
+A codec directory::
+
+    codec.json          architecture, N, M, λ, preprocessing, metrics, provenance, weights sha256
+    model.safetensors   the state dict after ``update()`` (CDF tables included)
+
+Bytes on the wire (:meth:`ImageCodec.encode`): a minimal container, 2 + 2 bytes of image height
+and width (big-endian), then the length of every string but the last as a LEB128 varint, then
+CompressAI's strings (``y``; or ``y`` and ``z`` for the hyperprior). The image is padded
+(replicating its edge) to the codec's size multiple and cropped after decoding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import struct
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor, nn
+
+from ..errors import SplitserveError
+from ..preprocess import Preprocessing, load_image
+
+FORMAT = "splitserve-image-codec"
+VERSION = 1
+ARCHITECTURES = ("bmshj2018-factorized", "mbt2018-mean", "bmshj2018-hyperprior")
+PAD_MULTIPLE = {"bmshj2018-factorized": 16, "mbt2018-mean": 64, "bmshj2018-hyperprior": 64}
+LAMBDAS = {1: 0.0018, 2: 0.0035, 3: 0.0067, 4: 0.0130, 5: 0.0250, 6: 0.0483, 7: 0.0932, 8: 0.1800}
+"""CompressAI's MSE λ per quality level (its zoo's training settings)."""
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".ppm", ".tif", ".tiff"}
+
+
+class ImageCodecError(SplitserveError):
+    """An image-codec directory is missing or corrupt, or training options are invalid."""
+
+
+def build_model(architecture: str, n: int, m: int) -> nn.Module:
+    from compressai.zoo.image import model_architectures
+
+    if architecture not in ARCHITECTURES:
+        raise ImageCodecError(f"unknown image codec {architecture!r} (known: {', '.join(ARCHITECTURES)})")
+    return model_architectures[architecture](N=n, M=m)
+
+
+def channels_for(architecture: str, quality: int) -> tuple[int, int]:
+    """(N, M) of CompressAI's zoo configuration at ``quality``."""
+    from compressai.zoo.image import cfgs
+
+    if architecture not in ARCHITECTURES:
+        raise ImageCodecError(f"unknown image codec {architecture!r} (known: {', '.join(ARCHITECTURES)})")
+    if quality not in cfgs[architecture]:
+        raise ImageCodecError(f"{architecture}: quality {quality} is not one of {sorted(cfgs[architecture])}")
+    return cfgs[architecture][quality]
+
+
+# -- the container -------------------------------------------------------------------------------
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= len(data) or shift > 28:
+            raise ImageCodecError("image-codec container: truncated length")
+        b = data[pos]
+        value |= (b & 0x7F) << shift
+        pos += 1
+        shift += 7
+        if not b & 0x80:
+            return value, pos
+
+
+def pack(height: int, width: int, strings: list[bytes]) -> bytes:
+    head = struct.pack(">HH", height, width) + b"".join(_varint(len(s)) for s in strings[:-1])
+    return head + b"".join(strings)
+
+
+def unpack(data: bytes, count: int) -> tuple[int, int, list[bytes]]:
+    if len(data) < 4:
+        raise ImageCodecError("image-codec container: shorter than its header")
+    h, w = struct.unpack(">HH", data[:4])
+    pos, lengths = 4, []
+    for _ in range(count - 1):
+        n, pos = _read_varint(data, pos)
+        lengths.append(n)
+    strings = []
+    for n in lengths:
+        if pos + n > len(data):
+            raise ImageCodecError("image-codec container: truncated string")
+        strings.append(data[pos:pos + n])
+        pos += n
+    strings.append(data[pos:])
+    return h, w, strings
+
+
+# -- loading and coding ----------------------------------------------------------------------------
+def to_unit_tensor(img: Image.Image) -> Tensor:
+    """RGB PIL image → float (1, 3, H, W) in [0, 1]: CompressAI's input convention."""
+    arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0).unsqueeze(0)
+
+
+def to_image(x: Tensor) -> Image.Image:
+    """(1, 3, H, W) in [0, 1] → an 8-bit RGB image, as a decoded image file would be."""
+    arr = x[0].clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(np.ascontiguousarray(arr))
+
+
+def pad_to(x: Tensor, multiple: int) -> Tensor:
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % multiple, (-w) % multiple
+    return F.pad(x, (0, pw, 0, ph), mode="replicate") if ph or pw else x
+
+
+@dataclass
+class ImageCodec:
+    """A trained CompressAI image codec: encode an image to bytes, decode bytes to an image."""
+
+    model: nn.Module
+    config: dict[str, Any]
+    path: Path | None = None
+
+    @property
+    def architecture(self) -> str:
+        return self.config["architecture"]
+
+    @property
+    def multiple(self) -> int:
+        return PAD_MULTIPLE[self.architecture]
+
+    @property
+    def num_strings(self) -> int:
+        return 1 if self.architecture == "bmshj2018-factorized" else 2
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ImageCodec":
+        from safetensors.torch import load as load_safetensors
+
+        root = Path(path)
+        try:
+            config = json.loads((root / "codec.json").read_text())
+        except FileNotFoundError:
+            raise ImageCodecError(f"{root}: no codec.json (train one with `platform train-image-codec`)") from None
+        except json.JSONDecodeError as e:
+            raise ImageCodecError(f"{root}/codec.json: not valid JSON ({e.msg})") from None
+        if not isinstance(config, dict) or config.get("format") != FORMAT:
+            raise ImageCodecError(f"{root}/codec.json: not a {FORMAT} file")
+        for key in ("architecture", "N", "M", "weights"):
+            if key not in config:
+                raise ImageCodecError(f"{root}/codec.json: missing {key!r}")
+        weights = root / config["weights"]["path"]
+        try:
+            data = weights.read_bytes()
+        except OSError:
+            raise ImageCodecError(f"{root}: weights {config['weights']['path']} are missing") from None
+        if hashlib.sha256(data).hexdigest() != config["weights"].get("sha256"):
+            raise ImageCodecError(f"{root}: {weights.name} does not match codec.json (sha256)")
+        model = build_model(config["architecture"], int(config["N"]), int(config["M"]))
+        try:
+            model.load_state_dict(load_safetensors(data))
+        except Exception as e:  # noqa: BLE001 — shape mismatch or bad file: one line
+            raise ImageCodecError(f"{root}: weights do not fit {config['architecture']}: {str(e).splitlines()[0]}") from None
+        return cls(model.eval(), config, root)
+
+    def save(self, path: str | Path, **extra: Any) -> Path:
+        from safetensors.torch import save_file
+
+        root = Path(path)
+        root.mkdir(parents=True, exist_ok=True)
+        self.model.update(force=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+        tmp = root / ".model.safetensors.tmp"
+        save_file(state, str(tmp))
+        os.replace(tmp, root / "model.safetensors")
+        config = {**self.config, **extra, "format": FORMAT, "format_version": VERSION,
+                  "weights": {"path": "model.safetensors",
+                              "sha256": hashlib.sha256((root / "model.safetensors").read_bytes()).hexdigest()}}
+        (root / "codec.json").write_text(json.dumps(config, indent=2) + "\n")
+        self.config, self.path = config, root
+        return root
+
+    # -- device side
+    def device_modules(self) -> list[nn.Module]:
+        """What a device must hold to encode: analysis transform (+ hyper-analysis and
+        hyper-synthesis, which give the scales y is coded with) and the entropy models."""
+        m = self.model
+        mods = [m.g_a, m.entropy_bottleneck]
+        if self.num_strings == 2:
+            mods += [m.h_a, m.h_s, m.gaussian_conditional]
+        return mods
+
+    def device_forward(self, x: Tensor) -> None:
+        """The transforms a device runs (for counting MACs)."""
+        m = self.model
+        y = m.g_a(pad_to(x, self.multiple))
+        if self.num_strings == 2:
+            m.h_s(torch.round(m.h_a(y)))
+
+    @torch.inference_mode()
+    def encode_tensor(self, x: Tensor) -> bytes:
+        h, w = x.shape[-2:]
+        out = self.model.compress(pad_to(x, self.multiple))
+        strings = [s[0] for s in out["strings"]]
+        return pack(int(h), int(w), strings)
+
+    def encode(self, img: Image.Image) -> bytes:
+        """An RGB image (already at the model-input size) → the bytes a device sends."""
+        return self.encode_tensor(to_unit_tensor(img))
+
+    @torch.inference_mode()
+    def decode(self, data: bytes) -> Image.Image:
+        h, w, strings = unpack(data, self.num_strings)
+        m = self.multiple
+        hp, wp = h + (-h) % m, w + (-w) % m
+        down = 64 if self.num_strings == 2 else 16  # the shape decompress() expects: z's (or y's)
+        out = self.model.decompress([[s] for s in strings], (hp // down, wp // down))
+        return to_image(out["x_hat"][..., :h, :w])
+
+    @torch.inference_mode()
+    def bit_map(self, x: Tensor) -> np.ndarray:
+        """Bits per latent position of y (−log2 likelihood of the rounded latent, summed over
+        channels), cropped to the unpadded image's share; shape (h/16, w/16) rounded up."""
+        out = self.model.eval()(pad_to(x, self.multiple))
+        bits = -torch.log2(out["likelihoods"]["y"][0]).sum(0)
+        h, w = x.shape[-2:]
+        return bits[: math.ceil(h / 16), : math.ceil(w / 16)].cpu().numpy()
+
+
+# -- training --------------------------------------------------------------------------------------
+def find_images(root: Path, split: str) -> list[Path]:
+    """Images of ``split`` under an fmnist-scenes tree (both its ImageFolder and COCO parts), an
+    ImageFolder root (``root/split``), a COCO tree (``root/{split}2017``) or a flat folder."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ImageCodecError(f"{root}: no such data directory")
+    candidates = [root / "imagefolder" / split, root / "coco" / f"{split}2017", root / split, root / f"{split}2017"]
+    dirs = [d for d in candidates if d.is_dir()] or [root]
+    files = sorted({p for d in dirs for p in d.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()})
+    if not files:
+        raise ImageCodecError(f"{root}: no images for split {split!r} (looked in {', '.join(map(str, dirs))})")
+    return files
+
+
+class _Images(torch.utils.data.Dataset):
+    def __init__(self, files: list[Path], policy: Preprocessing, train: bool):
+        self.files, self.policy, self.train = files, policy, train
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> Tensor:
+        x = to_unit_tensor(self.policy.geometry(load_image(self.files[i])))[0]
+        if self.train and torch.rand(()) < 0.5:
+            x = x.flip(-1)
+        return x
+
+
+def _subset(files: list[Path], limit: int | None) -> list[Path]:
+    if not limit or limit >= len(files):
+        return files
+    step = len(files) / limit
+    return [files[int(i * step)] for i in range(limit)]
+
+
+def rd_loss(model: nn.Module, x: Tensor, lmbda: float) -> dict[str, Tensor]:
+    """CompressAI's rate–distortion loss: λ·255²·MSE + bpp (bits over the input pixels)."""
+    out = model(x)
+    n, _, h, w = x.shape
+    bpp = sum(-torch.log2(lk).sum() for lk in out["likelihoods"].values()) / (n * h * w)
+    mse = F.mse_loss(out["x_hat"], x)
+    return {"loss": lmbda * 255 ** 2 * mse + bpp, "mse": mse, "bpp": bpp}
+
+
+@torch.no_grad()
+def measure(codec: ImageCodec, files: list[Path], policy: Preprocessing, progress: bool = False) -> dict[str, float]:
+    """Real bytes per image, bpp of the input and PSNR (8-bit decoded image) over ``files``."""
+    from tqdm.auto import tqdm
+
+    total_bytes = bpp = psnr = 0.0
+    for f in tqdm(files, desc="measure", unit="img", disable=not progress, leave=False):
+        img = policy.geometry(load_image(f))
+        data = codec.encode(img)
+        ref = np.asarray(img, dtype=np.float64)
+        dec = np.asarray(codec.decode(data), dtype=np.float64)
+        mse = float(np.mean((ref - dec) ** 2))
+        psnr += 10 * math.log10(255.0 ** 2 / max(mse, 1e-10))
+        total_bytes += len(data)
+        bpp += 8 * len(data) / (img.height * img.width)
+    n = len(files)
+    return {"bytes_per_image": total_bytes / n, "bpp": bpp / n, "psnr": psnr / n, "images": n}
+
+
+def train_image_codec(
+    architecture: str,
+    data: Path,
+    out: Path,
+    *,
+    quality: int | None = 1,
+    channels: tuple[int, int] | None = None,
+    lmbda: float | None = None,
+    preprocessing: Preprocessing | None = None,
+    epochs: int = 10,
+    max_steps: int | None = None,
+    batch_size: int = 16,
+    lr: float = 1e-4,
+    aux_lr: float = 1e-3,
+    lr_drop: tuple[int, ...] = (),
+    clip: float = 1.0,
+    train_limit: int | None = None,
+    val_limit: int | None = 200,
+    workdir: Path | None = None,
+    resume: bool = False,
+    checkpoint_every: int = 200,
+    log_every: int = 20,
+    num_workers: int = 2,
+    seed: int = 0,
+    progress: bool = True,
+) -> Path:
+    """Train a CompressAI image codec with λ·255²·MSE + bpp (Adam; the entropy bottleneck's
+    quantiles by a second Adam on its aux loss every step) and write the codec directory ``out``.
+
+    Checkpoints (``WORKDIR/checkpoint.pt``, read with ``torch.load(weights_only=True)``) are written
+    every ``checkpoint_every`` steps, at every epoch end and on Ctrl-C; ``resume`` continues from the
+    exact batch, refusing a checkpoint made with other settings.
+    """
+    from tqdm.auto import tqdm
+
+    if channels is None:
+        if quality is None:
+            raise ImageCodecError("give a quality (CompressAI's N, M and λ) or explicit channels")
+        channels = channels_for(architecture, quality)
+    if lmbda is None:
+        if quality not in LAMBDAS:
+            raise ImageCodecError(f"no default λ for quality {quality}: give --lmbda")
+        lmbda = LAMBDAS[quality]
+    if epochs < 1 or batch_size < 1 or lmbda <= 0:
+        raise ImageCodecError("epochs and batch size must be >= 1 and λ > 0")
+    policy = preprocessing or Preprocessing.fixed(64, 64)
+    out, workdir = Path(out), Path(workdir or out)
+    workdir.mkdir(parents=True, exist_ok=True)
+    files = _subset(find_images(data, "train"), train_limit)
+    try:
+        val_files = _subset(find_images(data, "val"), val_limit)
+    except ImageCodecError:
+        val_files = []
+    signature = {"architecture": architecture, "N": channels[0], "M": channels[1], "lambda": lmbda,
+                 "preprocessing": policy.to_dict(), "epochs": epochs, "batch_size": batch_size, "lr": lr,
+                 "aux_lr": aux_lr, "lr_drop": list(lr_drop), "train_images": len(files), "seed": seed}
+
+    torch.manual_seed(seed)
+    model = build_model(architecture, *channels)
+    params = [p for n, p in model.named_parameters() if not n.endswith(".quantiles")]
+    quantiles = [p for n, p in model.named_parameters() if n.endswith(".quantiles")]
+    optimizer = torch.optim.Adam(params, lr=lr)
+    aux_optimizer = torch.optim.Adam(quantiles, lr=aux_lr)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(lr_drop), gamma=0.1)
+    ckpt = workdir / "checkpoint.pt"
+    epoch = batch = step = 0
+    if resume and ckpt.is_file():
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        saved = json.loads(state["signature"])
+        if saved != signature:
+            diff = sorted(k for k in set(saved) | set(signature) if saved.get(k) != signature.get(k))
+            raise ImageCodecError(f"{ckpt}: made with other settings ({', '.join(diff)} differ); "
+                                  "use another --workdir or drop --resume")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        aux_optimizer.load_state_dict(state["aux_optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        epoch, batch, step = int(state["epoch"]), int(state["batch"]), int(state["step"])
+        print(f"resuming {ckpt} at epoch {epoch + 1}, batch {batch}, step {step}", flush=True)
+    elif ckpt.is_file():
+        raise ImageCodecError(f"{ckpt} exists: pass --resume to continue it, or use another --workdir")
+
+    def save_checkpoint(e: int, b: int) -> None:
+        tmp = ckpt.with_suffix(".tmp")
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "aux_optimizer": aux_optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "rng": torch.get_rng_state(), "epoch": e, "batch": b, "step": step,
+                    "signature": json.dumps(signature, sort_keys=True)}, tmp)
+        os.replace(tmp, ckpt)
+
+    log = (workdir / "metrics.jsonl").open("a")
+    dataset = _Images(files, policy, train=True)
+    per_epoch = math.ceil(len(files) / batch_size)
+    started = time.perf_counter()
+    model.train()
+    try:
+        while epoch < epochs and (max_steps is None or step < max_steps):
+            order = torch.randperm(len(files), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+            loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=order[batch * batch_size:].tolist(),
+                                                 num_workers=num_workers, drop_last=False)
+            bar = tqdm(loader, desc=f"{architecture} epoch {epoch + 1}/{epochs}", unit="batch", initial=batch,
+                       total=per_epoch, disable=not progress)
+            for x in bar:
+                terms = rd_loss(model, x, lmbda)
+                optimizer.zero_grad(set_to_none=True)
+                terms["loss"].backward()
+                if clip > 0:
+                    nn.utils.clip_grad_norm_(params, clip)
+                optimizer.step()
+                aux = model.aux_loss()
+                aux_optimizer.zero_grad(set_to_none=True)
+                aux.backward()
+                aux_optimizer.step()
+                batch += 1
+                step += 1
+                if step % log_every == 0 or batch == per_epoch:
+                    rec = {"kind": "train", "epoch": epoch + 1, "global_step": step, "loss": float(terms["loss"]),
+                           "mse": float(terms["mse"]), "bpp": float(terms["bpp"]), "aux": float(aux),
+                           "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - started}
+                    log.write(json.dumps(rec) + "\n")
+                    log.flush()
+                    bar.set_postfix(loss=f"{rec['loss']:.3f}", bpp=f"{rec['bpp']:.3f}")
+                if step % checkpoint_every == 0:
+                    save_checkpoint(epoch, batch)
+                if max_steps is not None and step >= max_steps:
+                    break
+            bar.close()
+            if batch >= per_epoch:
+                epoch, batch = epoch + 1, 0
+                scheduler.step()
+            save_checkpoint(epoch, batch)
+    except KeyboardInterrupt:
+        save_checkpoint(epoch, batch)
+        log.close()
+        raise
+    log.close()
+    model.eval()
+    codec = ImageCodec(model, {"architecture": architecture, "N": channels[0], "M": channels[1]})
+    codec.model.update(force=True)
+    metrics = measure(codec, val_files, policy, progress) if val_files else {}
+    with (workdir / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"kind": "val", "epoch": epoch, "global_step": step, **metrics}) + "\n")
+    codec.save(out, quality=quality, **{"lambda": lmbda}, preprocessing=policy.to_dict(), metrics=metrics,
+               provenance={"data": str(data), "train_images": len(files), "epochs_done": epoch, "steps": step,
+                           "batch_size": batch_size, "lr": lr, "aux_lr": aux_lr, "lr_drop": list(lr_drop),
+                           "seed": seed, "loss": "lambda*255^2*MSE + bpp (CompressAI)",
+                           "seconds": round(time.perf_counter() - started, 1)})
+    return out
