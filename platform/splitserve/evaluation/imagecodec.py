@@ -19,7 +19,6 @@ CompressAI's strings (``y``; or ``y`` and ``z`` for the hyperprior). The image i
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
 import os
