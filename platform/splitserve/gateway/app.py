@@ -15,16 +15,16 @@ from typing import Annotated, Any, Optional
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import APIKeyHeader
+from splitserve_edge.payload import PayloadLimits
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field, create_model
 
 from .. import __version__
-from ..errors import FingerprintMismatch, SplitserveError
+from ..errors import FingerprintMismatch, SplitserveError, excerpt
 from ..plugins import PluginRegistry
 from .batching import DynamicBatcher, QueueFull
 from .config import ServerConfig
 from .metrics import GatewayMetrics
-from splitserve_edge.payload import PayloadLimits
 from .runtime import Job, Runtime
 
 log = logging.getLogger("splitserve.gateway")
@@ -32,6 +32,7 @@ log = logging.getLogger("splitserve.gateway")
 PAYLOAD_TYPES = ("application/x-splitserve", "application/octet-stream")
 API_KEY = APIKeyHeader(name="X-API-Key", auto_error=False, description="the gateway's API key, when it has one")
 IMAGE_TYPES = ("image/jpeg", "image/png", "image/webp")
+UPLOAD_DECODES = 2  # uploaded images decode this many at a time, each within the pixel budget
 
 
 class ErrorResponse(BaseModel):
@@ -87,12 +88,6 @@ def _result_models(runtime: Runtime) -> tuple[type[BaseModel], type[BaseModel]]:
     return response, image_model
 
 
-def excerpt(text: str, limit: int = 40) -> str:
-    """A short, printable excerpt of client input for error messages (never the whole thing)."""
-    clean = "".join(c if c.isprintable() else "?" for c in text[:limit])
-    return repr(clean + ("…" if len(text) > limit else ""))
-
-
 async def _read_body(request: Request, limit: int, timeout: float) -> bytes:
     """Read at most ``limit`` bytes; refuse early on Content-Length, and while streaming; a body
     that stalls for ``timeout`` seconds gets 408 (a slow client cannot hold a slot forever)."""
@@ -115,6 +110,52 @@ async def _read_body(request: Request, limit: int, timeout: float) -> bytes:
     return b"".join(chunks)
 
 
+async def read_job(request: Request, tasks: str | None, runtime: Runtime, config: ServerConfig,
+                   image_decodes: asyncio.Semaphore) -> tuple[Job, int, str]:
+    """The request path up to the batch queue, shared by the FastAPI and the Ray Serve front ends:
+    the tasks asked for, the content type, the bounded body, then the parsed payload or the
+    decoded upload. Returns the job, the body's size and its kind ("payload" or "image")."""
+    plugins = runtime.registry.resolve(tasks) if tasks is not None else list(runtime.plugins)
+    request.state.tasks = [p.name for p in plugins]
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype not in PAYLOAD_TYPES + IMAGE_TYPES:
+        raise HTTPException(415, f"unsupported content type {excerpt(ctype) if ctype else '(none)'}; send "
+                                 f"{', '.join(PAYLOAD_TYPES + IMAGE_TYPES)}")
+    body = await _read_body(request, config.max_body_bytes, config.body_timeout_s)
+    if ctype in PAYLOAD_TYPES:
+        payload, metas = runtime.parse_payload(body)
+        return Job(plugins=plugins, payload=payload, metas=metas), len(body), "payload"
+    async with image_decodes:
+        pixels, metas = await asyncio.to_thread(runtime.preprocess_image, body, config.max_image_pixels)
+    return Job(plugins=plugins, pixels=pixels, metas=metas), len(body), "image"
+
+
+def encoder_info(runtime: Runtime) -> EncoderInfo:
+    """``GET /v1/encoder``: what an edge client must encode with."""
+    from splitserve_edge.payload import FORMAT_VERSION
+
+    return EncoderInfo(
+        fingerprint=runtime.fingerprint, fingerprint_id=runtime.fingerprint_id.hex(),
+        family=runtime.manifest.codec.family, config=runtime.manifest.codec.config,
+        backbone=runtime.manifest.backbone, input_size=runtime.manifest.input_size,
+        latent_channels=runtime.codec.latent_channels, payload_format_version=FORMAT_VERSION,
+    )
+
+
+def task_infos(runtime: Runtime) -> list[TaskInfo]:
+    """``GET /v1/tasks``: the served plugins, their resolved configs (labels left out) and schemas."""
+    return [
+        TaskInfo(
+            name=p.name, aliases=list(p.aliases), description=p.description,
+            feature={"channels": runtime.codec.feature_channels, "stride": runtime.codec.stride},
+            config={k: v for k, v in runtime.head_configs[p.name].items() if k != "labels"},
+            metrics=runtime.manifest.tasks[p.name].metrics,
+            response_schema=p.response_model.model_json_schema(),
+        )
+        for p in runtime.plugins
+    ]
+
+
 def create_app(config: ServerConfig | None = None, runtime: Runtime | None = None) -> FastAPI:
     """Build the gateway. Models load at start-up (``/readyz`` turns 200 once warmed up)."""
     config = config or ServerConfig.from_env()
@@ -131,8 +172,8 @@ def create_app(config: ServerConfig | None = None, runtime: Runtime | None = Non
         runtime = Runtime(resolve_bundle(config.bundle), PluginRegistry.discover(), config.tasks, metrics, limits,
                           device=config.device)
     api_key = config.resolved_api_key()
-    state: dict[str, Any] = {"ready": False, "broken": None}
-    image_decodes = asyncio.Semaphore(2)  # uploaded images decode two at a time, within the pixel budget
+    state: dict[str, Any] = {"ready": False}
+    image_decodes = asyncio.Semaphore(UPLOAD_DECODES)
     batcher = DynamicBatcher(runtime, metrics, max_batch=config.max_batch, max_wait_ms=config.max_wait_ms,
                              max_queue=config.max_queue)
     InferResponse, ImageResult = _result_models(runtime)
@@ -182,29 +223,14 @@ def create_app(config: ServerConfig | None = None, runtime: Runtime | None = Non
                                                           "cls,det,seg (default: every served task)",
                                               examples=["cls,det,seg"])] = None,
     ):
-        plugins = runtime.registry.resolve(tasks) if tasks is not None else list(runtime.plugins)
-        request.state.tasks = [p.name for p in plugins]
-        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if ctype not in PAYLOAD_TYPES + IMAGE_TYPES:
-            raise HTTPException(415, f"unsupported content type {excerpt(ctype) if ctype else '(none)'}; send "
-                                     f"{', '.join(PAYLOAD_TYPES + IMAGE_TYPES)}")
-        body = await _read_body(request, config.max_body_bytes, config.body_timeout_s)
-        kind = "payload" if ctype in PAYLOAD_TYPES else "image"
-        metrics.payload_bytes.labels(kind=kind).observe(len(body))
-        if kind == "payload":
-            payload, metas = runtime.parse_payload(body)
-            job = Job(plugins=plugins, payload=payload, metas=metas)
-        else:
-            async with image_decodes:
-                pixels, metas = await asyncio.get_running_loop().run_in_executor(
-                    None, runtime.preprocess_image, body, config.max_image_pixels)
-            job = Job(plugins=plugins, pixels=pixels, metas=metas)
+        job, size, kind = await read_job(request, tasks, runtime, config, image_decodes)
+        metrics.payload_bytes.labels(kind=kind).observe(size)
         per_image = await batcher.submit(job)
         return InferResponse(
             fingerprint=runtime.fingerprint,
-            bytes_received=len(body),
+            bytes_received=size,
             input=kind,
-            tasks=[p.name for p in plugins],
+            tasks=[p.name for p in job.plugins],
             results=[
                 ImageResult(index=i, original_size=m.original_size, tasks=answers)
                 for i, (m, answers) in enumerate(zip(job.metas, per_image))
@@ -214,28 +240,12 @@ def create_app(config: ServerConfig | None = None, runtime: Runtime | None = Non
     @router.get("/v1/tasks", response_model=list[TaskInfo], summary="Served task plugins and their schemas",
                 dependencies=protected)
     async def list_tasks():
-        return [
-            TaskInfo(
-                name=p.name, aliases=list(p.aliases), description=p.description,
-                feature={"channels": runtime.codec.feature_channels, "stride": runtime.codec.stride},
-                config={k: v for k, v in runtime.head_configs[p.name].items() if k != "labels"},
-                metrics=runtime.manifest.tasks[p.name].metrics,
-                response_schema=p.response_model.model_json_schema(),
-            )
-            for p in runtime.plugins
-        ]
+        return task_infos(runtime)
 
     @router.get("/v1/encoder", response_model=EncoderInfo, dependencies=protected,
                 summary="The encoder an edge client must use (check the fingerprint)")
-    async def encoder_info():
-        from splitserve_edge.payload import FORMAT_VERSION
-
-        return EncoderInfo(
-            fingerprint=runtime.fingerprint, fingerprint_id=runtime.fingerprint_id.hex(),
-            family=runtime.manifest.codec.family, config=runtime.manifest.codec.config,
-            backbone=runtime.manifest.backbone, input_size=runtime.manifest.input_size,
-            latent_channels=runtime.codec.latent_channels, payload_format_version=FORMAT_VERSION,
-        )
+    async def get_encoder_info():
+        return encoder_info(runtime)
 
     @router.api_route("/healthz", methods=["GET", "HEAD"], response_model=Health,
                       responses={503: {"model": Health}}, summary="Liveness: the process can still answer")

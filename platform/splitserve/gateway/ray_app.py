@@ -38,7 +38,7 @@ from starlette.responses import JSONResponse, Response
 from ..bundle import load_trunk
 from ..errors import FingerprintMismatch, SplitserveError
 from ..plugins import ImageMeta, PluginContractError, PluginRegistry
-from .app import _read_body, IMAGE_TYPES, PAYLOAD_TYPES, EncoderInfo, TaskInfo, excerpt
+from .app import UPLOAD_DECODES, encoder_info, read_job, task_infos
 from .config import ServerConfig
 from .runtime import Job, Runtime
 
@@ -188,9 +188,9 @@ class Ingress:
             if denied is not None:
                 return denied
         if path == "/v1/encoder":
-            return JSONResponse(self._encoder_info())
+            return JSONResponse(encoder_info(self.runtime).model_dump(mode="json"))
         if path == "/v1/tasks":
-            return JSONResponse(self._task_info())
+            return JSONResponse([t.model_dump(mode="json") for t in task_infos(self.runtime)])
         try:
             return await self._infer(request)
         except FingerprintMismatch as e:
@@ -211,22 +211,9 @@ class Ingress:
 
     async def _infer(self, request: Request) -> Response:
         c, runtime = self.config, self.runtime
-        tasks = request.query_params.get("tasks")
-        plugins = runtime.registry.resolve(tasks) if tasks is not None else list(runtime.plugins)
-        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if ctype not in PAYLOAD_TYPES + IMAGE_TYPES:
-            raise HTTPException(415, f"unsupported content type {excerpt(ctype) if ctype else '(none)'}; send "
-                                     f"{', '.join(PAYLOAD_TYPES + IMAGE_TYPES)}")
-        body = await _read_body(request, c.max_body_bytes, c.body_timeout_s)
-        kind = "payload" if ctype in PAYLOAD_TYPES else "image"
-        if kind == "payload":
-            payload, metas = runtime.parse_payload(body)
-            job = Job(plugins=plugins, payload=payload, metas=metas)
-        else:
-            self.image_decodes = self.image_decodes or asyncio.Semaphore(2)
-            async with self.image_decodes:
-                pixels, metas = await asyncio.to_thread(runtime.preprocess_image, body, c.max_image_pixels)
-            job = Job(plugins=plugins, pixels=pixels, metas=metas)
+        self.image_decodes = self.image_decodes or asyncio.Semaphore(UPLOAD_DECODES)
+        job, size, kind = await read_job(request, request.query_params.get("tasks"), runtime, c, self.image_decodes)
+        plugins, metas = job.plugins, job.metas
         for p in plugins:
             if p.name in self.shared and p.name not in self.on_trunk:
                 self.on_trunk[p.name] = await self.handles[p.name].uses_trunk.remote()
@@ -252,7 +239,7 @@ class Ingress:
         served = [p.name for p in runtime.plugins]
         return JSONResponse({
             "fingerprint": runtime.fingerprint,
-            "bytes_received": len(body),
+            "bytes_received": size,
             "input": kind,
             "tasks": [p.name for p in plugins],
             "results": [{"index": i, "original_size": list(m.original_size),
@@ -269,29 +256,6 @@ class Ingress:
             outputs = self.trunk.tail(features) if with_trunk else None
         trunk = {k: v.cpu().numpy() for k, v in outputs.items()} if outputs is not None else None
         return features.cpu().numpy(), trunk
-
-    def _encoder_info(self) -> dict[str, Any]:
-        from splitserve_edge.payload import FORMAT_VERSION
-
-        r = self.runtime
-        return EncoderInfo(
-            fingerprint=r.fingerprint, fingerprint_id=r.fingerprint_id.hex(), family=r.manifest.codec.family,
-            config=r.manifest.codec.config, backbone=r.manifest.backbone, input_size=r.manifest.input_size,
-            latent_channels=r.codec.latent_channels, payload_format_version=FORMAT_VERSION,
-        ).model_dump(mode="json")
-
-    def _task_info(self) -> list[dict[str, Any]]:
-        r = self.runtime
-        out = []
-        for p in r.plugins:
-            config = p.resolve_config(r.manifest.backbone, r.manifest.tasks[p.name].config)
-            out.append(TaskInfo(
-                name=p.name, aliases=list(p.aliases), description=p.description,
-                feature={"channels": r.codec.feature_channels, "stride": r.codec.stride},
-                config={k: v for k, v in config.items() if k != "labels"},
-                metrics=r.manifest.tasks[p.name].metrics, response_schema=p.response_model.model_json_schema(),
-            ).model_dump(mode="json"))
-        return out
 
 
 def _route(request: Request) -> str:
