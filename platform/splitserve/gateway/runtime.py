@@ -18,6 +18,7 @@ import torch
 from pydantic import BaseModel
 
 from ..bundle import Manifest, load_codec, load_head, load_trunk, read_manifest
+from ..models.backbone import tail_path
 from ..errors import PayloadError, PluginError
 from splitserve_edge.payload import Payload, PayloadLimits, fingerprint_id
 from ..plugins import ImageMeta, PluginContractError, PluginRegistry, TaskPlugin
@@ -86,16 +87,19 @@ class Runtime:
         self.fingerprint_id = fingerprint_id(self.fingerprint)
         self.plugins = self._select_plugins(registry, tasks)
         self.registry = PluginRegistry(self.plugins)  # only what is served resolves
+        backbone, tasks = self.manifest.backbone, self.manifest.tasks
+        self.head_configs: dict[str, dict[str, Any]] = {
+            p.name: p.resolve_config(backbone, tasks[p.name].config) for p in self.plugins}
         # load_heads=False: parse and decode only (a front end that hands features to head servers)
         self.trunk = load_trunk(self.path, self.manifest) if load_heads else None
-        self.shared = {p.name for p in self.plugins if self.manifest.tasks[p.name].trunk == "shared"} if load_heads else set()
-        self.heads = {}
-        self.head_configs: dict[str, dict[str, Any]] = {}
-        for plugin in self.plugins if load_heads else ():
-            config = plugin.resolve_config(self.manifest.backbone, self.manifest.tasks[plugin.name].config)
-            head = plugin.build_head(self.manifest.backbone, config)
-            self.heads[plugin.name] = load_head(self.path, plugin.name, head, self.manifest, trunk=self.trunk)
-            self.head_configs[plugin.name] = config
+        self.heads = {
+            p.name: load_head(self.path, p.name, p.build_head(backbone, self.head_configs[p.name]), self.manifest,
+                              trunk=self.trunk)
+            for p in (self.plugins if load_heads else ())}
+        # heads that run the trunk module itself get its outputs lent once per batch; a dilated head
+        # only ties its weights to the trunk and computes its own layer3/4, so it needs no lending
+        self.shared = {name for name, head in self.heads.items()
+                       if tasks[name].trunk == "shared" and head.get_submodule(tail_path(head)) is self.trunk}
         self.device = resolve_device(device)
         self.codec.to(self.device)
         for head in self.heads.values():
