@@ -8,44 +8,18 @@ task head.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
+from splitserve_edge.payload import Encoded, Payload, fingerprint_id
+from splitserve_edge.preprocessing import ImageLike
 from torch import Tensor
 
 from .bundle import EDGE_PARTS, Manifest, load_codec, read_manifest
 from .models import FeatureCodec
-from splitserve_edge.payload import Payload, bits_per_pixel, bytes_per_image, fingerprint_id
-from .errors import SplitserveError
-from .preprocess import Preprocessing, load_image, to_input
+from .preprocess import Preprocessing
 
-ImageLike = str | Path | bytes | Image.Image | np.ndarray
-
-
-@dataclass(frozen=True)
-class Encoded:
-    """One encoded batch: the bytes to send plus what they cost."""
-
-    data: bytes
-    payload: Payload
-    input_hw: tuple[int, int]  # the model input every image was resized to
-
-    @property
-    def num_bytes(self) -> int:
-        return len(self.data)
-
-    @property
-    def bytes_per_image(self) -> list[float]:
-        """Each image's bytes on the wire, header share included."""
-        return bytes_per_image(self.payload)
-
-    @property
-    def bpp(self) -> list[float]:
-        """Bits per pixel of each image's *model input* (the encoder's input size), header share included."""
-        return [bits_per_pixel(8 * b, 1, self.input_hw) for b in self.bytes_per_image]
+__all__ = ["EdgeEncoder", "Encoded", "ImageLike", "pack"]
 
 
 def pack(codec: FeatureCodec, strings: Sequence[bytes], latent_hw: tuple[int, int],
@@ -82,13 +56,8 @@ class EdgeEncoder:
         (always true for fixed-size policies; under ``shorter_side`` images of different aspect
         ratios go in separate payloads).
         """
-        pils = [load_image(img) for img in images]
-        sizes = [(p.height, p.width) for p in pils]
-        inputs = {self.preprocessing.input_size(h, w) for h, w in sizes}
-        if len(inputs) > 1:
-            raise SplitserveError(f"these images map to different input sizes under the bundle's preprocessing "
-                                  f"({self.preprocessing.describe()}); encode them in separate payloads")
-        return torch.stack([to_input(p, self.preprocessing) for p in pils]), sizes
+        x, sizes = self.preprocessing.batch(images)
+        return torch.from_numpy(x), sizes
 
     @torch.inference_mode()
     def encode_tensor(self, x: Tensor, original_sizes: Sequence[tuple[int, int]]) -> Encoded:

@@ -30,6 +30,7 @@ __all__ = [
     "PayloadLimits",
     "bits_per_pixel",
     "bytes_per_image",
+    "Encoded",
     "fingerprint_id",
 ]
 
@@ -87,7 +88,7 @@ def _positive_ints(values: object, count: int) -> tuple[int, ...]:
 
 
 # -- varints --------------------------------------------------------------------------------------
-def _encode_varint(value: int, out: bytearray) -> None:
+def encode_varint(value: int, out: bytearray) -> None:
     """Append unsigned LEB128 (minimal by construction); values must fit in 5 bytes."""
     if value < 0 or value > VARINT_MAX:
         raise PayloadError(f"value {value} does not fit a {VARINT_MAX_BYTES}-byte varint")
@@ -98,11 +99,11 @@ def _encode_varint(value: int, out: bytearray) -> None:
 
 
 def _varint_size(value: int) -> int:
-    """Bytes _encode_varint would write for ``value`` (for overhead arithmetic without encoding)."""
+    """Bytes encode_varint would write for ``value`` (for overhead arithmetic without encoding)."""
     return max(1, (value.bit_length() + 6) // 7)
 
 
-def _read_varint(buf: memoryview, pos: int, field: str, index: int = -1) -> tuple[int, int]:
+def read_varint(buf: memoryview, pos: int, field: str, index: int = -1) -> tuple[int, int]:
     """Decode one canonical varint at ``pos``; return (value, next position).
 
     Rejects truncation, more than 5 bytes, and non-minimal encodings (a multi-byte varint whose
@@ -125,7 +126,7 @@ def _read_varint(buf: memoryview, pos: int, field: str, index: int = -1) -> tupl
 
 def _read_bounded(buf: memoryview, pos: int, field: str, low: int, high: int, index: int = -1) -> tuple[int, int]:
     """Read a varint and require ``low <= value <= high`` before anyone uses it."""
-    value, pos = _read_varint(buf, pos, field, index)
+    value, pos = read_varint(buf, pos, field, index)
     if value < low or value > high:
         raise PayloadError(f"{_name(field, index)} = {value} out of range [{low}, {high}]")
     return value, pos
@@ -226,12 +227,12 @@ class Payload:
         out.append(FORMAT_VERSION)
         out += self.fingerprint
         for v in self.latent_shape:
-            _encode_varint(v, out)
-        _encode_varint(self.num_images, out)
+            encode_varint(v, out)
+        encode_varint(self.num_images, out)
         for (h, w), s in zip(self.original_sizes, self.strings):
-            _encode_varint(h, out)
-            _encode_varint(w, out)
-            _encode_varint(len(s), out)
+            encode_varint(h, out)
+            encode_varint(w, out)
+            encode_varint(len(s), out)
         return out
 
     def to_bytes(self) -> bytes:
@@ -346,3 +347,26 @@ def bits_per_pixel(bits, images: int, input_hw: tuple[int, int]):
     """
     h, w = input_hw
     return bits / (images * h * w)
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One encoded batch, as a device sends it: the bytes plus what they cost."""
+
+    data: bytes
+    payload: Payload
+    input_hw: tuple[int, int]  # the model input every image was made into
+
+    @property
+    def num_bytes(self) -> int:
+        return len(self.data)
+
+    @property
+    def bytes_per_image(self) -> list[float]:
+        """Each image's bytes on the wire, header share included."""
+        return bytes_per_image(self.payload)
+
+    @property
+    def bpp(self) -> list[float]:
+        """Bits per pixel of each image's model input, header share included."""
+        return [bits_per_pixel(8 * b, 1, self.input_hw) for b in self.bytes_per_image]

@@ -235,6 +235,18 @@ class Preprocessing:
         """RGB PIL image → float32 (3, H, W) array, normalised: the encoder's input."""
         return normalize(np.asarray(self.geometry(image), dtype=np.uint8))
 
+    def batch(self, images) -> tuple[np.ndarray, list[tuple[int, int]]]:
+        """Load ``images`` and make them model inputs: (N, 3, H, W) float32 and each image's original
+        (height, width). One payload carries one latent shape, so every image must map to the same
+        input size (always true for fixed sizes; under ``shorter_side`` images of other aspect ratios
+        go in separate payloads)."""
+        pils = [load_image(img) for img in images]
+        sizes = [(p.height, p.width) for p in pils]
+        if len({self.input_size(h, w) for h, w in sizes}) > 1:
+            raise SplitserveError("these images map to different input sizes under the bundle's preprocessing "
+                                  f"({self.describe()}); encode them in separate payloads")
+        return np.stack([self.apply(p) for p in pils]), sizes
+
     def describe(self) -> str:
         if self.kind == "fixed":
             return f"fixed {self.size[0]}x{self.size[1]}"

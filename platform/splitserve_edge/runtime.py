@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +22,8 @@ import numpy as np
 
 from .coder import CodingTables, EntropyCoder
 from .errors import SplitserveError
-from .payload import Payload, bits_per_pixel, bytes_per_image, fingerprint_id
-from .preprocessing import ImageLike, Preprocessing, PreprocessingError, load_image
+from .payload import Encoded, Payload, fingerprint_id
+from .preprocessing import ImageLike, Preprocessing, PreprocessingError
 
 EDGE_FORMAT = "splitserve-edge"
 EDGE_VERSION = 1
@@ -32,24 +31,6 @@ EDGE_VERSION = 1
 
 class EdgeModelError(SplitserveError):
     """An export directory is missing, corrupt, or not an ONNX export."""
-
-
-@dataclass(frozen=True)
-class Encoded:
-    """One payload and what it costs."""
-
-    data: bytes
-    payload: Payload
-    input_hw: tuple[int, int]
-
-    @property
-    def bytes_per_image(self) -> list[float]:
-        return bytes_per_image(self.payload)
-
-    @property
-    def bpp(self) -> list[float]:
-        """Bits per pixel of the model input, header share included."""
-        return [bits_per_pixel(8 * b, 1, self.input_hw) for b in self.bytes_per_image]
 
 
 class EdgeModel:
@@ -110,12 +91,7 @@ class EdgeModel:
 
     def preprocess(self, images: Sequence[ImageLike]) -> tuple[np.ndarray, list[tuple[int, int]]]:
         """(N, 3, H, W) float32 model inputs and the original (height, width) of each image."""
-        pils = [load_image(img) for img in images]
-        sizes = [(p.height, p.width) for p in pils]
-        if len({self.preprocessing.input_size(h, w) for h, w in sizes}) > 1:
-            raise SplitserveError("these images map to different input sizes under the bundle's preprocessing "
-                                  f"({self.preprocessing.describe()}); encode them in separate payloads")
-        return np.stack([self.preprocessing.apply(p) for p in pils]), sizes
+        return self.preprocessing.batch(images)
 
     def latents(self, x: np.ndarray) -> np.ndarray:
         """The encoder's float latents for model inputs ``x``."""

@@ -144,7 +144,8 @@ class FeatureCodec(nn.Module):
     def compress(self, x: Tensor) -> tuple[list[bytes], tuple[int, int]]:
         """Encode a batch to one bitstream per image plus the latent's spatial size."""
         y = self.encoder(x)
-        symbols = torch.round(y.float() - self.medians()).to(torch.int32).cpu().numpy()
+        # the coder's own rounding: the same code a torch-free device runs, so payloads are identical
+        symbols = self.coder.symbols(y.float().cpu().numpy())
         return self.coder.encode_batch(symbols), (int(y.shape[-2]), int(y.shape[-1]))
 
     @torch.no_grad()
