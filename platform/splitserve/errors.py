@@ -3,7 +3,14 @@
 
 from splitserve_edge.errors import FingerprintMismatch, PayloadError, SplitserveError
 
-__all__ = ["BundleError", "DataError", "FingerprintMismatch", "PayloadError", "PluginError", "SplitserveError"]
+__all__ = ["BundleError", "DataError", "FingerprintMismatch", "PayloadError", "PluginError", "SplitserveError",
+           "excerpt"]
+
+
+def excerpt(text: str, limit: int = 40) -> str:
+    """A short, printable, quoted excerpt of client input for error messages (never the whole thing)."""
+    clean = "".join(c if c.isprintable() else "?" for c in text[:limit])
+    return repr(clean + ("…" if len(text) > limit else ""))
 
 
 class BundleError(SplitserveError):

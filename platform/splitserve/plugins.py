@@ -20,7 +20,7 @@ from pydantic import BaseModel
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from .errors import PluginError
+from .errors import PluginError, excerpt
 from .models.backbone import FeatureSpec, ResNetTail, build_resnet, feature_spec, resnet_stem
 from .preprocess import Preprocessing
 
@@ -234,8 +234,7 @@ class PluginRegistry:
         try:
             return self._by_name[self._lookup[key.strip().lower()]]
         except KeyError:
-            shown = key if len(key) <= 40 else key[:40] + "…"
-            raise PluginError(f"unknown task {shown!r}; available: {self.describe_available()}") from None
+            raise PluginError(f"unknown task {excerpt(key)}; available: {self.describe_available()}") from None
 
     def resolve(self, spec: str | Sequence[str]) -> list[TaskPlugin]:
         """``"cls,det"`` → [classification, detection], de-duplicated, order kept."""
