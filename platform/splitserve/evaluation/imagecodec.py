@@ -34,7 +34,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from ..errors import SplitserveError
+from splitserve_edge.payload import encode_varint, read_varint
+
+from ..errors import PayloadError, SplitserveError
 from ..preprocess import Preprocessing, load_image
 
 FORMAT = "splitserve-image-codec"
@@ -70,32 +72,11 @@ def channels_for(architecture: str, quality: int) -> tuple[int, int]:
 
 
 # -- the container -------------------------------------------------------------------------------
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        out.append(b | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        if pos >= len(data) or shift > 28:
-            raise ImageCodecError("image-codec container: truncated length")
-        b = data[pos]
-        value |= (b & 0x7F) << shift
-        pos += 1
-        shift += 7
-        if not b & 0x80:
-            return value, pos
-
-
 def pack(height: int, width: int, strings: list[bytes]) -> bytes:
-    head = struct.pack(">HH", height, width) + b"".join(_varint(len(s)) for s in strings[:-1])
-    return head + b"".join(strings)
+    head = bytearray(struct.pack(">HH", height, width))
+    for s in strings[:-1]:
+        encode_varint(len(s), head)  # the payload's own varints
+    return bytes(head) + b"".join(strings)
 
 
 def unpack(data: bytes, count: int) -> tuple[int, int, list[bytes]]:
@@ -103,8 +84,12 @@ def unpack(data: bytes, count: int) -> tuple[int, int, list[bytes]]:
         raise ImageCodecError("image-codec container: shorter than its header")
     h, w = struct.unpack(">HH", data[:4])
     pos, lengths = 4, []
+    view = memoryview(data)
     for _ in range(count - 1):
-        n, pos = _read_varint(data, pos)
+        try:
+            n, pos = read_varint(view, pos, "string length")
+        except PayloadError as e:
+            raise ImageCodecError(f"image-codec container: {e}") from None
         lengths.append(n)
     strings = []
     for n in lengths:
