@@ -91,7 +91,6 @@ def shared_trunk_variant(bundle: Path, out: Path) -> Path:
     speed only. A real shared-trunk bundle comes from ``platform finetune --shared-trunk``.
     """
     from ..bundle import load_codec, load_head, load_trunk, read_manifest, save_bundle
-    from ..models.backbone import ResNetTail, SharedTrunk
     from ..plugins import PluginRegistry
 
     manifest = read_manifest(bundle)
@@ -102,10 +101,8 @@ def shared_trunk_variant(bundle: Path, out: Path) -> Path:
         plugin = registry.get(task)
         config = plugin.resolve_config(manifest.backbone, entry.config)
         heads[task] = (load_head(bundle, task, plugin.build_head(manifest.backbone, config), manifest, trunk), config)
-    if trunk is None:
-        first = heads.get("classification", next(iter(heads.values())))[0].tail
-        trunk = SharedTrunk(first.tail if isinstance(first, SharedTrunk) else first)
-    shared_tail = ResNetTail(trunk.tail.layer2, trunk.tail.layer3, trunk.tail.layer4)
+    # the bundle's own trunk, else the classification head's (else the first head's) layer2..4
+    shared_tail = trunk.tail if trunk is not None else heads.get("classification", next(iter(heads.values())))[0].tail
     save_bundle(out, load_codec(bundle, manifest=manifest), backbone=manifest.backbone,
                 preprocessing=manifest.policy, heads=heads, trunk=shared_tail, shared_tasks=set(heads),
                 provenance={"note": f"benchmark variant of {bundle}: heads on one shared trunk (speed only)"})
