@@ -33,3 +33,12 @@ def informative(bundle: Path) -> None:
     x, _ = edge.preprocess([texture("brick", (90, 70)), texture("grass", (90, 70))])
     y = edge.codec.quantize(x)
     assert y.abs().sum() > 0 and not torch.equal(y[0], y[1])
+
+
+def informative_bundle(path: Path, *, input_size: tuple[int, int], tasks: list[str]) -> Path:
+    """An untrained bundle with the given heads whose latents depend on the image (see :func:`informative`)."""
+    from splitserve.defaults import build_untrained_bundle
+
+    bundle = build_untrained_bundle(path, input_size=input_size, tasks=tasks)
+    informative(bundle)
+    return bundle

@@ -14,13 +14,12 @@ import pytest
 import torch
 
 from splitserve.cli import main
-from splitserve.defaults import build_untrained_bundle
 from splitserve.edge import EdgeEncoder
 from splitserve.gateway.process import GatewayProcess
 from splitserve_edge.runtime import EdgeModel, EdgeModelError
 
 from .conftest import jpeg_bytes, texture
-from .helpers import informative
+from .helpers import informative_bundle
 
 REPO = Path(__file__).resolve().parents[1]
 PHOTOS = ("astronaut", "coffee", "chelsea")
@@ -28,10 +27,8 @@ PHOTOS = ("astronaut", "coffee", "chelsea")
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory) -> Path:
-    b = build_untrained_bundle(tmp_path_factory.mktemp("edge") / "bundle", input_size=(96, 128),
-                               tasks=["classification", "segmentation"])
-    informative(b)
-    return b
+    return informative_bundle(tmp_path_factory.mktemp("edge") / "bundle", input_size=(96, 128),
+                              tasks=["classification", "segmentation"])
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +128,12 @@ def test_fresh_venv_with_only_the_edge_client_posts_to_a_real_gateway(onnx_dir, 
     env_dir = tmp_path / "venv"
     venv.EnvBuilder(with_pip=True, clear=True).create(env_dir)
     py = env_dir / "bin" / "python"
-    pip = subprocess.run([str(py), "-m", "pip", "install", "--quiet", "numpy<2", str(REPO / "platform" / "splitserve_edge")],
+    import shutil
+
+    source = tmp_path / "splitserve_edge"  # the build writes next to its sources: keep them out of the checkout
+    shutil.copytree(REPO / "platform" / "splitserve_edge", source, ignore=shutil.ignore_patterns("build", "*.egg-info",
+                                                                                                "__pycache__"))
+    pip = subprocess.run([str(py), "-m", "pip", "install", "--quiet", "numpy<2", str(source)],
                          capture_output=True, text=True, timeout=600)
     assert pip.returncode == 0, pip.stderr[-3000:]
     clean = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}

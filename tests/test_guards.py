@@ -15,14 +15,13 @@ import torch
 import torch.nn.functional as F
 
 from splitserve.bundle import BundleError, load_head, read_manifest
-from splitserve.defaults import build_untrained_bundle
 from splitserve.edge import EdgeEncoder
 from splitserve.gateway.process import GatewayProcess
 from splitserve.gateway.runtime import Runtime
 from splitserve.plugins import PluginRegistry, TaskBatch
 
 from .conftest import texture
-from .helpers import informative
+from .helpers import informative_bundle
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "brick", "grass")
 
@@ -93,10 +92,8 @@ def test_tampered_or_escaping_head_file_is_refused(bundle_dir, tmp_path):
 @pytest.fixture(scope="module")
 def answering_bundle(tmp_path_factory) -> Path:
     """An untrained bundle whose latents depend on the image (so answers differ per image)."""
-    b = build_untrained_bundle(tmp_path_factory.mktemp("guards") / "bundle", input_size=(64, 64),
-                               tasks=["classification", "segmentation"])
-    informative(b)
-    return b
+    return informative_bundle(tmp_path_factory.mktemp("guards") / "bundle", input_size=(64, 64),
+                              tasks=["classification", "segmentation"])
 
 
 def _local_answers(bundle: Path, images) -> list[dict]:

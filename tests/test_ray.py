@@ -24,7 +24,7 @@ from splitserve.edge import EdgeEncoder
 from splitserve.gateway.process import GatewayProcess, free_port
 
 from .conftest import jpeg_bytes, texture
-from .helpers import informative
+from .helpers import informative_bundle
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::pydantic.warnings.PydanticDeprecatedSince20")]
 PAYLOAD = {"Content-Type": "application/x-splitserve"}
@@ -36,9 +36,8 @@ def bundles(tmp_path_factory):
     from splitserve.bench.serve import shared_trunk_variant
 
     root = tmp_path_factory.mktemp("ray")
-    plain = build_untrained_bundle(root / "plain", input_size=(64, 64),
-                                   tasks=["classification", "detection", "segmentation"])
-    informative(plain)  # latents depend on the image, so equal answers prove something
+    # latents depend on the image, so equal answers prove something
+    plain = informative_bundle(root / "plain", input_size=(64, 64), tasks=["classification", "detection", "segmentation"])
     return {"plain": plain, "shared": shared_trunk_variant(plain, root / "shared"),
             "other": build_untrained_bundle(root / "other", input_size=(64, 64), tasks=["classification"], seed=1)}
 

@@ -21,7 +21,7 @@ from splitserve.models.backbone import SharedTrunk
 from splitserve.plugins import PluginRegistry
 
 from .conftest import texture
-from .helpers import informative
+from .helpers import informative_bundle
 
 pytestmark = pytest.mark.slow
 
@@ -34,14 +34,12 @@ def shared_bundle(tmp_path_factory) -> Path:
     """An untrained default-style bundle whose cls and det heads are re-trained on a shared trunk
     (seg keeps its own)."""
     from splitserve.data import make_fmnist_scenes
-    from splitserve.defaults import build_untrained_bundle
 
     root = tmp_path_factory.mktemp("shared")
     data = root / "fm"
     make_fmnist_scenes(data, train_scenes=16, val_scenes=8, image_size=64, seed=0, progress=False)
-    bundle = build_untrained_bundle(root / "bundle", input_size=(64, 64),
-                                    tasks=["classification", "detection", "segmentation"])
-    informative(bundle)
+    bundle = informative_bundle(root / "bundle", input_size=(64, 64),
+                                tasks=["classification", "detection", "segmentation"])
     for task in ("classification", "detection"):
         assert main(["finetune", "--task", task, "--bundle", str(bundle), "--data", str(data), "--shared-trunk",
                      *FAST]) == 0
