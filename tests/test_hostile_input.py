@@ -115,6 +115,15 @@ def test_key_from_file_protects_everything_but_the_probes(gateway):
             assert anonymous.head(path).status_code == 200  # probes answer HEAD too
     with _client(gateway) as client:
         assert client.get("/v1/encoder").status_code == 200 and client.get("/metrics").status_code == 200
+    # the key is declared in OpenAPI, so generated clients send it
+    spec = httpx.get(gateway.url + "/openapi.json").json()
+    assert spec["components"]["securitySchemes"]["APIKeyHeader"] == {
+        "type": "apiKey", "in": "header", "name": "X-API-Key",
+        "description": "the gateway's API key, when it has one"}
+    for path in ("/infer", "/v1/tasks", "/v1/encoder", "/metrics"):
+        method = "post" if path == "/infer" else "get"
+        assert spec["paths"][path][method]["security"] == [{"APIKeyHeader": []}], path
+    assert "security" not in spec["paths"]["/healthz"]["get"]
 
 
 def test_sigterm_with_a_slow_client_exits_within_the_deadline(bundle_dir):
