@@ -405,3 +405,20 @@ def test_finetune_with_a_teacher_logs_a_distillation_term(chain):
     records = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["kind"] == "train"]
     assert train and all("kd" in r and r["kd"] > 0 for r in train)
+
+
+def test_cpu_bf16_autocast_trains_in_bf16_and_keeps_the_prior_in_fp32(chain, scenes, tmp_path, capsys):
+    """--amp bf16 on the CPU really autocasts (the weights differ from an fp32 run of the same seed),
+    the entropy model still trains in fp32, and --amp fp16 is refused in one line."""
+    common = ["distill", "--teacher", chain["teacher_cls"], "--data", scenes, "--beta", "0.2", "--epochs", "1",
+              "--train-limit", "8", "--val-limit", "4", "--seed", "5", *FAST]
+    run(*common, "--out", tmp_path / "fp32", "--amp", "off")
+    run(*common, "--out", tmp_path / "bf16", "--amp", "bf16")
+    a, b = _codec_tensors(tmp_path / "fp32"), _codec_tensors(tmp_path / "bf16")
+    assert all(t.dtype == torch.float32 for t in b.values() if t.is_floating_point())  # weights stay fp32
+    changed = [k for k in a if not torch.equal(a[k], b[k])]
+    assert any(k.startswith("encoder.") for k in changed)
+    rate = json.loads((tmp_path / "bf16" / "manifest.json").read_text())["metrics"]
+    assert 0 < rate["bpp"] < 64
+    err = _one_line_error(capsys, *common, "--out", tmp_path / "fp16", "--amp", "fp16")
+    assert "--amp fp16 needs a CUDA device" in err

@@ -313,7 +313,7 @@ def training_options(**defaults: Any) -> list[Opt]:
         opt("--seed", type=int, default=0, help="random seed (runs are reproducible on CPU)"),
         opt("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda or cuda:N"),
         opt("--amp", default=d["amp"], choices=("auto", "off", "bf16", "fp16"),
-            help="mixed precision on CUDA (auto: bf16 where supported, else fp16); always off on CPU"),
+            help="mixed precision (CUDA auto: bf16 where supported, else fp16; CPU: bf16 only when asked, off otherwise)"),
         opt("--max-steps", type=int, default=None, metavar="N",
             help="stop after N optimizer steps in total (a checkpoint is kept, so --resume continues the run)"),
         opt("--checkpoint-every", type=int, default=500, metavar="N",
