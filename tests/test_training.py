@@ -27,9 +27,9 @@ FAST = ["--num-workers", "0", "--no-progress", "--no-tensorboard", "--batch-size
 
 
 def default_bundle_path_under(home: Path) -> Path:
-    from splitserve.defaults import DEFAULT_BUNDLE
+    from splitserve.defaults import default_bundle_name
 
-    return home / "bundles" / DEFAULT_BUNDLE
+    return home / "bundles" / default_bundle_name()
 
 
 def run(*args: str) -> None:
@@ -422,3 +422,19 @@ def test_cpu_bf16_autocast_trains_in_bf16_and_keeps_the_prior_in_fp32(chain, sce
     assert 0 < rate["bpp"] < 64
     err = _one_line_error(capsys, *common, "--out", tmp_path / "fp16", "--amp", "fp16")
     assert "--amp fp16 needs a CUDA device" in err
+
+
+def test_teacher_starts_from_another_tasks_teacher(chain, scenes, tmp_path):
+    """--checkpoint DIR takes a classification teacher's ResNet into a detection teacher (stem and
+    layer2..4 equal, value for value), as torchvision detectors start from ImageNet backbones."""
+    from splitserve.plugins import PluginRegistry
+    from splitserve.training.teacher import load_teacher
+
+    out = tmp_path / "det-from-cls"
+    run("teacher", "--task", "det", "--data", scenes, "--out", out, "--checkpoint", chain["teacher_cls"],
+        "--arch", "resnet18", "--image-size", "64", "--epochs", "0", "--val-limit", "4", *FAST)
+    registry = PluginRegistry.discover()
+    cls, det = load_teacher(chain["teacher_cls"], registry), load_teacher(out, registry)
+    for a, b in ((cls.stem.state_dict(), det.stem.state_dict()), (cls.head.tail.state_dict(), det.head.tail.state_dict())):
+        assert len(b) > 20 and set(b) <= set(a)  # detection's FrozenBatchNorm has no num_batches_tracked
+        assert all(torch.equal(a[k], b[k]) for k in b)

@@ -1,18 +1,24 @@
-"""The embedded default bundle, so ``make serve`` answers real requests with no download.
+"""The default bundle, so ``make serve`` answers real requests with no download or build step.
 
-Until a trained default ships, it is an Entropic Student codec with a ResNet-18 backbone and
-one head per installed plugin, all with deterministic initial weights (seed 0): real coding,
-real decoding, real heads — untrained predictions. Built once into the cache directory.
+The package ships a trained bundle (``assets/default-bundle``: Entropic Student on fmnist-scenes at
+64 px, classification + detection + segmentation heads on one shared trunk, server side in fp16;
+``make default-bundle`` rebuilds it). On first use it is copied into the cache directory, so that
+``platform finetune`` without ``--bundle`` changes the user's copy, never the installed package.
+A source tree without the asset falls back to an untrained bundle with deterministic initial
+weights (seed 0): real coding and decoding, untrained predictions.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
 
-DEFAULT_BUNDLE = "default-untrained-v2"  # bump with the bundle format: a stale cache is rebuilt, not refused
+UNTRAINED_BUNDLE = "default-untrained-v2"  # bump with the bundle format: a stale cache is rebuilt, not refused
+PACKAGED_BUNDLE = Path(__file__).parent / "assets" / "default-bundle"
 DEFAULT_BACKBONE = "resnet18"
 DEFAULT_INPUT_SIZE = (224, 224)
 DEFAULT_SEED = 0
@@ -29,8 +35,17 @@ def cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "splitserve"
 
 
+def default_bundle_name() -> str:
+    """The cache name of the default: the packaged bundle's fingerprint, so a newer package's default
+    is copied afresh instead of a stale copy being served."""
+    manifest = PACKAGED_BUNDLE / "manifest.json"
+    if manifest.is_file():
+        return "default-" + json.loads(manifest.read_text())["fingerprint"][:16]
+    return UNTRAINED_BUNDLE
+
+
 def default_bundle_path() -> Path:
-    return cache_dir() / "bundles" / DEFAULT_BUNDLE
+    return cache_dir() / "bundles" / default_bundle_name()
 
 
 def build_untrained_bundle(path: Path, *, family: str = "entropic_student", backbone: str = DEFAULT_BACKBONE,
@@ -59,10 +74,22 @@ def build_untrained_bundle(path: Path, *, family: str = "entropic_student", back
 
 
 def ensure_default_bundle() -> Path:
-    """Path of the default bundle, building it on first use (a few seconds)."""
+    """Path of the default bundle, copied (or, without the asset, built) on first use."""
     path = default_bundle_path()
-    if not (path / "manifest.json").is_file():
-        build_untrained_bundle(path, tasks=list(BUILTIN_TASKS))
+    if (path / "manifest.json").is_file():
+        return path
+    if (PACKAGED_BUNDLE / "manifest.json").is_file():
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(PACKAGED_BUNDLE, tmp)
+        try:
+            tmp.rename(path)  # atomic: a concurrent first use sees a whole bundle or none
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not (path / "manifest.json").is_file():
+                raise
+        return path
+    build_untrained_bundle(path, tasks=list(BUILTIN_TASKS))
     return path
 
 

@@ -13,7 +13,8 @@ OPTIONS = [
     opt("--weights", default=None, metavar="NAME",
         help="torchvision weights: DEFAULT or an enum member name (task weights where torchvision has them)"),
     opt("--checkpoint", type=Path, default=None, metavar="FILE",
-        help="initialise from a local torchvision checkpoint (.pth read with weights_only=True, or .safetensors)"),
+        help="initialise from a local torchvision checkpoint (.pth read with weights_only=True, or .safetensors), "
+             "or from the ResNet of another task's teacher directory"),
     opt("--out", type=Path, required=True, metavar="DIR", help="teacher directory to write"),
     loss_option(),
     *training_options(epochs=10, batch_size=64, optimizer="sgd", lr=0.01, momentum=0.9, weight_decay=1e-4,

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from ..descriptor import read_descriptor
 from ..errors import SplitserveError
-from ..models.backbone import check_arch
+from ..models.backbone import check_arch, tail_path
 from ..preprocess import Preprocessing, PreprocessingError
 from ..plugins import TaskBatch, TaskPlugin
 from . import common
@@ -150,9 +150,23 @@ def load_teacher(path: Path, plugins) -> Teacher:
 
 
 # -- foreign checkpoints -------------------------------------------------------------------------
+def teacher_as_torchvision(path: Path) -> dict[str, Tensor]:
+    """A ``platform teacher`` directory as a torchvision ResNet state dict (conv1, bn1, layer1..4), so
+    a detection or segmentation teacher can start from a classification teacher, as torchvision's
+    detectors start from ImageNet backbones."""
+    teacher = load_teacher(path, common.registry())
+    names = {"0.": "conv1.", "1.": "bn1.", "4.": "layer1."}  # the stem is conv1, bn1, relu, maxpool, layer1
+    sd = {names[k[:2]] + k[2:]: v for k, v in teacher.stem.state_dict().items() if k[:2] in names}
+    sd.update(teacher.head.tail.state_dict())  # ResNetTail: layer2.*, layer3.*, layer4.*
+    return sd
+
+
 def read_foreign_checkpoint(path: Path) -> dict[str, Tensor]:
-    """A torchvision-style state dict (bare, or under ``model``/``state_dict``), read safely."""
+    """A torchvision-style state dict (bare, or under ``model``/``state_dict``), read safely; or the
+    backbone of a teacher directory."""
     path = Path(path)
+    if path.is_dir() and (path / "teacher.json").is_file():
+        return teacher_as_torchvision(path)
     if not path.is_file():
         raise SplitserveError(f"{path}: no such checkpoint file")
     if path.suffix == ".safetensors":
@@ -178,8 +192,8 @@ def load_foreign_into(sd: Mapping[str, Tensor], stem: nn.Module, head: nn.Module
     """Map a torchvision checkpoint (ResNet, RetinaNet, DeepLabV3, …) onto (stem, head) by name.
 
     The ResNet lives under some prefix P (``""``, ``backbone.``, ``backbone.body.``); the stem takes
-    P+conv1/bn1/layer1; each head entry is looked up as-is, without ``retinanet.``, and with
-    ``tail.`` replaced by P. Returns head entries left as initialised (e.g. an fc of another size).
+    P+conv1/bn1/layer1; each head entry is looked up as-is, without ``retinanet.``, and, inside the
+    head's ``tail`` (wherever the head keeps it), under P. Returns head entries left as initialised (e.g. an fc of another size).
     """
     prefixes = sorted({k[: -len("conv1.weight")] for k in sd if k.endswith("conv1.weight")
                        and f"{k[: -len('conv1.weight')]}layer1.0.conv1.weight" in sd}, key=len)
@@ -200,11 +214,12 @@ def load_foreign_into(sd: Mapping[str, Tensor], stem: nn.Module, head: nn.Module
         stem.load_state_dict(stem_state, strict=False)
     except RuntimeError as e:
         raise SplitserveError(f"{path}: stem weights do not fit: {str(e).splitlines()[0]}") from None
+    tail = tail_path(head) + "." if hasattr(head, "tail") else None  # e.g. retinanet.backbone.body.
     head_state = {}
     for key, value in head.state_dict().items():
         candidates = [key, key.removeprefix("retinanet.")]
-        if "tail." in key:
-            candidates += [key.replace("tail.", p, 1), key.replace("tail.", "", 1)]
+        if tail and key.startswith(tail):  # layer2..4, wherever the head keeps them
+            candidates += [p + key[len(tail):], key[len(tail):]]
         for c in candidates:
             if c in sd and tuple(sd[c].shape) == tuple(value.shape):
                 head_state[key] = sd[c]
