@@ -169,6 +169,29 @@ def test_resnet50_detection_head_builds_fpn_p3_to_p7():
     assert not any(k.startswith("tail.") for k in head.state_dict())  # tail stored once
 
 
+def test_detection_anchor_sizes_are_config(registry):
+    """Default anchors are torchvision's (32..512, for ~800 px images); anchor_sizes sets the smallest
+    anchor of each level for small inputs; a bad value is one PluginError."""
+    plugin = registry.get("det")
+    labels = {"num_classes": 2, "labels": ["a", "b"]}
+    default = plugin.build_head("resnet18", plugin.resolve_config("resnet18", labels))
+    small = plugin.build_head("resnet18", plugin.resolve_config("resnet18", {**labels, "anchor_sizes": [8, 16, 32, 64, 128]}))
+    tv = torchvision.models.detection.retinanet._default_anchorgen()
+    assert default.retinanet.anchor_generator.sizes == tv.sizes
+    assert small.retinanet.anchor_generator.sizes[0] == (8, 10, 12)
+    h = _h(1, "resnet18", (64, 64))
+    with torch.no_grad():
+        feats = list(small.retinanet.backbone(h).values())
+        from torchvision.models.detection.image_list import ImageList
+
+        anchors = small.retinanet.anchor_generator(ImageList(torch.zeros(1, 3, 64, 64), [(64, 64)]), feats)[0]
+    widths = anchors[:, 2] - anchors[:, 0]
+    assert float(widths.min()) < 8 and float(widths.max()) < 300  # P3's 0.5-ratio 8 px box … P7's 2:1 161 px
+    for bad in ([8, 16, 32], [8, 16, 32, 64, "x"], [0, 16, 32, 64, 128]):
+        with pytest.raises(PluginError, match="anchor_sizes"):
+            plugin.resolve_config("resnet18", {**labels, "anchor_sizes": bad})
+
+
 def _decode(mask_b64: str) -> np.ndarray:
     img = Image.open(io.BytesIO(base64.b64decode(mask_b64)))
     assert img.mode == "P"

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import torch
 from torch import Tensor, nn
 from torchvision.models.detection import RetinaNet
+from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelP6P7
 from torchvision.ops.misc import FrozenBatchNorm2d
@@ -17,6 +18,15 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from splitserve.models.backbone import TAIL_CHANNELS, ResNetTail, build_resnet
 
 FPN_CHANNELS = 256
+ANCHOR_SIZES = (32, 64, 128, 256, 512)
+"""Smallest anchor per FPN level (P3..P7), torchvision's RetinaNet default, sized for COCO's ~800 px."""
+
+
+def anchor_generator(sizes: Sequence[int]) -> AnchorGenerator:
+    """torchvision's RetinaNet anchors (three scales a third of an octave apart, aspect ratios 0.5,
+    1, 2 at every level) from the smallest size of each level: small images need small anchors."""
+    scales = tuple((s, int(s * 2 ** (1 / 3)), int(s * 2 ** (2 / 3))) for s in sizes)  # as torchvision
+    return AnchorGenerator(scales, ((0.5, 1.0, 2.0),) * len(scales))
 
 
 class FeatureFPN(nn.Module):
@@ -51,6 +61,7 @@ class FeatureRetinaNet(nn.Module):
         nms_thresh: float = 0.5,
         detections_per_img: int = 100,
         fpn_channels: int = FPN_CHANNELS,
+        anchor_sizes: Sequence[int] = ANCHOR_SIZES,
     ):
         super().__init__()
         resnet = build_resnet(backbone, norm_layer=FrozenBatchNorm2d)
@@ -61,6 +72,7 @@ class FeatureRetinaNet(nn.Module):
             score_thresh=score_thresh,
             nms_thresh=nms_thresh,
             detections_per_img=detections_per_img,
+            anchor_generator=anchor_generator(anchor_sizes),
         )
         self.num_classes = num_classes
         self.labels = list(labels)  # serving metadata, not weights

@@ -33,7 +33,7 @@ from .._common import (
     split_stem_state,
     to_device,
 )
-from .head import FeatureRetinaNet, scale_boxes
+from .head import ANCHOR_SIZES, FeatureRetinaNet, scale_boxes
 from .schema import Detection, DetectionResult
 
 COCO_CATEGORIES: list[str] = list(RetinaNet_ResNet50_FPN_Weights.COCO_V1.meta["categories"])
@@ -92,10 +92,12 @@ class DetectionPlugin(TrainingHooks, TaskPlugin):
     def resolve_config(self, backbone: str, stored: Mapping[str, Any]) -> dict:
         """``num_classes`` (default 91 with COCO's labels), ``labels``, ``score_threshold`` (0.3),
         ``nms_threshold`` (0.5), ``max_detections`` (100), ``fpn_channels`` (FPN and head width, 256 as
-        torchvision's RetinaNet), optional ``category_ids`` (COCO ids per label)."""
+        torchvision's RetinaNet), ``anchor_sizes`` (smallest anchor of each of the five FPN levels;
+        torchvision's 32..512 suit COCO's ~800 px images, small inputs need small ones), optional
+        ``category_ids`` (COCO ids per label)."""
         check_arch(backbone)
         defaults = {"num_classes": 91, "score_threshold": 0.3, "max_detections": 100, "nms_threshold": 0.5,
-                    "fpn_channels": 256}
+                    "fpn_channels": 256, "anchor_sizes": list(ANCHOR_SIZES)}
         cfg = merge_config(self.name, defaults, stored, COCO_CATEGORIES)
         _threshold("score_threshold", cfg["score_threshold"])
         _threshold("nms_threshold", cfg["nms_threshold"])
@@ -103,6 +105,11 @@ class DetectionPlugin(TrainingHooks, TaskPlugin):
         fpn = cfg["fpn_channels"]
         if not isinstance(fpn, int) or isinstance(fpn, bool) or not 8 <= fpn <= 1024:
             raise PluginError(f"detection: fpn_channels must be an integer in 8..1024, got {fpn!r}")
+        sizes = cfg["anchor_sizes"]
+        if (not isinstance(sizes, (list, tuple)) or len(sizes) != len(ANCHOR_SIZES)
+                or not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 4096 for v in sizes)):
+            raise PluginError(f"detection: anchor_sizes must be {len(ANCHOR_SIZES)} integers in 1..4096 "
+                              f"(one per FPN level), got {sizes!r}")
         ids = cfg.get("category_ids")
         if ids is not None and len(ids) != cfg["num_classes"]:
             raise PluginError(f"detection: {len(ids)} category_ids for num_classes={cfg['num_classes']}")
@@ -123,6 +130,7 @@ class DetectionPlugin(TrainingHooks, TaskPlugin):
             nms_thresh=cfg["nms_threshold"],
             detections_per_img=cfg["max_detections"],
             fpn_channels=cfg["fpn_channels"],
+            anchor_sizes=cfg["anchor_sizes"],
         )
         head.category_ids = list(cfg["category_ids"]) if cfg.get("category_ids") is not None else None
         return head
