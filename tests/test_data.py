@@ -293,8 +293,14 @@ def test_voc_mapping_and_crowd(tmp_path):
     assert mask[35, 10] == seg.classes.index("car")  # crowd -> its class, as torchvision's references
     assert mask[25, 45] == 0  # category 90 is not VOC -> background
     assert set(mask.unique().tolist()) == {0, 7, 15}
-    # train keeps images whose VOC objects cover more than 1000 px: 200 + 200 + 2 here is too little
-    assert segmentation_dataset(root, "train", train=True, preprocessing=(32, 32)).ids == []
+    # train keeps images whose VOC objects cover more than 1000 px (torchvision's rule, for images
+    # larger than 320x240) or, for smaller ones, 1.3 % of their area: image 7 (402 of 2400 px) is
+    # kept, image 9 (no VOC object) is not
+    trained = segmentation_dataset(root, "train", train=True, preprocessing=(32, 32))
+    assert trained.ids == [7]
+    assert trained.min_train_area(7) == pytest.approx(1000 / (320 * 240) * 2400)
+    trained.coco.imgs[7].update(height=480, width=640)
+    assert trained.min_train_area(7) == 1000  # at COCO's size: exactly torchvision's 1000 px
     # "all": background + every category of the file
     everything = segmentation_dataset(root, "train", train=False, preprocessing=(40, 60), category_map="all")
     assert len(everything.classes) == 22

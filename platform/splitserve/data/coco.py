@@ -196,10 +196,13 @@ class CocoSegmentation(_CocoBase):
     COCO → VOC masks as torchvision's segmentation references build them (and the papers use):
     every instance of a kept category is painted with its class, crowd regions included; pixels
     covered by more than one instance become 255; training keeps only images whose kept instances
-    cover more than 1000 pixels of area in total.
+    cover more than 1000 pixels of area in total — for images of COCO's size (more than 320×240
+    pixels, exactly torchvision's rule); smaller images need the 1.3 % of their area that 1000 px
+    is of a 320×240 image, or a 64-pixel scene could never qualify.
     """
 
     MIN_TRAIN_AREA = 1000
+    MIN_TRAIN_FRACTION = MIN_TRAIN_AREA / (320 * 240)
 
     def __init__(self, root: Path, split: str, *, train: bool, preprocessing, category_map: str = "auto") -> None:
         super().__init__(root, split, train, preprocessing)
@@ -218,12 +221,16 @@ class CocoSegmentation(_CocoBase):
             self.category_id_to_label = {int(c["id"]): i + 1 for i, c in enumerate(cats)}
         ids = sorted(self.coco.imgs)
         if train:  # as torchvision's references: too little labelled area teaches nothing
-            ids = [i for i in ids if self._kept_area(i) > self.MIN_TRAIN_AREA]
+            ids = [i for i in ids if self._kept_area(i) > self.min_train_area(i)]
         self.ids: list[int] = ids
         self.transforms = segmentation_transform(train, self.preprocessing)
 
     def _kept(self, image_id: int) -> list[dict]:
         return [a for a in self.coco.imgToAnns.get(image_id, []) if a["category_id"] in self.category_id_to_label]
+
+    def min_train_area(self, image_id: int) -> float:
+        info = self.coco.imgs[image_id]
+        return min(self.MIN_TRAIN_AREA, self.MIN_TRAIN_FRACTION * int(info["height"]) * int(info["width"]))
 
     def _kept_area(self, image_id: int) -> float:
         return sum(float(a.get("area", a["bbox"][2] * a["bbox"][3])) for a in self._kept(image_id))
