@@ -37,3 +37,18 @@ def test_pack_halves_server_weights_and_keeps_the_code(bundle_dir, tmp_path, cap
         answers.append(rt.run([Job(plugins=list(rt.plugins), payload=payload, metas=metas)])[0][0]["classification"])
     assert [t.index for t in answers[0].top] == [t.index for t in answers[1].top]
     assert abs(answers[0].top[0].probability - answers[1].top[0].probability) < 1e-2
+
+
+def test_pack_copies_only_what_the_manifest_lists(bundle_dir, tmp_path):
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(bundle_dir, src)
+    (src / ".done").write_text("")  # a training script's marker, a run directory: not bundle files
+    (src / "x.runs" / "distill").mkdir(parents=True)
+    (src / "x.runs" / "distill" / "metrics.jsonl").write_text("{}\n")
+    out = tmp_path / "packed"
+    assert main(["bundle", "pack", str(src), str(out)]) == 0
+    manifest = read_manifest(out)
+    listed = {e.path for e in manifest.files.values()} | {t.file.path for t in manifest.tasks.values()}
+    assert {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} == listed | {"manifest.json"}

@@ -357,7 +357,8 @@ def upgrade_bundle(path: str | Path) -> Manifest:
 
 
 def pack_bundle(src: str | Path, dst: str | Path, *, half: bool = True) -> Manifest:
-    """Copy a bundle with the server-side weights (decoder, trunk, heads) stored in float16.
+    """Copy a bundle (the files its manifest lists, nothing else) with the server-side weights
+    (decoder, trunk, heads) stored in float16.
 
     The encoder and prior stay float32, so the fingerprint and every bitstream are unchanged;
     loading casts the stored weights back to the modules' float32. Halves the bundle's size (a
@@ -370,7 +371,9 @@ def pack_bundle(src: str | Path, dst: str | Path, *, half: bool = True) -> Manif
     load_codec(src, manifest=manifest)  # verify before copying
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent if dst.parent.exists() else None))
     try:
-        shutil.copytree(src, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.runs", "checkpoint"))
+        for entry in [*manifest.files.values(), *(t.file for t in manifest.tasks.values())]:
+            (tmp / entry.path).parent.mkdir(parents=True, exist_ok=True)  # what the manifest lists, nothing else
+            shutil.copyfile(src / entry.path, tmp / entry.path)
         entries = [manifest.files[k] for k in manifest.files if k not in EDGE_PARTS] + [t.file for t in manifest.tasks.values()]
         for entry in entries if half else []:
             path = tmp / entry.path
