@@ -52,7 +52,7 @@ bench: install
 # Every step resumes (--resume) where an interrupted run stopped; outputs live in $(DEFAULT_WORK).
 # Times on a 2-core AVX512-BF16 EPYC: docs/benchmarks/fmnist-scenes.md.
 DEFAULT_WORK ?= runs/default
-DEFAULT_BETA ?= 5.12
+DEFAULT_BETA ?= 0.32
 DW := $(DEFAULT_WORK)
 DB := $(DW)/es-b$(DEFAULT_BETA)
 STAGE2 := --recipe recipes/fmnist_scenes_finetune.yaml --bundle $(DB) --teacher $(DW)/teacher-cls --data $(DW)/fm64 --resume
@@ -63,9 +63,10 @@ default-bundle: install
 	test -f $(DB)/manifest.json || $(BIN)/platform distill --recipe recipes/fmnist_scenes_distill.yaml \
 	    --teacher $(DW)/teacher-cls --data $(DW)/fm64 --beta $(DEFAULT_BETA) --out $(DB) --resume
 	test -f $(DB)/.cls || { $(BIN)/platform finetune $(STAGE2) && touch $(DB)/.cls; }
-	test -f $(DB)/.trunk || { $(BIN)/platform finetune $(STAGE2) --shared-trunk --epochs 0 && touch $(DB)/.trunk; }
+	test -f $(DB)/.trunk || { $(BIN)/platform finetune $(STAGE2) --shared-trunk --epochs 0 --workdir $(DB).runs/shared-trunk \
+	    && touch $(DB)/.trunk; }
 	test -f $(DB)/.det || { $(BIN)/platform finetune $(STAGE2) --task detection --shared-trunk \
-	    --head-config fpn_channels=64 && touch $(DB)/.det; }
+	    --head-config fpn_channels=64 "anchor_sizes=[8,16,32,64,128]" && touch $(DB)/.det; }
 	test -f $(DB)/.seg || { $(BIN)/platform finetune $(STAGE2) --task segmentation --shared-trunk \
 	    --head-config aspp_channels=64 && touch $(DB)/.seg; }
 	$(BIN)/platform bundle pack $(DB) platform/splitserve/assets/default-bundle
