@@ -163,12 +163,14 @@ def test_resume_is_exact(chain, scenes, tmp_path):
 
 
 def test_sigterm_saves_checkpoint_and_resumes(chain, scenes, tmp_path):
+    """SIGTERM to the whole process group (as timeout or systemd send it), data-loading worker included."""
     work, out = tmp_path / "work", tmp_path / "bundle"
     args = ["distill", "--teacher", str(chain["teacher_cls"]), "--data", str(scenes), "--beta", "0.1",
             "--epochs", "50", "--train-limit", "16", "--val-limit", "4", "--log-every", "1", "--workdir", str(work),
-            "--out", str(out), *FAST]
+            "--out", str(out), *FAST, "--num-workers", "1"]
     proc = subprocess.Popen([sys.executable, "-m", "splitserve", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            start_new_session=True)
     log = work / "metrics.jsonl"
     deadline = time.monotonic() + 120
     try:
@@ -177,7 +179,7 @@ def test_sigterm_saves_checkpoint_and_resumes(chain, scenes, tmp_path):
                 break
             time.sleep(0.2)
         assert proc.poll() is None, proc.communicate()
-        proc.send_signal(signal.SIGTERM)
+        os.killpg(proc.pid, signal.SIGTERM)
         _, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:

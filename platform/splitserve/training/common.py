@@ -20,7 +20,7 @@ from splitserve_edge.payload import fingerprint_id
 from ..plugins import PluginRegistry, TaskPlugin, TrainingHooks, trainable
 from ..preprocess import Preprocessing, PreprocessingError
 from .engine import EngineConfig
-from .sampling import move_to
+from .sampling import move_to, worker_init
 
 
 
@@ -118,6 +118,7 @@ def eval_loader(plugin: TaskPlugin, dataset: Dataset, cfg: SimpleNamespace) -> D
         num_workers=cfg.num_workers,
         collate_fn=plugin.collate,
         generator=torch.Generator().manual_seed(0),
+        worker_init_fn=worker_init,  # stop signals are the main process's to handle
     )
 
 

@@ -85,9 +85,11 @@ class EpochBatches(Sampler):
 
 
 def worker_init(worker_id: int) -> None:
-    # Ctrl-C reaches the whole process group: let the main process handle it (checkpoint, then
-    # stop) instead of the workers dying under the loader.
+    # Ctrl-C, and a SIGTERM sent to the process group (timeout, systemd, `kill -- -PGID`), reach the
+    # workers too: let the main process handle them (checkpoint, then stop) instead of the workers
+    # dying under the loader; the loader ends its workers when the main process exits.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
