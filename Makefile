@@ -66,7 +66,7 @@ default-bundle: install
 	test -f $(DB)/.trunk || { $(BIN)/platform finetune $(STAGE2) --shared-trunk --epochs 0 --workdir $(DB).runs/shared-trunk \
 	    && touch $(DB)/.trunk; }
 	test -f $(DB)/.det || { $(BIN)/platform finetune $(STAGE2) --task detection --shared-trunk \
-	    --head-config fpn_channels=64 "anchor_sizes=[8,16,32,64,128]" && touch $(DB)/.det; }
+	    --head-config fpn_channels=64 && touch $(DB)/.det; }
 	test -f $(DB)/.seg || { $(BIN)/platform finetune $(STAGE2) --task segmentation --shared-trunk \
 	    --head-config aspp_channels=64 && touch $(DB)/.seg; }
 	$(BIN)/platform bundle pack $(DB) platform/splitserve/assets/default-bundle
