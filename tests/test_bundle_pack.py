@@ -52,3 +52,4 @@ def test_pack_copies_only_what_the_manifest_lists(bundle_dir, tmp_path):
     manifest = read_manifest(out)
     listed = {e.path for e in manifest.files.values()} | {t.file.path for t in manifest.tasks.values()}
     assert {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} == listed | {"manifest.json"}
+    assert {oct(p.stat().st_mode & 0o777) for p in [out, *out.rglob("*")]} <= {"0o755", "0o644"}  # readable by a server user

@@ -372,8 +372,12 @@ def test_finetune_detection_on_a_coco_tree_with_the_default_bundle(scenes, tmp_p
     cmd = [sys.executable, "-m", "splitserve", "finetune", "--task", "detection", "--coco", str(scenes / "coco"),
            "--epochs", "1", "--train-limit", "4", "--val-limit", "2", "--batch-size", "2", "--num-workers", "0",
            "--no-progress"]
+    from splitserve.defaults import PACKAGED_BUNDLE
+
+    shipped = (PACKAGED_BUNDLE / "manifest.json").read_text()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (PACKAGED_BUNDLE / "manifest.json").read_text() == shipped  # the user's copy changed, not the package
     bundle = default_bundle_path_under(tmp_path / "home")
     assert f"updating {bundle}" in proc.stdout
     manifest = json.loads((bundle / "manifest.json").read_text())

@@ -382,6 +382,8 @@ def pack_bundle(src: str | Path, dst: str | Path, *, half: bool = True) -> Manif
             entry.sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
         manifest.provenance = {**manifest.provenance, "packed": "server-side weights in float16" if half else "copy"}
         (tmp / "manifest.json").write_text(manifest.model_dump_json(indent=2) + "\n")
+        for path in [tmp, *tmp.rglob("*")]:  # mkdtemp and safetensors make owner-only files; a bundle is shared
+            path.chmod(0o755 if path.is_dir() else 0o644)
         if dst.exists():
             shutil.rmtree(dst)
         dst.parent.mkdir(parents=True, exist_ok=True)
