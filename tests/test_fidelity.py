@@ -151,7 +151,7 @@ def _square(ann_id, image_id, cat, x, y, size, crowd=0):
 
 
 def test_coco_to_voc_masks_follow_torchvision_references(tmp_path):
-    """Overlaps → 255, crowd painted as its class, train keeps images with kept area > 1000."""
+    """Overlaps → 255, crowd painted as its class, train keeps COCO-size images with kept area > 1000."""
     from splitserve.data.coco import VOC_CATEGORY_IDS, CocoSegmentation
 
     person, dog, giraffe = 1, 18, 25  # person and dog are VOC classes; giraffe is not
@@ -174,5 +174,9 @@ def test_coco_to_voc_masks_follow_torchvision_references(tmp_path):
     assert m1[5, 45] == 0                            # the giraffe is not a VOC class
     m2 = val.semantic_mask(2)
     assert m2[20, 20] == dog_label                   # crowd painted as its class, not 255
-    train = CocoSegmentation(root, "train", train=True, preprocessing=(32, 32))
+    big = [{**im, "height": 480, "width": 640} for im in images]  # COCO-size images: torchvision's rule
+    train = CocoSegmentation(_coco_tree(tmp_path / "big", "train", big, anns, cats), "train", train=True,
+                             preprocessing=(32, 32))
     assert train.ids == [1, 2]                       # image 3's 400 px of labelled area is too little
+    small = CocoSegmentation(root, "train", train=True, preprocessing=(32, 32))
+    assert small.ids == [1, 2, 3]                    # but 400 px is 11 % of a 60x60 image (> 1.3 %)
