@@ -56,18 +56,12 @@ def test_sample_verdicts_follow_the_rules():
 
 
 @pytest.mark.slow
-def test_make_serve_then_infer_on_the_samples(tmp_path, capsys):
+def test_make_serve_then_infer_on_the_samples(tmp_path, capsys, monkeypatch):
     """A fresh home: the packaged default is copied on first use and served without --bundle."""
     home = tmp_path / "home"
-    env = {"SPLITSERVE_HOME": str(home)}
-    with GatewayProcess(env=env) as server:
-        import os
-
-        os.environ["SPLITSERVE_HOME"] = str(home)
-        try:
-            code = _checker().main(["--url", server.url, "--platform", str(Path(sys.executable).with_name("platform"))])
-        finally:
-            del os.environ["SPLITSERVE_HOME"]
+    monkeypatch.setenv("SPLITSERVE_HOME", str(home))  # for the server and the `platform infer` it runs
+    with GatewayProcess() as server:
+        code = _checker().main(["--url", server.url, "--platform", str(Path(sys.executable).with_name("platform"))])
     out = capsys.readouterr().out
     assert code == 0, out
     assert (home / "bundles" / default_bundle_name() / "manifest.json").is_file()

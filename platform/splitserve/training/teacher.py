@@ -150,12 +150,16 @@ def load_teacher(path: Path, plugins) -> Teacher:
 
 
 # -- foreign checkpoints -------------------------------------------------------------------------
+STEM_TO_TORCHVISION = {"0.": "conv1.", "1.": "bn1.", "4.": "layer1."}
+"""Our stem (conv1, bn1, relu, maxpool, layer1 in a Sequential) by torchvision ResNet names."""
+
+
 def teacher_as_torchvision(path: Path) -> dict[str, Tensor]:
     """A ``platform teacher`` directory as a torchvision ResNet state dict (conv1, bn1, layer1..4), so
     a detection or segmentation teacher can start from a classification teacher, as torchvision's
     detectors start from ImageNet backbones."""
     teacher = load_teacher(path, common.registry())
-    names = {"0.": "conv1.", "1.": "bn1.", "4.": "layer1."}  # the stem is conv1, bn1, relu, maxpool, layer1
+    names = STEM_TO_TORCHVISION
     sd = {names[k[:2]] + k[2:]: v for k, v in teacher.stem.state_dict().items() if k[:2] in names}
     sd.update(teacher.head.tail.state_dict())  # ResNetTail: layer2.*, layer3.*, layer4.*
     return sd
@@ -200,7 +204,7 @@ def load_foreign_into(sd: Mapping[str, Tensor], stem: nn.Module, head: nn.Module
     if not prefixes:
         raise SplitserveError(f"{path}: no ResNet found in the checkpoint (no conv1/layer1 weights)")
     p = prefixes[0]
-    stem_map = {"0.": f"{p}conv1.", "1.": f"{p}bn1.", "4.": f"{p}layer1."}
+    stem_map = {ours: p + theirs for ours, theirs in STEM_TO_TORCHVISION.items()}
     stem_state = {}
     for key in stem.state_dict():
         for ours, theirs in stem_map.items():
