@@ -124,7 +124,7 @@ def test_mac_counts_have_known_answers():
 
 
 def test_link_model():
-    from splitserve.evaluation.link import end_to_end_ms, winners
+    from splitserve.evaluation.link import end_to_end_ms, link_tables, winners
 
     assert end_to_end_ms(2.0, 1000, 10.0, 37.5) == pytest.approx(2.0 + 8000 / 37.5 + 10.0)
     pts = [{"method": "small", "setting": "a", "accuracy": 70.0, "bytes_per_image": 100, "encode_ms": 20.0, "server_ms": 5.0},
@@ -133,6 +133,12 @@ def test_link_model():
     w = winners(pts, {"slow": 10.0, "fast": 100_000.0}, min_accuracy=69.0)
     assert w["slow"]["winner"] == "small" and w["fast"]["winner"] == "big" and "bad" not in w["slow"]["per_method"]
     assert w["slow"]["per_method"]["small"]["ms"] == pytest.approx(20 + 80 + 5)
+    # one table per tolerance below the reference: at 71 − 0.5 only "big" qualifies, at 71 − 2 "small" too
+    strict, loose = link_tables(pts, {"slow": 10.0}, reference=71.0, tolerances=[0.5, 2.0])
+    assert (strict["min_accuracy"], loose["min_accuracy"]) == (70.5, 69.0)
+    assert set(strict["per_link"]["slow"]["per_method"]) == {"big"} and strict["per_link"]["slow"]["winner"] == "big"
+    assert loose["per_link"]["slow"] == w["slow"] and loose["per_link"]["slow"]["winner"] == "small"
+    assert set(link_tables(pts, {"slow": 10.0}, None, [1.0])[0]["per_link"]["slow"]["per_method"]) == {"small", "big", "bad"}
 
 
 # -- sweep schema ------------------------------------------------------------------------------
@@ -147,6 +153,7 @@ teachers: {classification: nowhere}
 colour: blue
 limit: 0
 anchors: {delta_accuracy: Nope}
+link_tolerance: [1, -2]
 methods:
   - {name: A, kind: bundle, points: [missing-bundle]}
   - {name: B, kind: png, points: [1]}
@@ -158,9 +165,10 @@ methods:
     msg = str(e.value)
     for expected in ("colour: unknown key", "limit: expected an integer", "teachers.classification:",
                      "methods[0] (A).points[0]:", "kind 'png'", "methods[2] (C).points[0] (quality)",
-                     "name used twice", "anchors.delta_accuracy: 'Nope'"):
+                     "name used twice", "anchors.delta_accuracy: 'Nope'",
+                     "link_tolerance[1]: expected a non-negative number"):
         assert expected in msg, expected
-    assert len(msg.splitlines()) == 10  # the summary line + one per problem
+    assert len(msg.splitlines()) == 11  # the summary line + one per problem
     assert main(["evaluate", str(sweep), "--out", str(tmp_path / "o")]) == 2
     assert main(["evaluate", str(tmp_path / "absent.yaml"), "--out", str(tmp_path / "o")]) == 2
 
@@ -285,6 +293,7 @@ repeat: 2
 batch_size: 3
 anchors: {{delta_accuracy: ES, bd_rate: WebP}}
 bitmaps: {{images: 2}}
+link_tolerance: [100, 1]
 methods:
   - {{name: ES, kind: bundle, points: [es0, es1]}}
   - {{name: WebP, kind: webp, points: [5, 50, 95]}}
@@ -386,8 +395,15 @@ def test_study_summaries_complexity_and_maps(study):
     assert cx["ES"]["params"] > 138_672 and cx["ES"]["macs"] > 0  # encoder (138,672, DESIGN.md) + prior
     assert cx["WebP"]["params"] is None and cx["WebP"]["encode_ms_median"] > 0
     assert 0 < cx["Factorized prior"]["params"] < cx["ES"]["params"]
-    links = s["tasks"]["classification"]["links"]
+    tables = s["tasks"]["classification"]["links"]  # one per tolerance, smallest first
+    ref = doc["reference"]["classification"]["accuracy"]
+    assert [t["tolerance"] for t in tables] == [1.0, 100.0]
+    assert [t["min_accuracy"] for t in tables] == pytest.approx([ref - 1, ref - 100])
+    links = tables[1]["per_link"]
     assert set(links) == {"LoRa", "LTE-M", "Wi-Fi"} and links["LoRa"]["kbit_s"] == 37.5
+    assert set(links["LoRa"]["per_method"]) == {"ES", "WebP", "JPEG", "Factorized prior"}  # ≥ ref − 100: all
+    report = (study["out"] / "report.md").read_text()
+    assert f"≥ {ref - 1:.2f} (the teacher's − 1)" in report and f"≥ {ref - 100:.2f} (the teacher's − 100)" in report
     e2e = s["tasks"]["classification"]["end_to_end_ms"]
     p = next(p for p in doc["points"] if p["setting"] == "q5" and p["task"] == "classification")
     assert e2e["WebP q5"]["LoRa"] == pytest.approx(p["encode_ms"] + 8 * p["bytes_per_image"] / 37.5 + p["server_ms"])

@@ -415,8 +415,8 @@ def train_image_codec(
                 batch += 1
                 step += 1
                 if step % log_every == 0 or batch == per_epoch:
-                    rec = {"kind": "train", "epoch": epoch + 1, "global_step": step, "loss": float(terms["loss"]),
-                           "mse": float(terms["mse"]), "bpp": float(terms["bpp"]), "aux": float(aux),
+                    rec = {"kind": "train", "epoch": epoch + 1, "global_step": step, "loss": terms["loss"].item(),
+                           "mse": terms["mse"].item(), "bpp": terms["bpp"].item(), "aux": aux.item(),
                            "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - started}
                     log.write(json.dumps(rec) + "\n")
                     log.flush()

@@ -18,7 +18,7 @@ from typing import Any
 
 from .sweep import DEFAULT_LINKS
 
-__all__ = ["DEFAULT_LINKS", "end_to_end_ms", "transfer_ms", "winners"]
+__all__ = ["DEFAULT_LINKS", "end_to_end_ms", "link_tables", "transfer_ms", "winners"]
 
 
 def transfer_ms(num_bytes: float, kbit_s: float) -> float:
@@ -47,3 +47,15 @@ def winners(points: Sequence[Mapping[str, Any]], links: Mapping[str, float], min
         winner = min(best, key=lambda m: best[m]["ms"]) if best else None
         out[link] = {"kbit_s": kbit, "per_method": best, "winner": winner}
     return out
+
+
+def link_tables(points: Sequence[Mapping[str, Any]], links: Mapping[str, float], reference: float | None,
+                tolerances: Sequence[float]) -> list[dict[str, Any]]:
+    """One :func:`winners` table per tolerance: a point counts as "as good as the uncompressed
+    input" when its accuracy is at least ``reference − tolerance`` (no reference: any accuracy).
+    Several tolerances show how the verdict moves as one gives up more accuracy for fewer bytes."""
+    tables = []
+    for tol in tolerances:
+        floor = reference - tol if reference is not None else None
+        tables.append({"tolerance": tol, "min_accuracy": floor, "per_link": winners(points, links, floor)})
+    return tables

@@ -147,12 +147,11 @@ def _md_report(study, sweep, plots: dict[str, dict[str, str]]) -> str:
                          f"{b if isinstance(b, str) else _num(b, '+.1f')} |")
         if "delta" in plots.get(task, {}):
             L += ["", f"![Δ-accuracy vs encoder latency, {task}]({plots[task]['delta']})"]
-        links = s.get("links", {})
-        if links:
-            floor = s.get("links_min_accuracy")
+        for table in s.get("links", []):
+            floor, links = table["min_accuracy"], table["per_link"]
             L += ["", "Link model: end-to-end ms per image = device encode + 8·bytes ÷ link rate + server time; for "
                   "each method its fastest point with " + (f"{metric} ≥ {floor:.2f} (the teacher's − "
-                  f"{sweep.link_tolerance:g})" if floor is not None else "any accuracy") + ".", "",
+                  f"{table['tolerance']:g})" if floor is not None else "any accuracy") + ".", "",
                   "| method | " + " | ".join(f"{k} ({v['kbit_s']:g} kbit/s)" for k, v in links.items()) + " |",
                   "|---|" + "---:|" * len(links)]
             names = list(dict.fromkeys(p.method for p in study.points if p.task == task))

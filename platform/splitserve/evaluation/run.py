@@ -18,7 +18,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from ..errors import SplitserveError
-from .link import end_to_end_ms, winners
+from .link import end_to_end_ms, link_tables
 from .metrics import CurveError, bd_rate, delta_accuracy
 from .sweep import Sweep, SweepError, load_sweep  # noqa: F401 — re-exported for callers
 
@@ -248,10 +248,8 @@ def summarize(points: list[Point], sweep: Sweep, reference: dict[str, dict[str, 
                 except CurveError as e:
                     entry[key][name] = f"n/a ({e})"
         ref = reference.get(task, {}).get("accuracy")
-        floor = ref - sweep.link_tolerance if ref is not None else None
         rows = [asdict(p) for p in points if p.task == task]
-        entry["links"] = winners(rows, sweep.links_kbit_s, floor)
-        entry["links_min_accuracy"] = floor
+        entry["links"] = link_tables(rows, sweep.links_kbit_s, ref, sweep.link_tolerance)
         entry["end_to_end_ms"] = {f"{p.method} {p.setting}": {link: end_to_end_ms(p.encode_ms, p.bytes_per_image,
                                                                                    p.server_ms, kbit)
                                                               for link, kbit in sweep.links_kbit_s.items()}

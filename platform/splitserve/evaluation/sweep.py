@@ -15,7 +15,8 @@ to the sweep file. The schema (see ``docs/evaluation.md``)::
     batch_size: 16                     # images per runtime/teacher call for the accuracy passes
     anchors: {delta_accuracy: Entropic Student, bd_rate: WebP, complexity: Entropic Student}
     links_kbit_s: {LoRa: 37.5, LTE-M: 1000, Wi-Fi: 50000}
-    link_tolerance: 1.0                # accuracy points below the uncompressed teacher still "as good"
+    link_tolerance: [1.0, 5.0]         # accuracy points below the uncompressed teacher still "as good"
+                                       # (one number or a list: one link table per tolerance)
     bitmaps: {images: 3, methods: [Entropic Student, Factorized prior]}
     methods:
       - {name: Entropic Student, kind: bundle, points: [../runs/es-b0.32, ../runs/es-b1.28]}
@@ -71,7 +72,7 @@ class Sweep:
     batch_size: int = 16
     anchors: dict[str, str] = field(default_factory=dict)
     links_kbit_s: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_LINKS))
-    link_tolerance: float = 1.0
+    link_tolerance: list[float] = field(default_factory=lambda: [1.0])
     bitmap_images: int = 3
     bitmap_methods: list[str] | None = None  # None: every bundle and compressai method
     path: Path | None = None
@@ -168,7 +169,10 @@ def parse_sweep(raw: dict, base: Path, *, name: str = "sweep", check_paths: bool
     threads = _int(errors, "threads", raw.get("threads", 1), 1, 256) or 1
     repeat = _int(errors, "repeat", raw.get("repeat", 20), 1, 10_000) or 20
     batch_size = _int(errors, "batch_size", raw.get("batch_size", 16), 1, 4096) or 16
-    tolerance = _number(errors, "link_tolerance", raw.get("link_tolerance", 1.0), positive=False)
+    raw_tol = raw.get("link_tolerance", 1.0)
+    raw_tol = raw_tol if isinstance(raw_tol, list) and raw_tol else [raw_tol]
+    tolerance = sorted({t for i, v in enumerate(raw_tol)
+                        if (t := _number(errors, f"link_tolerance[{i}]", v, positive=False)) is not None})
 
     links = raw.get("links_kbit_s", DEFAULT_LINKS)
     if not isinstance(links, dict) or not links:
