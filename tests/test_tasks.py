@@ -231,6 +231,51 @@ def test_segmentation_resnet50_is_dilated_deeplabv3():
     assert out["out"].shape == out["aux"].shape == (1, 21, *INPUT)
 
 
+def test_segmentation_resnet18_dilates_by_torchvisions_rule():
+    """output_stride 8 on a BasicBlock ResNet: per block, the same strides and dilations as
+    torchvision gives a Bottleneck ResNet, the undilated weights fit, and the maps are denser."""
+    from splitserve_tasks.segmentation import DeepLabV3Head
+
+    ref = torchvision.models.resnet50(replace_stride_with_dilation=[False, True, True])
+    head = DeepLabV3Head("resnet18", 4, list("abcd"), aspp_channels=16, output_stride=8).eval()
+    for name in ("layer2", "layer3", "layer4"):
+        for i, block in enumerate(head.tail.get_submodule(name)):
+            want = getattr(ref, name)[i].conv2  # the Bottleneck's 3×3 convolution carries stride and dilation
+            assert (block.conv1.stride, block.conv1.dilation) == (want.stride, want.dilation), (name, i)
+            assert block.conv2.stride == (1, 1) and block.conv2.dilation == block.conv1.dilation
+            assert block.conv1.padding == block.conv1.dilation and block.conv2.padding == block.conv2.dilation
+            if block.downsample is not None:
+                assert block.downsample[0].stride == getattr(ref, name)[i].downsample[0].stride
+    plain = DeepLabV3Head("resnet18", 4, list("abcd"), aspp_channels=16).eval()  # stored heads: stride 32
+    head.load_state_dict(plain.state_dict())  # same parameters, other geometry
+    x = _h(1)
+    with torch.no_grad():
+        # a stride-2 convolution is its stride-1 twin sampled at every other position
+        inner = plain.tail.layer2(x)
+        dense, strided = head.tail.layer3[0].conv1(inner), plain.tail.layer3[0].conv1(inner)
+        assert torch.allclose(dense[..., ::2, ::2], strided, atol=1e-5)
+        shapes = {s: [tuple(t.shape[-2:]) for t in DeepLabV3Head("resnet18", 4, list("abcd"), 16, s).tail(x).values()]
+                  for s in (8, 16, 32)}
+        assert shapes == {8: [(8, 8)] * 3, 16: [(8, 8), (4, 4), (4, 4)], 32: [(8, 8), (4, 4), (2, 2)]}
+        assert head(x)["out"].shape == (1, 4, *INPUT)
+        assert not torch.allclose(head.logits(x), F.interpolate(plain.logits(x), size=(8, 8)))
+
+
+def test_segmentation_config_geometry(registry):
+    plugin = registry.get("segmentation")
+    assert plugin.resolve_config("resnet18", {})["output_stride"] == 32  # heads stored without it keep their geometry
+    assert plugin.resolve_config("resnet50", {})["output_stride"] == 8
+    cfg = plugin.resolve_config("resnet18", {"output_stride": 8, "atrous_rates": [1, 2, 3]})
+    aspp = plugin.build_head("resnet18", cfg).classifier[0]
+    assert [m[0].dilation for m in aspp.convs[1:4]] == [(1, 1), (2, 2), (3, 3)]
+    for bad, msg in (({"output_stride": 12}, "output_stride must be one of"),
+                     ({"output_stride": True}, "output_stride must be one of"),
+                     ({"atrous_rates": [1, 2]}, "atrous_rates must be three integers"),
+                     ({"atrous_rates": "6"}, "atrous_rates must be three integers")):
+        with pytest.raises(PluginError, match=msg):
+            plugin.resolve_config("resnet18", bad)
+
+
 # -- teachers -------------------------------------------------------------------------------
 
 

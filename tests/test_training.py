@@ -57,7 +57,7 @@ def chain(scenes, tmp_path_factory) -> dict:
     run("teacher", "--task", "det", "--data", scenes, "--out", t_det, "--epochs", "1", "--train-limit", "8",
         "--val-limit", "4", *small)
     run("teacher", "--task", "seg", "--data", scenes, "--out", t_seg, "--epochs", "1", "--train-limit", "8",
-        "--val-limit", "4", *small)
+        "--val-limit", "4", "--head-config", "output_stride=8", "atrous_rates=[1,2,3]", *small)
     run("distill", "--encoder", "entropic_student", "--teacher", t_cls, "--data", scenes, "--beta", "0.1",
         "--out", bundle, "--epochs", "2", "--log-every", "1", *FAST)
     distilled = json.loads((bundle / "manifest.json").read_text())
@@ -80,6 +80,16 @@ def test_teacher_directory(chain):
     assert sorted(p.name for p in t.glob("*.safetensors")) == ["head.safetensors", "stem.safetensors"]
     assert not list(t.rglob("*.pt")), "a finished run leaves no pickle checkpoint behind"
     assert (t / "metrics.jsonl").is_file() and (t / "train.csv").is_file() and (t / "val.csv").is_file()
+
+
+def test_head_config_reaches_teacher_and_bundle(chain):
+    """teacher --head-config sets the teacher's geometry; finetune from that teacher inherits it."""
+    from splitserve.bundle import read_manifest
+
+    meta = json.loads((chain["teacher_seg"] / "teacher.json").read_text())
+    stored = read_manifest(chain["bundle"]).tasks["segmentation"].config
+    for cfg in (meta["config"], stored):
+        assert (cfg["output_stride"], cfg["atrous_rates"], cfg["num_classes"]) == (8, [1, 2, 3], 11)
 
 
 def test_chain_bundle_serves_three_tasks(chain, scenes):

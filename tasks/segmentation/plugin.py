@@ -34,7 +34,7 @@ from .._common import (
     split_stem_state,
     to_device,
 )
-from .head import DeepLabV3Head
+from .head import OUTPUT_STRIDES, DeepLabV3Head, default_output_stride
 from .schema import ClassShare, SegmentationResult
 
 VOC_CATEGORIES: list[str] = list(DeepLabV3_ResNet50_Weights.COCO_WITH_VOC_LABELS_V1.meta["categories"])
@@ -105,17 +105,29 @@ class SegmentationPlugin(TrainingHooks, TaskPlugin):
 
     # -- serving -------------------------------------------------------------------------
     def resolve_config(self, backbone: str, stored: Mapping[str, Any]) -> dict:
-        """``num_classes`` (default 21 with VOC's labels, background first), ``labels`` and
-        ``aspp_channels`` (ASPP width, default 256 as torchvision's DeepLabv3)."""
+        """``num_classes`` (default 21 with VOC's labels, background first), ``labels``,
+        ``aspp_channels`` (ASPP width, default 256), ``atrous_rates`` (default 12/24/36) and
+        ``output_stride`` (8, 16 or 32; default 8 on ResNet-50/101, 32 on ResNet-18/34, see
+        :func:`default_output_stride`) — torchvision's DeepLabv3 at the defaults. Every key is
+        written out, so a stored head always rebuilds with the geometry it was trained with."""
         check_arch(backbone)
-        cfg = merge_config(self.name, {"num_classes": 21, "aspp_channels": 256}, stored, VOC_CATEGORIES)
+        defaults = {"num_classes": 21, "aspp_channels": 256, "atrous_rates": [12, 24, 36],
+                    "output_stride": default_output_stride(backbone)}
+        cfg = merge_config(self.name, defaults, stored, VOC_CATEGORIES)
         _width("aspp_channels", cfg["aspp_channels"])
+        if cfg["output_stride"] not in OUTPUT_STRIDES or isinstance(cfg["output_stride"], bool):
+            raise PluginError(f"segmentation: output_stride must be one of 8, 16, 32, got {cfg['output_stride']!r}")
+        rates = cfg["atrous_rates"]
+        if (not isinstance(rates, list) or len(rates) != 3
+                or not all(isinstance(r, int) and not isinstance(r, bool) and 1 <= r <= 64 for r in rates)):
+            raise PluginError(f"segmentation: atrous_rates must be three integers in 1..64, got {rates!r}")
         if cfg["num_classes"] > IGNORE_INDEX:
             raise PluginError(f"segmentation: at most {IGNORE_INDEX} classes fit an 8-bit mask, got {cfg['num_classes']}")
         return cfg
 
     def build_head(self, backbone: str, config: Mapping[str, Any]) -> DeepLabV3Head:
-        return DeepLabV3Head(backbone, config["num_classes"], config["labels"], config["aspp_channels"])
+        return DeepLabV3Head(backbone, config["num_classes"], config["labels"], config["aspp_channels"],
+                             config["output_stride"], config["atrous_rates"])
 
     def summarize(self, answer: SegmentationResult) -> str:
         return ", ".join(f"{c.label} {c.fraction:.1%}" for c in sorted(answer.classes, key=lambda c: -c.fraction)[:4])

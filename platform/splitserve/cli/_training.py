@@ -31,6 +31,13 @@ def task_option(required: bool = True) -> Opt:
                help="task plugin name or alias (classification/cls, detection/det, segmentation/seg, …)")
 
 
+def head_config_option(over: str) -> Opt:
+    """``--head-config KEY=VALUE …``: head config keys over ``over`` (finetune: the source head's)."""
+    return opt("--head-config", dest="head_config", type=parse_key_value, nargs="+", default=None, metavar="KEY=VALUE",
+               help=f"head config for this task, over {over} (e.g. fpn_channels=64 for a narrow RetinaNet, "
+                    "output_stride=8 for a dilated DeepLabv3 on ResNet-18)")
+
+
 def loss_option() -> Opt:
     return opt("--option", dest="option", type=parse_key_value, nargs="+", default=None, metavar="KEY=VALUE",
                help="extra loss options passed to the task plugin (e.g. aux_weight=0.5)")

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ..training.options import parse_key_value, training_options
-from ._training import Path, loss_option, opt, register_training_command, task_option
+from ..training.options import training_options
+from ._training import Path, head_config_option, loss_option, opt, register_training_command, task_option
 
 OPTIONS = [
     task_option(),
@@ -20,9 +20,7 @@ OPTIONS = [
         help="train only the task's own layers (fc; FPN + RetinaNet head; ASPP + DeepLabv3 head) on the bundle's "
              "shared, frozen layer2..4, which the gateway then runs once per batch for every head on it; the first "
              "shared head's layer2..4 become the trunk; implies --freeze-decoder"),
-    opt("--head-config", dest="head_config", type=parse_key_value, nargs="+", default=None, metavar="KEY=VALUE",
-        help="head config for this task, over the source head's (e.g. fpn_channels=64 for a narrow RetinaNet; "
-             "weights whose shape changes are re-initialised)"),
+    head_config_option("the source head's; weights whose shape changes are re-initialised"),
     opt("--from-scratch", action="store_true", help="start from a freshly initialised head"),
     opt("--temperature", type=float, default=1.0, help="distillation temperature"),
     opt("--kd-alpha", type=float, default=0.5, help="distillation weight: (1-a)*CE + a*KL"),

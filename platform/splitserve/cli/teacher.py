@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..training.options import training_options
-from ._training import ARCHS, Path, loss_option, opt, register_training_command, task_option
+from ._training import ARCHS, Path, head_config_option, loss_option, opt, register_training_command, task_option
 
 OPTIONS = [
     task_option(),
@@ -16,6 +16,7 @@ OPTIONS = [
         help="initialise from a local torchvision checkpoint (.pth read with weights_only=True, or .safetensors), "
              "or from the ResNet of another task's teacher directory"),
     opt("--out", type=Path, required=True, metavar="DIR", help="teacher directory to write"),
+    head_config_option("the dataset's (its classes)"),
     loss_option(),
     *training_options(epochs=10, batch_size=64, optimizer="sgd", lr=0.01, momentum=0.9, weight_decay=1e-4,
                       scheduler="cosine", min_lr_ratio=0.0),

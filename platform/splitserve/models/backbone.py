@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -76,7 +76,8 @@ def build_resnet(
     """
     check_arch(arch)
     w = resolve_weights(arch, weights)
-    kwargs: dict = {} if dilation is None else {"replace_stride_with_dilation": list(dilation)}
+    basic = FEATURE_CHANNELS[arch] == 64  # BasicBlock ResNets: torchvision refuses to dilate them
+    kwargs: dict = {} if dilation is None or basic else {"replace_stride_with_dilation": list(dilation)}
     if norm_layer is not None:
         kwargs["norm_layer"] = norm_layer
     if w is not None:
@@ -84,7 +85,7 @@ def build_resnet(
     else:
         kwargs["num_classes"] = num_classes
     try:
-        return torchvision.models.get_model(arch, weights=w, **kwargs)
+        resnet = torchvision.models.get_model(arch, weights=w, **kwargs)
     except (OSError, RuntimeError) as e:  # URLError is an OSError
         if w is None:
             raise
@@ -92,6 +93,28 @@ def build_resnet(
             f"could not download {arch} weights {w} ({type(e).__name__}); "
             "pass a local checkpoint instead"
         ) from None
+    if dilation is not None and basic:
+        dilate_basic_blocks(resnet, dilation)
+    return resnet
+
+
+def dilate_basic_blocks(resnet: torchvision.models.ResNet, dilation: Sequence[bool]) -> None:
+    """Trade stride for dilation in layer2..4 of a BasicBlock ResNet, in place, by torchvision's
+    rule for Bottleneck ResNets (``replace_stride_with_dilation``): a dilated layer keeps its
+    input's resolution; its first block's 3×3 convolutions use the previous dilation, the others
+    twice that. Only strides, paddings and dilations change, so the weights of the undilated
+    network fit as they are (DeepLabv3 on ResNet-18/34 at output stride 8 or 16)."""
+    rate = 1
+    for layer, dilate in zip((resnet.layer2, resnet.layer3, resnet.layer4), dilation, strict=True):
+        if not dilate:
+            continue
+        previous, rate = rate, rate * 2
+        for i, block in enumerate(layer):
+            r = previous if i == 0 else rate
+            for conv in (block.conv1, block.conv2):
+                conv.stride, conv.padding, conv.dilation = (1, 1), (r, r), (r, r)
+            if block.downsample is not None:
+                block.downsample[0].stride = (1, 1)
 
 
 def resnet_stem(resnet: torchvision.models.ResNet) -> nn.Sequential:

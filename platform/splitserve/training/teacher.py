@@ -265,7 +265,8 @@ def run_teacher(cfg: SimpleNamespace) -> int:
     with stage.session(cfg) as info:
         policy = common.preprocessing(cfg, Preprocessing.fixed(224, 224))
         train_set, val_set, data_root = common.build_datasets(plugin, cfg.data, policy, cfg, need_train=True)
-        config = plugin.resolve_config(arch, plugin.dataset_config(common.base_dataset(train_set)))
+        config = plugin.resolve_config(arch, {**plugin.dataset_config(common.base_dataset(train_set)),
+                                              **dict(cfg.head_config or {})})
         torch.manual_seed(cfg.seed)
         stem, head = plugin.build_teacher(arch, config, cfg.weights)
         source = f"torchvision weights {cfg.weights}" if cfg.weights else "random initialisation"
