@@ -7,13 +7,14 @@ FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: serve test install install-test fmnist bench default-bundle clean help
+.PHONY: serve test install install-test fmnist bench default-bundle study clean help
 
 help:
 	@echo "make serve   set up .venv and serve the embedded default bundle on http://127.0.0.1:8000 (ARGS='--port 9000 …')"
 	@echo "make test    set up .venv with test extras and the Fashion-MNIST data, run the test suite"
 	@echo "make bench   run the serving benchmark and rewrite docs/benchmarks.md sections"
 	@echo "make default-bundle  rebuild the default bundle from scratch (hours on a CPU; resumes)"
+	@echo "make study   the fmnist-scenes study: default-bundle, every other training run, platform evaluate (resumes)"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -70,6 +71,13 @@ default-bundle: install
 	test -f $(DB)/.seg || { $(BIN)/platform finetune $(STAGE2) --task segmentation --shared-trunk \
 	    --head-config aspp_channels=64 && touch $(DB)/.seg; }
 	$(BIN)/platform bundle pack $(DB) platform/splitserve/assets/default-bundle
+
+# The study in docs/benchmarks/fmnist-scenes.md: the default bundle's runs, the other rate points and
+# baselines (recipes/sweeps/fmnist_scenes_runs.sh, each resumable), then the report. The sweep file
+# reads runs/default, so keep DEFAULT_WORK at its default here.
+study: default-bundle
+	PLATFORM=$(BIN)/platform bash recipes/sweeps/fmnist_scenes_runs.sh $(DW)
+	$(BIN)/platform evaluate recipes/sweeps/fmnist_scenes.yaml --out docs/benchmarks/fmnist-scenes
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info
