@@ -36,7 +36,8 @@ def test_the_default_bundle_is_trained_small_and_measured():
     # ~10 % top-1, ~0 mAP, and all-background masks 82 % pixel accuracy = 7.5 % mIoU here
     assert manifest.tasks["classification"].metrics["top1"] > 70
     assert manifest.tasks["detection"].metrics["mAP"] > 2
-    assert manifest.tasks["segmentation"].metrics["mIoU"] > 9
+    assert manifest.tasks["segmentation"].metrics["mIoU"] > 20  # dilated to output stride 8 (undilated: 9.3)
+    assert manifest.tasks["segmentation"].config["output_stride"] == 8
     assert 0 < manifest.metrics["bpp"] < 0.5
 
 
@@ -53,6 +54,22 @@ def test_sample_verdicts_follow_the_rules():
     wrong["detection"]["detections"].append({"label": "coat", "score": 0.6, "box": [40, 40, 60, 60]})
     wrong["segmentation"]["classes"].append({"index": 5, "label": "coat", "fraction": 0.03})
     assert check.verdicts(truth, wrong) == dict.fromkeys(check.TASKS, False)
+
+
+def test_a_changed_default_is_copied_afresh(tmp_path, monkeypatch):
+    """The cache name follows the packaged manifest, so a new head (same encoder, same fingerprint)
+    replaces a user's cached copy instead of the stale one being served."""
+    import splitserve.defaults as defaults
+
+    packaged = tmp_path / "pkg"
+    packaged.mkdir()
+    doc = json.loads((PACKAGED_BUNDLE / "manifest.json").read_text())
+    (packaged / "manifest.json").write_text(json.dumps(doc))
+    monkeypatch.setattr(defaults, "PACKAGED_BUNDLE", packaged)
+    before = defaults.default_bundle_name()
+    doc["tasks"]["segmentation"]["file"]["sha256"] = "0" * 64
+    (packaged / "manifest.json").write_text(json.dumps(doc))
+    assert defaults.default_bundle_name() != before and before.startswith("default-")
 
 
 @pytest.mark.slow

@@ -274,6 +274,32 @@ def test_teacher_from_torchvision_checkpoint(scenes, tmp_path):
     assert torch.equal(head["fc.weight"], model.fc.weight)
 
 
+@pytest.mark.parametrize("source", ["flags", "recipe"])
+def test_provenance_command_line_runs_again(tmp_path, source):
+    """The command a bundle or teacher records parses back to the same settings, KEY=VALUE lists included."""
+    import shlex
+
+    from splitserve.cli import build_parser
+    from splitserve.cli.finetune import OPTIONS
+    from splitserve.training.options import command_line, resolve
+
+    head = ["fpn_channels=64", "anchor_sizes=[8, 16]", "name=a b", "flag=yes"]
+    if source == "flags":
+        argv = ["finetune", "--bundle", "b", "--data", "d", "--task", "det", "--head-config", *head,
+                "--milestones", "2", "3", "--option", "aux_weight=0.5"]
+    else:
+        recipe = tmp_path / "r.yaml"
+        recipe.write_text("command: finetune\ntask: det\nhead_config: {fpn_channels: 64, anchor_sizes: [8, 16], "
+                          "name: a b, flag: 'yes'}\nmilestones: [2, 3]\noption: {aux_weight: 0.5}\n")
+        argv = ["finetune", "--recipe", str(recipe), "--bundle", "b", "--data", "d"]
+    cfg = resolve(build_parser().parse_args(argv), OPTIONS, "finetune")
+    line = command_line(cfg, OPTIONS, "finetune")
+    again = resolve(build_parser().parse_args(shlex.split(line)[1:]), OPTIONS, "finetune")
+    assert dict(again.head_config) == dict(cfg.head_config) == {
+        "fpn_channels": 64, "anchor_sizes": [8, 16], "name": "a b", "flag": source == "flags" or "yes"}
+    assert dict(again.option) == {"aux_weight": 0.5} and again.milestones == [2, 3]
+
+
 def test_recipes_resolve_and_flags_override(tmp_path):
     from splitserve.cli import build_parser
     from splitserve.training.options import resolve

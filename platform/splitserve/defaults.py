@@ -10,7 +10,7 @@ weights (seed 0): real coding and decoding, untrained predictions.
 
 from __future__ import annotations
 
-import json
+import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -36,11 +36,12 @@ def cache_dir() -> Path:
 
 
 def default_bundle_name() -> str:
-    """The cache name of the default: the packaged bundle's fingerprint, so a newer package's default
-    is copied afresh instead of a stale copy being served."""
+    """The cache name of the default: a hash of the packaged manifest (which holds every file's
+    SHA-256), so a package whose default changed in any file, heads included, is copied afresh
+    instead of a stale copy being served."""
     manifest = PACKAGED_BUNDLE / "manifest.json"
     if manifest.is_file():
-        return "default-" + json.loads(manifest.read_text())["fingerprint"][:16]
+        return "default-" + hashlib.sha256(manifest.read_bytes()).hexdigest()[:16]
     return UNTRAINED_BUNDLE
 
 

@@ -225,11 +225,30 @@ def command_line(cfg: SimpleNamespace, options: Sequence[Opt], command: str) -> 
         elif o.action == "store_false":
             if value is False:
                 parts.append(o.flags[0])
+        elif o.type is parse_key_value:  # pairs from the command line, or a mapping from a recipe
+            pairs = value.items() if isinstance(value, dict) else value
+            parts.append(o.flags[0] + " " + " ".join(_quote(f"{k}={_yaml_word(v)}") for k, v in pairs))
         elif isinstance(value, (list, tuple)):
-            parts.append(o.flags[0] + " " + " ".join(str(v) for v in value))
+            parts.append(o.flags[0] + " " + " ".join(_quote(str(v)) for v in value))
         else:
             parts.append(f"{o.flags[0]} {_quote(str(value))}")
     return " ".join(parts)
+
+
+def _yaml_word(value: Any) -> str:
+    """``value`` as :func:`parse_key_value` reads it back: flow YAML (JSON) unless it is a plain
+    string that YAML reads as itself."""
+    import json
+
+    import yaml
+
+    if isinstance(value, str):
+        try:
+            if yaml.safe_load(value) == value:
+                return value
+        except yaml.YAMLError:
+            pass
+    return json.dumps(value, separators=(",", ":"))
 
 
 def _quote(text: str) -> str:
