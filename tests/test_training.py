@@ -172,6 +172,24 @@ def test_resume_is_exact(chain, scenes, tmp_path):
     assert steps == [1, 2, 3, 4]
 
 
+def _sigterm_then_init(worker_id: int) -> None:
+    """A group SIGTERM that reaches a worker before its own handlers are set (torch's kill it)."""
+    from splitserve.training.sampling import worker_init
+
+    os.kill(os.getpid(), signal.SIGTERM)
+    worker_init(worker_id)
+
+
+def test_loader_workers_survive_a_sigterm_at_start():
+    from splitserve.training.sampling import StopSafeLoader
+
+    loader = StopSafeLoader(list(range(6)), batch_size=2, num_workers=2, worker_init_fn=_sigterm_then_init)
+    for _ in range(2):  # workers start afresh with every iteration, as with every epoch
+        assert [b.tolist() for b in loader] == [[0, 1], [2, 3], [4, 5]]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the main process's handling is untouched
+    assert signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, set())
+
+
 def test_sigterm_saves_checkpoint_and_resumes(chain, scenes, tmp_path):
     """SIGTERM to the whole process group (as timeout or systemd send it), data-loading worker included."""
     work, out = tmp_path / "work", tmp_path / "bundle"

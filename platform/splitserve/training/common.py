@@ -20,7 +20,7 @@ from splitserve_edge.payload import fingerprint_id
 from ..plugins import PluginRegistry, TaskPlugin, TrainingHooks, trainable
 from ..preprocess import Preprocessing, PreprocessingError
 from .engine import EngineConfig
-from .sampling import move_to, worker_init
+from .sampling import StopSafeLoader, move_to
 
 
 
@@ -111,14 +111,13 @@ def build_datasets(plugin: TaskPlugin, root: Path, policy: Preprocessing, cfg: S
 
 
 def eval_loader(plugin: TaskPlugin, dataset: Dataset, cfg: SimpleNamespace) -> DataLoader:
-    return DataLoader(
+    return StopSafeLoader(  # stop signals are the main process's to handle
         dataset,
         batch_size=cfg.val_batch_size or cfg.batch_size,
         shuffle=False,
         num_workers=cfg.num_workers,
         collate_fn=plugin.collate,
         generator=torch.Generator().manual_seed(0),
-        worker_init_fn=worker_init,  # stop signals are the main process's to handle
     )
 
 

@@ -33,14 +33,14 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from . import distributed as dist_utils
 from .checkpoint import CheckpointStore
 from .distributed import DistInfo
 from .logs import MetricsLog
 from .objective import Objective, TrainingError
-from .sampling import EpochBatches, SeededItems, batch_images, mix_seed, move_to, worker_init
+from .sampling import EpochBatches, SeededItems, StopSafeLoader, batch_images, mix_seed, move_to
 
 __all__ = ["Engine", "EngineConfig", "FitResult", "ScheduledLR", "TrainState"]
 
@@ -210,9 +210,9 @@ class Engine:
                                            world=info.world_size, start=first)
                     if sampler.total == 0:
                         raise TrainingError("the training set is empty")
-                    loader = DataLoader(
+                    loader = StopSafeLoader(
                         data, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers,
-                        worker_init_fn=worker_init, pin_memory=info.device.type == "cuda",
+                        pin_memory=info.device.type == "cuda",
                         generator=torch.Generator().manual_seed(mix_seed(cfg.seed, epoch, 0xD1)),
                         persistent_workers=False,
                     )
