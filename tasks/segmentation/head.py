@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from torchvision.models.segmentation.deeplabv3 import ASPP, DeepLabHead
 from torchvision.models.segmentation.fcn import FCNHead
 
-from splitserve.models.backbone import FEATURE_CHANNELS, TAIL_CHANNELS, ResNetTail, build_resnet
+from splitserve.models.backbone import TAIL_CHANNELS, ResNetTail, build_resnet, has_basic_blocks
 
 
 OUTPUT_STRIDES = {8: (False, True, True), 16: (False, False, True), 32: None}
@@ -21,7 +21,7 @@ def default_output_stride(backbone: str) -> int:
     """8 for Bottleneck ResNets (50/101), as torchvision's DeepLabv3. 32 (undilated) for BasicBlock
     ResNets (18/34): what heads stored without ``output_stride`` were trained with, so they keep
     loading as they were; ask for 8 to dilate them (:func:`~splitserve.models.backbone.dilate_basic_blocks`)."""
-    return 8 if FEATURE_CHANNELS[backbone] == 256 else 32
+    return 32 if has_basic_blocks(backbone) else 8
 
 
 def deeplab_head(in_channels: int, num_classes: int, width: int = 256,

@@ -62,6 +62,11 @@ def resolve_weights(arch: str, weights: str | None):
         raise SplitserveError(f"unknown weights {weights!r} for {arch}; choose one of {names}") from None
 
 
+def has_basic_blocks(arch: str) -> bool:
+    """ResNet-18/34 (BasicBlock, 64-channel layer1), as opposed to the Bottleneck ResNet-50/101."""
+    return FEATURE_CHANNELS[arch] == 64
+
+
 def build_resnet(
     arch: str,
     *,
@@ -76,7 +81,7 @@ def build_resnet(
     """
     check_arch(arch)
     w = resolve_weights(arch, weights)
-    basic = FEATURE_CHANNELS[arch] == 64  # BasicBlock ResNets: torchvision refuses to dilate them
+    basic = has_basic_blocks(arch)  # torchvision refuses to dilate these
     kwargs: dict = {} if dilation is None or basic else {"replace_stride_with_dilation": list(dilation)}
     if norm_layer is not None:
         kwargs["norm_layer"] = norm_layer

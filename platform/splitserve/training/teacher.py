@@ -159,8 +159,8 @@ def teacher_as_torchvision(path: Path) -> dict[str, Tensor]:
     a detection or segmentation teacher can start from a classification teacher, as torchvision's
     detectors start from ImageNet backbones."""
     teacher = load_teacher(path, common.registry())
-    names = STEM_TO_TORCHVISION
-    sd = {names[k[:2]] + k[2:]: v for k, v in teacher.stem.state_dict().items() if k[:2] in names}
+    sd = {STEM_TO_TORCHVISION[k[:2]] + k[2:]: v for k, v in teacher.stem.state_dict().items()
+          if k[:2] in STEM_TO_TORCHVISION}
     sd.update(teacher.head.tail.state_dict())  # ResNetTail: layer2.*, layer3.*, layer4.*
     return sd
 
