@@ -174,14 +174,14 @@ def test_resume_is_exact(chain, scenes, tmp_path):
 
 def _sigterm_then_init(worker_id: int) -> None:
     """A group SIGTERM that reaches a worker before its own handlers are set (torch's kill it)."""
-    from splitserve.training.sampling import worker_init
+    from splitserve.training.stopping import worker_init
 
     os.kill(os.getpid(), signal.SIGTERM)
     worker_init(worker_id)
 
 
 def test_loader_workers_survive_a_sigterm_at_start():
-    from splitserve.training.sampling import StopSafeLoader
+    from splitserve.training.stopping import StopSafeLoader
 
     handler, mask = signal.getsignal(signal.SIGTERM), signal.pthread_sigmask(signal.SIG_BLOCK, set())
     loader = StopSafeLoader(list(range(6)), batch_size=2, num_workers=2, worker_init_fn=_sigterm_then_init)

@@ -4,7 +4,7 @@
 from splitserve_edge.errors import FingerprintMismatch, PayloadError, SplitserveError
 
 __all__ = ["BundleError", "DataError", "FingerprintMismatch", "PayloadError", "PluginError", "SplitserveError",
-           "excerpt"]
+           "Stopped", "excerpt"]
 
 
 def excerpt(text: str, limit: int = 40) -> str:
@@ -23,3 +23,12 @@ class DataError(SplitserveError):
 
 class PluginError(SplitserveError):
     """A task plugin is unknown, duplicated, or incompatible with the bundle."""
+
+
+class Stopped(Exception):
+    """A training run stopped by SIGTERM/SIGINT after saving its checkpoint; the command exits
+    128 + the signal number (for loops that return no status, like the image-codec trainer)."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by signal {signum}")
+        self.signum = signum

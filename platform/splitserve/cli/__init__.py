@@ -57,10 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "func"):
         parser.print_help()
         return 0
-    from ..errors import SplitserveError
+    from ..errors import SplitserveError, Stopped
 
     try:
         return int(args.func(args) or 0)
+    except Stopped as e:  # the run saved a checkpoint and said how to resume
+        return 128 + e.signum
     except SplitserveError as e:
         print(f"platform {args.command}: error: {e}", file=sys.stderr)
         return 2

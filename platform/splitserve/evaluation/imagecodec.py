@@ -22,7 +22,9 @@ import hashlib
 import json
 import math
 import os
+import signal
 import struct
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,8 +38,9 @@ from torch import Tensor, nn
 
 from splitserve_edge.payload import encode_varint, read_varint
 
-from ..errors import PayloadError, SplitserveError
+from ..errors import PayloadError, SplitserveError, Stopped
 from ..preprocess import Preprocessing, load_image
+from ..training.stopping import StopFlag, StopSafeLoader
 
 FORMAT = "splitserve-image-codec"
 VERSION = 1
@@ -328,8 +331,9 @@ def train_image_codec(
     quantiles by a second Adam on its aux loss every step) and write the codec directory ``out``.
 
     Checkpoints (``WORKDIR/checkpoint.pt``, read with ``torch.load(weights_only=True)``) are written
-    every ``checkpoint_every`` steps, at every epoch end and on Ctrl-C; ``resume`` continues from the
-    exact batch, refusing a checkpoint made with other settings.
+    every ``checkpoint_every`` steps, at every epoch end and on SIGTERM/Ctrl-C (which then raise
+    :class:`Stopped`); ``resume`` continues from the exact batch, refusing a checkpoint made with
+    other settings.
     """
     from tqdm.auto import tqdm
 
@@ -394,11 +398,11 @@ def train_image_codec(
     per_epoch = math.ceil(len(files) / batch_size)
     started = time.perf_counter()
     model.train()
-    try:
-        while epoch < epochs and (max_steps is None or step < max_steps):
+    with StopFlag() as stop, log:
+        while epoch < epochs and (max_steps is None or step < max_steps) and not stop.set:
             order = torch.randperm(len(files), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-            loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=order[batch * batch_size:].tolist(),
-                                                 num_workers=num_workers, drop_last=False)
+            loader = StopSafeLoader(dataset, batch_size=batch_size, sampler=order[batch * batch_size:].tolist(),
+                                    num_workers=num_workers, drop_last=False)
             bar = tqdm(loader, desc=f"{architecture} epoch {epoch + 1}/{epochs}", unit="batch", initial=batch,
                        total=per_epoch, disable=not progress)
             for x in bar:
@@ -423,18 +427,17 @@ def train_image_codec(
                     bar.set_postfix(loss=f"{rec['loss']:.3f}", bpp=f"{rec['bpp']:.3f}")
                 if step % checkpoint_every == 0:
                     save_checkpoint(epoch, batch)
-                if max_steps is not None and step >= max_steps:
+                if stop.set or (max_steps is not None and step >= max_steps):
                     break
             bar.close()
             if batch >= per_epoch:
                 epoch, batch = epoch + 1, 0
                 scheduler.step()
             save_checkpoint(epoch, batch)
-    except KeyboardInterrupt:
-        save_checkpoint(epoch, batch)
-        log.close()
-        raise
-    log.close()
+    if stop.set:
+        print(f"[{architecture}] stopped by {signal.Signals(stop.signum).name} at step {step}; checkpoint saved "
+              f"in {ckpt}; run the same command with --resume to continue", file=sys.stderr, flush=True)
+        raise Stopped(stop.signum)
     model.eval()
     codec = ImageCodec(model, {"architecture": architecture, "N": channels[0], "M": channels[1]})
     codec.model.update(force=True)

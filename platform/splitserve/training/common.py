@@ -20,7 +20,8 @@ from splitserve_edge.payload import fingerprint_id
 from ..plugins import PluginRegistry, TaskPlugin, TrainingHooks, trainable
 from ..preprocess import Preprocessing, PreprocessingError
 from .engine import EngineConfig
-from .sampling import StopSafeLoader, move_to
+from .sampling import move_to
+from .stopping import StopSafeLoader
 
 
 

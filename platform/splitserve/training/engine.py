@@ -4,7 +4,8 @@ A command builds an :class:`~splitserve.training.objective.Objective` (an ``nn.M
 ``forward(batch)`` returns named loss terms), its optimizers and schedulers, and hands them to
 :meth:`Engine.fit`, which runs the loop. The rest lives in one module per concern:
 :mod:`.objective` (loss terms, frozen parts), :mod:`.sampling` (deterministic data order),
-:mod:`.checkpoint` (save/resume incl. RNG state), :mod:`.logs` (metric logs).
+:mod:`.checkpoint` (save/resume incl. RNG state), :mod:`.stopping` (SIGTERM/Ctrl-C), :mod:`.logs`
+(metric logs).
 
 - **DDP**: under torchrun the objective is wrapped in ``DistributedDataParallel`` (the loss is
   computed inside ``forward``, so every trainable parameter, the prior's quantiles included, is
@@ -23,7 +24,6 @@ import contextlib
 import random
 import signal
 import sys
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -40,38 +40,10 @@ from .checkpoint import CheckpointStore
 from .distributed import DistInfo
 from .logs import MetricsLog
 from .objective import Objective, TrainingError
-from .sampling import EpochBatches, SeededItems, StopSafeLoader, batch_images, mix_seed, move_to
+from .sampling import EpochBatches, SeededItems, batch_images, mix_seed, move_to
+from .stopping import StopFlag, StopSafeLoader
 
 __all__ = ["Engine", "EngineConfig", "FitResult", "ScheduledLR", "TrainState"]
-
-
-class StopFlag:
-    """SIGTERM/SIGINT set a flag that the loop checks after each step; a second SIGINT aborts."""
-
-    def __init__(self):
-        self.signum: int | None = None
-        self._old: dict[int, Any] = {}
-
-    def __enter__(self) -> "StopFlag":
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signum = signum
-        print(f"\nreceived {signal.Signals(signum).name}: saving a checkpoint after this step "
-              "(Ctrl-C again to abort without saving)", file=sys.stderr, flush=True)
-
-    def __exit__(self, *exc) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-    @property
-    def set(self) -> bool:
-        return self.signum is not None
 
 
 @dataclass

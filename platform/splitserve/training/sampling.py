@@ -8,15 +8,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
-import signal
-import threading
 from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import Dataset, Sampler
 
 
 def mix_seed(*values: int) -> int:
@@ -85,42 +82,6 @@ class EpochBatches(Sampler):
         return len(self.batches)
 
 
-STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
-
-
-def worker_init(worker_id: int) -> None:
-    # Ctrl-C, and a SIGTERM sent to the process group (timeout, systemd, `kill -- -PGID`), reach the
-    # workers too: let the main process handle them (checkpoint, then stop) instead of the workers
-    # dying under the loader; the loader ends its workers when the main process exits. A signal
-    # that arrived since the fork is pending (StopSafeLoader blocks them); ignoring discards it.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    random.seed(seed)
-
-
-class StopSafeLoader(DataLoader):
-    """A DataLoader whose workers leave stop signals to the main process, from their first instant.
-
-    torch's worker sets a SIGTERM handler that kills it before ``worker_init_fn`` runs; a group
-    SIGTERM landing in that window (workers start at every epoch and validation) killed the loader.
-    Stop signals are blocked while the workers fork, so they inherit the block, and
-    :func:`worker_init` ignores then unblocks them. The main process gets its pending signal as
-    soon as the workers have started."""
-
-    def __init__(self, *args: Any, worker_init_fn=worker_init, **kwargs: Any):
-        super().__init__(*args, worker_init_fn=worker_init_fn, **kwargs)
-
-    def __iter__(self):
-        if self.num_workers == 0 or threading.current_thread() is not threading.main_thread():
-            return super().__iter__()
-        previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-        try:
-            return super().__iter__()
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def move_to(obj: Any, device: torch.device) -> Any:
