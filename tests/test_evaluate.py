@@ -159,6 +159,7 @@ methods:
   - {name: B, kind: png, points: [1]}
   - {name: C, kind: webp, points: [101]}
   - {name: C, kind: jpeg, points: []}
+  - {name: D, kind: webp, points: [5], tasks: detection}
 """)
     with pytest.raises(SweepError) as e:
         load_sweep(sweep)
@@ -166,11 +167,26 @@ methods:
     for expected in ("colour: unknown key", "limit: expected an integer", "teachers.classification:",
                      "methods[0] (A).points[0]:", "kind 'png'", "methods[2] (C).points[0] (quality)",
                      "name used twice", "anchors.delta_accuracy: 'Nope'",
-                     "link_tolerance[1]: expected a non-negative number"):
+                     "link_tolerance[1]: expected a non-negative number",
+                     "methods[4] (D).tasks: expected a non-empty list"):
         assert expected in msg, expected
-    assert len(msg.splitlines()) == 11  # the summary line + one per problem
+    assert len(msg.splitlines()) == 12  # the summary line + one per problem
     assert main(["evaluate", str(sweep), "--out", str(tmp_path / "o")]) == 2
     assert main(["evaluate", str(tmp_path / "absent.yaml"), "--out", str(tmp_path / "o")]) == 2
+
+
+def test_method_tasks_resolve_aliases_and_must_be_sweep_tasks():
+    from splitserve.evaluation.run import _method_tasks
+    from splitserve.evaluation.sweep import Method, SweepError
+    from splitserve.plugins import PluginRegistry
+
+    reg, tasks = PluginRegistry.discover(), ["classification", "segmentation"]
+    assert _method_tasks(Method("A", "webp", [5]), tasks, reg) == tasks
+    assert _method_tasks(Method("A", "webp", [5], ["seg"]), tasks, reg) == ["segmentation"]
+    with pytest.raises(SweepError, match=r"\(B\)\.tasks: detection is not a task of this sweep"):
+        _method_tasks(Method("B", "webp", [5], ["det"]), tasks, reg)
+    with pytest.raises(SweepError, match=r"\(C\)\.tasks: .*colour"):
+        _method_tasks(Method("C", "webp", [5], ["colour"]), tasks, reg)
 
 
 # -- CompressAI image codecs -------------------------------------------------------------------
@@ -334,7 +350,7 @@ link_tolerance: [100, 1]
 methods:
   - {{name: ES, kind: bundle, points: [es0, es1]}}
   - {{name: WebP, kind: webp, points: [5, 50, 95]}}
-  - {{name: JPEG, kind: jpeg, points: [10, 90]}}
+  - {{name: JPEG, kind: jpeg, points: [10, 90], tasks: [seg, classification]}}
   - {{name: Factorized prior, kind: compressai, points: [fp]}}
 """)
     out = root / "out"
@@ -357,8 +373,9 @@ def test_study_writes_consistent_outputs(study, scenes):
               ("classification", "detection", "segmentation")), "delta_accuracy_vs_latency_classification.png"):
         assert (out / f).is_file(), f
     points = doc["points"]
-    # ES: 2 points × (3 + 2 tasks); WebP 3, JPEG 2, factorized 1 point × 3 tasks
-    assert len(points) == 5 + 3 * 6
+    # ES: 2 points × (3 + 2 tasks); WebP 3, factorized 1 point × 3 tasks; JPEG 2 points × its 2 tasks
+    assert len(points) == 5 + 3 * 4 + 2 * 2
+    assert sorted({p["task"] for p in points if p["method"] == "JPEG"}) == ["classification", "segmentation"]
     assert any("es1: no head for detection" in n for n in doc["notes"])
     with (out / "points.csv").open() as f:
         rows = list(csv.DictReader(f))

@@ -133,13 +133,14 @@ def evaluate(sweep: Sweep, out: Path, *, progress: bool = True) -> Study:
     bundle_points: dict[str, list] = {}
     codec_points: dict[str, list] = {}
     for method in sweep.methods:
+        mtasks = _method_tasks(method, tasks, registry)
         with step(method.name):
             for setting in method.points:
                 bar.set_postfix_str(f"{method.name} {setting if not isinstance(setting, Path) else setting.name}")
                 if method.kind == "bundle":
-                    bp = BundlePoint(setting, tasks, registry)
+                    bp = BundlePoint(setting, mtasks, registry)
                     bundle_points.setdefault(method.name, []).append(bp)
-                    lacking = [t for t in tasks if t not in bp.tasks]
+                    lacking = [t for t in mtasks if t not in bp.tasks]
                     if lacking:
                         notes.append(f"{method.name} {bp.setting}: no head for {', '.join(lacking)} (not measured there)")
                     dev = bp.device(device_sample, **kw)
@@ -153,7 +154,7 @@ def evaluate(sweep: Sweep, out: Path, *, progress: bool = True) -> Study:
                     if method.kind == "compressai":
                         codec_points.setdefault(method.name, []).append(codec)
                     dev = codec.device(paths[tasks[0]].policy.geometry(device_sample), **kw)
-                    for t in tasks:
+                    for t in mtasks:
                         m = paths[t].run(data[t], codec, sweep.batch_size, progress, f"{method.name} {codec.setting} {t}")
                         acc = data[t].score(m.answers, paths[t].num_classes())[data[t].metric]
                         server = paths[t].server_ms(codec, samples[t], **kw)
@@ -183,6 +184,20 @@ def evaluate(sweep: Sweep, out: Path, *, progress: bool = True) -> Study:
 
     write_json(out, study, sweep)  # again, with the report step's own time
     return study
+
+
+def _method_tasks(method, tasks: list[str], registry) -> list[str]:
+    """The sweep's tasks this method is measured on (its ``tasks``, by name or alias; default all)."""
+    if method.tasks is None:
+        return tasks
+    try:
+        wanted = [p.name for p in registry.resolve(method.tasks)]
+    except SplitserveError as e:
+        raise SweepError(f"methods ({method.name}).tasks: {e}") from None
+    if set(wanted) - set(tasks):
+        raise SweepError(f"methods ({method.name}).tasks: {', '.join(sorted(set(wanted) - set(tasks)))} "
+                         f"is not a task of this sweep ({', '.join(tasks)})")
+    return [t for t in tasks if t in wanted]
 
 
 def _point(method, setting: str, task: str, data, m, acc: float, dev: dict, server: float, source) -> Point:

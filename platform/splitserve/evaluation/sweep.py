@@ -23,6 +23,7 @@ to the sweep file. The schema (see ``docs/evaluation.md``)::
       - {name: WebP, kind: webp, points: [5, 20, 40, 80]}
       - {name: JPEG, kind: jpeg, points: [10, 30, 50, 90]}
       - {name: Factorized prior, kind: compressai, points: [../runs/bmshj-q1, ../runs/bmshj-q3]}
+      - {name: ES own trunk, kind: bundle, points: [../runs/es-own], tasks: [detection]}  # only there
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ class Method:
     name: str
     kind: str
     points: list  # bundle / compressai: directories; jpeg / webp: qualities
+    tasks: list[str] | None = None  # measured on these of the sweep's tasks only (None: all)
 
 
 @dataclass
@@ -191,7 +193,7 @@ def parse_sweep(raw: dict, base: Path, *, name: str = "sweep", check_paths: bool
         if not isinstance(m, dict):
             errors.append(f"{where}: expected a mapping {{name, kind, points}}, got {m!r}")
             continue
-        extra = sorted(set(m) - {"name", "kind", "points"})
+        extra = sorted(set(m) - {"name", "kind", "points", "tasks"})
         if extra:
             errors.append(f"{where}: unknown key(s) {', '.join(extra)}")
         missing = [k for k in ("name", "kind", "points") if k not in m]
@@ -219,7 +221,12 @@ def parse_sweep(raw: dict, base: Path, *, name: str = "sweep", check_paths: bool
                 parsed.append(_int(errors, pw + " (quality)", p, 0 if kind == "webp" else 1, 100))
         if len(set(map(str, parsed))) != len(parsed):
             errors.append(f"{where}: a point is listed twice")
-        methods.append(Method(mname, kind, parsed))
+        mtasks = m.get("tasks")
+        if mtasks is not None and (not isinstance(mtasks, list) or not mtasks
+                                   or not all(isinstance(t, str) for t in mtasks)):
+            errors.append(f"{where}.tasks: expected a non-empty list of task names, got {mtasks!r}")
+            mtasks = None
+        methods.append(Method(mname, kind, parsed, mtasks))
 
     names = {m.name for m in methods}
     anchors = raw.get("anchors") or {}
