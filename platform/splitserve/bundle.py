@@ -371,15 +371,17 @@ def pack_bundle(src: str | Path, dst: str | Path, *, half: bool = True) -> Manif
     load_codec(src, manifest=manifest)  # verify before copying
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent if dst.parent.exists() else None))
     try:
-        for entry in [*manifest.files.values(), *(t.file for t in manifest.tasks.values())]:
-            (tmp / entry.path).parent.mkdir(parents=True, exist_ok=True)  # what the manifest lists, nothing else
-            shutil.copyfile(src / entry.path, tmp / entry.path)
-        entries = [manifest.files[k] for k in manifest.files if k not in EDGE_PARTS] + [t.file for t in manifest.tasks.values()]
-        for entry in entries if half else []:
+        edge = [(entry, False) for k, entry in manifest.files.items() if k in EDGE_PARTS]
+        server = [(entry, half) for k, entry in manifest.files.items() if k not in EDGE_PARTS]
+        server += [(t.file, half) for t in manifest.tasks.values()]
+        for entry, to_half in edge + server:  # what the manifest lists, nothing else
             path = tmp / entry.path
-            tensors = {k: (v.half() if v.is_floating_point() else v) for k, v in load_file(str(path)).items()}
-            save_file(tensors, str(path))
-            entry.sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src / entry.path, path)
+            if to_half:
+                tensors = {k: (v.half() if v.is_floating_point() else v) for k, v in load_file(str(path)).items()}
+                save_file(tensors, str(path))
+                entry.sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
         manifest.provenance = {**manifest.provenance, "packed": "server-side weights in float16" if half else "copy"}
         (tmp / "manifest.json").write_text(manifest.model_dump_json(indent=2) + "\n")
         for path in [tmp, *tmp.rglob("*")]:  # mkdtemp and safetensors make owner-only files; a bundle is shared
