@@ -114,6 +114,12 @@ def test_chain_bundle_serves_three_tasks(chain, scenes):
         entry = manifest.tasks[task]
         assert metric in entry.metrics and entry.provenance["stage"].startswith("finetune")
     assert manifest.tasks["classification"].provenance["distillation"] is True
+    # detection and segmentation losses have no distillation term: their teachers start the heads
+    # (no teacher forward pass per step) and are measured next to them
+    for task, metric in (("detection", "mAP"), ("segmentation", "mIoU")):
+        entry = manifest.tasks[task]
+        assert entry.provenance["distillation"] is False and entry.provenance["init"].startswith("teacher head")
+        assert f"teacher_{metric}" in entry.metrics
     assert manifest.tasks["classification"].config["labels"][0] == "ankle_boot"
 
     images = sorted((scenes / "imagefolder" / "val").rglob("*.png"))[:3] + sorted((scenes / "coco" / "val2017").glob("*.jpg"))[:1]

@@ -148,6 +148,12 @@ class TrainingHooks(ABC):
         """Raw head output used as ``teacher_output`` (e.g. logits); None if the loss needs none."""
         return None
 
+    @property
+    def distills(self) -> bool:
+        """Whether ``loss`` learns from a same-task teacher's output: the plugin defines ``head_output``.
+        Trainers skip the teacher's forward pass for plugins that do not."""
+        return type(self).head_output is not TrainingHooks.head_output
+
     @abstractmethod
     def evaluate(
         self,

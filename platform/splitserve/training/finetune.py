@@ -7,7 +7,8 @@ As in both papers' stage 2 (Entropic Student Fig. 3 right, the reference configs
 trained with the head; ``--freeze-decoder`` keeps it fixed (a deviation, for bundles whose other
 heads must keep seeing the same features).
 The loss is the plugin's own (``plugin.loss``); with a teacher of the same task it also gets the
-teacher's output for knowledge distillation (classification: 0.5·CE + 0.5·KL at ``--temperature``).
+teacher's output for knowledge distillation where the plugin defines one (classification: 0.5·CE +
+0.5·KL at ``--temperature``); detection and segmentation take only their initial head from it.
 """
 
 from __future__ import annotations
@@ -164,10 +165,12 @@ def run_finetune(cfg: SimpleNamespace) -> int:
         if train_decoder and others and info.is_main:
             print(f"note: stage 2 trains the decoder, which the other heads ({', '.join(others)}) consume too; "
                   "re-fine-tune or re-evaluate them, or pass --freeze-decoder", flush=True)
-        kd_teacher = teacher if teacher is not None and teacher.task == plugin.name else None
+        same_task = teacher if teacher is not None and teacher.task == plugin.name else None
+        kd_teacher = same_task if same_task is not None and plugin.distills else None
         if teacher is not None and kd_teacher is None and info.is_main:
-            print(f"note: the teacher is a {teacher.task} model: used to initialise layer2..4 only, "
-                  "no distillation loss", flush=True)
+            what = (f"the {plugin.name} plugin's loss has no distillation term" if same_task is not None
+                    else f"the teacher is a {teacher.task} model")
+            print(f"note: {what}: the teacher initialises the head only", flush=True)
 
         workdir = Path(cfg.workdir) if cfg.workdir else common.bundle_workdir(bundle, f"finetune-{plugin.name}")
         engine = Engine(common.engine_config(cfg, workdir, common.signature(cfg)), info, f"finetune {plugin.name}")
@@ -184,10 +187,10 @@ def run_finetune(cfg: SimpleNamespace) -> int:
             return {k: float(v) for k, v in plugin.evaluate(objective.head, features, val_loader, dataset=val_set).items()}
 
         teacher_metrics: dict[str, float] = {}
-        if kd_teacher is not None and info.is_main:
-            kd_teacher.stem.to(info.device)
-            kd_teacher.head.to(info.device)
-            teacher_metrics = evaluate(plugin, kd_teacher.stem, kd_teacher.head, val_loader, val_set)
+        if same_task is not None and info.is_main:  # the uncompressed reference, next to the head's metrics
+            same_task.stem.to(info.device)
+            same_task.head.to(info.device)
+            teacher_metrics = evaluate(plugin, same_task.stem, same_task.head, val_loader, val_set)
         result = engine.fit(objective, {"main": optimizer}, schedulers, train_set, plugin.collate, validate,
                             best_metric=plugin.metric_name)
         if (code := stage.early_exit(result, info)) is not None:
