@@ -49,34 +49,22 @@ bench: install
 
 # The default bundle, from scratch: data, teacher, Entropic Student stage 1, classification stage 2,
 # then the classification head's layer2..4 become the shared trunk, detection and segmentation heads
-# (narrow FPN/ASPP; DeepLabv3 dilated to output stride 8) are trained on it, and the bundle is packed in float16 into the package.
-# Every step resumes (--resume) where an interrupted run stopped; outputs live in $(DEFAULT_WORK).
+# (narrow FPN/ASPP; DeepLabv3 dilated to output stride 8) are trained on it, and the bundle is packed
+# in float16 into the package. recipes/sweeps/fmnist_scenes_runs.sh holds every step; each resumes
+# (--resume) where an interrupted run stopped; outputs live in $(DEFAULT_WORK).
 # Times on a 2-core AVX512-BF16 EPYC: docs/benchmarks/fmnist-scenes.md.
 DEFAULT_WORK ?= runs/default
 DEFAULT_BETA ?= 0.32
-DW := $(DEFAULT_WORK)
-DB := $(DW)/es-b$(DEFAULT_BETA)
-STAGE2 := --recipe recipes/fmnist_scenes_finetune.yaml --bundle $(DB) --teacher $(DW)/teacher-cls --data $(DW)/fm64 --resume
+RUNS := PLATFORM=$(BIN)/platform DEFAULT_BETA=$(DEFAULT_BETA) bash recipes/sweeps/fmnist_scenes_runs.sh $(DEFAULT_WORK)
 default-bundle: install
-	test -d $(DW)/fm64 || $(BIN)/platform data fmnist-scenes --out $(DW)/fm64 --train 20000 --val 2000 --size 64
-	test -f $(DW)/teacher-cls/teacher.json || $(BIN)/platform teacher --recipe recipes/fmnist_scenes_teacher.yaml \
-	    --data $(DW)/fm64 --out $(DW)/teacher-cls --resume --keep-checkpoint
-	test -f $(DB)/manifest.json || $(BIN)/platform distill --recipe recipes/fmnist_scenes_distill.yaml \
-	    --teacher $(DW)/teacher-cls --data $(DW)/fm64 --beta $(DEFAULT_BETA) --out $(DB) --resume
-	test -f $(DB)/.cls || { $(BIN)/platform finetune $(STAGE2) && touch $(DB)/.cls; }
-	test -f $(DB)/.trunk || { $(BIN)/platform finetune $(STAGE2) --shared-trunk --epochs 0 --workdir $(DB).runs/shared-trunk \
-	    && touch $(DB)/.trunk; }
-	test -f $(DB)/.det || { $(BIN)/platform finetune $(STAGE2) --task detection --shared-trunk \
-	    --head-config fpn_channels=64 && touch $(DB)/.det; }
-	test -f $(DB)/.seg || { $(BIN)/platform finetune $(STAGE2) --task segmentation --shared-trunk \
-	    --head-config aspp_channels=64 output_stride=8 "atrous_rates=[1,2,3]" && touch $(DB)/.seg; }
-	$(BIN)/platform bundle pack $(DB) platform/splitserve/assets/default-bundle
+	$(RUNS) default
+	$(BIN)/platform bundle pack $(DEFAULT_WORK)/es-b$(DEFAULT_BETA) platform/splitserve/assets/default-bundle
 
-# The study in docs/benchmarks/fmnist-scenes.md: the default bundle's runs, the other rate points and
-# baselines (recipes/sweeps/fmnist_scenes_runs.sh, each resumable), then the report. The sweep file
-# reads runs/default, so keep DEFAULT_WORK at its default here.
+# The study in docs/benchmarks/fmnist-scenes.md: the default bundle's runs, every other rate point,
+# baseline and task teacher (each resumable), then the report. The sweep file reads runs/default, so
+# keep DEFAULT_WORK at its default here.
 study: default-bundle
-	PLATFORM=$(BIN)/platform bash recipes/sweeps/fmnist_scenes_runs.sh $(DW)
+	$(RUNS) study
 	$(BIN)/platform evaluate recipes/sweeps/fmnist_scenes.yaml --out docs/benchmarks/fmnist-scenes
 
 clean:

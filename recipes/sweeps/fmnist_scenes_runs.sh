@@ -1,29 +1,62 @@
 #!/usr/bin/env bash
-# Every training run behind docs/benchmarks/fmnist-scenes.md beyond `make default-bundle`, one
-# CPU-heavy job at a time, in the order they were run. A step whose output exists is skipped and
-# an interrupted one resumes (--resume), so running this again continues the study.
-#   make study      # = make default-bundle, this script, then platform evaluate on the sweep
-# Usage: fmnist_scenes_runs.sh [WORKDIR]   (default runs/default; PLATFORM=path/to/platform)
+# Every training run behind docs/benchmarks/fmnist-scenes.md, one CPU-heavy job at a time. A step
+# whose output exists is skipped and an interrupted one resumes (--resume), so running this again
+# continues where it stopped.
+#   fmnist_scenes_runs.sh WORKDIR default   # the default bundle's runs (make default-bundle, which then packs it)
+#   fmnist_scenes_runs.sh WORKDIR study     # those, then every other point of the study (make study)
+# PLATFORM=path/to/platform; DEFAULT_BETA (0.32) is the default bundle's rate point.
 set -euo pipefail
-W=${1:-runs/default}
+W=${1:?usage: fmnist_scenes_runs.sh WORKDIR default|study}
+WHAT=${2:?usage: fmnist_scenes_runs.sh WORKDIR default|study}
 P=${PLATFORM:-platform}
 R=$(cd "$(dirname "$0")/.." && pwd)
 D=$W/fm64
 T=$W/teacher-cls
+BETA=${DEFAULT_BETA:-0.32}
 COMMON=(--no-progress --resume)
-test -f "$T/teacher.json" || { echo "no teacher in $T: run make default-bundle first" >&2; exit 2; }
+DET=(--head-config fpn_channels=64)
+SEG=(--head-config aspp_channels=64 output_stride=8 "atrous_rates=[1,2,3]")
 
-es() {  # Entropic Student at β $1: stage 1, then stage 2 (classification)
+once() {  # once MARKER COMMAND…: run COMMAND unless MARKER exists, then create it
+  local marker=$1; shift
+  test -e "$marker" || { "$@" && touch "$marker"; }
+}
+teacher() {  # the uncompressed ResNet-18 teacher of task $1 (detection/segmentation start from cls's)
+  local out=$W/teacher-$1
+  case $1 in
+    cls) test -f "$out/teacher.json" || "$P" teacher --recipe "$R/fmnist_scenes_teacher.yaml" --data "$D" \
+           --out "$out" --keep-checkpoint "${COMMON[@]}" ;;
+    *) test -f "$out/teacher.json" || "$P" teacher --recipe "$R/fmnist_scenes_teacher_$1.yaml" --checkpoint "$T" \
+         --data "$D" --out "$out" --keep-checkpoint "${COMMON[@]}" ;;
+  esac
+}
+es() {  # Entropic Student at β $1: stage 1, then stage 2 (classification, decoder trained)
   local B=$W/es-b$1
   test -f "$B/manifest.json" || "$P" distill --recipe "$R/fmnist_scenes_distill.yaml" --teacher "$T" --data "$D" \
     --beta "$1" --out "$B" "${COMMON[@]}"
-  test -f "$B/.cls" || { "$P" finetune --recipe "$R/fmnist_scenes_finetune.yaml" --bundle "$B" --teacher "$T" \
-    --data "$D" "${COMMON[@]}" && touch "$B/.cls"; }
+  once "$B/.cls" "$P" finetune --recipe "$R/fmnist_scenes_finetune.yaml" --bundle "$B" --teacher "$T" --data "$D" \
+    "${COMMON[@]}"
 }
-rac() {  # RAC with $1 residual blocks at λ $2, joint training
+shared_heads() {  # bundle $1: the classification head's layer2..4 become the shared trunk; detection
+  # (narrow FPN) and segmentation (narrow ASPP, output stride 8) heads are trained on it
+  local B=$1 S=(finetune --recipe "$R/fmnist_scenes_finetune.yaml" --bundle "$1" --teacher "$T" --data "$D" "${COMMON[@]}")
+  once "$B/.trunk" "$P" "${S[@]}" --shared-trunk --epochs 0 --workdir "$B.runs/shared-trunk"
+  once "$B/.det" "$P" "${S[@]}" --task detection --shared-trunk "${DET[@]}"
+  once "$B/.seg" "$P" "${S[@]}" --task segmentation --shared-trunk "${SEG[@]}"
+}
+own_heads() {  # a copy of bundle $1 whose detection and segmentation heads (same widths as the shared
+  # ones, fresh) each train their own layer2..4, started from that task's teacher
+  local B=$1-own S=(finetune --recipe "$R/fmnist_scenes_finetune.yaml" --bundle "$1-own" --data "$D"
+    --freeze-decoder --from-scratch "${COMMON[@]}")
+  test -d "$B" || { cp -r "$1" "$B.tmp" && mv "$B.tmp" "$B"; }
+  once "$B/.own-det" "$P" "${S[@]}" --task detection --teacher "$W/teacher-det" "${DET[@]}"
+  once "$B/.own-seg" "$P" "${S[@]}" --task segmentation --teacher "$W/teacher-seg" "${SEG[@]}"
+}
+rac() {  # RAC with $1 residual blocks at λ $2, $3 = joint or cls-fixed, 9 epochs (= Entropic Student's 5 + 4)
   local B=$W/rac$1-l$2
-  test -f "$B/manifest.json" || "$P" train --recipe "$R/fmnist_scenes_rac_joint.yaml" --teacher "$T" --data "$D" \
-    --blocks "$1" --lmbda "$2" --out "$B" "${COMMON[@]}"
+  [ "$3" = joint ] || B=$B-clsfixed
+  test -f "$B/manifest.json" || "$P" train --recipe "$R/fmnist_scenes_rac_joint.yaml" --mode "$3" --teacher "$T" \
+    --data "$D" --blocks "$1" --lmbda "$2" --out "$B" "${COMMON[@]}"
 }
 image_codec() {  # CompressAI architecture $1 at quality $2 (its N, M and λ), 2 epochs, lr 5e-4 then 5e-5
   local B=$W/$1-q$2
@@ -31,11 +64,24 @@ image_codec() {  # CompressAI architecture $1 at quality $2 (its N, M and λ), 2
     --epochs 2 --lr 5e-4 --lr-drop 1 "${COMMON[@]}"
 }
 
-# Classification: four rates per feature codec, four qualities per learned image codec.
-for beta in 0.08 0.16 0.02; do es "$beta"; done          # β 0.32 comes from make default-bundle
-for lmbda in 1.92 0.48 0.96 0.64; do rac 0 "$lmbda"; done
-for lmbda in 1.92 0.96 0.48 0.64; do rac 8 "$lmbda"; done
+# The default bundle: data, classification teacher, Entropic Student at β $BETA with all three heads.
+test -d "$D" || "$P" data fmnist-scenes --out "$D" --train 20000 --val 2000 --size 64
+teacher cls
+es "$BETA"
+shared_heads "$W/es-b$BETA"
+[ "$WHAT" = default ] && exit 0
+[ "$WHAT" = study ] || { echo "fmnist_scenes_runs.sh: choose default or study, not $WHAT" >&2; exit 2; }
+
+# The study, most telling first: task teachers, then every rate point; four per curve.
+teacher det
+teacher seg
+for beta in 0.08 0.16 0.02; do es "$beta"; done
+for beta in 0.16 0.08; do shared_heads "$W/es-b$beta"; done
+own_heads "$W/es-b$BETA"
+for lmbda in 1.92 0.96 0.48 0.64; do rac 8 "$lmbda" joint; done
+for lmbda in 1.92 0.96 0.48 0.64; do rac 0 "$lmbda" joint; done
 for q in 1 2 3 5; do image_codec bmshj2018-factorized "$q"; done
+for lmbda in 1.92 0.96 0.48 0.64; do rac 4 "$lmbda" joint; done
 for q in 1 2 3 5; do image_codec mbt2018-mean "$q"; done
-for lmbda in 1.92 0.96 0.48 0.64; do rac 4 "$lmbda"; done
+for lmbda in 1.92 0.96 0.48 0.64; do rac 8 "$lmbda" cls-fixed; done
 echo "study runs done in $W"
