@@ -168,9 +168,10 @@ def run_finetune(cfg: SimpleNamespace) -> int:
         same_task = teacher if teacher is not None and teacher.task == plugin.name else None
         kd_teacher = same_task if same_task is not None and plugin.distills else None
         if teacher is not None and kd_teacher is None and info.is_main:
-            what = (f"the {plugin.name} plugin's loss has no distillation term" if same_task is not None
-                    else f"the teacher is a {teacher.task} model")
-            print(f"note: {what}: the teacher initialises the head only", flush=True)
+            what = (f"the {plugin.name} plugin's loss has no distillation term: the teacher starts the head"
+                    if same_task is not None else
+                    f"the teacher is a {teacher.task} model: used to initialise layer2..4 only")
+            print(f"note: {what}, no distillation loss", flush=True)
 
         workdir = Path(cfg.workdir) if cfg.workdir else common.bundle_workdir(bundle, f"finetune-{plugin.name}")
         engine = Engine(common.engine_config(cfg, workdir, common.signature(cfg)), info, f"finetune {plugin.name}")
