@@ -52,11 +52,13 @@ own_heads() {  # a copy of bundle $1 whose detection and segmentation heads (sam
   once "$B/.own-det" "$P" "${S[@]}" --task detection --teacher "$W/teacher-det" "${DET[@]}"
   once "$B/.own-seg" "$P" "${S[@]}" --task segmentation --teacher "$W/teacher-seg" "${SEG[@]}"
 }
-rac() {  # RAC with $1 residual blocks at λ $2, $3 = joint or cls-fixed, 9 epochs (= Entropic Student's 5 + 4)
-  local B=$W/rac$1-l$2
+rac() {  # RAC with $1 residual blocks at λ $2, $3 = joint or cls-fixed, for $4 epochs if given (the
+  # recipe's 9 = Entropic Student's 5 + 4 otherwise)
+  local B=$W/rac$1-l$2 E=()
   [ "$3" = joint ] || B=$B-clsfixed
+  [ -z "${4:-}" ] || { B=$B-e$4; E=(--epochs "$4"); }
   test -f "$B/manifest.json" || "$P" train --recipe "$R/fmnist_scenes_rac_joint.yaml" --mode "$3" --teacher "$T" \
-    --data "$D" --blocks "$1" --lmbda "$2" --out "$B" "${COMMON[@]}"
+    --data "$D" --blocks "$1" --lmbda "$2" --out "$B" "${E[@]}" "${COMMON[@]}"
 }
 image_codec() {  # CompressAI architecture $1 at quality $2 (its N, M and λ), 2 epochs, lr 5e-4 then 5e-5
   local B=$W/$1-q$2
@@ -84,4 +86,5 @@ for q in 1 2 3 5; do image_codec bmshj2018-factorized "$q"; done
 for lmbda in 1.92 0.96 0.48 0.64; do rac 4 "$lmbda" joint; done
 for q in 1 2 3 5; do image_codec mbt2018-mean "$q"; done
 for lmbda in 1.92 0.96 0.48 0.64; do rac 8 "$lmbda" cls-fixed; done
+for n in 0 8; do for lmbda in 1.92 0.96 0.64 0.48; do rac "$n" "$lmbda" joint 4; done; done  # the under-trained first try
 echo "study runs done in $W"
