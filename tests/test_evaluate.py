@@ -189,6 +189,21 @@ def test_method_tasks_resolve_aliases_and_must_be_sweep_tasks():
         _method_tasks(Method("C", "webp", [5], ["colour"]), tasks, reg)
 
 
+def test_learning_curves_from_metrics_logs(tmp_path):
+    """--curves plots runs' metrics.jsonl: top1 to learning_curves.png, another metric to its own file."""
+    for name, metric in (("cls", "top1"), ("det", "mAP")):
+        rows = [{"kind": "train", "epoch": e, "global_step": 10 * e, "loss": 1.0 / e} for e in (1, 2)]
+        rows += [{"kind": "val", "epoch": e, "global_step": 10 * e, metric: 10.0 * e} for e in (1, 2)]
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    assert main(["evaluate", "--curves", f"teacher={tmp_path / 'cls'}", "--out", str(out)]) == 0
+    assert main(["evaluate", "--curves", f"det={tmp_path / 'det'}", "--metric", "mAP", "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["learning_curves.png", "learning_curves_mAP.png"]
+    assert Image.open(out / "learning_curves_mAP.png").size[0] > 500
+    assert main(["evaluate", "--curves", f"x={tmp_path}", "--out", str(out)]) == 2  # no metrics.jsonl there
+
+
 # -- CompressAI image codecs -------------------------------------------------------------------
 def test_image_codec_container_round_trip():
     from splitserve.evaluation.imagecodec import pack, unpack

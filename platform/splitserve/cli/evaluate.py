@@ -20,8 +20,9 @@ def register(sub) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--check", action="store_true", help="only validate the sweep file and exit")
     p.add_argument("--curves", nargs="+", metavar="LABEL=WORKDIR",
-                   help="also plot the learning curves of these runs (their metrics.jsonl) to OUT/learning_curves.png")
-    p.add_argument("--metric", default="top1", help="validation metric of --curves (default %(default)s)")
+                   help="also plot the learning curves of these runs (their metrics.jsonl) to "
+                        "OUT/learning_curves.png (learning_curves_METRIC.png for a --metric other than top1)")
+    p.add_argument("--metric", default="top1", help="validation metric of --curves, e.g. mAP or mIoU (default %(default)s)")
 
     t = add_command(sub, "train-image-codec", train_image_codec,
                     "Train a CompressAI image codec (factorized prior / mean-scale hyperprior) as a baseline.",
@@ -65,7 +66,8 @@ def run(args) -> int:
         missing = [d for d in runs.values() if not (Path(d) / "metrics.jsonl").is_file()]
         if missing:
             raise SplitserveError(f"{missing[0]}: no metrics.jsonl (a training run's work directory)")
-        print(f"wrote {plot_learning_curves({k: Path(v) for k, v in runs.items()}, args.out / 'learning_curves.png', args.metric)}")
+        name = "learning_curves.png" if args.metric == "top1" else f"learning_curves_{args.metric}.png"
+        print(f"wrote {plot_learning_curves({k: Path(v) for k, v in runs.items()}, args.out / name, args.metric)}")
     if args.sweep is None:
         if not args.curves:
             raise SplitserveError("give a sweep file (or --curves)")
