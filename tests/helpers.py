@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import torch
@@ -42,3 +47,25 @@ def informative_bundle(path: Path, *, input_size: tuple[int, int], tasks: list[s
     bundle = build_untrained_bundle(path, input_size=input_size, tasks=tasks)
     informative(bundle)
     return bundle
+
+
+def sigterm_group_during(args: list[str], log: Path, records: int, *, timeout: float = 120) -> tuple[int, str]:
+    """Run ``platform ARGS`` in its own process group; once ``log`` (a metrics.jsonl) holds
+    ``records`` training records, SIGTERM the group (as timeout or systemd do, data-loading workers
+    included). Returns the exit status and stderr."""
+    proc = subprocess.Popen([sys.executable, "-m", "splitserve", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            start_new_session=True)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if log.is_file() and log.read_text().count('"kind": "train"') >= records:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.communicate()
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, err

@@ -252,32 +252,16 @@ def test_train_image_codec_resumes_and_codes_real_bytes(scenes, tmp_path):
 def test_train_image_codec_sigterm_saves_checkpoint_and_resumes(scenes, tmp_path):
     """SIGTERM to the process group (timeout, systemd), data-loading worker included: the trainer
     checkpoints, exits 128 + 15 and names --resume; the resumed run continues from that step."""
-    import os
     import signal
-    import subprocess
-    import sys
-    import time
+
+    from .helpers import sigterm_group_during
 
     out, work = tmp_path / "codec", tmp_path / "work"
     args = ["train-image-codec", "--arch", "bmshj2018-factorized", "--data", str(scenes), "--out", str(out),
             "--channels", "8,8", "--lmbda", "0.01", "--batch-size", "4", "--num-workers", "1", "--val-limit", "2",
             "--workdir", str(work), "--no-progress", "--epochs", "500"]
-    proc = subprocess.Popen([sys.executable, "-m", "splitserve", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    log = work / "metrics.jsonl"
-    deadline = time.monotonic() + 120
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            if log.is_file() and log.read_text().count('"kind": "train"') >= 2:  # one record per epoch here
-                break
-            time.sleep(0.2)
-        assert proc.poll() is None, proc.communicate()
-        os.killpg(proc.pid, signal.SIGTERM)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 128 + signal.SIGTERM, err
+    code, err = sigterm_group_during(args, work / "metrics.jsonl", 2)  # one record per epoch here
+    assert code == 128 + signal.SIGTERM, err
     assert "stopped by SIGTERM" in err and "--resume" in err
     assert not out.exists(), "an interrupted run writes no codec"
     step = int(torch.load(work / "checkpoint.pt", weights_only=True)["step"])

@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,8 @@ import torch
 from safetensors.torch import load_file
 
 from splitserve.cli import main
+
+from .helpers import sigterm_group_during
 
 pytestmark = pytest.mark.slow
 
@@ -203,23 +204,9 @@ def test_sigterm_saves_checkpoint_and_resumes(chain, scenes, tmp_path):
     args = ["distill", "--teacher", str(chain["teacher_cls"]), "--data", str(scenes), "--beta", "0.1",
             "--epochs", "50", "--train-limit", "16", "--val-limit", "4", "--log-every", "1", "--workdir", str(work),
             "--out", str(out), *FAST, "--num-workers", "1"]
-    proc = subprocess.Popen([sys.executable, "-m", "splitserve", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                            start_new_session=True)
     log = work / "metrics.jsonl"
-    deadline = time.monotonic() + 120
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            if log.is_file() and log.read_text().count('"kind": "train"') >= 2:
-                break
-            time.sleep(0.2)
-        assert proc.poll() is None, proc.communicate()
-        os.killpg(proc.pid, signal.SIGTERM)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 128 + signal.SIGTERM, err
+    code, err = sigterm_group_during(args, log, 2)
+    assert code == 128 + signal.SIGTERM, err
     assert "stopped by SIGTERM" in err and "--resume" in err
     assert not out.exists(), "an interrupted run writes no bundle"
     ckpt = torch.load(work / "checkpoint" / "last.pt", weights_only=True)
