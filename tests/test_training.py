@@ -218,6 +218,32 @@ def test_sigterm_saves_checkpoint_and_resumes(chain, scenes, tmp_path):
     assert (out / "manifest.json").is_file()
 
 
+def test_finetune_from_teacher_replaces_the_bundles_head(chain, scenes, tmp_path, capsys):
+    """--from-teacher starts from the same-task teacher's head although the bundle has one (the
+    default starts from the bundle's); it refuses a teacher of another task."""
+    import shutil
+
+    from splitserve.bundle import load_head, read_manifest
+    from splitserve.plugins import PluginRegistry
+    from splitserve.training.teacher import load_teacher
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(chain["bundle"], bundle)
+    common = ["finetune", "--task", "det", "--bundle", bundle, "--coco", scenes / "coco", "--epochs", "0",
+              "--val-limit", "4", "--freeze-decoder", "--workdir", tmp_path / "work", *FAST]
+    assert main([*map(str, common), "--teacher", str(chain["teacher_cls"]), "--from-teacher"]) == 2
+    assert "--from-teacher needs --teacher DIR of a detection teacher" in capsys.readouterr().err
+    run(*common, "--teacher", chain["teacher_det"], "--from-teacher")
+    manifest = read_manifest(bundle)
+    assert manifest.tasks["detection"].provenance["init"] == f"teacher head ({chain['teacher_det']})"
+    plugin = PluginRegistry.discover().get("detection")
+    head = load_head(bundle, "detection", plugin.build_head(manifest.backbone, plugin.resolve_config(
+        manifest.backbone, manifest.tasks["detection"].config)), manifest)
+    teacher = load_teacher(chain["teacher_det"], PluginRegistry.discover())
+    for (name, ours), theirs in zip(head.state_dict().items(), teacher.head.state_dict().values()):
+        assert torch.equal(ours, theirs), name  # 0 epochs: the teacher's head as it is
+
+
 def test_torchrun_two_processes(chain, scenes, tmp_path):
     """DDP on the CPU (gloo): two ranks fine-tune one head; rank 0 alone writes the bundle."""
     import shutil

@@ -21,7 +21,10 @@ OPTIONS = [
              "shared, frozen layer2..4, which the gateway then runs once per batch for every head on it; the first "
              "shared head's layer2..4 become the trunk; implies --freeze-decoder"),
     head_config_option("the source head's; weights whose shape changes are re-initialised"),
-    opt("--from-scratch", action="store_true", help="start from a freshly initialised head"),
+    opt("--from-scratch", dest="init", action="store_const", const="scratch", group="init",
+        help="start from a freshly initialised head (layer2..4 from --teacher if given)"),
+    opt("--from-teacher", dest="init", action="store_const", const="teacher", group="init",
+        help="start from the same-task --teacher's head even where the bundle already has one"),
     opt("--temperature", type=float, default=1.0, help="distillation temperature"),
     opt("--kd-alpha", type=float, default=0.5, help="distillation weight: (1-a)*CE + a*KL"),
     loss_option(),

@@ -79,11 +79,16 @@ class FinetuneObjective(Objective):
 
 
 def _init_head(plugin: TaskPlugin, manifest, bundle: Path, teacher: Teacher | None, data_config: dict,
-               from_scratch: bool, trunk: SharedTrunk | None) -> tuple[nn.Module, dict, str, list[str]]:
+               init: str | None, trunk: SharedTrunk | None) -> tuple[nn.Module, dict, str, list[str]]:
     """The head to fine-tune: the bundle's (same task), else the teacher's (same task), else a
-    fresh one (its layer2..4 from any teacher). Returns (head, config, source, re-initialised keys)."""
+    fresh one (its layer2..4 from any teacher); ``init`` "scratch" or "teacher" skips to those.
+    Returns (head, config, source, re-initialised keys)."""
     backbone = manifest.backbone
-    if plugin.name in manifest.tasks and not from_scratch:
+    from_scratch = init == "scratch"
+    if init == "teacher" and (teacher is None or teacher.task != plugin.name):
+        raise BundleError(f"--from-teacher needs --teacher DIR of a {plugin.name} teacher "
+                          f"(`platform teacher --task {plugin.name}`)")
+    if plugin.name in manifest.tasks and init is None:
         src_cfg = plugin.resolve_config(backbone, manifest.tasks[plugin.name].config)
         src = load_head(bundle, plugin.name, plugin.build_head(backbone, src_cfg), manifest, trunk=trunk)
         source = f"bundle head ({bundle})"
@@ -147,7 +152,7 @@ def run_finetune(cfg: SimpleNamespace) -> int:
         data_config = plugin.dataset_config(common.base_dataset(train_set))
         torch.manual_seed(cfg.seed)
         head, config, source, fresh = _init_head(plugin, manifest, bundle, teacher,
-                                                 {**data_config, **dict(cfg.head_config or {})}, cfg.from_scratch,
+                                                 {**data_config, **dict(cfg.head_config or {})}, cfg.init,
                                                  bundle_trunk)
         new_trunk = None
         if shared:  # train only the task's own part on the bundle's frozen layer2..4
