@@ -44,13 +44,16 @@ shared_heads() {  # bundle $1: the classification head's layer2..4 become the sh
   once "$B/.det" "$P" "${S[@]}" --task detection --shared-trunk "${DET[@]}"
   once "$B/.seg" "$P" "${S[@]}" --task segmentation --shared-trunk "${SEG[@]}"
 }
-own_heads() {  # a copy of bundle $1 whose detection and segmentation heads (same widths as the shared
-  # ones, fresh) each train their own layer2..4, started from that task's teacher
-  local B=$1-own S=(finetune --recipe "$R/fmnist_scenes_finetune.yaml" --bundle "$1-own" --data "$D"
-    --freeze-decoder --from-scratch "${COMMON[@]}")
+own_heads() {  # a copy of bundle $1 whose detection and segmentation heads each train their own
+  # layer2..4, started from that task's teacher: $2 = fresh (heads as wide as the shared ones, fresh;
+  # into $1-own) or teacher (the teachers' whole heads, at their widths, as the papers' stage 2; $1-tinit)
+  local B=$1-own init=(--from-scratch) det=("${DET[@]}") seg=("${SEG[@]}")
+  [ "$2" = fresh ] || { B=$1-tinit; init=(--from-teacher); det=(); seg=(); }
+  local S=(finetune --recipe "$R/fmnist_scenes_finetune.yaml" --bundle "$B" --data "$D" --freeze-decoder "${init[@]}"
+    "${COMMON[@]}")
   test -d "$B" || { cp -r "$1" "$B.tmp" && mv "$B.tmp" "$B"; }
-  once "$B/.own-det" "$P" "${S[@]}" --task detection --teacher "$W/teacher-det" "${DET[@]}"
-  once "$B/.own-seg" "$P" "${S[@]}" --task segmentation --teacher "$W/teacher-seg" "${SEG[@]}"
+  once "$B/.own-det" "$P" "${S[@]}" --task detection --teacher "$W/teacher-det" "${det[@]}"
+  once "$B/.own-seg" "$P" "${S[@]}" --task segmentation --teacher "$W/teacher-seg" "${seg[@]}"
 }
 rac() {  # RAC with $1 residual blocks at λ $2, $3 = joint or cls-fixed, for $4 epochs if given (the
   # recipe's 9 = Entropic Student's 5 + 4 otherwise)
@@ -79,7 +82,8 @@ teacher det
 teacher seg
 for beta in 0.08 0.16 0.02; do es "$beta"; done
 for beta in 0.16 0.08; do shared_heads "$W/es-b$beta"; done
-own_heads "$W/es-b$BETA"
+own_heads "$W/es-b$BETA" fresh
+own_heads "$W/es-b$BETA" teacher
 for lmbda in 1.92 0.96 0.48 0.64; do rac 8 "$lmbda" joint; done
 for lmbda in 1.92 0.96 0.48 0.64; do rac 0 "$lmbda" joint; done
 for q in 1 2 3 5; do image_codec bmshj2018-factorized "$q"; done
