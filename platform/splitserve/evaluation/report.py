@@ -13,6 +13,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import FuncFormatter  # noqa: E402
 
 UNITS = {"top1": "top-1 (%)", "mAP": "box mAP@[.5:.95] (%)", "mIoU": "mIoU (%)"}
 
@@ -58,18 +59,21 @@ def _curves(points, task: str) -> dict[str, list]:
 
 def plot_rate_accuracy(out: Path, points, task: str, reference: dict[str, Any] | None) -> Path:
     curves = _curves(points, task)
-    fig, ax = plt.subplots(figsize=(6.6, 4.4))
+    fig, ax = plt.subplots(figsize=(9.0, 4.4))
     for name, c in curves.items():
         ax.plot([p.bpp for p in c], [p.accuracy for p in c], marker="o", ms=4, label=name)
     if reference:
         ax.axhline(reference["accuracy"], color="k", ls="--", lw=1, label="uncompressed teacher")
     ax.set_xscale("log")
+    # plain numbers (0.3, 1, 2) on the log axis; matplotlib's 3×10⁻¹ labels run into each other
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:.0e}"[0] in "25" else ""))
     ax.set_xlabel("bits per pixel of the model input (log scale)")
     metric = next(iter(curves.values()))[0].metric if curves else ""
     ax.set_ylabel(UNITS.get(metric, metric))
     ax.set_title(f"{task}: rate–accuracy")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: curves fill the plot
     fig.tight_layout()
     path = out / f"rate_accuracy_{slug(task)}.png"
     fig.savefig(path, dpi=120)
