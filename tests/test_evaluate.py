@@ -204,6 +204,23 @@ def test_learning_curves_from_metrics_logs(tmp_path):
     assert main(["evaluate", "--curves", f"x={tmp_path}", "--out", str(out)]) == 2  # no metrics.jsonl there
 
 
+def test_committed_study_is_its_sweeps_output():
+    """docs/benchmarks/fmnist-scenes/points.json came from recipes/sweeps/fmnist_scenes.yaml as committed:
+    the same methods and points, in order, and the same tasks (re-run `platform evaluate` after editing it)."""
+    from pathlib import Path
+
+    from splitserve.evaluation.sweep import load_sweep
+
+    root = Path(__file__).resolve().parents[1]
+    sweep = load_sweep(root / "recipes/sweeps/fmnist_scenes.yaml", check_paths=False)
+    doc = json.loads((root / "docs/benchmarks/fmnist-scenes/points.json").read_text())
+    assert doc["sweep"] == "recipes/sweeps/fmnist_scenes.yaml"
+    assert sorted(doc["reference"]) == sorted(sweep.teachers)
+    listed = [(m.name, p.name if isinstance(p, Path) else f"q{p}") for m in sweep.methods for p in m.points]
+    measured = list(dict.fromkeys((p["method"], p["setting"]) for p in doc["points"]))
+    assert measured == listed
+
+
 # -- CompressAI image codecs -------------------------------------------------------------------
 def test_image_codec_container_round_trip():
     from splitserve.evaluation.imagecodec import pack, unpack

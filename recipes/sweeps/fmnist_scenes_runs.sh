@@ -83,12 +83,15 @@ teacher seg
 for beta in 0.08 0.16 0.02; do es "$beta"; done
 for beta in 0.16 0.08; do shared_heads "$W/es-b$beta"; done
 own_heads "$W/es-b$BETA" fresh
-own_heads "$W/es-b$BETA" teacher
 for lmbda in 1.92 0.96 0.48 0.64; do rac 8 "$lmbda" joint; done
+own_heads "$W/es-b$BETA" teacher
 for lmbda in 1.92 0.96 0.48 0.64; do rac 0 "$lmbda" joint; done
 for q in 1 2 3 5; do image_codec bmshj2018-factorized "$q"; done
 for lmbda in 1.92 0.96 0.48 0.64; do rac 4 "$lmbda" joint; done
 for q in 1 2 3 5; do image_codec mbt2018-mean "$q"; done
 for lmbda in 1.92 0.96 0.48 0.64; do rac 8 "$lmbda" cls-fixed; done
 for n in 0 8; do for lmbda in 1.92 0.96 0.64 0.48; do rac "$n" "$lmbda" joint 4; done; done  # the under-trained first try
+# β 1.28 collapses the code to nothing within two epochs (the learning curves show it): stage 1, 2 epochs
+test -f "$W/es-b1.28/manifest.json" || "$P" distill --recipe "$R/fmnist_scenes_distill.yaml" --teacher "$T" --data "$D" \
+  --beta 1.28 --max-steps 1250 --out "$W/es-b1.28" "${COMMON[@]}"
 echo "study runs done in $W"
