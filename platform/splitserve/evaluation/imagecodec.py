@@ -22,9 +22,7 @@ import hashlib
 import json
 import math
 import os
-import signal
 import struct
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +38,7 @@ from splitserve_edge.payload import encode_varint, read_varint
 
 from ..errors import PayloadError, SplitserveError, Stopped
 from ..preprocess import Preprocessing, load_image
-from ..training.stopping import StopFlag, StopSafeLoader
+from ..training.stopping import StopFlag, StopSafeLoader, report_stopped
 
 FORMAT = "splitserve-image-codec"
 VERSION = 1
@@ -435,8 +433,7 @@ def train_image_codec(
                 scheduler.step()
             save_checkpoint(epoch, batch)
     if stop.set:
-        print(f"[{architecture}] stopped by {signal.Signals(stop.signum).name} at step {step}; checkpoint saved "
-              f"in {ckpt}; run the same command with --resume to continue", file=sys.stderr, flush=True)
+        report_stopped(architecture, stop.signum, step, ckpt)
         raise Stopped(stop.signum)
     model.eval()
     codec = ImageCodec(model, {"architecture": architecture, "N": channels[0], "M": channels[1]})

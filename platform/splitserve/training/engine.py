@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import random
-import signal
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -41,7 +40,7 @@ from .distributed import DistInfo
 from .logs import MetricsLog
 from .objective import Objective, TrainingError
 from .sampling import EpochBatches, SeededItems, batch_images, mix_seed, move_to
-from .stopping import StopFlag, StopSafeLoader
+from .stopping import StopFlag, StopSafeLoader, report_stopped
 
 __all__ = ["Engine", "EngineConfig", "FitResult", "ScheduledLR", "TrainState"]
 
@@ -232,9 +231,7 @@ class Engine:
         if status == "done" and not cfg.keep_checkpoint and info.is_main and self.checkpoints.exists():
             self.checkpoints.clear()
         if status == "interrupted" and info.is_main:
-            name = signal.Signals(signum).name if signum else "signal"
-            print(f"[{self.name}] stopped by {name} at step {state.global_step}; checkpoint saved in "
-                  f"{self.checkpoints.dir}; run the same command with --resume to continue", file=sys.stderr, flush=True)
+            report_stopped(self.name, signum, state.global_step, self.checkpoints.dir)
         return FitResult(status, epoch, state.global_step, state.history, state.best, signum)
 
     def _run_epoch(self, state: TrainState, loader, sampler: EpochBatches, epoch: int, first: int, log: MetricsLog,

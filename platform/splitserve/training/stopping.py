@@ -61,7 +61,7 @@ class StopFlag:
 
     def __enter__(self) -> "StopFlag":
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in STOP_SIGNALS:
                 self._old[sig] = signal.signal(sig, self._handle)
         return self
 
@@ -80,3 +80,10 @@ class StopFlag:
     def set(self) -> bool:
         return self.signum is not None
 
+
+
+def report_stopped(run: str, signum: int | None, step: int, checkpoint: object) -> None:
+    """The line every stopped run prints: what stopped it, where its checkpoint is, how to resume."""
+    name = signal.Signals(signum).name if signum else "signal"
+    print(f"[{run}] stopped by {name} at step {step}; checkpoint saved in {checkpoint}; "
+          "run the same command with --resume to continue", file=sys.stderr, flush=True)
