@@ -37,7 +37,7 @@ es() {  # Entropic Student at β $1: stage 1, then stage 2 (classification, deco
   once "$B/.cls" "$P" finetune --recipe "$R/fmnist_scenes_finetune.yaml" --bundle "$B" --teacher "$T" --data "$D" \
     "${COMMON[@]}"
 }
-shared_heads() {  # bundle $1: the classification head's layer2..4 become the shared trunk; detection
+shared_heads() {  # bundle $1 (ES or RAC): the classification head's layer2..4 become the shared trunk; detection
   # (narrow FPN) and segmentation (narrow ASPP, output stride 8) heads are trained on it
   local B=$1 S=(finetune --recipe "$R/fmnist_scenes_finetune.yaml" --bundle "$1" --teacher "$T" --data "$D" "${COMMON[@]}")
   once "$B/.trunk" "$P" "${S[@]}" --shared-trunk --epochs 0 --workdir "$B.runs/shared-trunk"
@@ -84,6 +84,7 @@ for beta in 0.08 0.16 0.02; do es "$beta"; done
 for beta in 0.16 0.08; do shared_heads "$W/es-b$beta"; done
 own_heads "$W/es-b$BETA" fresh
 for lmbda in 1.92 0.96 0.48 0.64; do rac 8 "$lmbda" joint; done
+for lmbda in 1.92 0.96 0.48; do shared_heads "$W/rac8-l$lmbda"; done  # the best RAC on detection/segmentation
 own_heads "$W/es-b$BETA" teacher
 for lmbda in 1.92 0.96 0.48 0.64; do rac 0 "$lmbda" joint; done
 for q in 1 2 3 5; do image_codec bmshj2018-factorized "$q"; done
