@@ -85,8 +85,8 @@ for beta in 0.16 0.08; do shared_heads "$W/es-b$beta"; done
 own_heads "$W/es-b$BETA" fresh
 for lmbda in 1.92 0.96 0.48 0.64; do rac 8 "$lmbda" joint; done
 for lmbda in 1.92 0.96 0.48; do shared_heads "$W/rac8-l$lmbda"; done  # the best RAC on detection/segmentation
-own_heads "$W/es-b$BETA" teacher
 for lmbda in 1.92 0.96 0.48 0.64; do rac 0 "$lmbda" joint; done
+own_heads "$W/es-b$BETA" teacher
 for q in 1 2 3 5; do image_codec bmshj2018-factorized "$q"; done
 for lmbda in 1.92 0.96 0.48 0.64; do rac 4 "$lmbda" joint; done
 for q in 1 2 3 5; do image_codec mbt2018-mean "$q"; done
