@@ -218,6 +218,39 @@ def test_sigterm_saves_checkpoint_and_resumes(chain, scenes, tmp_path):
     assert (out / "manifest.json").is_file()
 
 
+def test_a_run_killed_while_writing_its_outputs_resumes_without_training(chain, scenes, tmp_path, monkeypatch,
+                                                                         capsys):
+    """The checkpoint outlives the training until the outputs are written: a crash there (here a
+    full disk while the head is stored) costs no epochs; --resume only writes the outputs."""
+    import shutil
+
+    import splitserve.training.finetune as finetune
+
+    bundle, work = tmp_path / "bundle", tmp_path / "work"
+    shutil.copytree(chain["bundle"], bundle)
+    args = ["finetune", "--task", "cls", "--bundle", bundle, "--teacher", chain["teacher_cls"], "--data", scenes,
+            "--epochs", "2", "--train-limit", "16", "--val-limit", "4", "--log-every", "1", "--workdir", work, *FAST]
+    write = finetune.update_heads
+
+    def disk_full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(finetune, "update_heads", disk_full)
+    with pytest.raises(OSError):
+        main([str(a) for a in args])
+    trained = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+    assert (work / "checkpoint" / "last.pt").is_file()
+    monkeypatch.setattr(finetune, "update_heads", write)
+    capsys.readouterr()
+    run(*args, "--resume")
+    assert "holds the finished run (step 4); writing its outputs" in capsys.readouterr().out
+    records = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+    assert [r for r in records if r["kind"] == "train"] == [r for r in trained if r["kind"] == "train"]
+    prov = json.loads((bundle / "manifest.json").read_text())["tasks"]["classification"]["provenance"]
+    assert prov["steps"] == 4
+    assert not (work / "checkpoint").exists(), "written outputs: the checkpoint goes"
+
+
 def test_finetune_from_teacher_replaces_the_bundles_head(chain, scenes, tmp_path, capsys):
     """--from-teacher starts from the same-task teacher's head although the bundle has one (the
     default starts from the bundle's); it refuses a teacher of another task."""

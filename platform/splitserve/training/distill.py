@@ -161,4 +161,5 @@ def run_distill(cfg: SimpleNamespace) -> int:
         task_part = f", {plugin.name} {plugin.metric_name} {metrics[plugin.metric_name]:.2f}" if plugin.metric_name in metrics else ""
         print(f"wrote bundle {out}: bpp {metrics['bpp']:.4f} (coded bytes), payload {metrics['payload_bpp']:.4f}, "
               f"distill loss {metrics['distill_loss']:.4f}{task_part}")
+        engine.outputs_written(result)
         return 0

@@ -149,7 +149,10 @@ class Engine:
             if self.checkpoints.exists():
                 start_epoch, start_batch = self.checkpoints.load(state)
                 resumed = True
-                if info.is_main:
+                if info.is_main and start_epoch >= cfg.epochs:
+                    print(f"[{self.name}] {self.checkpoints.path} holds the finished run (step {state.global_step}); "
+                          "writing its outputs", flush=True)
+                elif info.is_main:
                     print(f"[{self.name}] resuming from {self.checkpoints.path} at epoch {start_epoch + 1}, "
                           f"batch {start_batch}, step {state.global_step}", flush=True)
             elif info.is_main:
@@ -228,11 +231,16 @@ class Engine:
             finally:
                 log.close()
         dist_utils.barrier(info)
-        if status == "done" and not cfg.keep_checkpoint and info.is_main and self.checkpoints.exists():
-            self.checkpoints.clear()
         if status == "interrupted" and info.is_main:
             report_stopped(self.name, signum, state.global_step, self.checkpoints.dir)
         return FitResult(status, epoch, state.global_step, state.history, state.best, signum)
+
+    def outputs_written(self, result: FitResult) -> None:
+        """The command wrote what it trained: a finished run's checkpoint goes (``--keep-checkpoint``
+        keeps it). Not before: a crash or SIGTERM while the outputs are measured and written must
+        not cost the training, ``--resume`` then starts after the last epoch."""
+        if result.status == "done" and not self.cfg.keep_checkpoint and self.info.is_main and self.checkpoints.exists():
+            self.checkpoints.clear()
 
     def _run_epoch(self, state: TrainState, loader, sampler: EpochBatches, epoch: int, first: int, log: MetricsLog,
                    stop: StopFlag) -> str:

@@ -233,4 +233,5 @@ def run_finetune(cfg: SimpleNamespace) -> int:
         teacher_part = f" (teacher {metric} {teacher_metrics[metric]:.2f})" if metric in teacher_metrics else ""
         print(f"updated {bundle}: {plugin.name} head from epoch {chosen_epoch}: {shown}{teacher_part}; "
               f"bpp {rate['bpp']:.4f}; fingerprint unchanged")
+        engine.outputs_written(result)
         return 0

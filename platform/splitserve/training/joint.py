@@ -142,4 +142,5 @@ def run_train(cfg: SimpleNamespace) -> int:
             head_config=config, head_keys=("top5",), provenance=provenance,
             bundle_keys=("bpp", "payload_bpp", "bpp_estimate"))
         print(f"wrote bundle {out}: {metric} {metrics.get(metric, float('nan')):.2f} at bpp {metrics['bpp']:.4f} (coded bytes)")
+        engine.outputs_written(result)
         return 0

@@ -305,4 +305,5 @@ def run_teacher(cfg: SimpleNamespace) -> int:
         save_teacher(out, Teacher(out, plugin.name, arch, config, policy, stem, head, metrics, provenance))
         shown = ", ".join(f"{k} {v:.2f}" for k, v in metrics.items())
         print(f"wrote teacher {out} ({plugin.name}, {arch}, {policy.describe()}): val {shown}")
+        engine.outputs_written(result)
         return 0
