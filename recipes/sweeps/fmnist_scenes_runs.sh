@@ -4,7 +4,7 @@
 # continues where it stopped.
 #   fmnist_scenes_runs.sh WORKDIR default   # the default bundle's runs (make default-bundle, which then packs it)
 #   fmnist_scenes_runs.sh WORKDIR study     # those, then every other point of the study (make study)
-# PLATFORM=path/to/platform; DEFAULT_BETA (0.32) is the default bundle's rate point.
+# PLATFORM=path/to/platform; DEFAULT_LMBDA (0.96) is the default bundle's rate point (RAC N = 8).
 set -euo pipefail
 W=${1:?usage: fmnist_scenes_runs.sh WORKDIR default|study}
 WHAT=${2:?usage: fmnist_scenes_runs.sh WORKDIR default|study}
@@ -12,7 +12,7 @@ P=${PLATFORM:-platform}
 R=$(cd "$(dirname "$0")/.." && pwd)
 D=$W/fm64
 T=$W/teacher-cls
-BETA=${DEFAULT_BETA:-0.32}
+LMBDA=${DEFAULT_LMBDA:-0.96}
 COMMON=(--no-progress --resume)
 DET=(--head-config fpn_channels=64)
 SEG=(--head-config aspp_channels=64 output_stride=8 "atrous_rates=[1,2,3]")
@@ -69,24 +69,24 @@ image_codec() {  # CompressAI architecture $1 at quality $2 (its N, M and λ), 2
     --epochs 2 --lr 5e-4 --lr-drop 1 "${COMMON[@]}"
 }
 
-# The default bundle: data, classification teacher, Entropic Student at β $BETA with all three heads.
+# The default bundle: data, classification teacher, RAC N = 8 at λ $LMBDA with all three heads.
 test -d "$D" || "$P" data fmnist-scenes --out "$D" --train 20000 --val 2000 --size 64
 teacher cls
-es "$BETA"
-shared_heads "$W/es-b$BETA"
+rac 8 "$LMBDA" joint
+shared_heads "$W/rac8-l$LMBDA"
 [ "$WHAT" = default ] && exit 0
 [ "$WHAT" = study ] || { echo "fmnist_scenes_runs.sh: choose default or study, not $WHAT" >&2; exit 2; }
 
 # The study, most telling first: task teachers, then every rate point; four per curve.
 teacher det
 teacher seg
-for beta in 0.08 0.16 0.02; do es "$beta"; done
-for beta in 0.16 0.08; do shared_heads "$W/es-b$beta"; done
-own_heads "$W/es-b$BETA" fresh
+for beta in 0.32 0.08 0.16 0.02; do es "$beta"; done
+for beta in 0.32 0.16 0.08; do shared_heads "$W/es-b$beta"; done
+own_heads "$W/es-b0.32" fresh
 for lmbda in 1.92 0.96 0.48 0.64; do rac 8 "$lmbda" joint; done
-for lmbda in 1.92 0.96 0.48; do shared_heads "$W/rac8-l$lmbda"; done  # the best RAC on detection/segmentation
+for lmbda in 1.92 0.96 0.48; do shared_heads "$W/rac8-l$lmbda"; done
 for lmbda in 1.92 0.96 0.48 0.64; do rac 0 "$lmbda" joint; done
-own_heads "$W/es-b$BETA" teacher
+own_heads "$W/es-b0.32" teacher
 for q in 1 2 3 5; do image_codec bmshj2018-factorized "$q"; done
 for lmbda in 1.92 0.96 0.48 0.64; do rac 4 "$lmbda" joint; done
 for q in 1 2 3 5; do image_codec mbt2018-mean "$q"; done

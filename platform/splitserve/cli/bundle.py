@@ -96,5 +96,5 @@ def pack(args) -> int:
 
     manifest = pack_bundle(args.path, args.out)
     size = sum(f.stat().st_size for f in Path(args.out).rglob("*") if f.is_file())
-    print(f"wrote {args.out}: {size / 2**20:.1f} MB, fingerprint {manifest.fingerprint[:16]} (unchanged)")
+    print(f"wrote {args.out}: {size / 2**20:.1f} MiB, fingerprint {manifest.fingerprint[:16]} (unchanged)")
     return 0
