@@ -81,7 +81,6 @@ class StopFlag:
         return self.signum is not None
 
 
-
 def report_stopped(run: str, signum: int | None, step: int, checkpoint: object) -> None:
     """The line every stopped run prints: what stopped it, where its checkpoint is, how to resume."""
     name = signal.Signals(signum).name if signum else "signal"
