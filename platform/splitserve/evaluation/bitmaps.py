@@ -11,6 +11,7 @@ bytes of overhead. Maps are shown upsampled (nearest) and overlaid on the model 
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,7 +67,7 @@ def plot_bitmaps(maps: Sequence[Sequence[BitMap]], out: Path) -> Path:
     are bits per latent position; each panel's title gives its total bits."""
     rows = len(maps)
     cols = 1 + max(len(r) for r in maps)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.6 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.8 * rows), squeeze=False)
     for r, row in enumerate(maps):
         base = row[0].image if row else None
         axes[r][0].imshow(base)
@@ -78,7 +79,8 @@ def plot_bitmaps(maps: Sequence[Sequence[BitMap]], out: Path) -> Path:
             ax.imshow(m.image)
             w, h = m.image.size
             im = ax.imshow(m.bits, cmap="inferno", alpha=0.6, interpolation="nearest", extent=(0, w, h, 0))
-            ax.set_title(f"{m.method} {m.setting}\n{m.total_bits:.0f} bits", fontsize=7)
+            label = textwrap.fill(f"{m.method} {m.setting}", 34)  # long method names would overlap
+            ax.set_title(f"{label}\n{m.total_bits:.0f} bits", fontsize=7)
             cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
             cb.formatter.set_useOffset(False)
             cb.update_ticks()
