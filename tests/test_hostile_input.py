@@ -99,17 +99,15 @@ def test_error_bodies_echo_only_a_short_excerpt(gateway, edge):
         assert r.status_code == 415 and len(r.text) < 500, r.text[:600]
 
 
-@pytest.mark.parametrize("params, headers", [
-    ({"tasks": "x" * 60_000}, PAYLOAD),                            # a 60 kB request line
-    ({}, {"Content-Type": "a/" + "b" * 1_000_000}),                # a 1 MB header
-])
-def test_request_heads_above_the_limit_are_refused_by_the_http_layer(gateway, edge, params, headers):
+def test_a_60_kb_request_line_gets_a_short_refusal_and_the_server_keeps_serving(gateway, edge):
+    """h11 checks --max-header-bytes only on a head still incomplete after a read, so a 60 kB line that
+    arrives at once may reach the app (a 1 MB header line: test_stalled_body_gets_408_and_huge_header_is_refused)."""
     data = edge.encode([texture("brick", (40, 40))]).data
     with _client(gateway) as client:
         try:
-            r = client.post("/infer", params=params, content=data, headers=headers)
+            r = client.post("/infer", params={"tasks": "x" * 60_000}, content=data, headers=PAYLOAD)
         except (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError):
-            pass  # h11 answers 400 and closes; unread bytes may turn the close into a reset first
+            pass  # h11 refused it with 400 and closed; unread bytes may turn the close into a reset first
         else:
             assert r.status_code in (400, 431) and len(r.text) < 500, (r.status_code, r.text[:600])
     assert httpx.get(gateway.url + "/healthz").status_code == 200
