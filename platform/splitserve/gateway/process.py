@@ -4,6 +4,7 @@ measure and exercise the server exactly as users run it (``platform serve``)."""
 from __future__ import annotations
 
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -11,9 +12,16 @@ import time
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free loopback port in 20000–32767: below Linux's ephemeral range and above Ray's worker
+    ports (10002–19999), so no bind(0), outgoing connection or Ray worker takes it before the server binds."""
+    for port in random.sample(range(20000, 32768), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise OSError("no free loopback port in 20000-32767")
 
 
 class GatewayProcess:
