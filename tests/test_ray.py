@@ -122,6 +122,7 @@ def test_ray_answers_and_errors_equal_the_fastapi_gateways(ray_url, bundles, whi
         (payloads[0], "cls", {"Content-Type": "text/plain"}),                        # 415
         (b"\0" * (8 * 2**20 + 1), "cls", PAYLOAD),                                   # 413
         (b"not an image", "cls", {"Content-Type": "image/png"}),                     # unreadable upload
+        (payloads[0], "cls" + "," * 10_000, PAYLOAD),                                # 431: head above 16 kB
     ]
     with GatewayProcess("--bundle", str(bundles[which]), "--max-wait-ms", "0", "--threads", "1") as fastapi:
         answers = []
@@ -144,7 +145,7 @@ def test_ray_answers_and_errors_equal_the_fastapi_gateways(ray_url, bundles, whi
             r, f = _post(ray, body, tasks, headers), _post(fastapi.url, body, tasks, headers)
             assert (r.status_code, r.json()) == (f.status_code, f.json()), tasks
             statuses.append(r.status_code)
-        assert statuses == [400, 400, 400, 400, 409, 415, 413, 400]
+        assert statuses == [400, 400, 400, 400, 409, 415, 413, 400, 431]
 
         for path in ("/v1/encoder", "/v1/tasks", "/healthz", "/readyz"):
             r, f = httpx.get(ray + path), httpx.get(fastapi.url + path)

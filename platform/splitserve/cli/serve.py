@@ -32,7 +32,7 @@ def register(sub) -> None:
     p.add_argument("--body-timeout-s", type=float, help="a stalled request body gets 408 after this (default 10)")
     p.add_argument("--keep-alive-s", type=float, help="idle keep-alive timeout (default 5)")
     p.add_argument("--shutdown-timeout-s", type=float, help="SIGTERM: finish requests for at most this long (default 20)")
-    p.add_argument("--max-header-bytes", type=int, help="largest request head in bytes (default 16384; 431/400 above)")
+    p.add_argument("--max-header-bytes", type=int, help="largest request head in bytes (default 16384; 431 above)")
     p.add_argument("--device", choices=("cpu", "cuda", "auto"),
                    help="where codec and heads run (default cpu; auto: cuda when available)")
     p.add_argument("--no-warmup", dest="warmup", action="store_const", const=False,
@@ -57,10 +57,12 @@ def run(args) -> int:
         logging.getLogger("splitserve.gateway").warning(
             "--api-key is visible to every user of this machine (ps, /proc); use SPLITSERVE_API_KEY or --api-key-file")
     logging.basicConfig(level=config.log_level.upper(), format="%(levelname)s:     %(message)s")
-    # h11 (not httptools): its max_incomplete_event_size bounds the request head, httptools has no such limit
+    # h11 (not httptools): its max_incomplete_event_size bounds the memory of a head still arriving
+    # (httptools has no such limit); the app refuses any complete head above the limit with 431, so
+    # h11's bound sits above it and never answers first with its bare 400.
     limits = dict(http="h11", timeout_keep_alive=config.keep_alive_s,
                   timeout_graceful_shutdown=config.shutdown_timeout_s,
-                  h11_max_incomplete_event_size=config.max_header_bytes)
+                  h11_max_incomplete_event_size=4 * config.max_header_bytes)
     if config.workers == 1:
         app = create_app(config)  # load + validate now: a bad bundle fails here, in one line
         uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level, **limits)

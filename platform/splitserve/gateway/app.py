@@ -92,6 +92,37 @@ def _result_models(runtime: Runtime) -> tuple[type[BaseModel], type[BaseModel]]:
     return response, image_model
 
 
+def head_bytes(scope: dict[str, Any]) -> int:
+    """Size of the request head as it came over the wire: request line, headers, blank line."""
+    target = len(scope.get("raw_path") or scope["path"].encode())
+    if scope.get("query_string"):
+        target += 1 + len(scope["query_string"])
+    line = len(scope["method"]) + 1 + target + len(" HTTP/") + len(scope.get("http_version", "1.1")) + 2
+    return line + sum(len(k) + 2 + len(v) + 2 for k, v in scope["headers"]) + 2
+
+
+def head_refusal(scope: dict[str, Any], limit: int) -> JSONResponse | None:
+    """431 for a head above ``--max-header-bytes``. h11 checks its limit only on a head still
+    incomplete after a socket read (one read brings up to 256 KiB), so the exact check is here."""
+    if head_bytes(scope) <= limit:
+        return None
+    return JSONResponse({"detail": f"request head (request line + headers) exceeds the limit of {limit} bytes"},
+                        status_code=431, headers={"Connection": "close"})
+
+
+class HeadLimit:
+    """ASGI middleware: :func:`head_refusal` before any route runs (the body is never read)."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        refusal = head_refusal(scope, self.limit) if scope["type"] == "http" else None
+        if refusal is not None:
+            return await refusal(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
 async def _read_body(request: Request, limit: int, timeout: float) -> bytes:
     """Read at most ``limit`` bytes; refuse early on Content-Length, and while streaming; a body
     that stalls for ``timeout`` seconds gets 408 (a slow client cannot hold a slot forever)."""
@@ -204,7 +235,7 @@ def create_app(config: ServerConfig | None = None, runtime: Runtime | None = Non
     protected = keyed if config.auth_all else []
 
     router = APIRouter()
-    errors = {s: {"model": ErrorResponse} for s in (400, 401, 408, 409, 413, 415, 503)}
+    errors = {s: {"model": ErrorResponse} for s in (400, 401, 408, 409, 413, 415, 431, 503)}
 
     @router.post(
         "/infer",
@@ -283,6 +314,7 @@ def create_app(config: ServerConfig | None = None, runtime: Runtime | None = Non
     )
     app.include_router(router)
     _install_error_handlers(app)
+    app.add_middleware(HeadLimit, limit=config.max_header_bytes)  # inside record_inference: 431s are counted
 
     @app.middleware("http")
     async def record_inference(request: Request, call_next):

@@ -38,7 +38,7 @@ from starlette.responses import JSONResponse, Response
 from ..bundle import load_trunk
 from ..errors import FingerprintMismatch, SplitserveError
 from ..plugins import ImageMeta, PluginContractError, PluginRegistry
-from .app import UPLOAD_DECODES, encoder_info, read_job, task_infos
+from .app import UPLOAD_DECODES, encoder_info, head_refusal, read_job, task_infos
 from .config import ServerConfig
 from .runtime import Job, Runtime
 
@@ -172,6 +172,9 @@ class Ingress:
         self.image_decodes: asyncio.Semaphore | None = None
 
     async def __call__(self, request: Request) -> Response:
+        refusal = head_refusal(request.scope, self.config.max_header_bytes)
+        if refusal is not None:
+            return refusal
         path, method = _route(request), request.method
         routes = {"/infer": ("POST",), "/v1/encoder": ("GET",), "/v1/tasks": ("GET",),
                   "/healthz": ("GET", "HEAD"), "/readyz": ("GET", "HEAD")}
