@@ -22,6 +22,14 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_").lower()
 
 
+def style(i: int) -> dict[str, Any]:
+    """The i-th series' look: ten colours, then the same colours with another marker and a dashed
+    line, so that a study with more than ten methods never draws two alike."""
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    lap = i // len(colors)
+    return {"color": colors[i % len(colors)], "marker": "osD^v"[lap % 5], "ls": ("-", "--", ":", "-.")[lap % 4]}
+
+
 def write_json(out: Path, study, sweep) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     doc = {
@@ -60,8 +68,8 @@ def _curves(points, task: str) -> dict[str, list]:
 def plot_rate_accuracy(out: Path, points, task: str, reference: dict[str, Any] | None) -> Path:
     curves = _curves(points, task)
     fig, ax = plt.subplots(figsize=(9.0, 4.4))
-    for name, c in curves.items():
-        ax.plot([p.bpp for p in c], [p.accuracy for p in c], marker="o", ms=4, label=name)
+    for i, (name, c) in enumerate(curves.items()):
+        ax.plot([p.bpp for p in c], [p.accuracy for p in c], ms=4, label=name, **style(i))
     if reference:
         ax.axhline(reference["accuracy"], color="k", ls="--", lw=1, label="uncompressed teacher")
     ax.set_xscale("log")
@@ -88,11 +96,12 @@ def plot_delta_vs_latency(out: Path, study, sweep, task: str) -> Path | None:
     if not xs:
         return None
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for name, ms in xs.items():
-        ax.scatter([ms], [deltas[name]], s=30)
-        ax.annotate(name, (ms, deltas[name]), fontsize=8, xytext=(4, 4), textcoords="offset points")
+    for i, (name, ms) in enumerate(xs.items()):
+        look = style(i)
+        ax.scatter([ms], [deltas[name]], s=30, color=look["color"], marker=look["marker"])
     ax.axhline(0.0, color="k", lw=0.8)
     ax.set_xscale("log")
+    _label_points(ax, {name: (ms, deltas[name]) for name, ms in xs.items()})
     ax.set_xlabel(f"encoder latency incl. entropy coding, ms (batch 1, {sweep.threads} thread(s), log scale)")
     ax.set_ylabel(f"Δ-accuracy vs {sweep.anchors.get('delta_accuracy')} (pp)")
     ax.set_title(f"{task}: Δ-accuracy against encoder latency")
@@ -102,6 +111,19 @@ def plot_delta_vs_latency(out: Path, study, sweep, task: str) -> Path | None:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _label_points(ax, points: dict[str, tuple[float, float]]) -> None:
+    """Name each point beside it; a label that would overlap one already placed goes below its
+    point instead (methods of similar latency and accuracy sit close together)."""
+    ax.autoscale_view()
+    placed: list[tuple[float, float]] = []
+    for name, (x, y) in sorted(points.items(), key=lambda kv: -kv[1][1]):
+        px, py = ax.transData.transform((x, y))
+        clash = any(abs(py + 4 - qy) < 11 and abs(px - qx) < 110 for qx, qy in placed)
+        dy = -12 if clash else 4
+        ax.annotate(name, (x, y), fontsize=8, xytext=(4, dy), textcoords="offset points")
+        placed.append((px, py + dy))
 
 
 def _num(v, fmt: str) -> str:
@@ -209,13 +231,15 @@ def write_outputs(out: Path, study, sweep) -> dict[str, dict[str, str]]:
 
 def plot_learning_curves(runs: dict[str, Path], out: Path, metric: str = "top1") -> Path:
     """Validation ``metric`` per epoch (and the training loss) of each run's ``metrics.jsonl``."""
-    fig, (ax_val, ax_loss) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for label, workdir in runs.items():
+    fig, (ax_val, ax_loss) = plt.subplots(1, 2, figsize=(12, 3.8))
+    for i, (label, workdir) in enumerate(runs.items()):
+        look = style(i)
         records = [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines() if line.strip()]
         val = [r for r in records if r.get("kind") == "val" and metric in r]
         train = [r for r in records if r.get("kind") == "train" and "loss" in r]
-        ax_val.plot([r["epoch"] for r in val], [r[metric] for r in val], marker="o", label=label)
-        ax_loss.plot([r["global_step"] for r in train], [r["loss"] for r in train], alpha=0.7, label=label)
+        ax_val.plot([r["epoch"] for r in val], [r[metric] for r in val], ms=4, label=label, **look)
+        ax_loss.plot([r["global_step"] for r in train], [r["loss"] for r in train], alpha=0.7, color=look["color"],
+                     ls=look["ls"])
     ax_val.set_xlabel("epoch")
     ax_val.set_ylabel(f"validation {metric}")
     ax_loss.set_xlabel("step")
@@ -223,8 +247,8 @@ def plot_learning_curves(runs: dict[str, Path], out: Path, metric: str = "top1")
     ax_loss.set_yscale("log")
     for ax in (ax_val, ax_loss):
         ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
+    ax_loss.legend(*ax_val.get_legend_handles_labels(), fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()  # one legend, outside: inside, a dozen runs hide the curves
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     plt.close(fig)
