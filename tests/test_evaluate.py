@@ -495,3 +495,12 @@ def test_bundle_bit_map_sums_to_the_coded_bits(study, scenes):
     coded = 8 * sum(len(s) for s in edge.encode([path]).payload.strings)
     bits = feature_codec_bits(edge.codec, x).sum()
     assert math.isclose(bits, coded, rel_tol=0.02, abs_tol=64)
+
+
+def test_plot_styles_stay_distinct_beyond_the_ten_colours():
+    """A study with more than ten methods (the committed one has 13) must not draw two curves alike."""
+    from splitserve.evaluation.report import style
+
+    looks = [(s["color"], s["marker"], s["ls"]) for s in map(style, range(20))]
+    assert len(set(looks)) == 20
+    assert looks[0][0] == looks[10][0] and looks[0][1:] != looks[10][1:]
