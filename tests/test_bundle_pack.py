@@ -1,7 +1,9 @@
-"""`platform bundle pack`: server-side weights in float16, the device side and its bitstreams exact."""
+"""`platform bundle pack`: server-side weights in float16, the device side and its bitstreams exact
+(or, asked for, the encoder in float16 too: a new, verified code)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -53,3 +55,36 @@ def test_pack_copies_only_what_the_manifest_lists(bundle_dir, tmp_path):
     listed = {e.path for e in manifest.files.values()} | {t.file.path for t in manifest.tasks.values()}
     assert {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} == listed | {"manifest.json"}
     assert {oct(p.stat().st_mode & 0o777) for p in [out, *out.rglob("*")]} <= {"0o755", "0o644"}  # readable by a server user
+
+
+def test_an_fp16_encoder_is_a_new_code_that_verifies(bundle_dir, tmp_path, capsys):
+    """--fp16-encoder: the encoder file is float16, the fingerprint is that of the rounded weights
+    (the packed bundle loads and verifies), a payload of the float32 encoder is refused as another
+    encoder's, and the packed bundle's own payloads decode to near-identical answers."""
+    from splitserve_edge.errors import FingerprintMismatch
+
+    from splitserve.bundle import load_codec
+
+    out = tmp_path / "packed"
+    assert main(["bundle", "pack", str(bundle_dir), str(out), "--fp16-encoder"]) == 0
+    assert "new: measure it again" in capsys.readouterr().out
+    src, dst = read_manifest(bundle_dir), read_manifest(out)
+    assert dst.fingerprint != src.fingerprint
+    assert dst.files["prior"].sha256 == src.files["prior"].sha256  # coding tables exact
+    enc = load_file(str(out / dst.files["encoder"].path))
+    assert {t.dtype for t in enc.values() if t.is_floating_point()} == {torch.float16}
+    assert load_codec(out).fingerprint() == dst.fingerprint
+    size = lambda b, part: (b / read_manifest(b).files[part].path).stat().st_size  # noqa: E731
+    assert size(out, "encoder") < 0.55 * size(bundle_dir, "encoder")
+    image = texture("coffee", (90, 70))
+    old = EdgeEncoder.from_bundle(bundle_dir).encode([image]).data
+    new = EdgeEncoder.from_bundle(out).encode([image]).data
+    rt = {b: Runtime(b, PluginRegistry.discover(), tasks=["classification"]) for b in (bundle_dir, out)}
+    with pytest.raises(FingerprintMismatch):
+        rt[out].parse_payload(old)
+    answers = []
+    for b, data in ((bundle_dir, old), (out, new)):
+        payload, metas = rt[b].parse_payload(data)
+        answers.append(rt[b].run([Job(plugins=list(rt[b].plugins), payload=payload, metas=metas)])[0][0]["classification"])
+    assert answers[0].top[0].index == answers[1].top[0].index
+    assert abs(answers[0].top[0].probability - answers[1].top[0].probability) < 2e-2

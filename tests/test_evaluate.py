@@ -297,9 +297,14 @@ def test_ground_truth_answers_score_100_and_wrong_ones_less(scenes):
 
     cls = _items(scenes, "classification")
     right = [ClassificationResult(top=[ClassScore(index=it.target, label="x", probability=1.0)]) for it in cls.items]
-    wrong = [ClassificationResult(top=[ClassScore(index=(it.target + 1) % 10, label="x", probability=1.0)])
-             for it in cls.items[:1]] + right[1:]
-    assert cls.score(right) == {"top1": 100.0} and cls.score(wrong) == {"top1": 75.0}
+    first = cls.items[0].target
+    second = [ClassificationResult(top=[ClassScore(index=(first + 1) % 10, label="x", probability=0.6),
+                                        ClassScore(index=first, label="x", probability=0.4)])] + right[1:]
+    sixth = [ClassificationResult(top=[ClassScore(index=(first + k) % 10, label="x", probability=0.1)
+                                       for k in range(1, 6)] + [ClassScore(index=first, label="x", probability=0.05)])]
+    assert cls.score(right) == {"top1": 100.0, "top5": 100.0}
+    assert cls.score(second) == {"top1": 75.0, "top5": 100.0}  # right in second place
+    assert cls.score(sixth + right[1:]) == {"top1": 75.0, "top5": 75.0}  # listed, but sixth
 
     det = _items(scenes, "detection")
     ds = det.dataset
@@ -495,6 +500,34 @@ def test_bundle_bit_map_sums_to_the_coded_bits(study, scenes):
     coded = 8 * sum(len(s) for s in edge.encode([path]).payload.strings)
     bits = feature_codec_bits(edge.codec, x).sum()
     assert math.isclose(bits, coded, rel_tol=0.02, abs_tol=64)
+
+
+@pytest.mark.slow
+def test_bundle_measure_writes_what_the_study_measures(study, scenes, tmp_path):
+    """`platform bundle measure` scores a bundle on the same served path as `platform evaluate`:
+    on the same images its manifest metrics equal the study's points, bytes included."""
+    import shutil
+
+    from splitserve.bundle import load_codec, read_manifest
+
+    bundle = tmp_path / "es0"
+    shutil.copytree(study["root"] / "es0", bundle)
+    before = read_manifest(bundle)
+    assert main(["bundle", "measure", str(bundle), "--data", str(scenes), "--limit", "4", "--no-progress"]) == 0
+    after = read_manifest(bundle)
+    points = {p["task"]: p for p in study["doc"]["points"] if p["setting"] == "es0"}
+    assert set(after.tasks) == set(points) == {"classification", "detection", "segmentation"}
+    for task, p in points.items():
+        m = after.tasks[task].metrics
+        assert m[p["metric"]] == pytest.approx(p["accuracy"], abs=1e-9), task
+        assert m["bytes"] == pytest.approx(p["bytes_per_image"]) and m["payload_bpp"] == pytest.approx(p["bpp"])
+        assert m["images"] == 4
+    assert after.metrics == {"payload_bpp": pytest.approx(points["classification"]["bpp"]),
+                             "bytes": pytest.approx(points["classification"]["bytes_per_image"])}
+    assert "served path" in after.provenance["measured"]
+    assert after.files == before.files and after.fingerprint == before.fingerprint  # only the manifest changed
+    load_codec(bundle)
+    assert main(["bundle", "measure", str(tmp_path / "nowhere"), "--data", str(scenes)]) == 2
 
 
 def test_plot_styles_stay_distinct_beyond_the_ten_colours():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -306,7 +307,7 @@ def save_bundle(
             metrics=dict(metrics or {}),
             provenance=dict(provenance or default_provenance()),
         )
-        (tmp / "manifest.json").write_text(manifest.model_dump_json(indent=2) + "\n")
+        write_manifest(tmp, manifest)
         if root.exists():
             shutil.rmtree(root)
         os.replace(tmp, root)
@@ -324,8 +325,6 @@ def upgrade_bundle(path: str | Path) -> Manifest:
     something else under the simplified GDN the paper uses, so those bundles cannot be converted:
     retrain them. Everything else (weights, hashes, fingerprint) carries over unchanged.
     """
-    import json
-
     root = Path(path)
     mpath = root / "manifest.json"
     try:
@@ -350,28 +349,37 @@ def upgrade_bundle(path: str | Path) -> Manifest:
         raise BundleError(f"{mpath}: invalid version-1 manifest ({e})") from None
     raw["preprocessing"] = Preprocessing.fixed(*size, multiple=codec.input_multiple).to_dict()
     raw["format_version"] = FORMAT_VERSION
-    tmp = root / "manifest.json.tmp"
-    tmp.write_text(json.dumps(raw, indent=2) + "\n")
-    os.replace(tmp, mpath)
+    write_manifest(root, raw)
     return read_manifest(root)
 
 
-def pack_bundle(src: str | Path, dst: str | Path, *, half: bool = True) -> Manifest:
+def pack_bundle(src: str | Path, dst: str | Path, *, half: bool = True, half_encoder: bool = False) -> Manifest:
     """Copy a bundle (the files its manifest lists, nothing else) with the server-side weights
     (decoder, trunk, heads) stored in float16.
 
     The encoder and prior stay float32, so the fingerprint and every bitstream are unchanged;
     loading casts the stored weights back to the modules' float32. Halves the bundle's size (a
     ResNet-18 trunk is 45 MB in float32) at a cost measured by re-evaluating the packed bundle.
+
+    ``half_encoder`` stores the encoder in float16 too (it still computes in float32): half the
+    download for a device, but a new encoder, so a new fingerprint, latents that differ in a few
+    rounding-edge values, and metrics to measure again (``platform bundle measure``). The prior's
+    coding tables always stay exact.
     """
     from safetensors.torch import load_file
 
     src, dst = Path(src), Path(dst)
     manifest = read_manifest(src)
-    load_codec(src, manifest=manifest)  # verify before copying
+    codec = load_codec(src, manifest=manifest)  # verify before copying
+    if half_encoder:
+        with torch.no_grad():
+            for t in codec.encoder.state_dict().values():
+                if t.is_floating_point():
+                    t.copy_(t.half().float())  # what loading the float16 file will give
+        manifest.fingerprint = codec.fingerprint()
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent if dst.parent.exists() else None))
     try:
-        edge = [(entry, False) for k, entry in manifest.files.items() if k in EDGE_PARTS]
+        edge = [(entry, half_encoder and k == "encoder") for k, entry in manifest.files.items() if k in EDGE_PARTS]
         server = [(entry, half) for k, entry in manifest.files.items() if k not in EDGE_PARTS]
         server += [(t.file, half) for t in manifest.tasks.values()]
         for entry, to_half in edge + server:  # what the manifest lists, nothing else
@@ -382,8 +390,10 @@ def pack_bundle(src: str | Path, dst: str | Path, *, half: bool = True) -> Manif
                 tensors = {k: (v.half() if v.is_floating_point() else v) for k, v in load_file(str(path)).items()}
                 save_file(tensors, str(path))
                 entry.sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
-        manifest.provenance = {**manifest.provenance, "packed": "server-side weights in float16" if half else "copy"}
-        (tmp / "manifest.json").write_text(manifest.model_dump_json(indent=2) + "\n")
+        stored = "encoder, decoder, trunk and heads in float16" if half_encoder else "server-side weights in float16"
+        manifest.provenance = {**manifest.provenance, "packed": stored if half else "copy"}
+        write_manifest(tmp, manifest)
+        load_codec(tmp)  # the packed bundle verifies: hashes and (new) fingerprint
         for path in [tmp, *tmp.rglob("*")]:  # mkdtemp and safetensors make owner-only files; a bundle is shared
             path.chmod(0o755 if path.is_dir() else 0o644)
         if dst.exists():
@@ -422,7 +432,33 @@ def update_heads(
                                            (head_provenance or {}).get(name))
     if decoder is not None:
         manifest.files["decoder"] = _write(root, "decoder.safetensors", decoder)
-    tmp = root / "manifest.json.tmp"
-    tmp.write_text(manifest.model_dump_json(indent=2) + "\n")
-    os.replace(tmp, root / "manifest.json")
+    write_manifest(root, manifest)
     return manifest
+
+
+def record_metrics(path: str | Path, task_metrics: Mapping[str, Mapping[str, float]],
+                   metrics: Mapping[str, float], provenance: Mapping[str, Any]) -> Manifest:
+    """Replace the metrics of a bundle's tasks (and its own) with newly measured ones.
+
+    Only the manifest changes (weights, hashes and fingerprint stay), so a packed bundle can state
+    what it scores itself rather than what the float32 weights it came from scored in training.
+    """
+    root = Path(path)
+    manifest = read_manifest(root)
+    unknown = sorted(set(task_metrics) - set(manifest.tasks))
+    if unknown:
+        raise BundleError(f"{root}: no head for {', '.join(unknown)}")
+    for name, values in task_metrics.items():
+        manifest.tasks[name].metrics = {k: float(v) for k, v in values.items()}
+    manifest.metrics = {k: float(v) for k, v in metrics.items()}
+    manifest.provenance = {**manifest.provenance, **provenance}
+    write_manifest(root, manifest)
+    return manifest
+
+
+def write_manifest(root: Path, manifest: Manifest | dict[str, Any]) -> None:
+    """Replace ``root/manifest.json`` atomically (a reader sees the old or the new one, whole)."""
+    text = manifest.model_dump_json(indent=2) if isinstance(manifest, Manifest) else json.dumps(manifest, indent=2)
+    tmp = root / "manifest.json.tmp"
+    tmp.write_text(text + "\n")
+    os.replace(tmp, root / "manifest.json")

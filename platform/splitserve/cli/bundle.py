@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from . import add_command
 
@@ -31,7 +32,24 @@ def register(sub) -> None:
     k = bsub.add_parser("pack", help="Copy a bundle with decoder, trunk and heads in float16 (encoder and prior exact).")
     k.add_argument("path", metavar="DIR")
     k.add_argument("out", metavar="OUT")
+    k.add_argument("--fp16-encoder", action="store_true",
+                   help="store the encoder in float16 too (half the device download; a new fingerprint and "
+                        "slightly different latents, so measure the packed bundle again: `bundle measure`)")
     k.set_defaults(func=pack, command="bundle pack")
+
+    m = bsub.add_parser("measure", help="Score every head through the served path and write the metrics into the manifest.",
+                        description="Encode each image of a split into its own payload with the bundle's encoder, answer "
+                                    "it with the gateway runtime, score it (top-1/top-5, COCO box mAP, mIoU) and replace "
+                                    "the manifest's metrics with what was measured, bytes per image included. Only "
+                                    "manifest.json changes.")
+    m.add_argument("path", metavar="DIR")
+    m.add_argument("--data", required=True, type=Path, metavar="ROOT",
+                   help="fmnist-scenes tree (imagefolder/ + coco/), or the one tree every task reads")
+    m.add_argument("--split", default="val")
+    m.add_argument("--limit", type=int, default=None, help="an evenly spaced subset of this many images per task")
+    m.add_argument("--batch-size", type=int, default=32)
+    m.add_argument("--no-progress", action="store_true")
+    m.set_defaults(func=measure, command="bundle measure")
 
     u = bsub.add_parser("upgrade", help="Convert a bundle written by an older splitserve to the current format.")
     u.add_argument("path", metavar="DIR")
@@ -90,11 +108,34 @@ def upgrade(args) -> int:
 
 
 def pack(args) -> int:
-    from pathlib import Path
-
     from ..bundle import pack_bundle
 
-    manifest = pack_bundle(args.path, args.out)
+    manifest = pack_bundle(args.path, args.out, half_encoder=args.fp16_encoder)
     size = sum(f.stat().st_size for f in Path(args.out).rglob("*") if f.is_file())
-    print(f"wrote {args.out}: {size / 2**20:.1f} MiB, fingerprint {manifest.fingerprint[:16]} (unchanged)")
+    print(f"wrote {args.out}: {size:,} bytes ({size / 2**20:.1f} MiB), fingerprint {manifest.fingerprint[:16]} "
+          f"({'new: measure it again' if args.fp16_encoder else 'unchanged'})")
+    return 0
+
+
+def measure(args) -> int:
+    import datetime as dt
+
+    from ..bundle import read_manifest, record_metrics
+    from ..errors import BundleError
+    from ..evaluation.methods import measure_bundle
+
+    if not read_manifest(args.path).tasks:  # a clear error before any data is read
+        raise BundleError(f"{args.path}: the bundle has no task heads to measure")
+    measured = measure_bundle(Path(args.path), args.data, split=args.split, limit=args.limit,
+                              batch_size=args.batch_size, progress=not args.no_progress)
+    first = measured.get("classification") or next(iter(measured.values()))
+    images = {int(m["images"]) for m in measured.values()}
+    record_metrics(args.path, measured, {"payload_bpp": first["payload_bpp"], "bytes": first["bytes"]},
+                   {"measured": f"served path (payload → gateway runtime), {args.split} split of {args.data}, "
+                                f"{'/'.join(map(str, sorted(images)))} images, "
+                                f"{dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')}"})
+    for task, m in measured.items():
+        scores = ", ".join(f"{k} {v:.2f}" for k, v in m.items() if k not in ("payload_bpp", "bytes", "images"))
+        print(f"{task:<14} {scores}  ({m['bytes']:.1f} bytes, {m['payload_bpp']:.4f} bpp, {int(m['images'])} images)")
+    print(f"wrote the metrics into {Path(args.path) / 'manifest.json'}")
     return 0

@@ -141,6 +141,26 @@ class BundlePoint:
         return latency_ms(lambda: self.runtime.run([self._job(task, data)]), threads, repeat)
 
 
+def measure_bundle(path: Path, data_root: Path, *, split: str = "val", limit: int | None = None,
+                   batch_size: int = 32, progress: bool = True) -> dict[str, dict[str, float]]:
+    """Every task of a bundle scored on its served path (payload bytes → gateway runtime), with
+    what each image cost: task → {metric…, payload_bpp, bytes, images}."""
+    from ..bundle import read_manifest
+    from ..plugins import PluginRegistry
+    from .tasks import load_task_data
+
+    registry = PluginRegistry.discover()
+    manifest = read_manifest(path)
+    point = BundlePoint(path, list(manifest.tasks), registry)
+    out = {}
+    for task in point.tasks:
+        data = load_task_data(registry.get(task), data_root, split, manifest.policy, limit)
+        m = point.run(data, batch_size, progress, task)
+        out[task] = {**data.score(m.answers, point.num_classes(task)), "payload_bpp": m.mean_bpp,
+                     "bytes": m.bytes_per_image, "images": float(len(m.answers))}
+    return out
+
+
 # -- input codecs ----------------------------------------------------------------------------------
 class PillowCodec:
     """JPEG or WebP through Pillow at one quality (Pillow's defaults otherwise: JPEG 4:2:0

@@ -4,7 +4,8 @@ Every method — our bundles through the gateway runtime, input codecs through t
 teacher — ends in the same thing: the plugin's own response objects (``predict``), one per image,
 in the original image's coordinates. They are scored here, once, with the plugins' metric code:
 
-- classification: top-1 (%), the response's best class against the ImageFolder label;
+- classification: top-1 (%), the response's best class against the ImageFolder label (and top-5,
+  among the classes the response lists);
 - detection: COCO box mAP@[.5:.95] (%), the responses' boxes as COCO results, through
   ``splitserve_tasks.detection.plugin.coco_bbox_metrics`` (pycocotools COCOeval);
 - segmentation: mIoU (%), the response's class-index PNG against the COCO semantic mask at the
@@ -60,8 +61,10 @@ class TaskData:
         if len(answers) != len(self.items):
             raise SplitserveError(f"{self.task}: {len(answers)} answers for {len(self.items)} images")
         if self.task == "classification":
-            hits = sum(int(a.top[0].index == it.target) for a, it in zip(answers, self.items))
-            return {"top1": 100.0 * hits / len(self.items)}
+            n = len(self.items)
+            top1 = sum(int(a.top[0].index == it.target) for a, it in zip(answers, self.items))
+            top5 = sum(int(it.target in [t.index for t in a.top[:5]]) for a, it in zip(answers, self.items))
+            return {"top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n}
         if self.task == "detection":
             return score_detection(self.dataset, answers, [it.target for it in self.items])
         return score_segmentation(self.dataset, answers, [it.target for it in self.items], num_classes)
