@@ -537,3 +537,25 @@ def test_plot_styles_stay_distinct_beyond_the_ten_colours():
     looks = [(s["color"], s["marker"], s["ls"]) for s in map(style, range(20))]
     assert len(set(looks)) == 20
     assert looks[0][0] == looks[10][0] and looks[0][1:] != looks[10][1:]
+
+
+def test_a_method_looks_alike_in_every_plot(tmp_path, monkeypatch):
+    """Looks follow the sweep's method order, so a plot lacking a method (detection without the
+    RAC N = 4 curve) does not hand its colour to the next one."""
+    from types import SimpleNamespace
+
+    from splitserve.evaluation import report
+
+    figures = []
+    monkeypatch.setattr(report.plt, "close", figures.append)
+    names = ["ES", "RAC N=4", "WebP"]
+    looks = report._looks(names)
+
+    def pts(task, methods):
+        return [SimpleNamespace(task=task, method=m, bpp=b, accuracy=a, metric="top1")
+                for m in methods for b, a in ((0.2, 50.0), (0.4, 60.0))]
+
+    report.plot_rate_accuracy(tmp_path, pts("classification", names), "classification", None, looks)
+    report.plot_rate_accuracy(tmp_path, pts("detection", ["ES", "WebP"]), "detection", None, looks)
+    drawn = [{line.get_label(): line.get_color() for line in fig.axes[0].get_lines()} for fig in figures]
+    assert drawn[0]["WebP"] == drawn[1]["WebP"] == looks["WebP"]["color"] != looks["RAC N=4"]["color"]

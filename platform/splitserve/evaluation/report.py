@@ -65,11 +65,18 @@ def _curves(points, task: str) -> dict[str, list]:
     return {k: sorted(v, key=lambda p: p.bpp) for k, v in curves.items()}
 
 
-def plot_rate_accuracy(out: Path, points, task: str, reference: dict[str, Any] | None) -> Path:
+def _looks(names: list[str]) -> dict[str, dict[str, Any]]:
+    """One look per method, by its place in the sweep: a method is drawn alike in every plot."""
+    return {name: style(i) for i, name in enumerate(names)}
+
+
+def plot_rate_accuracy(out: Path, points, task: str, reference: dict[str, Any] | None,
+                       looks: dict[str, dict[str, Any]] | None = None) -> Path:
     curves = _curves(points, task)
+    looks = looks or _looks(list(curves))
     fig, ax = plt.subplots(figsize=(9.0, 4.4))
-    for i, (name, c) in enumerate(curves.items()):
-        ax.plot([p.bpp for p in c], [p.accuracy for p in c], ms=4, label=name, **style(i))
+    for name, c in curves.items():
+        ax.plot([p.bpp for p in c], [p.accuracy for p in c], ms=4, label=name, **looks[name])
     if reference:
         ax.axhline(reference["accuracy"], color="k", ls="--", lw=1, label="uncompressed teacher")
     ax.set_xscale("log")
@@ -89,41 +96,29 @@ def plot_rate_accuracy(out: Path, points, task: str, reference: dict[str, Any] |
     return path
 
 
-def plot_delta_vs_latency(out: Path, study, sweep, task: str) -> Path | None:
+def plot_delta_vs_latency(out: Path, study, sweep, task: str, looks: dict[str, dict[str, Any]] | None = None) -> Path | None:
     deltas = study.summary["tasks"].get(task, {}).get("delta_accuracy", {})
     cx = study.summary["complexity"]
     xs = {n: cx[n]["encode_ms_median"] for n, v in deltas.items() if isinstance(v, float) and n in cx}
     if not xs:
         return None
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for i, (name, ms) in enumerate(xs.items()):
-        look = style(i)
-        ax.scatter([ms], [deltas[name]], s=30, color=look["color"], marker=look["marker"])
+    looks = looks or _looks(list(xs))
+    fig, ax = plt.subplots(figsize=(9.0, 4.4))
+    for name, ms in xs.items():  # a legend, not labels beside the points: methods of like cost crowd together
+        look = looks[name]
+        ax.scatter([ms], [deltas[name]], s=36, color=look["color"], marker=look["marker"], label=name)
     ax.axhline(0.0, color="k", lw=0.8)
     ax.set_xscale("log")
-    _label_points(ax, {name: (ms, deltas[name]) for name, ms in xs.items()})
     ax.set_xlabel(f"encoder latency incl. entropy coding, ms (batch 1, {sweep.threads} thread(s), log scale)")
     ax.set_ylabel(f"Δ-accuracy vs {sweep.anchors.get('delta_accuracy')} (pp)")
     ax.set_title(f"{task}: Δ-accuracy against encoder latency")
     ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     path = out / f"delta_accuracy_vs_latency_{slug(task)}.png"
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
-
-
-def _label_points(ax, points: dict[str, tuple[float, float]]) -> None:
-    """Name each point beside it; a label that would overlap one already placed goes below its
-    point instead (methods of similar latency and accuracy sit close together)."""
-    ax.autoscale_view()
-    placed: list[tuple[float, float]] = []
-    for name, (x, y) in sorted(points.items(), key=lambda kv: -kv[1][1]):
-        px, py = ax.transData.transform((x, y))
-        clash = any(abs(py + 4 - qy) < 11 and abs(px - qx) < 110 for qx, qy in placed)
-        dy = -12 if clash else 4
-        ax.annotate(name, (x, y), fontsize=8, xytext=(4, dy), textcoords="offset points")
-        placed.append((px, py + dy))
 
 
 def _num(v, fmt: str) -> str:
@@ -218,11 +213,12 @@ def write_outputs(out: Path, study, sweep) -> dict[str, dict[str, str]]:
     write_json(out, study, sweep)
     write_csv(out, study.points)
     plots: dict[str, dict[str, str]] = {}
+    looks = _looks([m.name for m in sweep.methods])
     for task in study.reference:
         plots[task] = {}
         if any(p.task == task for p in study.points):
-            plots[task]["rate"] = plot_rate_accuracy(out, study.points, task, study.reference[task]).name
-        d = plot_delta_vs_latency(out, study, sweep, task)
+            plots[task]["rate"] = plot_rate_accuracy(out, study.points, task, study.reference[task], looks).name
+        d = plot_delta_vs_latency(out, study, sweep, task, looks)
         if d is not None:
             plots[task]["delta"] = d.name
     (out / "report.md").write_text(_md_report(study, sweep, plots))
