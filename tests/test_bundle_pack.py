@@ -16,6 +16,16 @@ from splitserve.plugins import PluginRegistry
 from .conftest import texture
 
 
+def _classify(runtime: Runtime, data: bytes):
+    """The classification answer the gateway runtime gives one payload."""
+    payload, metas = runtime.parse_payload(data)
+    return runtime.run([Job(plugins=list(runtime.plugins), payload=payload, metas=metas)])[0][0]["classification"]
+
+
+def _runtime(bundle) -> Runtime:
+    return Runtime(bundle, PluginRegistry.discover(), tasks=["classification"])
+
+
 def test_pack_halves_server_weights_and_keeps_the_code(bundle_dir, tmp_path, capsys):
     out = tmp_path / "packed"
     assert main(["bundle", "pack", str(bundle_dir), str(out)]) == 0
@@ -32,11 +42,7 @@ def test_pack_halves_server_weights_and_keeps_the_code(bundle_dir, tmp_path, cap
     image = texture("coffee", (90, 70))
     data = EdgeEncoder.from_bundle(bundle_dir).encode([image]).data
     assert EdgeEncoder.from_bundle(out).encode([image]).data == data
-    answers = []
-    for b in (bundle_dir, out):
-        rt = Runtime(b, PluginRegistry.discover(), tasks=["classification"])
-        payload, metas = rt.parse_payload(data)
-        answers.append(rt.run([Job(plugins=list(rt.plugins), payload=payload, metas=metas)])[0][0]["classification"])
+    answers = [_classify(_runtime(b), data) for b in (bundle_dir, out)]
     assert [t.index for t in answers[0].top] == [t.index for t in answers[1].top]
     assert abs(answers[0].top[0].probability - answers[1].top[0].probability) < 1e-2
 
@@ -79,12 +85,9 @@ def test_an_fp16_encoder_is_a_new_code_that_verifies(bundle_dir, tmp_path, capsy
     image = texture("coffee", (90, 70))
     old = EdgeEncoder.from_bundle(bundle_dir).encode([image]).data
     new = EdgeEncoder.from_bundle(out).encode([image]).data
-    rt = {b: Runtime(b, PluginRegistry.discover(), tasks=["classification"]) for b in (bundle_dir, out)}
+    packed = _runtime(out)
     with pytest.raises(FingerprintMismatch):
-        rt[out].parse_payload(old)
-    answers = []
-    for b, data in ((bundle_dir, old), (out, new)):
-        payload, metas = rt[b].parse_payload(data)
-        answers.append(rt[b].run([Job(plugins=list(rt[b].plugins), payload=payload, metas=metas)])[0][0]["classification"])
+        packed.parse_payload(old)
+    answers = [_classify(_runtime(bundle_dir), old), _classify(packed, new)]
     assert answers[0].top[0].index == answers[1].top[0].index
     assert abs(answers[0].top[0].probability - answers[1].top[0].probability) < 2e-2
