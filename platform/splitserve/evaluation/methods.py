@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from splitserve_edge.payload import bits_per_pixel
 from splitserve_edge.preprocessing import normalize
 
-from ..errors import SplitserveError
+from ..errors import BundleError, SplitserveError
 from ..plugins import ImageMeta
 from ..preprocess import load_image
 from .complexity import count_macs, count_parameters, latency_ms
@@ -149,8 +149,10 @@ def measure_bundle(path: Path, data_root: Path, *, split: str = "val", limit: in
     from ..plugins import PluginRegistry
     from .tasks import load_task_data
 
-    registry = PluginRegistry.discover()
     manifest = read_manifest(path)
+    if not manifest.tasks:  # a clear error before any model or data is loaded
+        raise BundleError(f"{path}: the bundle has no task heads to measure")
+    registry = PluginRegistry.discover()
     point = BundlePoint(path, list(manifest.tasks), registry)
     out = {}
     for task in point.tasks:
