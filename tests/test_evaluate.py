@@ -141,6 +141,27 @@ def test_link_model():
     assert set(link_tables(pts, {"slow": 10.0}, None, [1.0])[0]["per_link"]["slow"]["per_method"]) == {"small", "big", "bad"}
 
 
+def test_comparisons_summarize_named_pairs():
+    """A sweep's comparisons give Δ-accuracy and BD-rate of one curve against another, as the anchors
+    do: B is A + 2.5 points, C is B at half the rate."""
+    from splitserve.evaluation.run import Point, summarize
+    from splitserve.evaluation.sweep import Sweep
+
+    rate, acc = CURVE
+    curves = {"A": (rate, acc), "B": (rate, [a + 2.5 for a in acc]), "C": ([r / 2 for r in rate], [a + 2.5 for a in acc])}
+    points = [Point(name, "bundle", f"{name}{i}", "classification", "top1", a, 10, r * 512, r, 64, 64, 1.0, 1.0,
+                    None, None, "") for name, (rs, accs) in curves.items() for i, (r, a) in enumerate(zip(rs, accs))]
+    sweep = Sweep(data=None, teachers={}, methods=[], anchors={"delta_accuracy": "A", "bd_rate": "A"},
+                  comparisons=[("B", "A"), ("C", "B"), ("C", "D")], links_kbit_s={})
+    entry = summarize(points, sweep, {})["tasks"]["classification"]
+    assert entry["delta_accuracy"]["B"] == pytest.approx(2.5, abs=1e-9)  # the anchor table, for reference
+    b, c = entry["comparisons"]  # ("C", "D"): D has no curve on this task, so no row
+    assert (b["method"], b["against"], c["method"], c["against"]) == ("B", "A", "C", "B")
+    assert b["delta_accuracy"] == pytest.approx(2.5, abs=1e-9)
+    assert c["bd_rate"] == pytest.approx(-50.0, abs=1e-9)
+    assert c["bd_rate"] != pytest.approx(entry["bd_rate"]["C"])  # against B, not the anchor A
+
+
 # -- sweep schema ------------------------------------------------------------------------------
 def test_sweep_reports_every_bad_field(tmp_path):
     from splitserve.evaluation.sweep import SweepError, load_sweep
@@ -154,6 +175,7 @@ colour: blue
 limit: 0
 anchors: {delta_accuracy: Nope}
 link_tolerance: [1, -2]
+comparisons: [[A, Nope], [A]]
 methods:
   - {name: A, kind: bundle, points: [missing-bundle]}
   - {name: B, kind: png, points: [1]}
@@ -168,9 +190,10 @@ methods:
                      "methods[0] (A).points[0]:", "kind 'png'", "methods[2] (C).points[0] (quality)",
                      "name used twice", "anchors.delta_accuracy: 'Nope'",
                      "link_tolerance[1]: expected a non-negative number",
-                     "methods[4] (D).tasks: expected a non-empty list"):
+                     "methods[4] (D).tasks: expected a non-empty list",
+                     "comparisons[0]: 'Nope' not a method", "comparisons[1]: expected [curve, against]"):
         assert expected in msg, expected
-    assert len(msg.splitlines()) == 12  # the summary line + one per problem
+    assert len(msg.splitlines()) == 14  # the summary line + one per problem
     assert main(["evaluate", str(sweep), "--out", str(tmp_path / "o")]) == 2
     assert main(["evaluate", str(tmp_path / "absent.yaml"), "--out", str(tmp_path / "o")]) == 2
 
@@ -219,6 +242,8 @@ def test_committed_study_is_its_sweeps_output():
     listed = [(m.name, p.name if isinstance(p, Path) else f"q{p}") for m in sweep.methods for p in m.points]
     measured = list(dict.fromkeys((p["method"], p["setting"]) for p in doc["points"]))
     assert measured == listed
+    compared = [(c["method"], c["against"]) for c in doc["summary"]["tasks"]["classification"].get("comparisons", [])]
+    assert compared == sweep.comparisons
 
 
 # -- CompressAI image codecs -------------------------------------------------------------------
@@ -366,6 +391,7 @@ limit: 4
 repeat: 2
 batch_size: 3
 anchors: {{delta_accuracy: ES, bd_rate: WebP}}
+comparisons: [[JPEG, WebP], [WebP, Factorized prior]]
 bitmaps: {{images: 2}}
 link_tolerance: [100, 1]
 methods:
@@ -479,6 +505,12 @@ def test_study_summaries_complexity_and_maps(study):
     assert set(links["LoRa"]["per_method"]) == {"ES", "WebP", "JPEG", "Factorized prior"}  # ≥ ref − 100: all
     report = (study["out"] / "report.md").read_text()
     assert f"≥ {ref - 1:.2f} (the teacher's − 1)" in report and f"≥ {ref - 100:.2f} (the teacher's − 100)" in report
+    # comparisons, on the tasks both methods were measured on (JPEG only on classification and
+    # segmentation), with a row each in the report; their values: test_comparisons_summarize_named_pairs
+    assert [(c["method"], c["against"]) for c in s["tasks"]["detection"]["comparisons"]] == [("WebP", "Factorized prior")]
+    assert [(c["method"], c["against"]) for c in s["tasks"]["segmentation"]["comparisons"]] == \
+        [("JPEG", "WebP"), ("WebP", "Factorized prior")]
+    assert report.count("| JPEG | WebP |") == 2 and report.count("| WebP | Factorized prior |") == 3
     e2e = s["tasks"]["classification"]["end_to_end_ms"]
     p = next(p for p in doc["points"] if p["setting"] == "q5" and p["task"] == "classification")
     assert e2e["WebP q5"]["LoRa"] == pytest.approx(p["encode_ms"] + 8 * p["bytes_per_image"] / 37.5 + p["server_ms"])

@@ -83,11 +83,16 @@ def run(args) -> int:
         print(f"{task}: uncompressed teacher {ref['metric']} {ref['accuracy']:.2f}")
         s = study.summary["tasks"].get(task, {})
         for name in dict.fromkeys(p.method for p in study.points if p.task == task):
-            d, b = s.get("delta_accuracy", {}).get(name), s.get("bd_rate", {}).get(name)
-            d = "—" if d is None else d if isinstance(d, str) else f"{d:+.2f} pp"
-            b = "—" if b is None else b if isinstance(b, str) else f"{b:+.1f} %"
-            print(f"  {name}: Δ-accuracy {d}, BD-rate {b}")
+            print(f"  {name}: {_summaries(s.get('delta_accuracy', {}).get(name), s.get('bd_rate', {}).get(name))}")
+        for c in s.get("comparisons", []):
+            print(f"  {c['method']} against {c['against']}: {_summaries(c['delta_accuracy'], c['bd_rate'])}")
     return 0
+
+
+def _summaries(d: float | str | None, b: float | str | None) -> str:
+    d = "—" if d is None else d if isinstance(d, str) else f"{d:+.2f} pp"
+    b = "—" if b is None else b if isinstance(b, str) else f"{b:+.1f} %"
+    return f"Δ-accuracy {d}, BD-rate {b}"
 
 
 def train_image_codec(args) -> int:

@@ -125,6 +125,11 @@ def _num(v, fmt: str) -> str:
     return "—" if v is None or isinstance(v, str) else format(v, fmt)
 
 
+def _summary(v: float | str | None, fmt: str) -> str:
+    """A Δ-accuracy or BD-rate cell: the number, or why there is none ("n/a (…)")."""
+    return v if isinstance(v, str) else _num(v, fmt)
+
+
 def _md_report(study, sweep, plots: dict[str, dict[str, str]]) -> str:
     u = study.uname
     L = ["# Rate–accuracy study", "",
@@ -164,8 +169,12 @@ def _md_report(study, sweep, plots: dict[str, dict[str, str]]) -> str:
                       f"BD-rate vs {anchors.get('bd_rate', '—')} (%) |", "|---|---:|---:|"]
             for name in dict.fromkeys(p.method for p in study.points if p.task == task):
                 d, b = da.get(name), br.get(name)
-                L.append(f"| {name} | {d if isinstance(d, str) else _num(d, '+.2f')} | "
-                         f"{b if isinstance(b, str) else _num(b, '+.1f')} |")
+                L.append(f"| {name} | {_summary(d, '+.2f')} | {_summary(b, '+.1f')} |")
+        if s.get("comparisons"):
+            L += ["", "| method | against | Δ-accuracy (pp) | BD-rate (%) |", "|---|---|---:|---:|"]
+            for c in s["comparisons"]:
+                L.append(f"| {c['method']} | {c['against']} | {_summary(c['delta_accuracy'], '+.2f')} | "
+                         f"{_summary(c['bd_rate'], '+.1f')} |")
         if "delta" in plots.get(task, {}):
             L += ["", f"![Δ-accuracy vs encoder latency, {task}]({plots[task]['delta']})"]
         for table in s.get("links", []):

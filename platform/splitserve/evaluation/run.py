@@ -244,9 +244,18 @@ def _curve(points: list[Point]) -> tuple[list[float], list[float]]:
     return [p.bpp for p in points], [p.accuracy for p in points]
 
 
+def _against(fn, anchor: list[Point], curve: list[Point]) -> float | str:
+    """``fn`` (Δ-accuracy or BD-rate) of ``curve`` against ``anchor``, or why it has no value."""
+    try:
+        return fn(*_curve(anchor), *_curve(curve))
+    except CurveError as e:
+        return f"n/a ({e})"
+
+
 def summarize(points: list[Point], sweep: Sweep, reference: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Per task: Δ-accuracy and BD-rate of every curve against the anchors, the link model; per
-    method: device-side complexity and its ratio to the complexity anchor."""
+    """Per task: Δ-accuracy and BD-rate of every curve against the anchors and of the sweep's
+    comparisons, the link model; per method: device-side complexity and its ratio to the
+    complexity anchor."""
     by_task: dict[str, dict[str, list[Point]]] = {}
     for p in points:
         by_task.setdefault(p.task, {}).setdefault(p.method, []).append(p)
@@ -258,10 +267,11 @@ def summarize(points: list[Point], sweep: Sweep, reference: dict[str, dict[str, 
             if anchor not in curves:
                 continue
             for name, c in curves.items():
-                try:
-                    entry[key][name] = fn(*_curve(curves[anchor]), *_curve(c))
-                except CurveError as e:
-                    entry[key][name] = f"n/a ({e})"
+                entry[key][name] = _against(fn, curves[anchor], c)
+        entry["comparisons"] = [{"method": name, "against": against,
+                                 "delta_accuracy": _against(delta_accuracy, curves[against], curves[name]),
+                                 "bd_rate": _against(bd_rate, curves[against], curves[name])}
+                                for name, against in sweep.comparisons if name in curves and against in curves]
         ref = reference.get(task, {}).get("accuracy")
         rows = [asdict(p) for p in points if p.task == task]
         entry["links"] = link_tables(rows, sweep.links_kbit_s, ref, sweep.link_tolerance)

@@ -14,6 +14,7 @@ to the sweep file. The schema (see ``docs/evaluation.md``)::
     repeat: 20                         # latency = median of this many runs after a warm-up
     batch_size: 16                     # images per runtime/teacher call for the accuracy passes
     anchors: {delta_accuracy: Entropic Student, bd_rate: WebP, complexity: Entropic Student}
+    comparisons: [[Factorized prior, JPEG]]  # also: Δ-accuracy and BD-rate of a curve against another
     links_kbit_s: {LoRa: 37.5, LTE-M: 1000, Wi-Fi: 50000}
     link_tolerance: [1.0, 5.0]         # accuracy points below the uncompressed teacher still "as good"
                                        # (one number or a list: one link table per tolerance)
@@ -45,7 +46,7 @@ DEFAULT_LINKS = {"LoRa": 37.5, "LTE-M": 1000.0, "Wi-Fi": 50000.0}
 (LTE Cat-M1 peaks near 1 Mbit/s; 1 Mbit/s here). Wi-Fi: a modest 50 Mbit/s 802.11n link."""
 
 _KEYS = {"data", "split", "limit", "teacher", "teachers", "tasks", "threads", "repeat", "batch_size", "anchors",
-         "links_kbit_s", "link_tolerance", "bitmaps", "methods"}
+         "comparisons", "links_kbit_s", "link_tolerance", "bitmaps", "methods"}
 _ANCHORS = ("delta_accuracy", "bd_rate", "complexity")
 
 
@@ -73,6 +74,7 @@ class Sweep:
     repeat: int = 20
     batch_size: int = 16
     anchors: dict[str, str] = field(default_factory=dict)
+    comparisons: list[tuple[str, str]] = field(default_factory=list)  # (curve, against): beyond the anchors
     links_kbit_s: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_LINKS))
     link_tolerance: list[float] = field(default_factory=lambda: [1.0])
     bitmap_images: int = 3
@@ -242,6 +244,19 @@ def parse_sweep(raw: dict, base: Path, *, name: str = "sweep", check_paths: bool
     if "complexity" not in anchors and "delta_accuracy" in anchors:
         anchors["complexity"] = anchors["delta_accuracy"]
 
+    comparisons: list[tuple[str, str]] = []
+    raw_cmp = raw.get("comparisons") or []
+    if not isinstance(raw_cmp, list):
+        errors.append(f"comparisons: expected a list of [curve, against] pairs, got {raw_cmp!r}")
+        raw_cmp = []
+    for i, pair in enumerate(raw_cmp):
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(n, str) for n in pair)):
+            errors.append(f"comparisons[{i}]: expected [curve, against] (two method names), got {pair!r}")
+        elif unknown := [n for n in pair if n not in names]:
+            errors.append(f"comparisons[{i}]: {', '.join(map(repr, unknown))} not a method of this sweep")
+        else:
+            comparisons.append((pair[0], pair[1]))
+
     bitmaps = raw.get("bitmaps") or {}
     bitmap_images, bitmap_methods = 3, None
     if not isinstance(bitmaps, dict) or set(bitmaps) - {"images", "methods"}:
@@ -264,5 +279,6 @@ def parse_sweep(raw: dict, base: Path, *, name: str = "sweep", check_paths: bool
     if errors:
         raise SweepError(f"{name}: {len(errors)} problem(s)\n  " + "\n  ".join(errors))
     return Sweep(data=data, teachers=teachers, methods=methods, tasks=list(tasks), split=split, limit=limit,
-                 threads=threads, repeat=repeat, batch_size=batch_size, anchors=anchors, links_kbit_s=links,
+                 threads=threads, repeat=repeat, batch_size=batch_size, anchors=anchors, comparisons=comparisons,
+                 links_kbit_s=links,
                  link_tolerance=tolerance, bitmap_images=bitmap_images, bitmap_methods=bitmap_methods, path=path)
