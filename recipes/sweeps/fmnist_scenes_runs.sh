@@ -30,12 +30,14 @@ teacher() {  # the uncompressed ResNet-18 teacher of task $1 (detection/segmenta
          --data "$D" --out "$out" --keep-checkpoint "${COMMON[@]}" ;;
   esac
 }
-es() {  # Entropic Student at β $1: stage 1, then stage 2 (classification, decoder trained)
-  local B=$W/es-b$1
+es() {  # Entropic Student at β $1: stage 1, then stage 2 (classification, decoder trained); $2 = long: twice
+  # the recipe's epochs (10 + 8 = 18, lr drops after 8 and 6), as many passes as RAC's 18-epoch runs
+  local B=$W/es-b$1 E1=() E2=()
+  [ "${2:-}" != long ] || { B=$B-e18; E1=(--epochs 10 --milestones 8); E2=(--epochs 8 --step-size 6); }
   test -f "$B/manifest.json" || "$P" distill --recipe "$R/fmnist_scenes_distill.yaml" --teacher "$T" --data "$D" \
-    --beta "$1" --out "$B" "${COMMON[@]}"
+    --beta "$1" --out "$B" "${E1[@]}" "${COMMON[@]}"
   once "$B/.cls" "$P" finetune --recipe "$R/fmnist_scenes_finetune.yaml" --bundle "$B" --teacher "$T" --data "$D" \
-    "${COMMON[@]}"
+    "${E2[@]}" "${COMMON[@]}"
 }
 shared_heads() {  # bundle $1 (ES or RAC): the classification head's layer2..4 become the shared trunk; detection
   # (narrow FPN) and segmentation (narrow ASPP, output stride 8) heads are trained on it
@@ -69,12 +71,15 @@ image_codec() {  # CompressAI architecture $1 at quality $2 (its N, M and λ), 2
     --epochs 2 --lr 5e-4 --lr-drop 1 "${COMMON[@]}"
 }
 
-default_bundle() {  # the shipped bundle (before packing): bundle $1 with its detection head trained for 12
-  # epochs (lr ÷10 after 9) instead of 4; the study's 4-epoch shared-trunk head was still rising when it stopped
+default_bundle() {  # the shipped bundle (before packing): bundle $1 with its detection and segmentation heads
+  # trained for 12 epochs (lr ÷10 after 9) instead of 4; the study's 4-epoch shared-trunk heads were still
+  # rising when they stopped
   local B=$W/default-rac8-l$LMBDA
+  local S=(finetune --recipe "$R/fmnist_scenes_finetune.yaml" --bundle "$B" --teacher "$T" --data "$D" "${COMMON[@]}"
+    --shared-trunk --from-scratch --epochs 12 --step-size 9)
   test -d "$B" || { cp -r "$1" "$B.tmp" && mv "$B.tmp" "$B"; }
-  once "$B/.det12" "$P" finetune --recipe "$R/fmnist_scenes_finetune.yaml" --bundle "$B" --teacher "$T" --data "$D" \
-    "${COMMON[@]}" --task detection --shared-trunk "${DET[@]}" --from-scratch --epochs 12 --step-size 9
+  once "$B/.det12" "$P" "${S[@]}" --task detection "${DET[@]}"
+  once "$B/.seg12" "$P" "${S[@]}" --task segmentation "${SEG[@]}"
 }
 
 # The default bundle: data, classification teacher, RAC N = 8 at λ $LMBDA with all three heads.
@@ -105,7 +110,10 @@ for q in 1 2 3 5; do image_codec mbt2018-mean "$q"; done
 for lmbda in 0.06 0.24 0.12 1.92; do rac 8 "$lmbda" cls-fixed; done
 # RAC's curve is flat from ~130 bytes at 9 epochs: does twice the training lift it? (the default's λ
 # first; at 18 epochs it bought fewer bytes, not more accuracy; then lower λ, which reach higher)
-for lmbda in 0.96 0.48 0.24 1.92; do rac 8 "$lmbda" joint 18; done
+for lmbda in 0.96 0.48 0.24; do rac 8 "$lmbda" joint 18; done
+# ... and Entropic Student, given as many passes, over the rates RAC's 18-epoch curve covers
+for beta in 0.32 0.16 0.08; do es "$beta" long; done
+rac 8 1.92 joint 18
 for n in 0 8; do for lmbda in 1.92 0.96 0.64 0.48; do rac "$n" "$lmbda" joint 4; done; done  # the under-trained first try
 # β 1.28 collapses the code to nothing within two epochs (the learning curves show it): stage 1, 2 epochs
 test -f "$W/es-b1.28/manifest.json" || "$P" distill --recipe "$R/fmnist_scenes_distill.yaml" --teacher "$T" --data "$D" \
