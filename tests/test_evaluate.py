@@ -195,7 +195,21 @@ methods:
         assert expected in msg, expected
     assert len(msg.splitlines()) == 14  # the summary line + one per problem
     assert main(["evaluate", str(sweep), "--out", str(tmp_path / "o")]) == 2
+    assert main(["evaluate", str(sweep), "--check"]) == 2  # --check needs no --out
     assert main(["evaluate", str(tmp_path / "absent.yaml"), "--out", str(tmp_path / "o")]) == 2
+
+
+def test_evaluate_check_validates_without_measuring(tmp_path, capsys):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "teacher.json").write_text("{}")  # --check looks at paths, not at what is in them
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text("data: data\nteachers: {classification: t}\nmethods: [{name: WebP, kind: webp, points: [5, 50]}]\n")
+    assert main(["evaluate", str(sweep), "--check"]) == 0
+    assert capsys.readouterr().out.strip() == f"{sweep}: ok (1 methods, 2 points)"
+    assert not any(tmp_path.glob("*/report.md"))
+    assert main(["evaluate", str(sweep)]) == 2  # measuring needs --out
+    assert "give --out DIR" in capsys.readouterr().err
 
 
 def test_method_tasks_resolve_aliases_and_must_be_sweep_tasks():

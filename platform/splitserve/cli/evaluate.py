@@ -16,7 +16,7 @@ def register(sub) -> None:
                     "rate-accuracy and Δ-accuracy-vs-latency plots, bit-allocation maps and report.md with "
                     "Δ-accuracy, BD-rate, device parameters/MACs/latency and a link model. See docs/evaluation.md.")
     p.add_argument("sweep", type=Path, nargs="?", help="sweep file (YAML)")
-    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output directory")
+    p.add_argument("--out", type=Path, metavar="DIR", help="output directory (not needed with --check)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--check", action="store_true", help="only validate the sweep file and exit")
     p.add_argument("--curves", nargs="+", metavar="LABEL=WORKDIR",
@@ -61,6 +61,8 @@ def run(args) -> int:
     from ..evaluation.report import plot_learning_curves
     from ..evaluation.run import evaluate, load_sweep
 
+    if args.out is None and (args.curves or not args.check):
+        raise SplitserveError("give --out DIR: where the report, points and plots go")
     if args.curves:
         runs = dict(item.split("=", 1) if "=" in item else (Path(item).name, item) for item in args.curves)
         missing = [d for d in runs.values() if not (Path(d) / "metrics.jsonl").is_file()]
