@@ -50,7 +50,7 @@ bench: install
 # The default bundle, from scratch: data, teacher, RAC N = 8 trained jointly with the classification
 # head at λ $(DEFAULT_LMBDA), then that head's layer2..4 become the shared trunk, detection and
 # segmentation heads (narrow FPN/ASPP; DeepLabv3 dilated to output stride 8) are trained on it (the
-# shipped copy's detection head for 12 epochs instead of 4), and
+# shipped copy's detection and segmentation heads for 12 epochs instead of 4), and
 # the bundle is packed in float16 (encoder included: under 30 MB) into the package and measured there
 # on the 2,000 val scenes, through the served path, for its manifest's metrics.
 # recipes/sweeps/fmnist_scenes_runs.sh holds every training step; each resumes (--resume) where an
