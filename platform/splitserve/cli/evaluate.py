@@ -58,7 +58,7 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from ..errors import SplitserveError
-    from ..evaluation.report import plot_learning_curves
+    from ..evaluation.report import plot_learning_curves, summary_cell
     from ..evaluation.run import evaluate, load_sweep
 
     if args.out is None and (args.curves or not args.check):
@@ -84,17 +84,13 @@ def run(args) -> int:
     for task, ref in study.reference.items():
         print(f"{task}: uncompressed teacher {ref['metric']} {ref['accuracy']:.2f}")
         s = study.summary["tasks"].get(task, {})
-        for name in dict.fromkeys(p.method for p in study.points if p.task == task):
-            print(f"  {name}: {_summaries(s.get('delta_accuracy', {}).get(name), s.get('bd_rate', {}).get(name))}")
-        for c in s.get("comparisons", []):
-            print(f"  {c['method']} against {c['against']}: {_summaries(c['delta_accuracy'], c['bd_rate'])}")
+        rows = [(name, s.get("delta_accuracy", {}).get(name), s.get("bd_rate", {}).get(name))
+                for name in dict.fromkeys(p.method for p in study.points if p.task == task)]
+        rows += [(f"{c['method']} against {c['against']}", c["delta_accuracy"], c["bd_rate"])
+                 for c in s.get("comparisons", [])]
+        for name, d, b in rows:
+            print(f"  {name}: Δ-accuracy {summary_cell(d, '+.2f', ' pp')}, BD-rate {summary_cell(b, '+.1f', ' %')}")
     return 0
-
-
-def _summaries(d: float | str | None, b: float | str | None) -> str:
-    d = "—" if d is None else d if isinstance(d, str) else f"{d:+.2f} pp"
-    b = "—" if b is None else b if isinstance(b, str) else f"{b:+.1f} %"
-    return f"Δ-accuracy {d}, BD-rate {b}"
 
 
 def train_image_codec(args) -> int:

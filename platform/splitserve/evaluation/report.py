@@ -125,9 +125,10 @@ def _num(v, fmt: str) -> str:
     return "—" if v is None or isinstance(v, str) else format(v, fmt)
 
 
-def _summary(v: float | str | None, fmt: str) -> str:
-    """A Δ-accuracy or BD-rate cell: the number, or why there is none ("n/a (…)")."""
-    return v if isinstance(v, str) else _num(v, fmt)
+def summary_cell(v: float | str | None, fmt: str, unit: str = "") -> str:
+    """A Δ-accuracy or BD-rate as the report and the CLI print it: the number (with ``unit``),
+    "—" when there is none, or why it has no value ("n/a (…)")."""
+    return v if isinstance(v, str) else "—" if v is None else format(v, fmt) + unit
 
 
 def _md_report(study, sweep, plots: dict[str, dict[str, str]]) -> str:
@@ -169,12 +170,12 @@ def _md_report(study, sweep, plots: dict[str, dict[str, str]]) -> str:
                       f"BD-rate vs {anchors.get('bd_rate', '—')} (%) |", "|---|---:|---:|"]
             for name in dict.fromkeys(p.method for p in study.points if p.task == task):
                 d, b = da.get(name), br.get(name)
-                L.append(f"| {name} | {_summary(d, '+.2f')} | {_summary(b, '+.1f')} |")
+                L.append(f"| {name} | {summary_cell(d, '+.2f')} | {summary_cell(b, '+.1f')} |")
         if s.get("comparisons"):
             L += ["", "| method | against | Δ-accuracy (pp) | BD-rate (%) |", "|---|---|---:|---:|"]
             for c in s["comparisons"]:
-                L.append(f"| {c['method']} | {c['against']} | {_summary(c['delta_accuracy'], '+.2f')} | "
-                         f"{_summary(c['bd_rate'], '+.1f')} |")
+                L.append(f"| {c['method']} | {c['against']} | {summary_cell(c['delta_accuracy'], '+.2f')} | "
+                         f"{summary_cell(c['bd_rate'], '+.1f')} |")
         if "delta" in plots.get(task, {}):
             L += ["", f"![Δ-accuracy vs encoder latency, {task}]({plots[task]['delta']})"]
         for table in s.get("links", []):

@@ -244,6 +244,10 @@ def _curve(points: list[Point]) -> tuple[list[float], list[float]]:
     return [p.bpp for p in points], [p.accuracy for p in points]
 
 
+_SUMMARIES = (("delta_accuracy", delta_accuracy), ("bd_rate", bd_rate))
+"""What every curve gets against an anchor, and every sweep comparison."""
+
+
 def _against(fn, anchor: list[Point], curve: list[Point]) -> float | str:
     """``fn`` (Δ-accuracy or BD-rate) of ``curve`` against ``anchor``, or why it has no value."""
     try:
@@ -262,15 +266,14 @@ def summarize(points: list[Point], sweep: Sweep, reference: dict[str, dict[str, 
     out: dict[str, Any] = {"anchors": dict(sweep.anchors), "tasks": {}, "complexity": {}}
     for task, curves in by_task.items():
         entry: dict[str, Any] = {"delta_accuracy": {}, "bd_rate": {}}
-        for key, fn in (("delta_accuracy", delta_accuracy), ("bd_rate", bd_rate)):
+        for key, fn in _SUMMARIES:
             anchor = sweep.anchors.get(key)
             if anchor not in curves:
                 continue
             for name, c in curves.items():
                 entry[key][name] = _against(fn, curves[anchor], c)
         entry["comparisons"] = [{"method": name, "against": against,
-                                 "delta_accuracy": _against(delta_accuracy, curves[against], curves[name]),
-                                 "bd_rate": _against(bd_rate, curves[against], curves[name])}
+                                 **{key: _against(fn, curves[against], curves[name]) for key, fn in _SUMMARIES}}
                                 for name, against in sweep.comparisons if name in curves and against in curves]
         ref = reference.get(task, {}).get("accuracy")
         rows = [asdict(p) for p in points if p.task == task]

@@ -280,5 +280,4 @@ def parse_sweep(raw: dict, base: Path, *, name: str = "sweep", check_paths: bool
         raise SweepError(f"{name}: {len(errors)} problem(s)\n  " + "\n  ".join(errors))
     return Sweep(data=data, teachers=teachers, methods=methods, tasks=list(tasks), split=split, limit=limit,
                  threads=threads, repeat=repeat, batch_size=batch_size, anchors=anchors, comparisons=comparisons,
-                 links_kbit_s=links,
-                 link_tolerance=tolerance, bitmap_images=bitmap_images, bitmap_methods=bitmap_methods, path=path)
+                 links_kbit_s=links, link_tolerance=tolerance, bitmap_images=bitmap_images, bitmap_methods=bitmap_methods, path=path)
