@@ -7,7 +7,7 @@ FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: serve test install install-test fmnist bench default-bundle study clean help
+.PHONY: serve test install install-test fmnist wallpapers bench default-bundle study clean help
 
 help:
 	@echo "make serve   set up .venv and serve the embedded default bundle on http://127.0.0.1:8000 (ARGS='--port 9000 …')"
@@ -38,6 +38,15 @@ fmnist:
 	  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null || \
 	  echo "warning: could not install dataset-fashion-mnist; training tests will fail"; }
 
+# The benchmark's background photographs: Debian's wallpaper packages (needs root + apt). Tests use
+# scikit-image's pictures only, so `make test` needs none of this.
+WALLPAPERS := mate-backgrounds plasma-workspace-wallpapers
+wallpapers:
+	@dpkg -s $(WALLPAPERS) >/dev/null 2>&1 || { \
+	  echo "installing the background photographs ($(WALLPAPERS))"; \
+	  (apt-get update -qq && apt-get install -y -qq $(WALLPAPERS)) >/dev/null 2>&1 || \
+	  { echo "error: could not install $(WALLPAPERS) (root and apt needed): fmnist-scenes draws its backgrounds from them" >&2; exit 1; }; }
+
 serve: install
 	$(BIN)/platform serve $(ARGS)
 
@@ -59,7 +68,7 @@ bench: install
 DEFAULT_WORK ?= runs/default
 DEFAULT_LMBDA ?= 0.96
 RUNS := PLATFORM=$(BIN)/platform DEFAULT_LMBDA=$(DEFAULT_LMBDA) bash recipes/sweeps/fmnist_scenes_runs.sh $(DEFAULT_WORK)
-default-bundle: install
+default-bundle: install fmnist wallpapers
 	$(RUNS) default
 	$(BIN)/platform bundle pack $(DEFAULT_WORK)/default-rac8-l$(DEFAULT_LMBDA) platform/splitserve/assets/default-bundle --fp16-encoder
 	$(BIN)/platform bundle measure platform/splitserve/assets/default-bundle --data $(DEFAULT_WORK)/fm64 --no-progress

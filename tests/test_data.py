@@ -36,9 +36,13 @@ SIZE = 64
 N_TRAIN, N_VAL = 24, 12
 
 
+N_VAL_SEEN = 10
+
+
 def _generate(out: Path, seed: int = 0, workers: int | None = None) -> dict:
     return make_fmnist_scenes(
-        out, train_scenes=N_TRAIN, val_scenes=N_VAL, image_size=SIZE, seed=seed, progress=False, workers=workers
+        out, train_scenes=N_TRAIN, val_scenes=N_VAL, val_seen_scenes=N_VAL_SEEN, image_size=SIZE, seed=seed,
+        progress=False, workers=workers,
     )
 
 
@@ -73,8 +77,51 @@ def test_generated_tree_layout(scenes):
     meta = json.loads((scenes / "meta.json").read_text())
     assert meta["seed"] == 0 and meta["image_size"] == SIZE
     assert meta["counts"]["train"]["detection_scenes"] == N_TRAIN
-    assert meta["source"]["backgrounds"], "no scikit-image backgrounds used"
+    assert meta["source"]["backgrounds"]["train"] and meta["source"]["backgrounds"]["val"]
     assert (scenes / "README.md").read_text().startswith("# fmnist-scenes")
+
+
+def _drawn(scenes: Path, split: str) -> set[str]:
+    """The photographs a split's images were actually cut from: detection scenes name theirs in
+    the COCO file; meta.json counts those of detection and classification images together."""
+    coco = json.loads((scenes / f"coco/annotations/instances_{split}2017.json").read_text())
+    per_scene = {img["background"] for img in coco["images"]}
+    counted = json.loads((scenes / "meta.json").read_text())["counts"][split]["backgrounds_used"]
+    assert per_scene <= set(counted) and sum(counted.values()) == 2 * len(coco["images"])
+    return set(counted)
+
+
+def test_val_backgrounds_are_photographs_no_train_scene_used(scenes):
+    """val measures generalisation: no val image is cut from a photograph that a train image used;
+    val_seen (the in-distribution twin) uses only train photographs."""
+    meta = json.loads((scenes / "meta.json").read_text())
+    declared = {split: {p["name"] for p in ps} for split, ps in meta["source"]["backgrounds"].items()}
+    train, val, val_seen = _drawn(scenes, "train"), _drawn(scenes, "val"), _drawn(scenes, "val_seen")
+    assert train and val and not train & val, (train, val)
+    assert train <= declared["train"] and val <= declared["val"] and val_seen <= declared["train"]
+    assert len(val) >= 2 and len(train) >= 5  # the splits really vary their backgrounds
+    assert (scenes / "imagefolder/val_seen").is_dir()
+    assert len(list((scenes / "imagefolder/val_seen").rglob("*.png"))) == N_VAL_SEEN
+
+
+def test_background_sets_are_disjoint_and_licensed():
+    from splitserve.data.backgrounds import BACKGROUND_SETS, BackgroundSet, Photo
+
+    for spec in BACKGROUND_SETS.values():
+        assert not {p.name for p in spec.train} & {p.name for p in spec.val}
+        assert all(p.licence and p.author for p in spec.train + spec.val)
+    assert len(BACKGROUND_SETS["photos"].val) >= 8 and len(BACKGROUND_SETS["photos"].train) >= 30
+    shared = Photo("x", "skimage", "brick", "CC0", "a")
+    with pytest.raises(ValueError, match="both train and val"):
+        BackgroundSet("bad", train=(shared,), val=(shared,))
+
+
+def test_missing_wallpaper_package_is_one_clear_error(tmp_path):
+    from splitserve.data.backgrounds import Photo
+
+    photo = Photo("Gone", "mate-backgrounds", str(tmp_path / "Gone.jpg"), "GPL-2+", "nobody")
+    with pytest.raises(DataError, match="apt-get install -y mate-backgrounds plasma-workspace-wallpapers"):
+        photo.load()
 
 
 @needs_fmnist
@@ -218,6 +265,26 @@ def test_segmentation_dataset_items(scenes):
     assert padded > 0, "random scale < 1 should pad some masks with 255"
     images, masks = collate_segmentation([tr[0], tr[1]])
     assert images.shape == (2, 3, 48, 48) and masks.shape == (2, 48, 48)
+
+
+def test_segmentation_training_keeps_the_aspect_ratio():
+    """Training scales what evaluation feeds the network (a shorter-side policy keeps a 2:1 photo
+    2:1), not the nominal square; then crops to the nominal size."""
+    from torchvision import tv_tensors
+
+    from splitserve.data.transforms import RandomScale, segmentation_transform
+    from splitserve.preprocess import Preprocessing
+
+    policy = Preprocessing.shorter_side(32, 128)
+    image = tv_tensors.Image(torch.zeros(3, 60, 120, dtype=torch.uint8))
+    mask = tv_tensors.Mask(torch.zeros(60, 120, dtype=torch.long))
+    torch.manual_seed(0)
+    for _ in range(5):
+        scaled, _ = RandomScale(policy, 0.5, 2.0)(image, mask)
+        h, w = scaled.shape[-2:]
+        assert abs(w / h - 2.0) < 0.1, (h, w)
+    image_out, mask_out = segmentation_transform(True, policy)(image, mask)
+    assert tuple(image_out.shape[-2:]) == policy.nominal_size == tuple(mask_out.shape[-2:])
 
 
 def test_classification_dataset_items(scenes):
@@ -432,11 +499,11 @@ def test_fashion_mnist_reader(tmp_path):
 def test_missing_scikit_image(monkeypatch):
     import sys
 
-    from splitserve.data.scenes import load_backgrounds
+    from splitserve.data.backgrounds import load_background_set
 
     monkeypatch.setitem(sys.modules, "skimage.data", None)
     with pytest.raises(DataError, match="pip install scikit-image"):
-        load_backgrounds()
+        load_background_set("builtin")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -446,10 +513,11 @@ def test_missing_scikit_image(monkeypatch):
 @needs_fmnist
 def test_cli_fmnist_scenes(tmp_path, capsys):
     out = tmp_path / "fm"
-    rc = main(["data", "fmnist-scenes", "--out", str(out), "--train", "8", "--val", "4", "--size", "64", "--no-progress"])
+    rc = main(["data", "fmnist-scenes", "--out", str(out), "--train", "8", "--val", "4", "--size", "64", "--no-progress",
+               "--backgrounds", "builtin"])
     assert rc == 0
     printed = capsys.readouterr().out
-    assert "train: 8 scenes" in printed and str(out / "coco") in printed
+    assert "train: 8 scenes" in printed and "val_seen: 4 scenes" in printed and str(out / "coco") in printed
     assert len(list((out / "coco/val2017").iterdir())) == 4
     assert len(list((out / "imagefolder/train").rglob("*.png"))) == 8
     ds = detection_dataset(out / "coco", "val", train=False, preprocessing=(64, 64))

@@ -83,7 +83,7 @@ default_bundle() {  # the shipped bundle (before packing): bundle $1 with its de
 }
 
 # The default bundle: data, classification teacher, RAC N = 8 at λ $LMBDA with all three heads.
-test -d "$D" || "$P" data fmnist-scenes --out "$D" --train 20000 --val 2000 --size 64
+test -d "$D" || "$P" data fmnist-scenes --out "$D" --train 20000 --val 2000 --val-seen 2000 --size 64 --backgrounds photos
 teacher cls
 rac 8 "$LMBDA" joint
 shared_heads "$W/rac8-l$LMBDA"

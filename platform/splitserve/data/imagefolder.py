@@ -21,7 +21,7 @@ def _layout(root: Path, split: str) -> str:
 def classification_dataset(root: Path, split: str, *, train: bool, preprocessing) -> Dataset:
     """``ImageFolder`` over ``root/split``; items are ``(normalised float (3,H,W), label int)``.
 
-    Train: RandomResizedCrop(scale 0.35-1) to the policy's nominal size + horizontal flip; eval: the
+    Train: RandomResizedCrop(scale 0.08-1, torchvision's default) to the policy's nominal size + horizontal flip; eval: the
     bundle's ``preprocessing`` policy (or a fixed size), exactly as the edge encoder applies it. ``dataset.classes`` lists the class folder names (sorted, index = label).
     Class folders may be empty (so train and val always share the same label indices) but the
     split must hold at least one image.

@@ -1,15 +1,16 @@
 """fmnist-scenes: a small, real-format stand-in for COCO and ImageNet built from real images.
 
 Objects are real Fashion-MNIST items (train split for our train scenes, test split for val),
-tinted and alpha-composited — using the item's own intensity as the alpha — onto crops of the real
-photographs and textures that scikit-image ships (brick, grass, gravel, coffee, ...). The output is
-an ordinary COCO 2017 tree and an ordinary ImageFolder tree, loaded by the same code as the real
-datasets:
+tinted and alpha-composited — using the item's own intensity as the alpha — onto crops of real
+photographs (:mod:`.backgrounds`). Val scenes take their backgrounds only from photographs that
+no train scene used, so val measures generalisation; ``val_seen`` (val objects on the train
+photographs) is the in-distribution twin. The output is an ordinary COCO 2017 tree and an ordinary
+ImageFolder tree, loaded by the same code as the real datasets:
 
-    out/coco/annotations/instances_{train,val}2017.json   (bbox, area, RLE segmentation, iscrowd 0)
-    out/coco/{train,val}2017/<image_id>.jpg
-    out/imagefolder/{train,val}/<class>/<n>.png            (one object per image)
-    out/meta.json, out/README.md
+    out/coco/annotations/instances_{train,val,val_seen}2017.json   (bbox, area, RLE segmentation)
+    out/coco/{train,val,val_seen}2017/<image_id>.jpg
+    out/imagefolder/{train,val,val_seen}/<class>/<n>.png            (one object per image)
+    out/meta.json (counts, the photographs each split drew, licences), out/README.md
 
 Every image is drawn from its own ``numpy`` Generator seeded with ``(seed, split, kind, index)``,
 so the output is identical for a given seed however the work is split across processes.
@@ -30,24 +31,7 @@ from PIL import Image
 from ..errors import DataError
 from .fmnist import CLASS_NAMES, CLASS_SLUGS, DEFAULT_FMNIST_DIR, load_fashion_mnist
 
-# Real photographs / textures bundled with scikit-image (no download needed).
-BACKGROUND_SOURCES = [
-    "brick",
-    "grass",
-    "gravel",
-    "moon",
-    "camera",
-    "coins",
-    "cell",
-    "text",
-    "coffee",
-    "rocket",
-    "chelsea",
-    "astronaut",
-    "hubble_deep_field",
-    "immunohistochemistry",
-    "retina",
-]
+from .backgrounds import load_background_set
 
 DET_OBJECTS = (1, 4)  # objects per detection scene (inclusive)
 DET_SIDE = (0.20, 0.60)  # object side as a fraction of the image side
@@ -58,7 +42,9 @@ MIN_VISIBLE = 0.4  # drop an instance when less than this fraction of it stays v
 MIN_PIXELS = 10  # ... or fewer pixels than this
 JPEG_QUALITY = 95
 
-_SPLITS = {"train": ("train", 0), "val": ("test", 1)}  # our split -> (Fashion-MNIST split, seed code)
+# our split -> (Fashion-MNIST split, seed code, background split). ``val`` scenes use photographs no
+# train scene used; ``val_seen`` scenes are val objects on the train photographs (in-distribution).
+_SPLITS = {"train": ("train", 0, "train"), "val": ("test", 1, "val"), "val_seen": ("test", 2, "train")}
 _KIND_DET, _KIND_CLS = 0, 1
 _TRANSPOSES = [
     Image.Transpose.FLIP_LEFT_RIGHT,
@@ -78,39 +64,13 @@ _CTX: dict = {}
 # sources
 
 
-def load_backgrounds() -> list[tuple[str, Image.Image]]:
-    """The scikit-image photographs/textures that load offline, as RGB PIL images."""
-    try:
-        import skimage.data as skdata
-    except ImportError:
-        raise DataError(
-            "fmnist-scenes needs scikit-image for its background photos: pip install scikit-image "
-            "(the 'data' extra: pip install 'splitserve[data]')"
-        ) from None
-    out = []
-    for name in BACKGROUND_SOURCES:
-        try:
-            arr = getattr(skdata, name)()
-        except Exception:  # noqa: BLE001 — a file that needs a download (pooch) is simply skipped
-            continue
-        arr = np.asarray(arr)
-        if arr.dtype != np.uint8 or arr.ndim not in (2, 3):
-            continue
-        if arr.ndim == 3:
-            arr = arr[..., :3]
-        out.append((name, Image.fromarray(arr).convert("RGB")))
-    if not out:
-        raise DataError("no scikit-image background images could be loaded (is scikit-image installed completely?)")
-    return out
-
-
-def _init_worker(fmnist_dir: str, image_size: int) -> None:
+def _init_worker(fmnist_dir: str, image_size: int, backgrounds: str) -> None:
     _CTX.clear()
     _CTX["size"] = image_size
-    _CTX["backgrounds"] = load_backgrounds()
-    for our_split, (fm_split, _) in _SPLITS.items():
+    for our_split, (fm_split, _, _) in _SPLITS.items():
         images, labels = load_fashion_mnist(fm_split, Path(fmnist_dir))
         _CTX[our_split] = (images, labels, [np.flatnonzero(labels == c) for c in range(len(CLASS_NAMES))])
+    _CTX["backgrounds"] = load_background_set(backgrounds)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -121,10 +81,11 @@ def _rng(seed: int, split: str, kind: int, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, _SPLITS[split][1], kind, index])
 
 
-def _background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """A random crop at a random scale of a random source photo, colour-jittered, float32 HxWx3."""
-    backgrounds = _CTX["backgrounds"]
-    _, img = backgrounds[rng.integers(len(backgrounds))]
+def _background(rng: np.random.Generator, size: int, split: str) -> tuple[str, np.ndarray]:
+    """A random crop at a random scale of a random photo of the split's background set,
+    colour-jittered: ``(photo name, float32 HxWx3)``."""
+    photos = _CTX["backgrounds"].images(_SPLITS[split][2])
+    name, img = photos[rng.integers(len(photos))]
     w, h = img.size
     side = rng.uniform(0.25, 1.0) * min(w, h)
     aspect = np.exp(rng.uniform(np.log(0.8), np.log(1.25)))
@@ -148,7 +109,7 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     bg = pixels @ m.T
     bg += offset
     np.clip(bg, 0, 255, out=bg)
-    return bg.reshape(size, size, 3)
+    return name, bg.reshape(size, size, 3)
 
 
 def _paste(rng: np.random.Generator, canvas: np.ndarray, item: np.ndarray, side_range: tuple[float, float]):
@@ -183,7 +144,7 @@ def _render_detection(seed: int, split: str, index: int, image_dir: Path) -> dic
     size = _CTX["size"]
     images, labels, _ = _CTX[split]
     rng = _rng(seed, split, _KIND_DET, index)
-    canvas = _background(rng, size)
+    background, canvas = _background(rng, size, split)
     owner = np.zeros((size, size), dtype=np.int16)  # which object each pixel shows (0 = none)
     objects = []  # (label, full-mask area)
     for _ in range(int(rng.integers(DET_OBJECTS[0], DET_OBJECTS[1] + 1))):
@@ -215,19 +176,20 @@ def _render_detection(seed: int, split: str, index: int, image_dir: Path) -> dic
                 "segmentation": {"size": [size, size], "counts": rle["counts"].decode("ascii")},
             }
         )
-    return {"image": {"id": image_id, "file_name": file_name, "height": size, "width": size}, "annotations": anns}
+    image = {"id": image_id, "file_name": file_name, "height": size, "width": size, "background": background}
+    return {"image": image, "annotations": anns}
 
 
-def _render_classification(seed: int, split: str, index: int, class_root: Path) -> int:
+def _render_classification(seed: int, split: str, index: int, class_root: Path) -> tuple[int, str]:
     size = _CTX["size"]
     images, _, by_class = _CTX[split]
     rng = _rng(seed, split, _KIND_CLS, index)
     label = index % len(CLASS_NAMES)  # balanced: every class present once count >= 10
     sample = int(by_class[label][rng.integers(len(by_class[label]))])
-    canvas = _background(rng, size)
+    background, canvas = _background(rng, size, split)
     _paste(rng, canvas, images[sample], CLS_SIDE)
     _save(canvas, class_root / CLASS_SLUGS[label] / f"{index:06d}.png")
-    return label
+    return label, background
 
 
 def _work(task: tuple) -> tuple[str, str, list]:
@@ -253,15 +215,15 @@ def _prepare_out(out: Path) -> None:
             shutil.rmtree(out / sub)
 
 
-def _coco_json(split: str, records: list[dict], seed: int) -> dict:
+def _coco_json(split: str, records: list[dict], seed: int, backgrounds: str) -> dict:
     annotations = []
     for rec in records:
         for ann in rec["annotations"]:
             annotations.append({"id": len(annotations) + 1, **ann})
     return {
         "info": {
-            "description": f"fmnist-scenes {split} (Fashion-MNIST objects on scikit-image backgrounds)",
-            "version": "1.0",
+            "description": f"fmnist-scenes {split} (Fashion-MNIST objects on the '{backgrounds}' background photos)",
+            "version": "2.0",
             "year": 2017,
             "contributor": "splitserve",
             "url": "",
@@ -282,31 +244,37 @@ def make_fmnist_scenes(
     *,
     train_scenes: int = 4000,
     val_scenes: int = 1000,
+    val_seen_scenes: int = 0,
     image_size: int = 128,
     seed: int = 0,
+    backgrounds: str = "builtin",
     fmnist_dir: Path = DEFAULT_FMNIST_DIR,
     progress: bool = True,
     workers: int | None = None,
 ) -> dict:
     """Generate the fmnist-scenes COCO + ImageFolder trees under ``out``; return a summary dict.
 
-    ``train_scenes``/``val_scenes`` count both the detection scenes and the classification images
-    of each split. ``workers`` defaults to the number of CPUs (1 runs inline); the output does not
+    ``train_scenes``/``val_scenes``/``val_seen_scenes`` count both the detection scenes and the
+    classification images of each split. ``val`` is cut from photographs of ``backgrounds`` that
+    no train scene uses; ``val_seen`` (written only when asked for) puts val objects on the train
+    photographs. ``workers`` defaults to the number of CPUs (1 runs inline); the output does not
     depend on it.
     """
     from tqdm.auto import tqdm
 
     out = Path(out)
-    if train_scenes < 0 or val_scenes < 0:
+    if min(train_scenes, val_scenes, val_seen_scenes) < 0:
         raise DataError("scene counts must be >= 0")
     if not 32 <= image_size <= 4096:
         raise DataError(f"image size {image_size} out of range (32..4096)")
     t0 = time.perf_counter()
     # Validate the sources in the parent first, so errors are raised once and cleanly.
-    _init_worker(str(fmnist_dir), image_size)
+    _init_worker(str(fmnist_dir), image_size, backgrounds)
     _prepare_out(out)
     coco, folder = out / "coco", out / "imagefolder"
     counts = {"train": train_scenes, "val": val_scenes}
+    if val_seen_scenes:
+        counts["val_seen"] = val_seen_scenes
     (coco / "annotations").mkdir(parents=True, exist_ok=True)
     tasks = []
     chunk = 64
@@ -318,14 +286,15 @@ def make_fmnist_scenes(
             stop = min(n, start + chunk)
             tasks.append((_KIND_DET, seed, split, start, stop, str(coco / f"{split}2017")))
             tasks.append((_KIND_CLS, seed, split, start, stop, str(folder / split)))
+    total = sum(counts.values())
     if workers is None:  # a pool only pays off for more than a few hundred images
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        workers = min(cpus, 8) if train_scenes + val_scenes >= 400 else 1
+        workers = min(cpus, 8) if total >= 400 else 1
     workers = max(1, min(workers, len(tasks) or 1))
 
-    results: dict = {("det", s): {} for s in counts} | {("cls", s): {} for s in counts}
+    results: dict = {(kind, s): {} for s in counts for kind in ("det", "cls")}
     pool = None
-    bar = tqdm(total=2 * (train_scenes + val_scenes), desc="fmnist-scenes", unit="img", disable=not progress)
+    bar = tqdm(total=2 * total, desc="fmnist-scenes", unit="img", disable=not progress)
     try:
         if workers == 1:
             done = map(_work, tasks)
@@ -336,7 +305,10 @@ def make_fmnist_scenes(
             # initializer reloads the sources so spawn-only platforms work the same way.
             method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
             pool = ProcessPoolExecutor(
-                workers, mp_context=mp.get_context(method), initializer=_init_worker, initargs=(str(fmnist_dir), image_size)
+                workers,
+                mp_context=mp.get_context(method),
+                initializer=_init_worker,
+                initargs=(str(fmnist_dir), image_size, backgrounds),
             )
             done = pool.map(_work, tasks)
         for task, (kind, split, recs) in zip(tasks, done):
@@ -353,38 +325,50 @@ def make_fmnist_scenes(
         "imagefolder": str(folder),
         "image_size": image_size,
         "seed": seed,
+        "backgrounds": backgrounds,
+        "splits": list(counts),
     }
-    class_counts = {}
+    split_meta = {}
     for split in counts:
         records = [r for start in sorted(results[("det", split)]) for r in results[("det", split)][start]]
-        data = _coco_json(split, records, seed)
+        data = _coco_json(split, records, seed, backgrounds)
         ann_path = coco / "annotations" / f"instances_{split}2017.json"
         ann_path.write_text(json.dumps(data, separators=(",", ":")))
-        labels = [lab for start in sorted(results[("cls", split)]) for lab in results[("cls", split)][start]]
-        class_counts[split] = {CLASS_SLUGS[c]: labels.count(c) for c in range(len(CLASS_SLUGS))}
+        drawn = [d for start in sorted(results[("cls", split)]) for d in results[("cls", split)][start]]
+        labels = [label for label, _ in drawn]
+        used = [r["image"]["background"] for r in records] + [bg for _, bg in drawn]
+        split_meta[split] = {
+            "detection_scenes": len(records),
+            "annotations": len(data["annotations"]),
+            "classification_images": len(labels),
+            "classification_per_class": {CLASS_SLUGS[c]: labels.count(c) for c in range(len(CLASS_SLUGS))},
+            # what the scenes actually drew, so disjointness is checked on the output, not the spec
+            "backgrounds_used": {name: used.count(name) for name in sorted(set(used))},
+        }
         summary[f"{split}_scenes"] = len(records)
         summary[f"{split}_annotations"] = len(data["annotations"])
         summary[f"{split}_classification_images"] = len(labels)
         summary[f"{split}_annotation_file"] = str(ann_path)
 
+    spec = _CTX["backgrounds"].spec
     meta = {
         "name": "fmnist-scenes",
+        "version": 2,
         "seed": seed,
         "image_size": image_size,
-        "counts": {
-            split: {
-                "detection_scenes": summary[f"{split}_scenes"],
-                "annotations": summary[f"{split}_annotations"],
-                "classification_images": summary[f"{split}_classification_images"],
-                "classification_per_class": class_counts[split],
-            }
-            for split in counts
-        },
+        "counts": split_meta,
         "categories": [{"id": i + 1, "name": slug, "fashion_mnist_name": name} for i, (slug, name) in enumerate(zip(CLASS_SLUGS, CLASS_NAMES))],
         "source": {
-            "objects": f"Fashion-MNIST idx files from {Path(fmnist_dir)} (train split -> train, test split -> val)",
-            "backgrounds": [name for name, _ in _CTX["backgrounds"]],
-            "backgrounds_from": "scikit-image skimage.data",
+            "objects": f"Fashion-MNIST idx files from {Path(fmnist_dir)} (train split -> train, test split -> val, val_seen)",
+            "background_set": backgrounds,
+            "backgrounds": {
+                split: [
+                    {"name": p.name, "source": p.source, "file": p.locator, "licence": p.licence, "author": p.author}
+                    for p in spec.photos(split)
+                ]
+                for split in ("train", "val")
+            },
+            "background_of_split": {split: _SPLITS[split][2] for split in counts},
         },
         "generator": {
             "objects_per_scene": list(DET_OBJECTS),
@@ -394,7 +378,7 @@ def make_fmnist_scenes(
             "min_visible_fraction": MIN_VISIBLE,
         },
     }
-    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    (out / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
     (out / "README.md").write_text(_readme(meta))
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     return summary
@@ -402,21 +386,40 @@ def make_fmnist_scenes(
 
 def _readme(meta: dict) -> str:
     c = meta["counts"]
+    src = meta["source"]
+    rows = "\n".join(
+        f"| {split} | {src['background_of_split'][split]} | {c[split]['detection_scenes']} | {c[split]['annotations']} "
+        f"| {c[split]['classification_images']} |"
+        for split in c
+    )
+    photos = "\n".join(
+        f"| {split} | {p['name']} | {p['source']} | {p['licence']} | {p['author']} |"
+        for split, ps in src["backgrounds"].items()
+        for p in ps
+    )
     return f"""# fmnist-scenes
 
-Generated by `platform data fmnist-scenes` (seed {meta['seed']}, {meta['image_size']}x{meta['image_size']} px).
+Generated by `platform data fmnist-scenes` (seed {meta['seed']}, {meta['image_size']}x{meta['image_size']} px,
+background set `{src['background_set']}`).
 
-Real Fashion-MNIST items (train split for `train`, test split for `val`), tinted and alpha-composited
-with their own intensity as alpha onto random crops of scikit-image photos/textures
-({', '.join(meta['source']['backgrounds'])}). Later objects occlude earlier ones; masks and boxes
-are of the visible part, and instances less than {int(MIN_VISIBLE * 100)}% visible are dropped.
+Real Fashion-MNIST items (train split for `train`, test split for `val` and `val_seen`), tinted and
+alpha-composited with their own intensity as alpha onto random crops (scale, position, rotation/flip,
+colour) of real photographs. `val` scenes use only photographs that no `train` scene used;
+`val_seen` scenes put val objects on the train photographs (in-distribution, for continuity).
+Later objects occlude earlier ones; masks and boxes are of the visible part, and instances less
+than {int(MIN_VISIBLE * 100)}% visible are dropped.
 
-| split | detection scenes | annotations | classification images |
-|---|---|---|---|
-| train | {c['train']['detection_scenes']} | {c['train']['annotations']} | {c['train']['classification_images']} |
-| val | {c['val']['detection_scenes']} | {c['val']['annotations']} | {c['val']['classification_images']} |
+| split | photographs | detection scenes | annotations | classification images |
+|---|---|---|---|---|
+{rows}
 
-- `coco/annotations/instances_{{train,val}}2017.json`, `coco/{{train,val}}2017/*.jpg`: a COCO 2017 tree
-  (bbox xywh, area, RLE segmentation, iscrowd 0; categories 1..10).
-- `imagefolder/{{train,val}}/<class>/*.png`: one object per image, ImageNet-style layout.
+- `coco/annotations/instances_<split>2017.json`, `coco/<split>2017/*.jpg`: a COCO 2017 tree
+  (bbox xywh, area, RLE segmentation, iscrowd 0; categories 1..10; each image names its background).
+- `imagefolder/<split>/<class>/*.png`: one object per image, ImageNet-style layout.
+
+## Background photographs
+
+| photographs of | name | source | licence | author |
+|---|---|---|---|---|
+{photos}
 """

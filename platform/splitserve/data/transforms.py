@@ -24,6 +24,7 @@ from ..errors import DataError, SplitserveError
 from ..preprocess import Preprocessing, PreprocessingError, load_image, normalize
 
 IGNORE_INDEX = 255  # segmentation label ignored by the loss (padding, crowd regions)
+CROP_SCALE = (0.08, 1.0)  # classification RandomResizedCrop area range (torchvision's, the references')
 
 
 def as_size(image_size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -59,19 +60,23 @@ def to_normalized(image: Tensor) -> Tensor:
 
 
 class RandomScale(v2.Transform):
-    """Resize to ``base_size`` times a random factor in ``[lo, hi]`` (images bilinear, masks nearest).
+    """Resize to the size the policy gives this image times a random factor in ``[lo, hi]``
+    (images bilinear, masks nearest).
 
-    The factor scales the fixed network input size, so a factor of 1 is exactly the eval resize.
+    The factor scales what evaluation feeds the network, aspect included (a shorter-side policy
+    keeps it), so a factor of 1 is exactly the eval resize; scaling the nominal square instead
+    would train on squashed images and evaluate on unsquashed ones.
     """
 
-    def __init__(self, base_size: tuple[int, int], lo: float = 0.5, hi: float = 2.0) -> None:
+    def __init__(self, policy: Preprocessing, lo: float = 0.5, hi: float = 2.0) -> None:
         super().__init__()
-        self.base_size = base_size
+        self.policy = policy
         self.lo, self.hi = lo, hi
 
     def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        h, w = self.policy.input_size(*F.get_size(next(i for i in flat_inputs if isinstance(i, tv_tensors.Image))))
         s = float(torch.empty(1).uniform_(self.lo, self.hi))
-        return {"size": [max(1, round(self.base_size[0] * s)), max(1, round(self.base_size[1] * s))]}
+        return {"size": [max(1, round(h * s)), max(1, round(w * s))]}
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
         return F.resize(inpt, params["size"], antialias=True)
@@ -112,7 +117,8 @@ def classification_transform(train: bool, preprocessing) -> v2.Compose:
     if train:
         return v2.Compose([
             v2.ToImage(),
-            v2.RandomResizedCrop(list(policy.nominal_size), scale=(0.35, 1.0), antialias=True),
+            # torchvision's default scale range, as both reference recipes train
+            v2.RandomResizedCrop(list(policy.nominal_size), scale=CROP_SCALE, antialias=True),
             v2.RandomHorizontalFlip(),
             v2.Lambda(to_normalized, tv_tensors.Image),
         ])
@@ -131,14 +137,14 @@ def detection_transform(train: bool, preprocessing) -> v2.Compose:
 
 
 def segmentation_transform(train: bool, preprocessing) -> v2.Compose:
-    """On ``(Image, Mask)``: train = random scale 0.5-2 of the nominal size + random crop (pad image
-    0, mask 255) + flip; eval = resize as the policy says (mask nearest)."""
+    """On ``(Image, Mask)``: train = random scale 0.5-2 of the policy's size for this image (its
+    aspect kept, as in evaluation) + random crop to the nominal size (pad image 0, mask 255) + flip;
+    eval = resize as the policy says (mask nearest)."""
     policy = as_policy(preprocessing)
     if train:
-        size = policy.nominal_size
         ops = [
-            RandomScale(size, 0.5, 2.0),
-            v2.RandomCrop(list(size), pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX}),
+            RandomScale(policy, 0.5, 2.0),
+            v2.RandomCrop(list(policy.nominal_size), pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX}),
             v2.RandomHorizontalFlip(),
         ]
     else:
