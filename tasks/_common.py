@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from splitserve.errors import PluginError, SplitserveError
-from splitserve.plugins import TaskBatch
+from splitserve.plugins import EvalSample, TaskBatch
 
 
 def merge_config(
@@ -85,6 +85,11 @@ def source_dataset(batches: Iterable, dataset: Dataset | None, attr: str) -> Any
     while ds is not None and not hasattr(ds, attr) and hasattr(ds, "dataset"):
         ds = ds.dataset
     return ds if ds is not None and hasattr(ds, attr) else None
+
+
+def coco_samples(dataset: Any) -> list[EvalSample]:
+    """Every image of a COCO dataset (``splitserve.data``'s), with its COCO image id as the target."""
+    return [EvalSample(dataset.image_dir / dataset.coco.imgs[i]["file_name"], int(i)) for i in dataset.ids]
 
 
 def resolve_teacher_weights(task_model: str, backbone: str, weights: str | None):

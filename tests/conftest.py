@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from splitserve.defaults import BUILTIN_TASKS
+from splitserve.defaults import builtin_tasks
 from splitserve.gateway.process import GatewayProcess
 
 
@@ -19,7 +19,7 @@ def bundle_dir(tmp_path_factory) -> Path:
     from splitserve.defaults import build_untrained_bundle
 
     path = tmp_path_factory.mktemp("bundles") / "es-r18"
-    return build_untrained_bundle(path, input_size=(64, 64), tasks=list(BUILTIN_TASKS))
+    return build_untrained_bundle(path, input_size=(64, 64), tasks=builtin_tasks())
 
 
 @pytest.fixture(scope="session")

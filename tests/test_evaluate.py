@@ -17,6 +17,8 @@ from PIL import Image
 from splitserve.cli import main
 from splitserve.evaluation.metrics import CurveError, bd_rate, delta_accuracy, pareto_front
 
+from .test_report_rows import check_report_against_points
+
 # Published ImageNet / ResNet-50 points (DESIGN.md §1, §4): top-1 % at bpp
 ES = ([0.147, 0.331, 0.596, 0.887, 1.312], [57.37, 71.61, 74.23, 75.10, 75.31])
 RAC8 = ([0.093, 0.225, 0.435, 1.159], [67.92, 71.51, 73.51, 75.20])
@@ -331,8 +333,7 @@ def test_ground_truth_answers_score_100_and_wrong_ones_less(scenes):
     (mAP 100, mIoU 100, top-1 100), then a shifted box / a wrong class."""
     from splitserve_tasks.classification.schema import ClassificationResult, ClassScore
     from splitserve_tasks.detection.schema import Detection, DetectionResult
-    from splitserve_tasks.segmentation.plugin import encode_mask
-    from splitserve_tasks.segmentation.schema import SegmentationResult
+    from splitserve_tasks.segmentation.schema import SegmentationResult, encode_mask
 
     cls = _items(scenes, "classification")
     right = [ClassificationResult(top=[ClassScore(index=it.target, label="x", probability=1.0)]) for it in cls.items]
@@ -360,10 +361,20 @@ def test_ground_truth_answers_score_100_and_wrong_ones_less(scenes):
 
     seg = _items(scenes, "segmentation")
     masks = [seg.dataset.semantic_mask(it.target) for it in seg.items]
-    perfect = [SegmentationResult(width=m.shape[1], height=m.shape[0], mask=encode_mask(m), classes=[]) for m in masks]
-    assert seg.score(perfect, num_classes=11)["mIoU"] == pytest.approx(100.0)
+    perfect = [SegmentationResult(width=m.shape[1], height=m.shape[0], mask_width=m.shape[1], mask_height=m.shape[0],
+                                  scale=[1.0, 1.0], mask=encode_mask(m), classes=[]) for m in masks]
+    assert seg.score(perfect, {"num_classes": 11})["mIoU"] == pytest.approx(100.0)
     blank = [p.model_copy(update={"mask": encode_mask(np.zeros_like(m))}) for p, m in zip(perfect, masks)]
-    assert seg.score(blank, num_classes=11)["mIoU"] < 100.0
+    assert seg.score(blank, {"num_classes": 11})["mIoU"] < 100.0
+    # a mask at half the resolution, enlarged nearest-neighbour to the truth's size by the scorer
+    half = [p.model_copy(update={"mask": encode_mask(m[::2, ::2]), "mask_width": m.shape[1] // 2,
+                                 "mask_height": m.shape[0] // 2, "scale": [2.0, 2.0]}) for p, m in zip(perfect, masks)]
+    truth = np.concatenate([m.ravel() for m in masks]).astype(np.int64)
+    pred = np.concatenate([np.repeat(np.repeat(m[::2, ::2], 2, 0), 2, 1).ravel() for m in masks]).astype(np.int64)
+    confusion = np.bincount(truth * 11 + pred, minlength=121).reshape(11, 11)
+    union = confusion.sum(0) + confusion.sum(1) - confusion.diagonal()
+    want = 100 * np.mean(confusion.diagonal()[union > 0] / union[union > 0])
+    assert 0 < want < 100 and seg.score(half, {"num_classes": 11})["mIoU"] == pytest.approx(want)
 
 
 # -- the whole study ---------------------------------------------------------------------------
@@ -446,6 +457,7 @@ def test_study_writes_consistent_outputs(study, scenes):
         assert float(r["accuracy"]) == pytest.approx(p["accuracy"])
         assert p["bpp"] == pytest.approx(8 * p["bytes_per_image"] / (64 * 64))  # fixed 64×64 model input
         assert p["images"] == 4
+    assert check_report_against_points(out) == len(points)  # report.md's rows say what points.json says
     report = (out / "report.md").read_text()
     assert f"Machine: `{doc['uname']['node']}`" in report and "| step | seconds |" in report
     assert "PCHIP" in report and "LoRa (37.5 kbit/s)" in report

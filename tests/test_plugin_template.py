@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from PIL import Image
 
 from splitserve.errors import PluginError
 from splitserve.models.backbone import FeatureSpec
@@ -197,6 +198,81 @@ def test_tasks_endpoint_and_openapi_publish_the_schema(server):
     r = httpx.post(server.url + "/infer", params={"tasks": "embed,pose"}, content=b"x",
                    headers={"Content-Type": "application/x-splitserve"})
     assert r.status_code == 400 and "embedding (embed)" in r.json()["detail"]
+
+
+# -- a rate–accuracy study of the template's task --------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def crops(tmp_path_factory) -> Path:
+    """An ImageFolder tree of real photos: random 48×40 crops of three scikit-image textures."""
+    root = tmp_path_factory.mktemp("crops")
+    rng = np.random.default_rng(0)
+    for name in ("brick", "grass", "gravel"):
+        photo = np.asarray(texture(name))
+        for split, n in (("train", 2), ("val", 4)):
+            (root / split / name).mkdir(parents=True)
+            for i in range(n):
+                y, x = rng.integers(0, photo.shape[0] - 40), rng.integers(0, photo.shape[1] - 48)
+                Image.fromarray(photo[y:y + 40, x:x + 48]).save(root / split / name / f"{i}.png")
+    return root
+
+
+def test_platform_evaluate_scores_the_template_task(installed, bundles, crops, tmp_path):
+    """`platform evaluate` on a task the core has never heard of: the template's embedding head,
+    from payload bytes through the gateway runtime and from WebP through its teacher, scored by the
+    plugin's own scorer; the teacher's recall@1 equals the plugin's own ``evaluate`` on those images."""
+    import json
+
+    script = textwrap.dedent("""
+        import sys
+        from pathlib import Path
+        import torch
+        from splitserve.plugins import PluginRegistry
+        from splitserve.preprocess import Preprocessing
+        from splitserve.training.teacher import Teacher, save_teacher
+
+        plugin = PluginRegistry.discover().get("embed")
+        torch.manual_seed(0)
+        config = plugin.resolve_config("resnet18", {"dim": 32})
+        stem, head = plugin.build_teacher("resnet18", config)
+        path = Path(sys.argv[1])
+        save_teacher(path, Teacher(path, plugin.name, "resnet18", config, Preprocessing.fixed(64, 64), stem.eval(),
+                                   head.eval(), {}, {}))
+    """)
+    proc = run(sys.executable, "-c", script, str(tmp_path / "t-emb"))
+    assert proc.returncode == 0, proc.stderr
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(f"""
+data: {crops}
+teachers: {{embed: t-emb}}
+repeat: 1
+anchors: {{delta_accuracy: ES}}
+bitmaps: {{images: 1}}
+methods:
+  - {{name: ES, kind: bundle, points: [{bundles / "embed-cls"}]}}
+  - {{name: WebP, kind: webp, points: [10, 90]}}
+""")
+    proc = run(*platform_cmd(), "evaluate", str(sweep), "--out", str(tmp_path / "out"), "--no-progress", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads((tmp_path / "out" / "points.json").read_text())
+    ref = doc["reference"]["embedding"]
+    assert (ref["metric"], ref["label"], ref["images"]) == ("recall@1", "recall@1 (%)", 12)
+    points = [(p["method"], p["setting"], p["task"], p["metric"]) for p in doc["points"]]
+    assert points == [("ES", "embed-cls", "embedding", "recall@1"), ("WebP", "q10", "embedding", "recall@1"),
+                      ("WebP", "q90", "embedding", "recall@1")]
+    assert "## embedding (recall@1 (%))" in (tmp_path / "out" / "report.md").read_text()
+
+    from torch.utils.data import DataLoader
+
+    from splitserve.training.teacher import load_teacher
+
+    registry = PluginRegistry.discover()
+    plugin = registry.get("embedding")
+    teacher = load_teacher(tmp_path / "t-emb", registry)
+    val = plugin.build_dataset(crops, "val", train=False, preprocessing=teacher.preprocessing)
+    theirs = plugin.evaluate(teacher.head, teacher.stem, DataLoader(val, batch_size=5, collate_fn=plugin.collate))
+    assert ref["accuracy"] == pytest.approx(theirs["recall@1"], abs=1e-9)
 
 
 # -- start-up checks -----------------------------------------------------------------------------

@@ -1,11 +1,11 @@
 """The default bundle, so ``make serve`` answers real requests with no download or build step.
 
-The package ships a trained bundle (``assets/default-bundle``: Entropic Student on fmnist-scenes at
-64 px, classification + detection + segmentation heads on one shared trunk, server side in fp16;
+The package ships a trained bundle (``assets/default-bundle``: a feature codec on fmnist-scenes at
+64 px, a head for each built-in task plugin on one shared trunk, server side in fp16;
 ``make default-bundle`` rebuilds it). On first use it is copied into the cache directory, so that
 ``platform finetune`` without ``--bundle`` changes the user's copy, never the installed package.
 A source tree without the asset falls back to an untrained bundle with deterministic initial
-weights (seed 0): real coding and decoding, untrained predictions.
+weights (seed 0) for the built-in tasks: real coding and decoding, untrained predictions.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+from importlib.metadata import distribution
 from pathlib import Path
 
 import torch
@@ -22,11 +23,19 @@ PACKAGED_BUNDLE = Path(__file__).parent / "assets" / "default-bundle"
 DEFAULT_BACKBONE = "resnet18"
 DEFAULT_INPUT_SIZE = (224, 224)
 DEFAULT_SEED = 0
-BUILTIN_TASKS = ("classification", "detection", "segmentation")
+DISTRIBUTION = "splitserve"
 FMNIST_LABELS = [
     "t-shirt_top", "trouser", "pullover", "dress", "coat",
     "sandal", "shirt", "sneaker", "bag", "ankle_boot",
 ]  # fmt: skip
+
+
+def builtin_tasks() -> list[str]:
+    """The tasks this distribution registers itself: its own ``splitserve.tasks`` entry points,
+    whatever other plugins are installed. The core names none of them."""
+    from .plugins import ENTRY_POINT_GROUP
+
+    return sorted(ep.name for ep in distribution(DISTRIBUTION).entry_points if ep.group == ENTRY_POINT_GROUP)
 
 
 def cache_dir() -> Path:
@@ -90,7 +99,7 @@ def ensure_default_bundle() -> Path:
             if not (path / "manifest.json").is_file():
                 raise
         return path
-    build_untrained_bundle(path, tasks=list(BUILTIN_TASKS))
+    build_untrained_bundle(path, tasks=builtin_tasks())
     return path
 
 

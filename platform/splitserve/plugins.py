@@ -2,9 +2,10 @@
 
 A task plugin turns the decoded feature ``h`` into an answer. Serving needs four members
 (:class:`TaskPlugin`: name, response model, build_head, predict); training needs more
-(:class:`TrainingHooks`: dataset, collate, loss, metric), kept separate so a serve-only plugin stays
-small. Plugins are found through the ``splitserve.tasks`` entry-point group; the built-in ones
-register through it too.
+(:class:`TrainingHooks`: dataset, collate, loss, metric), and rate–accuracy studies more again
+(:class:`EvaluationHooks`: evaluation images and a :class:`Scorer` of served answers), kept apart so
+a serve-only plugin stays small. Plugins are found through the ``splitserve.tasks`` entry-point
+group; the built-in ones register through it too.
 """
 
 from __future__ import annotations
@@ -189,11 +190,68 @@ class TrainingHooks(ABC):
         return resnet, head
 
 
+class Scorer(ABC):
+    """One task's metrics, accumulated from the plugin's own answers (``response_model`` objects,
+    exactly as served) against ground truth. Studies score every method through it — our payloads
+    through the gateway and input codecs through the uncompressed teacher — so all are scored alike."""
+
+    @abstractmethod
+    def update(self, predictions: Sequence[BaseModel], targets: Sequence[Any]) -> None:
+        """Add the answers for images whose ground truth is ``targets`` (one each, in order)."""
+
+    @abstractmethod
+    def result(self) -> dict[str, float]:
+        """Metrics over everything added so far; includes the plugin's ``metric_name``."""
+
+
+@dataclass(frozen=True)
+class EvalSample:
+    """One evaluation image: its file, which is encoded as a device would, and the target the
+    task's :class:`Scorer` reads (a class index, a COCO image id, …)."""
+
+    path: Path
+    target: Any
+
+
+class EvaluationHooks(ABC):
+    """What ``platform evaluate`` and ``platform bundle measure`` need to score a task from served
+    answers, beside :class:`TrainingHooks` (which they need too: ``build_dataset`` gives the data,
+    ``build_teacher`` the uncompressed reference, ``metric_name`` the headline metric)."""
+
+    metric_label: ClassVar[str] = ""
+    """How plots and reports name ``metric_name``, with its unit, e.g. ``"top-1 (%)"``; default
+    ``metric_name``."""
+
+    @abstractmethod
+    def eval_samples(self, dataset: Dataset) -> list[EvalSample]:
+        """Every image of ``dataset`` (from ``build_dataset(..., train=False)``) with its target, in
+        a fixed order (studies take an evenly spaced subset of it)."""
+
+    @abstractmethod
+    def make_scorer(self, dataset: Dataset, config: Mapping[str, Any]) -> Scorer:
+        """A fresh scorer for answers to ``dataset``'s images given by a head with ``config``."""
+
+    def scoring_config(self, config: Mapping[str, Any]) -> dict[str, Any]:
+        """The head config to answer with when scoring (e.g. a benchmark protocol's thresholds);
+        default: as served."""
+        return dict(config)
+
+
 def trainable(plugin: TaskPlugin, command: str) -> TrainingHooks:
     """``plugin`` as a :class:`TrainingHooks`, or one clear error naming what is missing."""
     if not isinstance(plugin, TrainingHooks):
         raise PluginError(f"task {plugin.name!r} can be served but not trained: `platform {command}` needs a plugin "
                           "that also implements splitserve.plugins.TrainingHooks (dataset, collate, loss, evaluate)")
+    return plugin
+
+
+def scorable(plugin: TaskPlugin) -> Any:
+    """``plugin`` if studies can score it (:class:`TrainingHooks` and :class:`EvaluationHooks`), or
+    one clear error naming what is missing."""
+    missing = [hooks.__name__ for hooks in (TrainingHooks, EvaluationHooks) if not isinstance(plugin, hooks)]
+    if missing:
+        raise PluginError(f"task {plugin.name!r} cannot be scored: `platform evaluate` needs a plugin that also "
+                          f"implements {' and '.join('splitserve.plugins.' + m for m in missing)}")
     return plugin
 
 

@@ -1,4 +1,5 @@
-"""The classification :class:`TaskPlugin`: serving (top-k) and training hooks (CE + KD, top-1/5)."""
+"""The classification :class:`TaskPlugin`: serving (top-k), training hooks (CE + KD, top-1/5) and
+evaluation hooks (top-1/5 of served answers)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from torch.utils.data import Dataset
 
 from splitserve.errors import PluginError
 from splitserve.models.backbone import check_arch, resnet_stem
-from splitserve.plugins import FeatureFn, ImageMeta, TaskBatch, TaskPlugin, TrainingHooks
+from splitserve.plugins import (EvalSample, EvaluationHooks, FeatureFn, ImageMeta, Scorer, TaskBatch, TaskPlugin,
+                                TrainingHooks)
 from splitserve.preprocess import Preprocessing
 
 from .._common import class_list_config, evaluating, label_of, merge_config, to_device
@@ -32,7 +34,27 @@ def _positive_int(name: str, value: Any) -> int:
     return value
 
 
-class ClassificationPlugin(TrainingHooks, TaskPlugin):
+class TopKScorer(Scorer):
+    """Top-1 and top-5 accuracy (%) of served answers: the answer's first class, and any of its
+    first five, against the label (targets: class indices)."""
+
+    def __init__(self) -> None:
+        self.top1 = self.top5 = self.total = 0
+
+    def update(self, predictions: Sequence[ClassificationResult], targets: Sequence[int]) -> None:
+        for answer, label in zip(predictions, targets, strict=True):
+            ranked = [c.index for c in answer.top]
+            self.top1 += int(ranked[:1] == [label])
+            self.top5 += int(label in ranked[:5])
+            self.total += 1
+
+    def result(self) -> dict[str, float]:
+        if self.total == 0:
+            raise PluginError("classification: no answers to score")
+        return {"top1": 100.0 * self.top1 / self.total, "top5": 100.0 * self.top5 / self.total}
+
+
+class ClassificationPlugin(EvaluationHooks, TrainingHooks, TaskPlugin):
     """Image classification; the default head mirrors torchvision's ImageNet ResNet."""
 
     name = "classification"
@@ -40,6 +62,7 @@ class ClassificationPlugin(TrainingHooks, TaskPlugin):
     description = "Image classification (top-k classes with probabilities)."
     response_model = ClassificationResult
     metric_name = "top1"
+    metric_label = "top-1 (%)"
     data_layout = "imagefolder"
 
     # -- serving -------------------------------------------------------------------------
@@ -163,3 +186,10 @@ class ClassificationPlugin(TrainingHooks, TaskPlugin):
         if total == 0:
             raise PluginError("classification: evaluate got no batches")
         return {"top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total}
+
+    # -- evaluation hooks -----------------------------------------------------------------
+    def eval_samples(self, dataset: Dataset) -> list[EvalSample]:
+        return [EvalSample(Path(path), int(label)) for path, label in dataset.samples]
+
+    def make_scorer(self, dataset: Dataset, config: Mapping[str, Any]) -> TopKScorer:
+        return TopKScorer()

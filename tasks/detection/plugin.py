@@ -1,4 +1,5 @@
-"""The detection :class:`TaskPlugin`: RetinaNet serving, RetinaNet losses, COCO mAP."""
+"""The detection :class:`TaskPlugin`: RetinaNet serving, RetinaNet losses, COCO mAP (of the
+head's output in training, of served answers in studies)."""
 
 from __future__ import annotations
 
@@ -18,12 +19,14 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from splitserve.data.transforms import pad_batch
 from splitserve.errors import PluginError
 from splitserve.models.backbone import build_resnet, check_arch, resnet_stem
-from splitserve.plugins import FeatureFn, ImageMeta, TaskBatch, TaskPlugin, TrainingHooks
+from splitserve.plugins import (EvalSample, EvaluationHooks, FeatureFn, ImageMeta, Scorer, TaskBatch, TaskPlugin,
+                                TrainingHooks)
 from splitserve.preprocess import Preprocessing
 
 from .._common import (
     adapt_class_rows,
     class_list_config,
+    coco_samples,
     download_state_dict,
     evaluating,
     label_of,
@@ -77,7 +80,29 @@ def coco_bbox_metrics(coco_gt, results: list[dict], image_ids: Iterable[int]) ->
     return {"mAP": 100.0 * max(float(ev.stats[0]), 0.0), "AP50": 100.0 * max(float(ev.stats[1]), 0.0)}
 
 
-class DetectionPlugin(TrainingHooks, TaskPlugin):
+class BoxScorer(Scorer):
+    """COCO box mAP of served answers (targets: COCO image ids): the answers' boxes, already in
+    original pixels, as COCO results with the dataset's category ids, through :func:`coco_bbox_metrics`."""
+
+    def __init__(self, dataset: Any):
+        self.dataset = dataset
+        self.results: list[dict] = []
+        self.image_ids: list[int] = []
+
+    def update(self, predictions: Sequence[DetectionResult], targets: Sequence[int]) -> None:
+        cat_ids = self.dataset.label_to_category_id
+        for answer, image_id in zip(predictions, targets, strict=True):
+            self.image_ids.append(int(image_id))
+            for d in answer.detections:
+                x1, y1, x2, y2 = d.box
+                self.results.append({"image_id": int(image_id), "category_id": int(cat_ids[d.index]),
+                                     "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(d.score)})
+
+    def result(self) -> dict[str, float]:
+        return coco_bbox_metrics(self.dataset.coco, self.results, self.image_ids)
+
+
+class DetectionPlugin(EvaluationHooks, TrainingHooks, TaskPlugin):
     """Object detection with torchvision's RetinaNet (ResNet-FPN, P3..P7); the default head
     mirrors ``retinanet_resnet50_fpn`` and its 91 COCO labels."""
 
@@ -86,6 +111,7 @@ class DetectionPlugin(TrainingHooks, TaskPlugin):
     description = "Object detection (RetinaNet): boxes, scores and labels in original image pixels."
     response_model = DetectionResult
     metric_name = "mAP"
+    metric_label = "box mAP@[.5:.95] (%)"
     data_layout = "coco"
 
     # -- serving -------------------------------------------------------------------------
@@ -277,3 +303,14 @@ class DetectionPlugin(TrainingHooks, TaskPlugin):
                             }
                         )
         return coco_bbox_metrics(ds.coco, results, image_ids)
+
+    # -- evaluation hooks -----------------------------------------------------------------
+    def eval_samples(self, dataset: Dataset) -> list[EvalSample]:
+        return coco_samples(dataset)
+
+    def make_scorer(self, dataset: Dataset, config: Mapping[str, Any]) -> BoxScorer:
+        return BoxScorer(dataset)
+
+    def scoring_config(self, config: Mapping[str, Any]) -> dict[str, Any]:
+        """The COCO protocol: keep boxes down to score 0.05, at most 100 per image (as ``evaluate``)."""
+        return {**config, "score_threshold": EVAL_SCORE_THRESHOLD, "max_detections": EVAL_MAX_DETECTIONS}

@@ -1,11 +1,8 @@
-"""The segmentation :class:`TaskPlugin`: class maps as PNG at the original resolution, CE + aux
-loss, mIoU."""
+"""The segmentation :class:`TaskPlugin`: class maps as PNG at the model's resolution (with the
+geometry to the original image), CE + aux loss, mIoU."""
 
 from __future__ import annotations
 
-import base64
-import io
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,7 +10,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 from torchvision.models.segmentation import DeepLabV3_ResNet50_Weights
@@ -21,11 +17,13 @@ from torchvision.models.segmentation import DeepLabV3_ResNet50_Weights
 from splitserve.data.transforms import pad_batch
 from splitserve.errors import PluginError
 from splitserve.models.backbone import build_resnet, check_arch, resnet_stem
-from splitserve.plugins import FeatureFn, ImageMeta, TaskBatch, TaskPlugin, TrainingHooks
+from splitserve.plugins import (EvalSample, EvaluationHooks, FeatureFn, ImageMeta, Scorer, TaskBatch, TaskPlugin,
+                                TrainingHooks)
 from splitserve.preprocess import Preprocessing
 
 from .._common import (
     adapt_class_rows,
+    coco_samples,
     download_state_dict,
     evaluating,
     label_of,
@@ -35,32 +33,17 @@ from .._common import (
     to_device,
 )
 from .head import OUTPUT_STRIDES, DeepLabV3Head, default_output_stride
-from .schema import ClassShare, SegmentationResult
+from .schema import ClassShare, SegmentationResult, encode_mask, full_mask
 
 VOC_CATEGORIES: list[str] = list(DeepLabV3_ResNet50_Weights.COCO_WITH_VOC_LABELS_V1.meta["categories"])
 IGNORE_INDEX = 255  # VOC's "void" label; also why at most 255 classes fit an 8-bit mask
-MAX_UPSAMPLE_PIXELS = 4_000_000
-"""Logits are upsampled bilinearly to the original size up to this many pixels; beyond it the
-class map is computed at this size and enlarged nearest-neighbour (K float maps of a 12 MP
-photo would take ~1 GB)."""
 
 
-def _voc_palette() -> list[int]:
-    """The PASCAL VOC colour map, so the PNG is viewable as-is."""
-    palette = []
-    for i in range(256):
-        r = g = b = 0
-        c = i
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        palette += [r, g, b]
-    return palette
-
-
-_PALETTE = _voc_palette()
+def confusion_counts(truth: Tensor, pred: Tensor, k: int) -> Tensor:
+    """The (k·k,) confusion counts (row: truth) of two label maps, over pixels whose truth is a class
+    (not ``IGNORE_INDEX``) and whose prediction is one of the ``k``."""
+    valid = (truth >= 0) & (truth < k) & (pred < k)
+    return torch.bincount(truth[valid] * k + pred[valid], minlength=k * k)
 
 
 def confusion_metrics(confusion: Tensor) -> dict[str, float]:
@@ -77,13 +60,25 @@ def confusion_metrics(confusion: Tensor) -> dict[str, float]:
     return {"mIoU": 100.0 * float(iou.mean()), "pixel_acc": 100.0 * float(diag.sum() / total)}
 
 
-def encode_mask(classes: np.ndarray) -> str:
-    """Base64 PNG of a uint8 class map, with the VOC palette attached."""
-    img = Image.fromarray(classes)
-    img.putpalette(_PALETTE)
-    buf = io.BytesIO()
-    img.save(buf, format="PNG", compress_level=1)  # label maps compress well even at level 1
-    return base64.b64encode(buf.getvalue()).decode("ascii")
+class MaskScorer(Scorer):
+    """mIoU of served answers: each answer's :func:`full_mask` against the COCO semantic mask at
+    the original resolution (targets: COCO image ids)."""
+
+    def __init__(self, dataset: Any, num_classes: int):
+        self.dataset, self.k = dataset, num_classes
+        self.confusion = torch.zeros(num_classes * num_classes, dtype=torch.long)
+
+    def update(self, predictions: Sequence[SegmentationResult], targets: Sequence[int]) -> None:
+        for answer, image_id in zip(predictions, targets, strict=True):
+            truth = torch.from_numpy(self.dataset.semantic_mask(image_id).astype(np.int64))
+            pred = torch.from_numpy(full_mask(answer).astype(np.int64))
+            if pred.shape != truth.shape:
+                raise PluginError(f"segmentation: mask of image {image_id} is {tuple(pred.shape)}, "
+                                  f"the truth {tuple(truth.shape)}")
+            self.confusion += confusion_counts(truth, pred, self.k)
+
+    def result(self) -> dict[str, float]:
+        return confusion_metrics(self.confusion.view(self.k, self.k))
 
 
 def _width(name: str, value: Any) -> int:
@@ -92,15 +87,17 @@ def _width(name: str, value: Any) -> int:
     return value
 
 
-class SegmentationPlugin(TrainingHooks, TaskPlugin):
+class SegmentationPlugin(EvaluationHooks, TrainingHooks, TaskPlugin):
     """Semantic segmentation with torchvision's DeepLabv3; the default head mirrors
     ``deeplabv3_resnet50`` and its 21 VOC labels."""
 
     name = "segmentation"
     aliases = ("seg",)
-    description = "Semantic segmentation (DeepLabv3): a class-index PNG at the original resolution."
+    description = ("Semantic segmentation (DeepLabv3): a class-index PNG at the model's resolution, with the "
+                   "scale to the original image.")
     response_model = SegmentationResult
     metric_name = "mIoU"
+    metric_label = "mIoU (%)"
     data_layout = "coco"
 
     # -- serving -------------------------------------------------------------------------
@@ -140,22 +137,23 @@ class SegmentationPlugin(TrainingHooks, TaskPlugin):
         metas: Sequence[ImageMeta],
         config: Mapping[str, Any],
     ) -> list[SegmentationResult]:
-        logits = head.logits(features)  # one forward for the batch; upsampling is per image size
+        """One class map per image at its model input's size (the logits upsampled bilinearly, then
+        argmax): the work and the answer are bounded by the model, whatever original size a payload
+        declares; the answer carries the scale to the original (``full_mask`` applies it)."""
+        logits = head.logits(features).float()  # one forward for the batch
+        classes: dict[int, np.ndarray] = {}
+        for size in {m.input_size for m in metas}:  # one upsampling per model input size
+            rows = [i for i, m in enumerate(metas) if m.input_size == size]
+            up = F.interpolate(logits[rows], size=size, mode="bilinear", align_corners=False)
+            classes.update(zip(rows, up.argmax(1).to(torch.uint8).cpu().numpy()))
         out = []
         for i, meta in enumerate(metas):
-            oh, ow = meta.original_size
-            scale = min(1.0, math.sqrt(MAX_UPSAMPLE_PIXELS / (oh * ow)))
-            th, tw = max(1, round(oh * scale)), max(1, round(ow * scale))
-            up = F.interpolate(logits[i : i + 1].float(), size=(th, tw), mode="bilinear", align_corners=False)
-            classes = up[0].argmax(0).to(torch.uint8).cpu().numpy()
-            if (th, tw) != (oh, ow):
-                classes = np.asarray(Image.fromarray(classes).resize((ow, oh), Image.Resampling.NEAREST))
-            counts = np.bincount(classes.ravel(), minlength=head.num_classes)
-            shares = [
-                ClassShare(index=int(k), label=label_of(head.labels, int(k)), fraction=float(counts[k]) / classes.size)
-                for k in np.flatnonzero(counts)
-            ]
-            out.append(SegmentationResult(width=ow, height=oh, mask=encode_mask(classes), classes=shares))
+            c, (ih, iw), (oh, ow) = classes[i], meta.input_size, meta.original_size
+            counts = np.bincount(c.ravel(), minlength=head.num_classes)
+            shares = [ClassShare(index=int(k), label=label_of(head.labels, int(k)), fraction=float(counts[k]) / c.size)
+                      for k in np.flatnonzero(counts)]
+            out.append(SegmentationResult(width=ow, height=oh, mask_width=iw, mask_height=ih, scale=[ow / iw, oh / ih],
+                                          mask=encode_mask(c), classes=shares))
         return out
 
     # -- training hooks -------------------------------------------------------------------
@@ -236,6 +234,13 @@ class SegmentationPlugin(TrainingHooks, TaskPlugin):
                 images, targets = to_device(batch, device)
                 logits = head.logits(features_fn(images))
                 pred = F.interpolate(logits, size=targets.shape[-2:], mode="bilinear", align_corners=False).argmax(1)
-                valid = (targets >= 0) & (targets < k)
-                confusion += torch.bincount(targets[valid] * k + pred[valid], minlength=k * k)
+                confusion += confusion_counts(targets, pred, k)
         return confusion_metrics(confusion.view(k, k).cpu())
+
+    # -- evaluation hooks -----------------------------------------------------------------
+    def eval_samples(self, dataset: Dataset) -> list[EvalSample]:
+        return coco_samples(dataset)
+
+    def make_scorer(self, dataset: Dataset, config: Mapping[str, Any]) -> MaskScorer:
+        """mIoU over ``config``'s classes (default: the dataset's, background included)."""
+        return MaskScorer(dataset, int(config.get("num_classes") or len(dataset.classes)))

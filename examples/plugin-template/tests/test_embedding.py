@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from importlib.metadata import entry_points
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -139,5 +140,15 @@ def test_dataset_and_recall(plugin, tmp_path):
     assert set(metrics) == {"recall@1", "recall@5"}
     assert 0.0 <= metrics["recall@1"] <= metrics["recall@5"] == 100.0  # 5 neighbours of 6 cover both classes
     assert head.training  # evaluate restores the mode
+    # served answers scored by the evaluation hooks (`platform evaluate`) give the same recall
+    samples = plugin.eval_samples(val)
+    assert [(s.path.name, s.target) for s in samples] == [(Path(p).name, y) for p, y in val.samples]
+    batch = plugin.collate([val[i] for i in range(len(val))])
+    head.eval()
+    answers = plugin.predict(head, stem(batch.images), batch.metas, {"dim": DIM})
+    scorer = plugin.make_scorer(val, {"dim": DIM})
+    scorer.update(answers[:4], [s.target for s in samples[:4]])
+    scorer.update(answers[4:], [s.target for s in samples[4:]])
+    assert scorer.result() == pytest.approx(metrics, abs=1e-9)
     with pytest.raises(PluginError, match="at least two"):
         plugin.evaluate(head, stem, [plugin.collate([val[0]])])

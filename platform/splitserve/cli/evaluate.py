@@ -11,8 +11,8 @@ from . import add_command
 def register(sub) -> None:
     p = add_command(sub, "evaluate", run, "Rate–accuracy study from a sweep file: bundles vs JPEG/WebP/learned image codecs.",
                     "Measure every point of a sweep — our bundles from real payload bytes through the gateway runtime; "
-                    "JPEG, WebP and CompressAI image codecs through the uncompressed teacher — on classification "
-                    "(top-1), detection (COCO box mAP) and segmentation (mIoU). Writes OUT/points.json, points.csv, "
+                    "JPEG, WebP and CompressAI image codecs through the uncompressed teacher — on each task with "
+                    "the metric its plugin scores (its EvaluationHooks). Writes OUT/points.json, points.csv, "
                     "rate-accuracy and Δ-accuracy-vs-latency plots, bit-allocation maps and report.md with "
                     "Δ-accuracy, BD-rate, device parameters/MACs/latency and a link model. See docs/evaluation.md.")
     p.add_argument("sweep", type=Path, nargs="?", help="sweep file (YAML)")

@@ -36,7 +36,7 @@ from ..plugins import ImageMeta
 from ..preprocess import load_image
 from .complexity import count_macs, count_parameters, latency_ms
 from .imagecodec import ImageCodec, to_unit_tensor
-from .tasks import TaskData, eval_overrides
+from .tasks import TaskData, scoring_config
 
 
 @dataclass
@@ -87,15 +87,16 @@ class BundlePoint:
         self.edge = EdgeEncoder.from_bundle(self.path, self.manifest)
         self.runtime = Runtime(self.path, registry, tasks=self.tasks) if self.tasks else None
         if self.runtime is not None:
-            for name, cfg in self.runtime.head_configs.items():  # scoring settings (COCO protocol)
-                self.runtime.head_configs[name] = {**cfg, **eval_overrides(name)}
+            for name, cfg in self.runtime.head_configs.items():  # the plugins' scoring settings
+                self.runtime.head_configs[name] = scoring_config(registry.get(name), cfg)
 
     @property
     def setting(self) -> str:
         return self.path.name
 
-    def num_classes(self, task: str) -> int | None:
-        return self.runtime.head_configs[task].get("num_classes")
+    def config(self, task: str) -> dict[str, Any]:
+        """The head config ``task``'s answers were made with."""
+        return self.runtime.head_configs[task]
 
     def _job(self, task: str, data: bytes):
         from ..gateway.runtime import Job
@@ -158,7 +159,7 @@ def measure_bundle(path: Path, data_root: Path, *, split: str = "val", limit: in
     for task in point.tasks:
         data = load_task_data(registry.get(task), data_root, split, manifest.policy, limit)
         m = point.run(data, batch_size, progress, task)
-        out[task] = {**data.score(m.answers, point.num_classes(task)), "payload_bpp": m.mean_bpp,
+        out[task] = {**data.score(m.answers, point.config(task)), "payload_bpp": m.mean_bpp,
                      "bytes": m.bytes_per_image, "images": float(len(m.answers))}
     return out
 
@@ -224,12 +225,9 @@ class TeacherPath:
     def __init__(self, teacher, plugin):
         self.teacher, self.plugin = teacher, plugin
         self.policy = teacher.preprocessing
-        self.config = {**plugin.resolve_config(teacher.arch, teacher.config), **eval_overrides(plugin.name)}
+        self.config = scoring_config(plugin, plugin.resolve_config(teacher.arch, teacher.config))
         teacher.stem.eval()
         teacher.head.eval()
-
-    def num_classes(self) -> int | None:
-        return self.config.get("num_classes")
 
     def _input(self, path_or_img, codec) -> tuple[np.ndarray, int, ImageMeta]:
         pil = load_image(path_or_img)

@@ -15,8 +15,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 
-UNITS = {"top1": "top-1 (%)", "mAP": "box mAP@[.5:.95] (%)", "mIoU": "mIoU (%)"}
-
 
 def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_").lower()
@@ -85,7 +83,7 @@ def plot_rate_accuracy(out: Path, points, task: str, reference: dict[str, Any] |
     ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:.0e}"[0] in "25" else ""))
     ax.set_xlabel("bits per pixel of the model input (log scale)")
     metric = next(iter(curves.values()))[0].metric if curves else ""
-    ax.set_ylabel(UNITS.get(metric, metric))
+    ax.set_ylabel((reference or {}).get("label", metric))  # the plugin's metric_label
     ax.set_title(f"{task}: rate–accuracy")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: curves fill the plot
@@ -152,7 +150,7 @@ def _md_report(study, sweep, plots: dict[str, dict[str, str]]) -> str:
     anchors = sweep.anchors
     for task, ref in study.reference.items():
         metric = ref["metric"]
-        L += [f"## {task} ({UNITS.get(metric, metric)})", "",
+        L += [f"## {task} ({ref.get('label', metric)})", "",
               f"Uncompressed teacher: **{ref['accuracy']:.2f}** on {ref['images']} images "
               f"(model input {ref['input_hw'][0]}×{ref['input_hw'][1]}, teacher `{ref['teacher']}`).", ""]
         if "rate" in plots.get(task, {}):

@@ -122,8 +122,8 @@ def evaluate(sweep: Sweep, out: Path, *, progress: bool = True) -> Study:
     with step("uncompressed teachers"):
         for t in tasks:
             m = paths[t].run(data[t], None, sweep.batch_size, progress, f"teacher {t}")
-            acc = data[t].score(m.answers, paths[t].num_classes())[data[t].metric]
-            reference[t] = {"metric": data[t].metric, "accuracy": acc, "images": len(data[t].items),
+            acc = data[t].score(m.answers, paths[t].config)[data[t].metric]
+            reference[t] = {"metric": data[t].metric, "label": data[t].label, "accuracy": acc, "images": len(data[t].items),
                             "teacher": str(teachers[t].path), "input_hw": list(m.input_hw)}
 
     points: list[Point] = []
@@ -146,7 +146,7 @@ def evaluate(sweep: Sweep, out: Path, *, progress: bool = True) -> Study:
                     dev = bp.device(device_sample, **kw)
                     for t in bp.tasks:
                         m = bp.run(data[t], sweep.batch_size, progress, f"{method.name} {bp.setting} {t}")
-                        acc = data[t].score(m.answers, bp.num_classes(t))[data[t].metric]
+                        acc = data[t].score(m.answers, bp.config(t))[data[t].metric]
                         server = bp.server_ms(t, samples[t], **kw)
                         points.append(_point(method, bp.setting, t, data[t], m, acc, dev, server, bp.path))
                 else:
@@ -156,7 +156,7 @@ def evaluate(sweep: Sweep, out: Path, *, progress: bool = True) -> Study:
                     dev = codec.device(paths[tasks[0]].policy.geometry(device_sample), **kw)
                     for t in mtasks:
                         m = paths[t].run(data[t], codec, sweep.batch_size, progress, f"{method.name} {codec.setting} {t}")
-                        acc = data[t].score(m.answers, paths[t].num_classes())[data[t].metric]
+                        acc = data[t].score(m.answers, paths[t].config)[data[t].metric]
                         server = paths[t].server_ms(codec, samples[t], **kw)
                         src = str(setting) if method.kind == "compressai" else f"Pillow {codec.format}"
                         points.append(_point(method, codec.setting, t, data[t], m, acc, dev, server, src))

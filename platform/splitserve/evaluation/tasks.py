@@ -1,107 +1,58 @@
-"""The evaluation side of each built-in task: which images, what ground truth, how answers score.
+"""A task's evaluation images, ground truth and scoring, all from its plugin.
 
 Every method — our bundles through the gateway runtime, input codecs through the uncompressed
 teacher — ends in the same thing: the plugin's own response objects (``predict``), one per image,
-in the original image's coordinates. They are scored here, once, with the plugins' metric code:
-
-- classification: top-1 (%), the response's best class against the ImageFolder label (and top-5,
-  among the classes the response lists);
-- detection: COCO box mAP@[.5:.95] (%), the responses' boxes as COCO results, through
-  ``splitserve_tasks.detection.plugin.coco_bbox_metrics`` (pycocotools COCOeval);
-- segmentation: mIoU (%), the response's class-index PNG against the COCO semantic mask at the
-  original resolution, through ``splitserve_tasks.segmentation.plugin.confusion_metrics``.
-
-Detection answers are produced with the COCO protocol's settings (score ≥ 0.05, at most 100 boxes,
-as the plugin's own ``evaluate`` does), not the serving default threshold.
+in the original image's coordinates. They are scored here, once, by the plugin's
+:class:`~splitserve.plugins.Scorer` (:class:`~splitserve.plugins.EvaluationHooks`), so any installed
+plugin that implements those hooks can be studied, and the core knows no task by name. Answers are
+made with the plugin's ``scoring_config`` (e.g. the COCO protocol's thresholds), not the serving one.
 """
 
 from __future__ import annotations
 
-import base64
-import io
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from PIL import Image
-
 from ..errors import SplitserveError
-
-SUPPORTED = ("classification", "detection", "segmentation")
-
-
-def eval_overrides(task: str) -> dict[str, Any]:
-    """Head-config settings for scoring (COCO protocol for detection)."""
-    if task == "detection":
-        from splitserve_tasks.detection.plugin import EVAL_MAX_DETECTIONS, EVAL_SCORE_THRESHOLD
-
-        return {"score_threshold": EVAL_SCORE_THRESHOLD, "max_detections": EVAL_MAX_DETECTIONS}
-    return {}
-
-
-@dataclass
-class Item:
-    path: Path
-    target: Any  # classification: label; detection/segmentation: COCO image id
+from ..plugins import EvalSample, TaskPlugin, scorable
 
 
 @dataclass
 class TaskData:
     """One task's evaluation images and ground truth."""
 
-    task: str
-    metric: str
+    plugin: Any  # TrainingHooks + EvaluationHooks + TaskPlugin
     root: Path
     dataset: Any
-    items: list[Item]
+    items: list[EvalSample]
 
-    def score(self, answers: Sequence[Any], num_classes: int | None = None) -> dict[str, float]:
+    @property
+    def task(self) -> str:
+        return self.plugin.name
+
+    @property
+    def metric(self) -> str:
+        return self.plugin.metric_name
+
+    @property
+    def label(self) -> str:
+        """The metric's name with its unit, for plots and reports."""
+        return self.plugin.metric_label or self.plugin.metric_name
+
+    def score(self, answers: Sequence[Any], config: Mapping[str, Any] | None = None) -> dict[str, float]:
+        """The metrics of ``answers`` (one per item, in order) made by a head with ``config``."""
         if len(answers) != len(self.items):
             raise SplitserveError(f"{self.task}: {len(answers)} answers for {len(self.items)} images")
-        if self.task == "classification":
-            n = len(self.items)
-            top1 = sum(int(a.top[0].index == it.target) for a, it in zip(answers, self.items))
-            top5 = sum(int(it.target in [t.index for t in a.top[:5]]) for a, it in zip(answers, self.items))
-            return {"top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n}
-        if self.task == "detection":
-            return score_detection(self.dataset, answers, [it.target for it in self.items])
-        return score_segmentation(self.dataset, answers, [it.target for it in self.items], num_classes)
+        scorer = self.plugin.make_scorer(self.dataset, config or {})
+        scorer.update(answers, [it.target for it in self.items])
+        return scorer.result()
 
 
-def score_detection(dataset, answers, image_ids: Sequence[int]) -> dict[str, float]:
-    from splitserve_tasks.detection.plugin import coco_bbox_metrics
-
-    cat_ids = dataset.label_to_category_id
-    results = []
-    for ans, image_id in zip(answers, image_ids):
-        for d in ans.detections:
-            x1, y1, x2, y2 = d.box
-            results.append({"image_id": int(image_id), "category_id": int(cat_ids[d.index]),
-                            "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(d.score)})
-    return coco_bbox_metrics(dataset.coco, results, image_ids)
-
-
-def decode_mask(answer) -> np.ndarray:
-    with Image.open(io.BytesIO(base64.b64decode(answer.mask))) as img:
-        return np.asarray(img)
-
-
-def score_segmentation(dataset, answers, image_ids: Sequence[int], num_classes: int | None) -> dict[str, float]:
-    import torch
-    from splitserve_tasks.segmentation.plugin import confusion_metrics
-
-    k = int(num_classes or len(dataset.classes))
-    confusion = np.zeros(k * k, dtype=np.int64)
-    for ans, image_id in zip(answers, image_ids):
-        truth = dataset.semantic_mask(image_id).astype(np.int64)
-        pred = decode_mask(ans).astype(np.int64)
-        if pred.shape != truth.shape:
-            raise SplitserveError(f"segmentation: mask of image {image_id} is {pred.shape}, the truth {truth.shape}")
-        valid = (truth < k) & (pred < k)
-        confusion += np.bincount(truth[valid] * k + pred[valid], minlength=k * k)
-    return confusion_metrics(torch.from_numpy(confusion.reshape(k, k)))
+def scoring_config(plugin: TaskPlugin, config: Mapping[str, Any]) -> dict[str, Any]:
+    """The head config ``plugin`` answers with when its answers are scored."""
+    return scorable(plugin).scoring_config(config)
 
 
 def resolve_root(plugin, root: Path) -> Path:
@@ -119,21 +70,13 @@ def evenly(n: int, limit: int | None) -> list[int]:
     return [int(i * step) for i in range(limit)]
 
 
-def load_task_data(plugin, root: Path, split: str, preprocessing, limit: int | None) -> TaskData:
+def load_task_data(plugin: TaskPlugin, root: Path, split: str, preprocessing, limit: int | None) -> TaskData:
     """The images and ground truth of ``plugin``'s task in ``split`` (an evenly spaced subset)."""
-    task = plugin.name
-    if task not in SUPPORTED:
-        raise SplitserveError(f"task {task!r}: `platform evaluate` scores {', '.join(SUPPORTED)} "
-                              "(a plugin's own metric needs its ground-truth format here)")
+    plugin = scorable(plugin)
     data_root = resolve_root(plugin, Path(root))
     dataset = plugin.build_dataset(data_root, split, train=False, preprocessing=preprocessing)
-    if task == "classification":
-        samples = [(Path(p), int(label)) for p, label in dataset.samples]
-        items = [Item(*samples[i]) for i in evenly(len(samples), limit)]
-    else:
-        ids = list(dataset.ids)
-        items = [Item(dataset.image_dir / dataset.coco.imgs[ids[i]]["file_name"], int(ids[i]))
-                 for i in evenly(len(ids), limit)]
+    samples = plugin.eval_samples(dataset)
+    items = [samples[i] for i in evenly(len(samples), limit)]
     if not items:
-        raise SplitserveError(f"{data_root}: no {split} images for {task}")
-    return TaskData(task, plugin.metric_name, data_root, dataset, items)
+        raise SplitserveError(f"{data_root}: no {split} images for {plugin.name}")
+    return TaskData(plugin, data_root, dataset, items)

@@ -1,11 +1,14 @@
 """The embedding plugin: a :class:`~splitserve.plugins.TaskPlugin` (serving) that also implements
-:class:`~splitserve.plugins.TrainingHooks` (training).
+:class:`~splitserve.plugins.TrainingHooks` (training) and :class:`~splitserve.plugins.EvaluationHooks`
+(rate–accuracy studies).
 
 Serving needs four members: ``name``, ``response_model``, ``build_head``, ``predict`` (one
 :class:`EmbeddingResult` per image, computed for the whole batch at once); ``aliases``,
 ``description`` and ``resolve_config`` are optional extras used here. A serve-only plugin stops
 there. Training adds an ImageFolder dataset (``splitserve.data.classification_dataset``), a
 supervised contrastive loss with optional relational distillation, and leave-one-out recall@k.
+Evaluation scores served answers with the same recall@k (:class:`RecallScorer`), so
+``platform evaluate`` can compare this task's rate–accuracy curves with JPEG and WebP.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from torch.utils.data import Dataset
 
 from splitserve.errors import PluginError
 from splitserve.models.backbone import check_arch
-from splitserve.plugins import FeatureFn, ImageMeta, TaskBatch, TaskPlugin, TrainingHooks
+from splitserve.plugins import (EvalSample, EvaluationHooks, FeatureFn, ImageMeta, Scorer, TaskBatch, TaskPlugin,
+                                TrainingHooks)
 from splitserve.preprocess import Preprocessing
 
 from .head import EmbeddingHead
@@ -52,11 +56,48 @@ def supervised_contrastive_loss(z: Tensor, labels: Tensor, temperature: float = 
     return -mean_pos.mean()
 
 
+def recall_at_k(z: Tensor, y: Tensor, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
+    """Leave-one-out retrieval over unit vectors ``z`` (N, D) with labels ``y`` (N,), in percent:
+    recall@k is the share of images whose k nearest other images (cosine similarity) include one of
+    the same class."""
+    n = len(z)
+    if n < 2:
+        raise PluginError("embedding: evaluation needs at least two images")
+    hits = dict.fromkeys(ks, 0)
+    kmax = min(max(ks), n - 1)
+    for start in range(0, n, 1024):  # (1024, n) similarities at a time
+        stop = min(start + 1024, n)
+        sim = z[start:stop] @ z.T
+        rows = torch.arange(stop - start)
+        sim[rows, rows + start] = float("-inf")  # an image is not its own neighbour
+        match = y[sim.topk(kmax, dim=1).indices] == y[start:stop, None]
+        for k in ks:
+            hits[k] += int(match[:, : min(k, kmax)].any(dim=1).sum())
+    return {f"recall@{k}": 100.0 * h / n for k, h in hits.items()}
+
+
+class RecallScorer(Scorer):
+    """Recall@1/@5 of served answers: their vectors, retrieved among each other (targets: class
+    indices of an ImageFolder tree)."""
+
+    def __init__(self) -> None:
+        self.vectors: list[list[float]] = []
+        self.labels: list[int] = []
+
+    def update(self, predictions: Sequence[EmbeddingResult], targets: Sequence[int]) -> None:
+        for answer, label in zip(predictions, targets, strict=True):
+            self.vectors.append(answer.vector)
+            self.labels.append(int(label))
+
+    def result(self) -> dict[str, float]:
+        return recall_at_k(torch.tensor(self.vectors), torch.tensor(self.labels))
+
+
 def _device(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
-class EmbeddingPlugin(TrainingHooks, TaskPlugin):
+class EmbeddingPlugin(EvaluationHooks, TrainingHooks, TaskPlugin):
     """Global image embeddings for retrieval and deduplication (unit vectors, cosine similarity)."""
 
     name = "embedding"
@@ -64,6 +105,7 @@ class EmbeddingPlugin(TrainingHooks, TaskPlugin):
     description = "Global image embedding for retrieval: an L2-normalised vector per image."
     response_model = EmbeddingResult
     metric_name = "recall@1"  # training hooks from here on
+    metric_label = "recall@1 (%)"  # evaluation hooks
     data_layout = "imagefolder"
 
     # -- serving -------------------------------------------------------------------------
@@ -166,18 +208,15 @@ class EmbeddingPlugin(TrainingHooks, TaskPlugin):
                 labels.append(torch.as_tensor(batch.targets).cpu())
         finally:
             head.train(was_training)
-        if not vectors or sum(len(v) for v in vectors) < 2:
+        if not vectors:
             raise PluginError("embedding: evaluate needs at least two images")
-        z, y = torch.cat(vectors), torch.cat(labels)
-        n = len(z)
-        ks = {1: 0, 5: 0}
-        kmax = min(max(ks), n - 1)
-        for start in range(0, n, 1024):  # (1024, n) similarities at a time
-            stop = min(start + 1024, n)
-            sim = z[start:stop] @ z.T
-            rows = torch.arange(stop - start)
-            sim[rows, rows + start] = float("-inf")  # an image is not its own neighbour
-            match = y[sim.topk(kmax, dim=1).indices] == y[start:stop, None]
-            for k in ks:
-                ks[k] += int(match[:, : min(k, kmax)].any(dim=1).sum())
-        return {f"recall@{k}": 100.0 * hits / n for k, hits in ks.items()}
+        return recall_at_k(torch.cat(vectors), torch.cat(labels))
+
+    # -- evaluation hooks (platform evaluate, platform bundle measure) --------------------
+    def eval_samples(self, dataset: Dataset) -> list[EvalSample]:
+        """Every image of the ImageFolder split, with its class index: same-class images are the
+        positives ``RecallScorer`` looks for."""
+        return [EvalSample(Path(path), int(label)) for path, label in dataset.samples]
+
+    def make_scorer(self, dataset: Dataset, config: Mapping[str, Any]) -> RecallScorer:
+        return RecallScorer()
