@@ -24,8 +24,12 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e .
 	@touch $@
 
+# executorch (the .pte export) cannot be an extra: its metadata asks for numpy>=2, which compressai
+# cannot load; with numpy 1.26 it exports and runs (tests/test_export_pte.py), so it goes in apart.
+EXECUTORCH := executorch==1.5.1
 $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e ".[test,data]"
+	$(BIN)/python -m pip install --quiet -e ".[test,data,pte]"
+	$(BIN)/python -m pip install --quiet --no-deps $(EXECUTORCH)
 	@touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed

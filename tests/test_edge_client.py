@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import venv
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from splitserve.cli import main
 from splitserve.edge import EdgeEncoder
@@ -55,18 +55,6 @@ def test_export_writes_portable_files_and_checks_latents(onnx_dir, bundle, capsy
     assert meta["encoder"]["format"] == "onnx" and (onnx_dir / "encoder.onnx").is_file()
     assert meta["fingerprint"] == json.loads((bundle / "manifest.json").read_text())["fingerprint"]
     assert not list(onnx_dir.glob("*.pt")) and not list(onnx_dir.glob("*.pkl"))  # no pickles
-
-
-def test_torchscript_export_matches_pytorch(bundle, photos, tmp_path, capsys):
-    assert main(["export", "--bundle", str(bundle), "--format", "torchscript", "--out", str(tmp_path / "ts"),
-                 "--images", *map(str, photos)]) == 0
-    text = capsys.readouterr().out
-    assert "checked on 3 images: 0 of" in text
-    module = torch.jit.load(str(tmp_path / "ts" / "encoder.pt"))
-    edge = EdgeEncoder.from_bundle(bundle)
-    x, _ = edge.preprocess([photos[0]])
-    with torch.no_grad():
-        assert torch.equal(module(x), edge.codec.encoder(x))
 
 
 def test_onnx_client_payload_is_byte_identical_to_the_pytorch_edge(onnx_dir, bundle, photos):
@@ -119,6 +107,18 @@ def test_export_refuses_a_bundle_without_an_encoder(bundle, tmp_path, capsys):
     (broken / "encoder.safetensors").unlink()
     assert main(["export", "--bundle", str(broken), "--format", "onnx", "--out", str(tmp_path / "o")]) == 2
     assert "encoder" in capsys.readouterr().err
+
+
+def test_pte_export_without_executorch_is_one_line(bundle, photos, tmp_path):
+    """ExecuTorch is installed apart (docs/edge.md); where it is missing, --format pte says what to do."""
+    probe = ("import sys; sys.modules['executorch'] = None; from splitserve.cli import main; "
+             "sys.exit(main(sys.argv[1:]))")
+    proc = subprocess.run([sys.executable, "-c", probe, "export", "--bundle", str(bundle), "--format", "pte",
+                           "--out", str(tmp_path / "o"), "--images", str(photos[0])],
+                          capture_output=True, text=True, timeout=300)
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(err) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "needs ExecuTorch" in err[0] and "pip install --no-deps executorch==1.5.1" in err[0]
 
 
 @pytest.mark.slow

@@ -6,11 +6,21 @@
 >>> with Client("http://127.0.0.1:8000") as c:
 ...     c.check_encoder(enc.fingerprint)
 ...     answer = c.infer(enc.encode("cat.jpg").data, tasks="cls,det")
+
+Any number of images, split into requests the server accepts and sent concurrently:
+
+>>> async with AsyncClient(url) as c:
+...     answer = await c.infer_all(images, lambda chunk: enc.encode(chunk).data, tasks="seg")
+>>> masks = full_masks(answer)          # segmentation at the original images' sizes
 """
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+import re
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import httpx
 
@@ -18,6 +28,11 @@ from .errors import SplitserveError
 
 PAYLOAD_CONTENT_TYPE = "application/x-splitserve"
 _IMAGE_TYPES = {b"\xff\xd8\xff": "image/jpeg", b"\x89PNG": "image/png", b"RIFF": "image/webp"}
+# A gateway that does not state its image limit (``max_images`` in GET /v1/encoder) is assumed to
+# take `platform serve`'s default --max-batch; one that takes fewer says so in its 400, and we re-split.
+DEFAULT_MAX_IMAGES = 16
+_COUNT_REFUSED = re.compile(r"image count N = \d+ out of range \[1, (\d+)\]")
+T = TypeVar("T")
 
 
 class ServerError(SplitserveError):
@@ -53,14 +68,45 @@ def _unwrap(response: httpx.Response) -> Any:
     raise ServerError(response.status_code, str(detail), float(retry) if retry else None)
 
 
+def stated_max_images(encoder_info: dict) -> int | None:
+    """The most images one ``/infer`` request may carry, as ``GET /v1/encoder`` states it (None: not stated)."""
+    value = encoder_info.get("max_images")
+    return int(value) if isinstance(value, int) and value >= 1 else None
+
+
+def refused_max_images(error: ServerError) -> int | None:
+    """The limit named by a 400 "image count N = … out of range [1, M]" (a gateway that states no limit)."""
+    match = _COUNT_REFUSED.search(error.detail) if error.status == 400 else None
+    return int(match.group(1)) if match else None
+
+
+def merge_answers(answers: Sequence[dict]) -> dict:
+    """One answer for the images of several requests, in their order; ``index`` counts across them."""
+    results = [r for a in answers for r in a["results"]]
+    return {**answers[0], "bytes_received": sum(a["bytes_received"] for a in answers), "requests": len(answers),
+            "results": [{**r, "index": i} for i, r in enumerate(results)]}
+
+
+def full_masks(answer: dict) -> list[Any]:
+    """Each image's segmentation at its original size, (height, width) uint8 class indices, or None
+    where the answer has no segmentation. Needs the segmentation plugin's schema module (no torch)."""
+    from splitserve_tasks.segmentation.schema import full_mask
+
+    return [full_mask(r["tasks"]["segmentation"]) if r["tasks"].get("segmentation") else None
+            for r in answer["results"]]
+
+
 def _mismatch(server: str, local: str) -> SplitserveError:
     return SplitserveError(f"server encoder fingerprint {server[:16]}… differs from the local bundle's "
                            f"{local[:16]}…; encode with the bundle the server serves")
 
 
 class _Base:
+    full_masks = staticmethod(full_masks)
+
     def __init__(self, url: str = "http://127.0.0.1:8000", *, api_key: str | None = None, timeout: float = 60.0):
         self.url = url.rstrip("/")
+        self._api_key = api_key
         self._headers = {"X-API-Key": api_key} if api_key else {}
         self._timeout = timeout
 
@@ -109,11 +155,22 @@ class Client(_Base):
         except httpx.TransportError:
             return False
 
-    def check_encoder(self, fingerprint: str) -> None:
-        """Raise unless the server decodes with the same encoder + prior as ``fingerprint``."""
-        server = self.encoder()["fingerprint"]
-        if server != fingerprint:
-            raise _mismatch(server, fingerprint)
+    def check_encoder(self, fingerprint: str) -> dict:
+        """Raise unless the server decodes with the same encoder + prior as ``fingerprint``; returns
+        ``GET /v1/encoder`` (its ``max_images``, when stated, bounds one request)."""
+        info = self.encoder()
+        if info["fingerprint"] != fingerprint:
+            raise _mismatch(info["fingerprint"], fingerprint)
+        return info
+
+    def infer_all(self, items: Sequence[T], encode: Callable[[Sequence[T]], bytes],
+                  tasks: str | list[str] | None = None, **kw) -> dict:
+        """:meth:`AsyncClient.infer_all` from synchronous code (its own event loop and connections)."""
+        async def run() -> dict:
+            async with AsyncClient(self.url, api_key=self._api_key, timeout=self._timeout) as client:
+                return await client.infer_all(items, encode, tasks, **kw)
+
+        return asyncio.run(run())
 
 
 class AsyncClient(_Base):
@@ -158,7 +215,52 @@ class AsyncClient(_Base):
         except httpx.TransportError:
             return False
 
-    async def check_encoder(self, fingerprint: str) -> None:
-        server = (await self.encoder())["fingerprint"]
-        if server != fingerprint:
-            raise _mismatch(server, fingerprint)
+    async def check_encoder(self, fingerprint: str) -> dict:
+        info = await self.encoder()
+        if info["fingerprint"] != fingerprint:
+            raise _mismatch(info["fingerprint"], fingerprint)
+        return info
+
+    async def infer_all(self, items: Sequence[T], encode: Callable[[Sequence[T]], bytes],
+                        tasks: str | list[str] | None = None, *, max_images: int | None = None,
+                        concurrency: int = 4, images: bool = False) -> dict:
+        """Answer any number of images: ``encode(chunk)`` makes the body of one request from at most
+        the server's image limit (``max_images``; default: what ``GET /v1/encoder`` states), chunks
+        are encoded one at a time in a worker thread and up to ``concurrency`` requests are in
+        flight. ``images=True``: each body is one image file (full offloading, one per request).
+        Returns one answer (:func:`merge_answers`) with the results in the order of ``items``."""
+        if not items:
+            raise SplitserveError("no images to send")
+        if images:
+            max_images = 1
+        stated = max_images or stated_max_images(await self.encoder())
+        limit = stated or DEFAULT_MAX_IMAGES
+        post = self.infer_image if images else self.infer
+        slots = asyncio.Semaphore(max(1, concurrency))
+        loop = asyncio.get_running_loop()
+
+        encoder = ThreadPoolExecutor(max_workers=1)  # one encode at a time: it uses every core
+
+        async def answer(chunk: Sequence[T]) -> dict:
+            async with slots:
+                return await post(await loop.run_in_executor(encoder, encode, chunk), tasks)
+
+        answers, start, pending = [], 0, []
+        try:
+            if stated is None:  # learn an unstated limit from the first request before sending the rest
+                try:
+                    answers, start = [await answer(items[:limit])], limit
+                except ServerError as e:
+                    limit = refused_max_images(e) or 0
+                    if not 1 <= limit < DEFAULT_MAX_IMAGES:
+                        raise
+            pending = [asyncio.ensure_future(answer(items[i:i + limit])) for i in range(start, len(items), limit)]
+            answers += await asyncio.gather(*pending)
+        except BaseException:
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+            raise
+        finally:
+            encoder.shutdown(wait=True, cancel_futures=True)
+        return merge_answers(answers)

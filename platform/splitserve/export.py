@@ -1,10 +1,10 @@
 """``platform export``: the device side of a bundle in portable files, checked against PyTorch.
 
-Writes a directory a device can run without torch (with ONNX Runtime and
-:mod:`splitserve_edge`), or with TorchScript:
+Writes a directory a device can run without torch (ONNX Runtime and :mod:`splitserve_edge`), or
+with ExecuTorch, PyTorch's own edge runtime (``torch.export`` → ``.pte``, XNNPACK delegate):
 
     edge.json            what it is: fingerprint, codec, preprocessing, payload version, file hashes
-    encoder.onnx | encoder.pt   the encoder transform f_θ (image → float latent)
+    encoder.onnx | encoder.pte   the encoder transform f_θ (image → float latent)
     coding.safetensors   the prior's coding tables and medians (numpy arrays, no pickle)
 
 The rounding (``round(y − median)``, half to even) and the entropy coding are not part of the
@@ -26,14 +26,19 @@ from compressai.layers import GDN, GDN1
 from torch import nn
 
 from splitserve_edge.payload import FORMAT_VERSION as PAYLOAD_VERSION
-from splitserve_edge.runtime import EDGE_FORMAT, EDGE_VERSION
+from splitserve_edge.preprocessing import MAX_SIDE
+from splitserve_edge.runtime import EDGE_FORMAT, EDGE_VERSION, RUNNERS, EdgeModel, Latents
 
 from .bundle import EDGE_PARTS, load_codec, read_manifest
+from .edge import EdgeEncoder
 from .errors import SplitserveError
-from .preprocess import load_image, to_input
+from .preprocess import Preprocessing, load_image, to_input
 
-FORMATS = ("onnx", "torchscript")
+FORMATS = {"onnx": "encoder.onnx", "pte": "encoder.pte"}
 ONNX_OPSET = 17
+# executorch 1.5.1's metadata asks for numpy>=2, which compressai 1.2.8 cannot load, so pip cannot
+# resolve it beside splitserve; installed without its dependencies it exports and runs here.
+EXECUTORCH_INSTALL = "install the pte extra, then `pip install --no-deps executorch==1.5.1` (docs/edge.md)"
 
 
 @dataclass
@@ -44,11 +49,13 @@ class ExportReport:
     elements: int
     mismatches: int
     max_abs_diff: float
+    identical_payloads: int
 
     def summary(self) -> str:
         return (f"wrote {self.out}: " + ", ".join(p.name for p in self.files.values()) +
                 f"; checked on {self.images} images: {self.mismatches} of {self.elements:,} rounded latent elements "
-                f"differ from PyTorch's (max |Δ| before rounding {self.max_abs_diff:.2e})")
+                f"differ from PyTorch's (max |Δ| before rounding {self.max_abs_diff:.2e}); "
+                f"{self.identical_payloads} of {self.images} payloads byte-identical to the PyTorch edge's")
 
 
 class FrozenGDN1(nn.Module):
@@ -87,9 +94,69 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def write_encoder(encoder: nn.Module, fmt: str, policy: Preprocessing, path: Path) -> None:
+    """The encoder transform f_θ as ``fmt`` at ``path``: ONNX with dynamic batch, height and width;
+    ExecuTorch one image per call at the policy's input size (any size it produces, under
+    ``shorter_side``), delegated to XNNPACK."""
+    encoder = exportable(encoder)
+    example = torch.zeros(1, 3, *policy.nominal_size)
+    with torch.no_grad():
+        if fmt == "onnx":
+            torch.onnx.export(
+                encoder, example, str(path), input_names=["image"], output_names=["latent"],
+                dynamic_axes={"image": {0: "batch", 2: "height", 3: "width"},
+                              "latent": {0: "batch", 2: "latent_height", 3: "latent_width"}},
+                opset_version=ONNX_OPSET, dynamo=False,
+            )
+            return
+        try:
+            from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+            from executorch.exir import to_edge_transform_and_lower
+        except ImportError as e:
+            raise SplitserveError(f"--format pte needs ExecuTorch ({e.name} is missing): {EXECUTORCH_INSTALL}") from None
+        dims = None
+        if policy.kind == "shorter_side":  # memory is planned for the largest side the policy produces
+            side = (4 * policy.multiple, max(policy.input_size(1, MAX_SIDE)))
+            dims = ({2: torch.export.Dim("height", min=side[0], max=side[1]),
+                     3: torch.export.Dim("width", min=side[0], max=side[1])},)
+        program = torch.export.export(encoder, (example,), dynamic_shapes=dims)
+        path.write_bytes(to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()]).to_executorch().buffer)
+
+
+def pte_runner(model: bytes, threads: int | None = None) -> Latents:
+    """ExecuTorch's runtime (its Python binding needs torch), one image per call; ``threads`` sizes
+    its process-wide thread pool."""
+    from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+    from executorch.runtime import Runtime
+
+    if threads:
+        _unsafe_reset_threadpool(threads)
+    program = Runtime.get().load_program(model)
+    method = program.load_method("forward")
+
+    def latents(x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        try:
+            return np.concatenate([method.execute([torch.from_numpy(x[i:i + 1])])[0].numpy() for i in range(len(x))])
+        except RuntimeError as e:  # ExecuTorch checks inputs against the shapes it was exported for
+            raise SplitserveError(f"the .pte refused a {x.shape[-2]}x{x.shape[-1]} input ({e})") from None
+
+    latents.program = program  # the method runs on the program's buffers: keep it alive with the function
+    return latents
+
+
+EXPORT_RUNNERS = {**RUNNERS, "pte": pte_runner}
+
+
+def load_export(path: str | Path, threads: int | None = None) -> EdgeModel:
+    """An export directory of any format :func:`export_edge` writes (ONNX without torch, .pte with ExecuTorch)."""
+    return EdgeModel.load(path, threads, EXPORT_RUNNERS)
+
+
 def export_edge(bundle: str | Path, fmt: str, out: str | Path, images: list) -> ExportReport:
     """Export the encoder of ``bundle`` as ``fmt`` with its coding tables into ``out``, then check
-    the exported encoder's rounded latents against PyTorch's on ``images`` (paths or PIL images)."""
+    the exported encoder against PyTorch on ``images`` (paths or PIL images): rounded latents and
+    payload bytes."""
     if fmt not in FORMATS:
         raise SplitserveError(f"unsupported export format {fmt!r}; choose {' or '.join(FORMATS)}")
     if not images:
@@ -99,19 +166,8 @@ def export_edge(bundle: str | Path, fmt: str, out: str | Path, images: list) -> 
     policy = manifest.policy
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    example = torch.zeros(1, 3, *policy.nominal_size)
-    encoder_path = out / ("encoder.onnx" if fmt == "onnx" else "encoder.pt")
-    encoder = exportable(codec.encoder)
-    with torch.no_grad():
-        if fmt == "onnx":
-            torch.onnx.export(
-                encoder, example, str(encoder_path), input_names=["image"], output_names=["latent"],
-                dynamic_axes={"image": {0: "batch", 2: "height", 3: "width"},
-                              "latent": {0: "batch", 2: "latent_height", 3: "latent_width"}},
-                opset_version=ONNX_OPSET, dynamo=False,
-            )
-        else:
-            torch.jit.trace(encoder, example).save(str(encoder_path))
+    encoder_path = out / FORMATS[fmt]
+    write_encoder(codec.encoder, fmt, policy, encoder_path)
     tables_path = out / "coding.safetensors"
     tables_path.write_bytes(codec.coding_tables().to_bytes())
     meta = {
@@ -129,38 +185,27 @@ def export_edge(bundle: str | Path, fmt: str, out: str | Path, images: list) -> 
         "source_bundle": str(Path(bundle)),
     }
     (out / "edge.json").write_text(json.dumps(meta, indent=2) + "\n")
-    report = _check(codec, fmt, encoder_path, policy, images)
+    report = _check(EdgeEncoder(codec, policy), load_export(out), images)
     return ExportReport(out, {"encoder": encoder_path, "coding_tables": tables_path, "meta": out / "edge.json"},
                         *report)
 
 
-def _check(codec, fmt: str, encoder_path: Path, policy, images: list) -> tuple[int, int, int, float]:
-    """(images, elements, mismatching rounded elements, max |Δ| of the float latents)."""
-    if fmt == "onnx":
-        import onnxruntime as ort
-
-        session = ort.InferenceSession(str(encoder_path), providers=["CPUExecutionProvider"])
-
-        def run(x: torch.Tensor) -> np.ndarray:
-            return session.run(None, {"image": x.numpy()})[0]
-    else:
-        module = torch.jit.load(str(encoder_path))
-
-        def run(x: torch.Tensor) -> np.ndarray:
-            with torch.no_grad():
-                return module(x).numpy()
-
-    medians = codec.medians().reshape(1, -1, 1, 1).numpy()
-    elements = mismatches = 0
+def _check(reference: EdgeEncoder, exported: EdgeModel, images: list) -> tuple[int, int, int, float, int]:
+    """(images, elements, mismatching rounded elements, max |Δ| of the float latents, identical payloads)."""
+    medians = reference.codec.medians().reshape(1, -1, 1, 1).numpy()
+    elements = mismatches = identical = 0
     worst = 0.0
     for image in images:
-        x = to_input(load_image(image), policy).unsqueeze(0)
+        pil = load_image(image)
+        x = to_input(pil, reference.preprocessing).unsqueeze(0)
         with torch.no_grad():
-            ref = codec.encoder(x).numpy()
-        got = run(x)
+            ref = reference.codec.encoder(x).numpy()
+        got = exported.latents(x.numpy())
         worst = max(worst, float(np.abs(got - ref).max()))
         a = np.rint(ref.astype(np.float32) - medians)
         b = np.rint(got.astype(np.float32) - medians)
         mismatches += int((a != b).sum())
         elements += a.size
-    return len(images), elements, mismatches, worst
+        sizes = [(pil.height, pil.width)]
+        identical += exported.encode_input(x.numpy(), sizes).data == reference.encode_tensor(x, sizes).data
+    return len(images), elements, mismatches, worst, identical

@@ -2,9 +2,11 @@
 
 For Entropic Student and RAC N = 0/4/8 (224×224 input, ResNet-50 feature width unless told):
 model input → payload bytes, including rounding and entropy coding, with eager PyTorch,
-TorchScript, ONNX Runtime and the torch-free client, at 1 thread and at all threads; the old
-(CompressAI rANS) and new (constriction ANS) coders' encode/decode times and bytes on the same
-latents; and the installed size of the edge environment against the full one.
+ExecuTorch (the ``.pte`` of ``platform export``, XNNPACK; when installed), ONNX Runtime and the
+torch-free client, at 1 thread and at all threads — every runtime through the same
+:class:`~splitserve_edge.runtime.EdgeModel`, so only the encoder differs; the old (CompressAI
+rANS) and new (constriction ANS) coders' encode/decode times and bytes on the same latents; and
+the installed size of the edge environment against the full one.
 
 The codecs are untrained, with their encoder's last layer scaled so the latent has a realistic
 spread and the prior fitted to it: time depends on shapes and symbol statistics, not on what the
@@ -22,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from splitserve_edge.coder import EntropyCoder
-from splitserve_edge.payload import Payload, fingerprint_id
+from splitserve_edge.runtime import EdgeModel
 
 from ..models import FeatureCodec, build_codec
 from .timing import median_ms
@@ -62,51 +64,49 @@ class Row:
 
 
 def run(repeat: int = 20, size: int = 224, feature_channels: int = 256, edge_venv: Path | None = None) -> str:
-    import onnxruntime as ort
     from PIL import Image
     from skimage import data
 
-    from ..export import exportable
+    from ..export import EXPORT_RUNNERS, FORMATS, write_encoder
     from ..preprocess import Preprocessing, to_input
     from .report import machine
 
     photo = Image.fromarray(data.astronaut())
     policy = Preprocessing.fixed(size, size, 8)
     x = to_input(photo, policy).unsqueeze(0)
+    xn, sizes = x.numpy(), [(photo.height, photo.width)]
     all_threads = torch.get_num_threads()
     threads = sorted({1, all_threads})
+    formats = {"ExecuTorch (XNNPACK)": "pte", "ONNX Runtime": "onnx"}
+    skipped = []
+    if not _executorch_installed():
+        skipped.append("ExecuTorch (XNNPACK): not installed (see docs/edge.md)")
+        del formats["ExecuTorch (XNNPACK)"]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for label, (family, cfg) in tqdm(FAMILIES.items(), desc="codecs", unit="codec"):
             codec = realistic_codec(family, cfg, x, feature_channels)
             coder = EntropyCoder(codec.coding_tables())
-            fp = fingerprint_id(codec.fingerprint())
-            enc = exportable(codec.encoder)
-            onnx_path = Path(tmp) / f"{family}{cfg.get('blocks', '')}.onnx"
-            torch.onnx.export(enc, x, str(onnx_path), input_names=["image"], output_names=["latent"],
-                              opset_version=17, dynamo=False)
-            traced = torch.jit.trace(enc, x)
+            files = {}
+            for fmt in formats.values():
+                files[fmt] = Path(tmp) / f"{family}{cfg.get('blocks', '')}-{FORMATS[fmt]}"
+                write_encoder(codec.encoder, fmt, policy, files[fmt])
 
-            def finish(y: np.ndarray) -> bytes:
-                """Rounding + entropy coding + container: the same for every runtime."""
-                strings = coder.encode_batch(coder.symbols(y))
-                return Payload(fp, (codec.latent_channels, y.shape[-2], y.shape[-1]), ((size, size),),
-                               tuple(strings)).to_bytes()
+            def edge(latents) -> EdgeModel:
+                return EdgeModel(latents, coder, policy, codec.fingerprint(), codec.latent_channels)
 
             row = Row(label, codec.parameter_counts()["encoder"] + codec.parameter_counts()["prior"])
             for n in threads:
                 torch.set_num_threads(n)
-                so = ort.SessionOptions()
-                so.intra_op_num_threads, so.inter_op_num_threads = n, 1
-                session = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
-                xn = x.numpy()
                 with torch.inference_mode():
-                    row.ms.setdefault("eager PyTorch", {})[n] = median_ms(lambda: finish(codec.encoder(x).numpy()), repeat)
-                    row.ms.setdefault("TorchScript", {})[n] = median_ms(lambda: finish(traced(x).numpy()), repeat)
-                row.ms.setdefault("ONNX Runtime", {})[n] = median_ms(
-                    lambda: finish(session.run(None, {"image": xn})[0]), repeat)
+                    eager = edge(lambda a: codec.encoder(torch.from_numpy(a)).numpy())
+                    row.ms.setdefault("eager PyTorch", {})[n] = median_ms(lambda: eager.encode_input(xn, sizes), repeat)
+                for name, fmt in formats.items():
+                    model = edge(EXPORT_RUNNERS[fmt](files[fmt].read_bytes(), n))
+                    row.ms.setdefault(name, {})[n] = median_ms(lambda: model.encode_input(xn, sizes), repeat)
+                client = edge(EXPORT_RUNNERS["onnx"](files["onnx"].read_bytes(), n))
                 row.ms.setdefault("torch-free client (JPEG → payload)", {})[n] = median_ms(
-                    lambda: finish(session.run(None, {"image": policy.apply(photo)[None]})[0]), repeat)
+                    lambda: client.encode([photo]), repeat)
             torch.set_num_threads(all_threads)
             with torch.inference_mode():
                 y = codec.encoder(x)
@@ -132,7 +132,7 @@ def run(repeat: int = 20, size: int = 224, feature_channels: int = 256, edge_ven
         f"Machine: {machine()}. Batch 1, {size}×{size} input, model input → payload bytes (encoder, rounding, "
         f"entropy coding, container); median of {repeat} after a warm-up. Codecs untrained with a realistic latent "
         "spread (see the module docstring). The client row starts from the decoded photo and includes the "
-        "preprocessing.",
+        "preprocessing." + "".join(f" Not measured: {s}." for s in skipped),
         "",
         "| codec | device params | " + " | ".join(f"{r} ({n} thr) ms" for r in runtimes for n in threads) + " |",
         "|---|---:|" + "---:|" * (len(runtimes) * len(threads)),
@@ -162,6 +162,12 @@ def run(repeat: int = 20, size: int = 224, feature_channels: int = 256, edge_ven
     else:
         lines.append("- edge client environment: pass `--edge-venv DIR` (a venv with `pip install ./platform/splitserve_edge`)")
     return "\n".join(lines)
+
+
+def _executorch_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("executorch") is not None
 
 
 def _site(venv: Path) -> Path:

@@ -25,9 +25,11 @@ def register(sub) -> None:
     s.add_argument("--output", metavar="MD", help="rewrite this Markdown file's serve section (e.g. docs/benchmarks.md)")
     s.set_defaults(func=serve, command="bench serve")
 
-    c = bsub.add_parser("encode", help="Device-side encoding: eager, TorchScript, ONNX Runtime, torch-free; both coders.",
+    c = bsub.add_parser("encode", help="Device-side encoding: eager, ExecuTorch, ONNX Runtime, torch-free; both coders.",
                         description="Entropic Student and RAC N=0/4/8 at batch 1, one thread and all threads, model "
-                                    "input to payload bytes; the old and new entropy coders; installed sizes.")
+                                    "input to payload bytes with eager PyTorch, ExecuTorch (the .pte of `platform "
+                                    "export`, when installed), ONNX Runtime and the torch-free client; the old and new "
+                                    "entropy coders; installed sizes.")
     c.add_argument("--repeat", type=int, default=20, help="timed runs per measurement (default %(default)s)")
     c.add_argument("--size", type=int, default=224, help="input side (default %(default)s)")
     c.add_argument("--edge-venv", type=Path, metavar="DIR", help="a venv with the edge client, to report its size")

@@ -1,4 +1,4 @@
-"""``platform export``: the device side of a bundle for ONNX Runtime or TorchScript."""
+"""``platform export``: the device side of a bundle for ONNX Runtime or ExecuTorch."""
 
 from __future__ import annotations
 
@@ -8,13 +8,15 @@ from . import add_command
 
 
 def register(sub) -> None:
-    p = add_command(sub, "export", run, "Export a bundle's encoder + coding tables for devices (ONNX, TorchScript).",
-                    "Write the encoder transform (ONNX or TorchScript) and the prior's coding tables (safetensors) "
-                    "with an edge.json, then check on real images that the exported encoder's rounded latent equals "
-                    "PyTorch's and print the count of mismatching elements. The ONNX export runs on the torch-free "
-                    "client (`pip install ./platform/splitserve_edge`, `splitserve-edge`).")
+    p = add_command(sub, "export", run, "Export a bundle's encoder + coding tables for devices (ONNX, ExecuTorch .pte).",
+                    "Write the encoder transform (ONNX, or torch.export → ExecuTorch .pte with the XNNPACK delegate) "
+                    "and the prior's coding tables (safetensors) with an edge.json, then check on real images that "
+                    "the exported encoder's rounded latent equals PyTorch's and its payloads are byte-identical to "
+                    "the PyTorch edge's; print the counts. The ONNX export runs on the torch-free client "
+                    "(`pip install ./platform/splitserve_edge`, `splitserve-edge`); .pte needs ExecuTorch "
+                    "(docs/edge.md).")
     p.add_argument("--bundle", metavar="DIR", help="bundle directory (default: $SPLITSERVE_BUNDLE or the embedded default)")
-    p.add_argument("--format", required=True, choices=("onnx", "torchscript"), help="onnx | torchscript")
+    p.add_argument("--format", required=True, choices=("onnx", "pte"), help="onnx | pte (ExecuTorch)")
     p.add_argument("--out", metavar="DIR", help="output directory (default: BUNDLE-edge-FORMAT next to the bundle)")
     p.add_argument("--images", nargs="+", metavar="IMAGE",
                    help="real images to check the export on (default: the photos shipped with scikit-image)")
