@@ -156,6 +156,9 @@ def test_openapi_documents_every_endpoint(server):
     spec = httpx.get(server.url + "/openapi.json").json()
     for path in ("/infer", "/v1/tasks", "/v1/encoder", "/healthz", "/readyz", "/metrics"):
         assert path in spec["paths"], path
+    # one operationId per operation, the same in every process (probes answer GET and HEAD)
+    ids = [op["operationId"] for item in spec["paths"].values() for op in item.values()]
+    assert len(ids) == len(set(ids)) and {"healthz", "healthz_head", "readyz", "readyz_head"} <= set(ids)
     infer = spec["paths"]["/infer"]["post"]
     assert "application/x-splitserve" in infer["requestBody"]["content"]
     assert {"200", "400", "409", "413", "415", "503"} <= set(infer["responses"])
@@ -175,6 +178,7 @@ def test_queue_full_gives_503_and_recovers(bundle_dir, edge):
         data = edge.encode([texture("brick", (64, 64))] * 2).data
         r = httpx.post(s.url + "/infer", content=data, headers={"Content-Type": "application/x-splitserve"})
         assert r.status_code == 401
+        assert httpx.get(s.url + "/openapi.json").status_code == 200  # without --auth-all the spec stays open
 
         async def burst():
             async with httpx.AsyncClient(base_url=s.url, headers={"X-API-Key": "s3cret"}, timeout=120) as c:

@@ -28,7 +28,7 @@ def gateway(bundle_dir, tmp_path_factory):
     key.write_text("s3cret\n")
     s = GatewayProcess("--bundle", str(bundle_dir), "--max-batch", "8", "--max-wait-ms", "5",
                        "--body-timeout-s", "1", "--shutdown-timeout-s", "2", "--max-image-pixels", "4000000",
-                       "--api-key-file", str(key), "--auth-all").start()
+                       "--api-key-file", str(key), "--auth-all", "--docs").start()
     yield s
     s.stop()
 
@@ -135,16 +135,23 @@ def test_released_memoryview_is_a_payload_error():
 
 
 def test_key_from_file_protects_everything_but_the_probes(gateway):
+    """--auth-all: the key guards /metrics, /v1/*, the spec and the docs pages; probes stay open."""
+    documents = ("/openapi.json", "/docs", "/redoc")
     with httpx.Client(base_url=gateway.url, timeout=10) as anonymous:  # row 10
-        for path in ("/metrics", "/v1/tasks", "/v1/encoder"):
-            assert anonymous.get(path).status_code == 401
+        for path in ("/metrics", "/v1/tasks", "/v1/encoder", *documents):
+            r = anonymous.get(path)
+            assert r.status_code == 401 and "API key" in r.json()["detail"], path
         for path in ("/healthz", "/readyz"):
             assert anonymous.get(path).status_code == 200
             assert anonymous.head(path).status_code == 200  # probes answer HEAD too
     with _client(gateway) as client:
         assert client.get("/v1/encoder").status_code == 200 and client.get("/metrics").status_code == 200
+        for page in ("/docs", "/redoc"):
+            r = client.get(page)
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+            assert "/openapi.json" in r.text, page
+        spec = client.get("/openapi.json").json()
     # the key is declared in OpenAPI, so generated clients send it
-    spec = httpx.get(gateway.url + "/openapi.json").json()
     assert spec["components"]["securitySchemes"]["APIKeyHeader"] == {
         "type": "apiKey", "in": "header", "name": "X-API-Key",
         "description": "the gateway's API key, when it has one"}
@@ -152,6 +159,7 @@ def test_key_from_file_protects_everything_but_the_probes(gateway):
         method = "post" if path == "/infer" else "get"
         assert spec["paths"][path][method]["security"] == [{"APIKeyHeader": []}], path
     assert "security" not in spec["paths"]["/healthz"]["get"]
+    assert not set(documents) & set(spec["paths"]), "the documents do not document themselves"
 
 
 def test_sigterm_with_a_slow_client_exits_within_the_deadline(bundle_dir):

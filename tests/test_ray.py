@@ -1,5 +1,7 @@
-"""The Ray Serve application on a real local Ray instance gives the FastAPI gateway's answers and
-errors for the same requests: the same JSON, value for value, and the same statuses and details.
+"""One HTTP surface, two executors: the same FastAPI app (``create_app``) over the local executor
+(``platform serve``, uvicorn) and over the Ray executor (mounted with ``@serve.ingress`` on a real
+local Ray instance) gives the same answers and errors for the same requests: the same JSON, value
+for value, the same statuses and details, and the same OpenAPI document.
 
 Two applications run on one Ray instance: ``plain`` (every head with its own layer2..4) and
 ``shared`` (heads on one shared trunk, which the ingress runs once and hands to the heads that use
@@ -15,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 
 import httpx
 import pytest
@@ -22,6 +25,7 @@ import pytest
 from splitserve.defaults import build_untrained_bundle
 from splitserve.edge import EdgeEncoder
 from splitserve.gateway.process import GatewayProcess, free_port
+from splitserve_edge.payload import Payload
 
 from .conftest import jpeg_bytes, texture
 from .helpers import informative_bundle
@@ -74,27 +78,36 @@ def test_platform_ray_serves_and_stops_on_sigterm(bundles):
             proc.wait()
 
 
-@pytest.fixture(scope="module")
-def ray_url(bundles):
+@contextmanager
+def local_serve(object_store_mb: int = 200):
+    """A local 2-CPU Ray instance on loopback with Serve's HTTP proxy; yields the proxy's URL."""
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     import ray
+    from ray import serve
+
+    port = free_port()
+    ray.init(num_cpus=2, object_store_memory=object_store_mb * 2**20, include_dashboard=False,
+             _node_ip_address="127.0.0.1", log_to_driver=False, configure_logging=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_url(bundles):
     from ray import serve
 
     from splitserve.gateway.config import ServerConfig
     from splitserve.gateway.ray_app import app, build_app
 
-    port = free_port()
     # 8 replicas of 0.25 CPU (2 applications × ingress + 3 tasks) on a 2-CPU loopback node
-    ray.init(num_cpus=2, object_store_memory=200 * 2**20, include_dashboard=False, _node_ip_address="127.0.0.1",
-             log_to_driver=False, configure_logging=False)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+    with local_serve() as url:
         serve.run(build_app(str(bundles["plain"]), config=ServerConfig(threads=1)), name="plain", route_prefix="/")
         serve.run(app({"bundle": str(bundles["shared"]), "threads": "1"}), name="shared", route_prefix="/shared")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+        yield url
 
 
 def _post(url: str, body: bytes, tasks: str | None = "cls,det,seg", headers=PAYLOAD) -> httpx.Response:
@@ -113,9 +126,12 @@ def test_ray_answers_and_errors_equal_the_fastapi_gateways(ray_url, bundles, whi
     good = [(p, "cls,det,seg") for p in payloads] + [(payloads[0], "seg,cls"), (payloads[2], None)]
     forged = bytearray(payloads[1])
     forged[:2] = b"XX"
+    real = Payload.from_bytes(payloads[1])
+    bad_bitstream = Payload(real.fingerprint, real.latent_shape, real.original_sizes, (b"\x22\x00\x00\x00",))
     bad = [
         (payloads[0][:-7], "cls", PAYLOAD),                                          # truncated
         (bytes(forged), "cls", PAYLOAD),                                             # bad magic
+        (bad_bitstream.to_bytes(), "cls", PAYLOAD),                                  # forged bitstream
         (payloads[0], "cls,pose", PAYLOAD),                                          # unknown task
         (payloads[0], "", PAYLOAD),                                                  # no task
         (EdgeEncoder.from_bundle(bundles["other"]).encode([texture("brick", (64, 64))]).data, "cls", PAYLOAD),
@@ -145,11 +161,15 @@ def test_ray_answers_and_errors_equal_the_fastapi_gateways(ray_url, bundles, whi
             r, f = _post(ray, body, tasks, headers), _post(fastapi.url, body, tasks, headers)
             assert (r.status_code, r.json()) == (f.status_code, f.json()), tasks
             statuses.append(r.status_code)
-        assert statuses == [400, 400, 400, 400, 409, 415, 413, 400, 431]
+        assert statuses == [400, 400, 400, 400, 400, 409, 415, 413, 400, 431]
 
         for path in ("/v1/encoder", "/v1/tasks", "/healthz", "/readyz"):
             r, f = httpx.get(ray + path), httpx.get(fastapi.url + path)
             assert (r.status_code, r.json()) == (f.status_code, f.json()) == (200, f.json()), path
+        r, f = httpx.get(ray + "/openapi.json"), httpx.get(fastapi.url + "/openapi.json")
+        assert r.json().pop("servers", [{"url": PREFIX[which]}]) == [{"url": PREFIX[which]}]  # the route prefix
+        assert {k: v for k, v in r.json().items() if k != "servers"} == f.json()  # one app, one contract
+        assert httpx.get(ray + "/metrics").status_code == 200
         for method, path in (("GET", "/infer"), ("GET", "/nope")):
             r, f = httpx.request(method, ray + path), httpx.request(method, fastapi.url + path)
             assert (r.status_code, r.json()) == (f.status_code, f.json()), path

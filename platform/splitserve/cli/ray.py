@@ -9,9 +9,10 @@ def register(sub) -> None:
     p = add_command(sub, "ray", run, "Serve with Ray Serve: an ingress that decodes once, one deployment per task.",
                     "Start a local Ray instance (or join a cluster with --address) and run the gateway as a Ray "
                     "Serve application: the ingress parses and decodes each payload once and hands the feature to "
-                    "one deployment per task, each batching with @serve.batch and autoscaling on its own. Same "
-                    "HTTP API, answers and errors as `platform serve`; every other `platform serve` option is read "
-                    "from its SPLITSERVE_* variable. Blocks until Ctrl-C or SIGTERM.")
+                    "one deployment per task, each batching with @serve.batch and autoscaling on its own. The same "
+                    "FastAPI app as `platform serve` (same HTTP API, answers and errors); every other `platform "
+                    "serve` option is read from its SPLITSERVE_* variable (e.g. SPLITSERVE_TASK_TIMEOUT_S). Blocks "
+                    "until Ctrl-C or SIGTERM.")
     p.add_argument("--bundle", metavar="DIR", help="bundle directory (default: $SPLITSERVE_BUNDLE or the embedded "
                                                    "default); every Ray node must be able to read it")
     p.add_argument("--tasks", help="comma-separated tasks to serve (default: every head in the bundle)")
@@ -68,7 +69,10 @@ def run(args) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     try:
-        serve.start(http_options={"host": config.host, "port": config.port})
+        # Ray's own HTTP proxy (uvicorn) reads the requests: it has a keep-alive timeout but no head
+        # deadline or connection bound (docs/reliability.md); the app's body deadlines apply as usual
+        serve.start(http_options={"host": config.host, "port": config.port,
+                                  "keep_alive_timeout_s": config.keep_alive_s})
         serve.run(application, name=args.name, route_prefix="/")
         print(f"serving {config.bundle} with Ray Serve on "
               f"http://{config.host}:{config.port} (Ctrl-C to stop)", flush=True)

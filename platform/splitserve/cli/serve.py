@@ -24,12 +24,19 @@ def register(sub) -> None:
     p.add_argument("--api-key", help="require this key in the X-API-Key header (visible in the process list: "
                                      "prefer SPLITSERVE_API_KEY or --api-key-file)")
     p.add_argument("--api-key-file", help="read the API key from this file (e.g. a mounted Kubernetes secret)")
-    p.add_argument("--auth-all", action="store_const", const=True, help="also protect /metrics and /v1/*")
+    p.add_argument("--auth-all", action="store_const", const=True,
+                   help="also protect /metrics, /v1/*, /openapi.json, /docs and /redoc (the probes stay open)")
     p.add_argument("--docs", action="store_const", const=True,
                    help="serve /docs and /redoc (their JavaScript loads from a CDN; off by default)")
     p.add_argument("--max-image-side", type=int, help="largest original image side a request may declare (default 8192)")
     p.add_argument("--max-image-pixels", type=int, help="largest uploaded image in pixels (default 16M)")
     p.add_argument("--body-timeout-s", type=float, help="a stalled request body gets 408 after this (default 10)")
+    p.add_argument("--head-timeout-s", type=float,
+                   help="a request head must arrive within this, else 408 and the connection closes (default 10)")
+    p.add_argument("--request-timeout-s", type=float,
+                   help="a whole request (head + body) must arrive within this, else 408 (default 60)")
+    p.add_argument("--max-connections", type=int,
+                   help="connections served at once; requests on more get 503 + Retry-After (default 512)")
     p.add_argument("--keep-alive-s", type=float, help="idle keep-alive timeout (default 5)")
     p.add_argument("--shutdown-timeout-s", type=float, help="SIGTERM: finish requests for at most this long (default 20)")
     p.add_argument("--max-header-bytes", type=int, help="largest request head in bytes (default 16384; 431 above)")
@@ -42,12 +49,10 @@ def register(sub) -> None:
 
 def run(args) -> int:
     import logging
-    import os
-
-    import uvicorn
 
     from ..defaults import resolve_bundle
-    from ..gateway import ServerConfig, create_app
+    from ..gateway import ServerConfig
+    from ..gateway.server import serve
 
     overrides = {k: getattr(args, k) for k in ServerConfig.model_fields if hasattr(args, k)}
     config = ServerConfig.from_env(**overrides)
@@ -57,20 +62,5 @@ def run(args) -> int:
         logging.getLogger("splitserve.gateway").warning(
             "--api-key is visible to every user of this machine (ps, /proc); use SPLITSERVE_API_KEY or --api-key-file")
     logging.basicConfig(level=config.log_level.upper(), format="%(levelname)s:     %(message)s")
-    # h11 (not httptools): its max_incomplete_event_size bounds the memory of a head still arriving
-    # (httptools has no such limit); the app refuses any complete head above the limit with 431, so
-    # h11's bound sits above it and never answers first with its bare 400.
-    limits = dict(http="h11", timeout_keep_alive=config.keep_alive_s,
-                  timeout_graceful_shutdown=config.shutdown_timeout_s,
-                  h11_max_incomplete_event_size=4 * config.max_header_bytes)
-    if config.workers == 1:
-        app = create_app(config)  # load + validate now: a bad bundle fails here, in one line
-        uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level, **limits)
-        return 0
-    from ..bundle import read_manifest
-
-    read_manifest(config.bundle)
-    os.environ.update(config.to_env())  # worker processes read their config from the environment
-    uvicorn.run("splitserve.gateway.app:factory", factory=True, host=config.host, port=config.port,
-                workers=config.workers, log_level=config.log_level, **limits)
+    serve(config)
     return 0

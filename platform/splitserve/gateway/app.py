@@ -1,6 +1,9 @@
-"""FastAPI application: thin routes over :class:`Runtime` and :class:`DynamicBatcher`.
+"""The one HTTP surface: routes, auth, limits, the error-to-status map and response models.
 
-Every user error maps to a 4xx with a reason; nothing a client sends can take the server down.
+:func:`create_app` builds it over an :class:`~splitserve.gateway.executor.Executor`: the local one
+(``platform serve``, uvicorn) or Ray Serve's (``platform ray``, mounted with ``@serve.ingress``), so
+both answer the same requests with the same statuses and words. Every user error maps to a 4xx
+with a reason; nothing a client sends can take the server down.
 """
 
 from __future__ import annotations
@@ -13,19 +16,18 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Any, Optional
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import APIKeyHeader
-from splitserve_edge.payload import PayloadLimits
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field, create_model
 
 from .. import __version__
 from ..errors import FingerprintMismatch, SplitserveError, excerpt
-from ..plugins import PluginRegistry
-from .batching import DynamicBatcher, QueueFull
 from .config import ServerConfig
-from .metrics import GatewayMetrics
-from .runtime import Job, Runtime
+from .batching import Unavailable
+from .executor import Executor
+from .runtime import Features, Job, Served, TaskFailed
 
 log = logging.getLogger("splitserve.gateway")
 
@@ -33,6 +35,7 @@ PAYLOAD_TYPES = ("application/x-splitserve", "application/octet-stream")
 API_KEY = APIKeyHeader(name="X-API-Key", auto_error=False, description="the gateway's API key, when it has one")
 IMAGE_TYPES = ("image/jpeg", "image/png", "image/webp")
 UPLOAD_DECODES = 2  # uploaded images decode this many at a time, each within the pixel budget
+REQUEST_STARTED = "splitserve.request_started"  # scope key: loop time of the request's first byte (server.py)
 
 
 # (height, width): a JSON array of two ints (a tuple's schema is not valid OpenAPI 3.1 as FastAPI writes it)
@@ -52,6 +55,8 @@ class EncoderInfo(BaseModel):
     input_size: Pair = Field(description="nominal (height, width) of the model input")
     latent_channels: int
     payload_format_version: int
+    max_images: int = Field(description="most images one /infer request may carry (--max-batch); more get 400")
+    max_body_bytes: int = Field(description="largest /infer body accepted (--max-body-bytes); larger gets 413")
 
 
 class TaskInfo(BaseModel):
@@ -68,11 +73,11 @@ class Health(BaseModel):
     status: str
 
 
-def _result_models(runtime: Runtime) -> tuple[type[BaseModel], type[BaseModel]]:
+def _result_models(served: Served) -> tuple[type[BaseModel], type[BaseModel]]:
     """Response models built from the served plugins, so OpenAPI shows each task's schema."""
     fields = {
         p.name: (Optional[p.response_model], Field(None, description=p.description or p.name))
-        for p in runtime.plugins
+        for p in served.plugins
     }
     tasks_model = create_model("TaskResults", **fields)
     image_model = create_model(
@@ -101,43 +106,44 @@ def head_bytes(scope: dict[str, Any]) -> int:
     return line + sum(len(k) + 2 + len(v) + 2 for k, v in scope["headers"]) + 2
 
 
-def head_refusal(scope: dict[str, Any], limit: int) -> JSONResponse | None:
-    """431 for a head above ``--max-header-bytes``. h11 checks its limit only on a head still
-    incomplete after a socket read (one read brings up to 256 KiB), so the exact check is here."""
-    if head_bytes(scope) <= limit:
-        return None
-    return JSONResponse({"detail": f"request head (request line + headers) exceeds the limit of {limit} bytes"},
-                        status_code=431, headers={"Connection": "close"})
-
-
 class HeadLimit:
-    """ASGI middleware: :func:`head_refusal` before any route runs (the body is never read)."""
+    """ASGI middleware: 431 for a head above ``--max-header-bytes``, before any route runs (the body
+    is never read). h11 checks its limit only on a head still incomplete after a socket read (one
+    read brings up to 256 KiB), so the exact check is here."""
 
     def __init__(self, app, limit: int):
         self.app, self.limit = app, limit
 
     async def __call__(self, scope, receive, send):
-        refusal = head_refusal(scope, self.limit) if scope["type"] == "http" else None
-        if refusal is not None:
+        if scope["type"] == "http" and head_bytes(scope) > self.limit:
+            refusal = JSONResponse({"detail": f"request head (request line + headers) exceeds the limit of "
+                                              f"{self.limit} bytes"}, status_code=431, headers={"Connection": "close"})
             return await refusal(scope, receive, send)
         await self.app(scope, receive, send)
 
 
-async def _read_body(request: Request, limit: int, timeout: float) -> bytes:
-    """Read at most ``limit`` bytes; refuse early on Content-Length, and while streaming; a body
-    that stalls for ``timeout`` seconds gets 408 (a slow client cannot hold a slot forever)."""
+async def _read_body(request: Request, config: ServerConfig) -> bytes:
+    """Read at most ``--max-body-bytes``; refuse early on Content-Length, and while streaming. A
+    body that stalls for ``--body-timeout-s``, or a request not complete ``--request-timeout-s``
+    after its first byte, gets 408: a slow client cannot hold a slot for long."""
+    limit = config.max_body_bytes
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise HTTPException(413, f"body of {declared} bytes exceeds the limit of {limit} bytes")
+    loop = asyncio.get_running_loop()
+    deadline = request.scope.get(REQUEST_STARTED, loop.time()) + config.request_timeout_s
     chunks, size = [], 0
     stream = request.stream().__aiter__()
     while True:
+        wait = min(config.body_timeout_s, deadline - loop.time())
         try:
-            chunk = await asyncio.wait_for(stream.__anext__(), timeout)
+            chunk = await asyncio.wait_for(stream.__anext__(), max(wait, 0))
         except StopAsyncIteration:
             break
         except asyncio.TimeoutError:
-            raise HTTPException(408, f"request body stalled for {timeout:g} s") from None
+            reason = (f"request body stalled for {config.body_timeout_s:g} s" if wait == config.body_timeout_s
+                      else f"request not complete within {config.request_timeout_s:g} s")
+            raise HTTPException(408, reason, headers={"Connection": "close"}) from None
         size += len(chunk)
         if size > limit:
             raise HTTPException(413, f"body exceeds the limit of {limit} bytes")
@@ -145,85 +151,78 @@ async def _read_body(request: Request, limit: int, timeout: float) -> bytes:
     return b"".join(chunks)
 
 
-async def read_job(request: Request, tasks: str | None, runtime: Runtime, config: ServerConfig,
+async def read_job(request: Request, tasks: str | None, executor: Executor, config: ServerConfig,
                    image_decodes: asyncio.Semaphore) -> tuple[Job, int, str]:
-    """The request path up to the batch queue, shared by the FastAPI and the Ray Serve front ends:
-    the tasks asked for, the content type, the bounded body, then the parsed payload or the
-    decoded upload. Returns the job, the body's size and its kind ("payload" or "image")."""
-    plugins = runtime.registry.resolve(tasks) if tasks is not None else list(runtime.plugins)
+    """The request path up to the executor: the tasks asked for, the content type, the bounded
+    body, then the parsed payload or the decoded upload. Returns the job, the body's size and its
+    kind ("payload" or "image")."""
+    served, features = executor.served, executor.features
+    plugins = served.registry.resolve(tasks) if tasks is not None else list(served.plugins)
     request.state.tasks = [p.name for p in plugins]
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype not in PAYLOAD_TYPES + IMAGE_TYPES:
         raise HTTPException(415, f"unsupported content type {excerpt(ctype) if ctype else '(none)'}; send "
                                  f"{', '.join(PAYLOAD_TYPES + IMAGE_TYPES)}")
-    body = await _read_body(request, config.max_body_bytes, config.body_timeout_s)
+    body = await _read_body(request, config)
     if ctype in PAYLOAD_TYPES:
-        payload, metas = runtime.parse_payload(body)
+        payload, metas = features.parse_payload(body)
         return Job(plugins=plugins, payload=payload, metas=metas), len(body), "payload"
     async with image_decodes:
-        pixels, metas = await asyncio.to_thread(runtime.preprocess_image, body, config.max_image_pixels)
+        pixels, metas = await asyncio.to_thread(features.preprocess_image, body, config.max_image_pixels)
     return Job(plugins=plugins, pixels=pixels, metas=metas), len(body), "image"
 
 
-def encoder_info(runtime: Runtime) -> EncoderInfo:
+def encoder_info(features: Features, max_body_bytes: int) -> EncoderInfo:
     """``GET /v1/encoder``: what an edge client must encode with."""
     from splitserve_edge.payload import FORMAT_VERSION
 
+    manifest = features.manifest
     return EncoderInfo(
-        fingerprint=runtime.fingerprint, fingerprint_id=runtime.fingerprint_id.hex(),
-        family=runtime.manifest.codec.family, config=runtime.manifest.codec.config,
-        backbone=runtime.manifest.backbone, input_size=runtime.manifest.input_size,
-        latent_channels=runtime.codec.latent_channels, payload_format_version=FORMAT_VERSION,
+        fingerprint=features.fingerprint, fingerprint_id=features.fingerprint_id.hex(),
+        family=manifest.codec.family, config=manifest.codec.config, backbone=manifest.backbone,
+        input_size=manifest.input_size, latent_channels=features.codec.latent_channels,
+        payload_format_version=FORMAT_VERSION, max_images=features.payload_limits.max_images,
+        max_body_bytes=max_body_bytes,
     )
 
 
-def task_infos(runtime: Runtime) -> list[TaskInfo]:
+def task_infos(features: Features, served: Served) -> list[TaskInfo]:
     """``GET /v1/tasks``: the served plugins, their resolved configs (labels left out) and schemas."""
     return [
         TaskInfo(
             name=p.name, aliases=list(p.aliases), description=p.description,
-            feature={"channels": runtime.codec.feature_channels, "stride": runtime.codec.stride},
-            config={k: v for k, v in runtime.head_configs[p.name].items() if k != "labels"},
-            metrics=runtime.manifest.tasks[p.name].metrics,
+            feature={"channels": features.codec.feature_channels, "stride": features.codec.stride},
+            config={k: v for k, v in served.configs[p.name].items() if k != "labels"},
+            metrics=features.manifest.tasks[p.name].metrics,
             response_schema=p.response_model.model_json_schema(),
         )
-        for p in runtime.plugins
+        for p in served.plugins
     ]
 
 
-def create_app(config: ServerConfig | None = None, runtime: Runtime | None = None) -> FastAPI:
-    """Build the gateway. Models load at start-up (``/readyz`` turns 200 once warmed up)."""
+def create_app(config: ServerConfig | None = None, executor: Executor | None = None) -> FastAPI:
+    """The gateway over ``executor`` (default: the local one, built from ``config``). Models load
+    here; ``/readyz`` turns 200 once the executor has started (warmed up)."""
     config = config or ServerConfig.from_env()
-    metrics = runtime.metrics if runtime else GatewayMetrics()
-    if runtime is None:
-        from ..defaults import resolve_bundle
+    if executor is None:
+        from .local import LocalExecutor
 
-        if config.threads:
-            import torch
-
-            torch.set_num_threads(config.threads)
-        limits = PayloadLimits(max_images=config.max_batch, max_image_side=config.max_image_side,
-                               max_total_bytes=config.max_body_bytes)
-        runtime = Runtime(resolve_bundle(config.bundle), PluginRegistry.discover(), config.tasks, metrics, limits,
-                          device=config.device)
+        executor = LocalExecutor.from_config(config)
+    features, served, metrics = executor.features, executor.served, executor.metrics
     api_key = config.resolved_api_key()
     state: dict[str, Any] = {"ready": False}
     image_decodes = asyncio.Semaphore(UPLOAD_DECODES)
-    batcher = DynamicBatcher(runtime, metrics, max_batch=config.max_batch, max_wait_ms=config.max_wait_ms,
-                             max_queue=config.max_queue)
-    InferResponse, ImageResult = _result_models(runtime)
+    InferResponse, ImageResult = _result_models(served)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        batcher.start()
-        if config.warmup:
-            await batcher.run_in_worker(runtime.warmup)
+        await executor.start()
         state["ready"] = True
-        log.info("serving %s (fingerprint %s) tasks: %s", runtime.path, runtime.fingerprint[:16],
-                 ", ".join(p.name for p in runtime.plugins))
+        log.info("serving %s (fingerprint %s) tasks: %s", features.path, features.fingerprint[:16],
+                 ", ".join(p.name for p in served.plugins))
         yield
         state["ready"] = False
-        await batcher.stop()
+        await executor.stop()
 
     def require_key(given: Annotated[Optional[str], Depends(API_KEY)] = None) -> None:
         if not secrets.compare_digest((given or "").encode(), api_key.encode()):
@@ -235,7 +234,7 @@ def create_app(config: ServerConfig | None = None, runtime: Runtime | None = Non
     protected = keyed if config.auth_all else []
 
     router = APIRouter()
-    errors = {s: {"model": ErrorResponse} for s in (400, 401, 408, 409, 413, 415, 431, 503)}
+    errors = {s: {"model": ErrorResponse} for s in (400, 401, 408, 409, 413, 415, 431, 500, 503)}
 
     @router.post(
         "/infer",
@@ -258,42 +257,46 @@ def create_app(config: ServerConfig | None = None, runtime: Runtime | None = Non
                                                           "cls,det,seg (default: every served task)",
                                               examples=["cls,det,seg"])] = None,
     ):
-        job, size, kind = await read_job(request, tasks, runtime, config, image_decodes)
+        job, size, kind = await read_job(request, tasks, executor, config, image_decodes)
         metrics.payload_bytes.labels(kind=kind).observe(size)
-        per_image = await batcher.submit(job)
+        per_image = await executor.run(job)
         return InferResponse(
-            fingerprint=runtime.fingerprint,
+            fingerprint=features.fingerprint,
             bytes_received=size,
             input=kind,
             tasks=[p.name for p in job.plugins],
             results=[
                 ImageResult(index=i, original_size=m.original_size, tasks=answers)
-                for i, (m, answers) in enumerate(zip(job.metas, per_image))
+                for i, (m, answers) in enumerate(zip(job.metas, per_image, strict=True))
             ],
         )
 
     @router.get("/v1/tasks", response_model=list[TaskInfo], summary="Served task plugins and their schemas",
                 dependencies=protected)
     async def list_tasks():
-        return task_infos(runtime)
+        return task_infos(features, served)
 
     @router.get("/v1/encoder", response_model=EncoderInfo, dependencies=protected,
                 summary="The encoder an edge client must use (check the fingerprint)")
     async def get_encoder_info():
-        return encoder_info(runtime)
+        return encoder_info(features, config.max_body_bytes)
 
-    @router.api_route("/healthz", methods=["GET", "HEAD"], response_model=Health,
-                      responses={503: {"model": Health}}, summary="Liveness: the process can still answer")
+    # GET and HEAD as two operations: one route for both would give them one operationId, picked
+    # from a set (so it differs between processes) and duplicated (invalid OpenAPI)
+    probe = {"response_model": Health, "responses": {503: {"model": Health}}}
+
+    @router.head("/healthz", operation_id="healthz_head", **probe, summary="Liveness (HEAD)")
+    @router.get("/healthz", operation_id="healthz", **probe, summary="Liveness: the process can still answer")
     async def healthz():
-        if batcher.broken is not None:  # e.g. after a MemoryError: restart me
-            return JSONResponse({"status": f"broken: {batcher.broken}"}, status_code=503)
+        if executor.broken is not None:  # e.g. after a MemoryError: restart me
+            return JSONResponse({"status": f"broken: {executor.broken}"}, status_code=503)
         return Health(status="ok")
 
-    @router.api_route("/readyz", methods=["GET", "HEAD"], response_model=Health, responses={503: {"model": Health}},
-                      summary="Readiness: models loaded and warmed up")
+    @router.head("/readyz", operation_id="readyz_head", **probe, summary="Readiness (HEAD)")
+    @router.get("/readyz", operation_id="readyz", **probe, summary="Readiness: models loaded and warmed up")
     async def readyz():
-        if batcher.broken is not None:
-            return JSONResponse({"status": f"broken: {batcher.broken}"}, status_code=503)
+        if executor.broken is not None:
+            return JSONResponse({"status": f"broken: {executor.broken}"}, status_code=503)
         if not state["ready"]:
             return JSONResponse({"status": "starting"}, status_code=503)
         return Health(status="ready")
@@ -303,14 +306,31 @@ def create_app(config: ServerConfig | None = None, runtime: Runtime | None = Non
     async def prometheus():
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    # The spec and the docs pages are routes like the others, so --auth-all covers them too.
+    @router.get("/openapi.json", include_in_schema=False, dependencies=protected)
+    async def openapi(request: Request):
+        spec, root = app.openapi(), request.scope.get("root_path", "").rstrip("/")
+        return JSONResponse({**spec, "servers": [{"url": root}]} if root else spec)
+
+    def spec_url(request: Request) -> str:
+        return request.scope.get("root_path", "").rstrip("/") + "/openapi.json"
+
+    if config.docs:  # their JavaScript loads from a CDN, which an offline site cannot reach: opt-in
+        @router.get("/docs", include_in_schema=False, dependencies=protected)
+        async def swagger(request: Request):
+            return get_swagger_ui_html(openapi_url=spec_url(request), title=f"{app.title} - Swagger UI")
+
+        @router.get("/redoc", include_in_schema=False, dependencies=protected)
+        async def redoc(request: Request):
+            return get_redoc_html(openapi_url=spec_url(request), title=f"{app.title} - ReDoc")
+
     app = FastAPI(
         title="splitserve gateway",
         version=__version__,
         description="Decode edge-compressed features once; run classification, detection, segmentation "
                     "and any installed task plugin on them.",
         lifespan=lifespan,
-        docs_url="/docs" if config.docs else None,
-        redoc_url="/redoc" if config.docs else None,
+        openapi_url=None, docs_url=None, redoc_url=None,  # served by the routes above
     )
     app.include_router(router)
     _install_error_handlers(app)
@@ -319,7 +339,7 @@ def create_app(config: ServerConfig | None = None, runtime: Runtime | None = Non
     @app.middleware("http")
     async def record_inference(request: Request, call_next):
         """Request metrics in one place: per task and HTTP status, and end-to-end latency."""
-        if request.url.path != "/infer":
+        if not request.url.path.endswith("/infer"):
             return await call_next(request)
         start = time.perf_counter()
         status = 500
@@ -332,25 +352,41 @@ def create_app(config: ServerConfig | None = None, runtime: Runtime | None = Non
                 metrics.requests.labels(task=task, status=str(status)).inc()
             metrics.request_seconds.observe(time.perf_counter() - start)
 
-    app.state.runtime = runtime
+    app.state.executor = executor
     app.state.config = config
     return app
 
 
 def _install_error_handlers(app: FastAPI) -> None:
-    """Every error a user can fix is a 4xx with ``{"detail": reason}``; the server keeps serving."""
+    """Every error a user can fix is a 4xx with ``{"detail": reason}``; the server keeps serving.
+    Failures on the server are JSON too (500, or 503 + Retry-After when retrying helps)."""
+
+    def error(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+        return JSONResponse({"detail": detail}, status_code=status, headers=headers)
 
     @app.exception_handler(FingerprintMismatch)
     async def other_encoder(request: Request, e: FingerprintMismatch):
-        return JSONResponse({"detail": str(e)}, status_code=409)
+        return error(409, str(e))
 
     @app.exception_handler(SplitserveError)  # PayloadError, PluginError (unknown task), image errors
     async def bad_request(request: Request, e: SplitserveError):
-        return JSONResponse({"detail": str(e)}, status_code=400)
+        return error(400, str(e))
 
-    @app.exception_handler(QueueFull)
-    async def busy(request: Request, e: QueueFull):
-        return JSONResponse({"detail": str(e)}, status_code=503, headers={"Retry-After": str(e.retry_after)})
+    @app.exception_handler(Unavailable)  # queue full; on Ray: a task replica lost or not ready
+    async def busy(request: Request, e: Unavailable):
+        return error(503, str(e), {"Retry-After": str(e.retry_after)})
+
+    @app.exception_handler(TaskFailed)
+    async def task_failed(request: Request, e: TaskFailed):
+        return error(500, str(e))
+
+    @app.exception_handler(MemoryError)
+    async def out_of_memory(request: Request, e: MemoryError):
+        return error(500, "the server ran out of memory on this request; it restarts")
+
+    @app.exception_handler(Exception)  # anything else: logged by the server, JSON for the client
+    async def internal(request: Request, e: Exception):
+        return error(500, "internal server error (logged)")
 
 
 def factory() -> FastAPI:

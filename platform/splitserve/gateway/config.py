@@ -24,13 +24,22 @@ class ServerConfig(BaseModel):
     api_key: str | None = Field(None, description="require this key in the X-API-Key header (prefer "
                                 "SPLITSERVE_API_KEY or --api-key-file: a flag is visible in /proc/PID/cmdline)")
     api_key_file: str | None = Field(None, description="read the API key from this file (e.g. a mounted secret)")
-    auth_all: bool = Field(False, description="also require the key for /metrics and /v1/* (probes stay open)")
+    auth_all: bool = Field(False, description="also require the key for /metrics, /v1/*, /openapi.json, /docs "
+                                              "and /redoc (probes stay open)")
     docs: bool = Field(False, description="serve /docs and /redoc (their assets load from a CDN); "
                                           "/openapi.json is always served")
     max_image_side: int = Field(8192, ge=16, le=65535, description="largest original side a payload may declare, "
                                                                    "and the largest side of an uploaded image")
     max_image_pixels: int = Field(16_000_000, ge=256, description="largest uploaded image (full offloading), in pixels")
     body_timeout_s: float = Field(10.0, gt=0, description="a request body that stalls this long gets 408")
+    head_timeout_s: float = Field(10.0, gt=0, description="a request head (request line + headers) must arrive "
+                                                          "within this; else 408 and the connection closes")
+    request_timeout_s: float = Field(60.0, gt=0, description="the whole request (head + body) must arrive within "
+                                                             "this; else 408")
+    max_connections: int = Field(512, ge=1, description="connections served at once; a request on one more "
+                                                        "gets 503 + Retry-After")
+    task_timeout_s: float = Field(30.0, gt=0, description="Ray Serve: a task deployment that has not answered "
+                                                          "within this (replica lost, none ready) gives 503")
     keep_alive_s: float = Field(5.0, gt=0, description="idle keep-alive connections close after this")
     shutdown_timeout_s: float = Field(20.0, gt=0, description="on SIGTERM, wait at most this long for requests")
     max_header_bytes: int = Field(16384, ge=1024, description="largest request head (request line + headers)")
@@ -53,6 +62,20 @@ class ServerConfig(BaseModel):
                 raise SplitserveError(f"--api-key-file {self.api_key_file} is empty")
             return key
         return self.api_key
+
+    def payload_limits(self):
+        """The parser's bounds, from the request limits: one request, one batch at most."""
+        from splitserve_edge.payload import PayloadLimits
+
+        return PayloadLimits(max_images=self.max_batch, max_image_side=self.max_image_side,
+                             max_total_bytes=self.max_body_bytes)
+
+    def apply_threads(self) -> None:
+        """``--threads``: torch's intra-op threads in this process."""
+        if self.threads:
+            import torch
+
+            torch.set_num_threads(self.threads)
 
     @classmethod
     def from_env(cls, **overrides: Any) -> "ServerConfig":

@@ -1,7 +1,14 @@
-"""Everything the gateway computes: decode once per batch, then every requested head.
+"""Everything the gateway computes, in two sides that can live in one process or in several.
 
-Loaded and checked at start-up (plugins vs bundle), so a bad deployment fails before the
-first request rather than on it. Runs in a worker thread; holds no HTTP concepts.
+- :class:`Features` — the feature side: parse + fingerprint and shape checks, entropy decode,
+  decoder, and the shared trunk (layer2..4). Bytes in, ``h`` (and the trunk's outputs) out.
+- :class:`Heads` — the head side: each served plugin's head and ``predict``; the trunk's outputs
+  are lent to the heads that run the trunk module itself.
+- :class:`Runtime` — both sides in one process (the local executor, evaluation, tests): decode once
+  per batch, trunk once, every requested head.
+
+Loaded and checked at start-up (plugins vs bundle), so a bad deployment fails before the first
+request rather than on it. Holds no HTTP concepts.
 """
 
 from __future__ import annotations
@@ -9,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,14 +25,17 @@ import torch
 from pydantic import BaseModel
 
 from ..bundle import Manifest, load_codec, load_head, load_trunk, read_manifest
-from ..models.backbone import tail_path
+from ..models.backbone import SharedTrunk, tail_path
 from ..errors import PayloadError, PluginError
 from splitserve_edge.payload import Payload, PayloadLimits, fingerprint_id
 from ..plugins import ImageMeta, PluginContractError, PluginRegistry, TaskPlugin
 from ..preprocess import load_image, to_input
+from .batching import out_of_memory
 from .metrics import GatewayMetrics
 
 log = logging.getLogger("splitserve.gateway")
+
+TrunkOutputs = Mapping[str, torch.Tensor]
 
 
 @dataclass
@@ -49,16 +59,23 @@ class Job:
         return ("pixels", tuple(self.pixels.shape[1:]))
 
 
+class TaskFailed(Exception):
+    """A task failed on the server (a plugin bug, not the request): 500 naming the task."""
+
+    def __init__(self, task: str):
+        super().__init__(f"task {task} failed on the server")
+
+
 class TrunkOnce:
-    """The shared layer2..4 of one batch, computed on first use and then sliced per plugin."""
+    """The shared layer2..4 outputs of one batch: computed on first use (or handed over by
+    another process), then sliced per plugin."""
 
-    def __init__(self, runtime: "Runtime", features: torch.Tensor):
-        self.runtime, self.features, self._out = runtime, features, None
+    def __init__(self, compute: Callable[[], TrunkOutputs] | None = None, outputs: TrunkOutputs | None = None):
+        self._compute, self._out = compute, outputs
 
-    def outputs(self, rows: Sequence[int] | None):
+    def outputs(self, rows: Sequence[int] | None) -> TrunkOutputs:
         if self._out is None:
-            with self.runtime.metrics.stage("trunk"):
-                self._out = self.runtime.trunk.tail(self.features)
+            self._out = self._compute()
         return self._out if rows is None else {k: v[list(rows)] for k, v in self._out.items()}
 
 
@@ -71,12 +88,50 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-class Runtime:
-    """The codec, the heads and the plugins of one bundle, validated and warmed up."""
+@dataclass
+class Served:
+    """The task plugins served for one bundle, with their resolved head configs: what the feature
+    side (task names, ``/v1/tasks``) and the head side agree on."""
 
-    def __init__(self, bundle: str | Path, registry: PluginRegistry, tasks: Sequence[str] | None = None,
-                 metrics: GatewayMetrics | None = None, payload_limits: PayloadLimits | None = None,
-                 device: str = "cpu", load_heads: bool = True):
+    plugins: list[TaskPlugin]
+    configs: dict[str, dict[str, Any]]
+    registry: PluginRegistry  # only what is served resolves
+
+    @classmethod
+    def select(cls, path: Path, manifest: Manifest, registry: PluginRegistry, tasks: Sequence[str] | None,
+               feature: tuple[int, int] | None = None) -> "Served":
+        """The plugins for ``tasks`` (default: every bundle head with an installed plugin); with
+        ``feature`` = the codec's (channels, stride), each plugin must consume exactly that."""
+        if tasks:
+            chosen = registry.resolve(list(tasks))
+            missing = [p.name for p in chosen if p.name not in manifest.tasks]
+            if missing:
+                raise PluginError(f"bundle {path} has no head for {', '.join(missing)} "
+                                  f"(it has: {', '.join(manifest.tasks) or 'none'})")
+        else:
+            chosen = []
+            for name in manifest.tasks:
+                try:
+                    chosen.append(registry.get(name))
+                except PluginError:
+                    log.warning("bundle head %r has no installed plugin; not serving it", name)
+            if not chosen:
+                raise PluginError(f"bundle {path} has no head for any installed plugin "
+                                  f"(installed: {registry.describe_available()})")
+        for plugin in chosen if feature else ():
+            spec = plugin.feature_spec(manifest.backbone)
+            if (spec.channels, spec.stride) != feature:
+                raise PluginError(f"task {plugin.name!r} consumes {spec.describe()}, but the bundle's codec produces "
+                                  f"{feature[0]} channels at stride {feature[1]}")
+        configs = {p.name: p.resolve_config(manifest.backbone, manifest.tasks[p.name].config) for p in chosen}
+        return cls(chosen, configs, PluginRegistry(chosen))
+
+
+class Features:
+    """The feature side of one bundle: payload bytes or pixels → the decoded feature ``h``."""
+
+    def __init__(self, bundle: str | Path, metrics: GatewayMetrics | None = None,
+                 payload_limits: PayloadLimits | None = None, device: str = "cpu"):
         self.path = Path(bundle)
         self.manifest: Manifest = read_manifest(self.path)
         self.policy = self.manifest.policy
@@ -85,52 +140,16 @@ class Runtime:
         self.codec = load_codec(self.path, manifest=self.manifest)
         self.fingerprint = self.codec.fingerprint()
         self.fingerprint_id = fingerprint_id(self.fingerprint)
-        self.plugins = self._select_plugins(registry, tasks)
-        self.registry = PluginRegistry(self.plugins)  # only what is served resolves
-        backbone, tasks = self.manifest.backbone, self.manifest.tasks
-        self.head_configs: dict[str, dict[str, Any]] = {
-            p.name: p.resolve_config(backbone, tasks[p.name].config) for p in self.plugins}
-        # load_heads=False: parse and decode only (a front end that hands features to head servers)
-        self.trunk = load_trunk(self.path, self.manifest) if load_heads else None
-        self.heads = {
-            p.name: load_head(self.path, p.name, p.build_head(backbone, self.head_configs[p.name]), self.manifest,
-                              trunk=self.trunk)
-            for p in (self.plugins if load_heads else ())}
-        # heads that run the trunk module itself get its outputs lent once per batch; a dilated head
-        # only ties its weights to the trunk and computes its own layer3/4, so it needs no lending
-        self.shared = {name for name, head in self.heads.items()
-                       if tasks[name].trunk == "shared" and head.get_submodule(tail_path(head)) is self.trunk}
+        self.trunk: SharedTrunk | None = load_trunk(self.path, self.manifest)  # None: every head has its own
         self.device = resolve_device(device)
         self.codec.to(self.device)
-        for head in self.heads.values():
-            head.to(self.device)
         if self.trunk is not None:
             self.trunk.to(self.device)
 
-    def _select_plugins(self, registry: PluginRegistry, tasks: Sequence[str] | None) -> list[TaskPlugin]:
-        if tasks:
-            chosen = registry.resolve(list(tasks))
-            missing = [p.name for p in chosen if p.name not in self.manifest.tasks]
-            if missing:
-                raise PluginError(f"bundle {self.path} has no head for {', '.join(missing)} "
-                                  f"(it has: {', '.join(self.manifest.tasks) or 'none'})")
-        else:
-            chosen = []
-            for name in self.manifest.tasks:
-                try:
-                    chosen.append(registry.get(name))
-                except PluginError:
-                    log.warning("bundle head %r has no installed plugin; not serving it", name)
-            if not chosen:
-                raise PluginError(f"bundle {self.path} has no head for any installed plugin "
-                                  f"(installed: {registry.describe_available()})")
-        for plugin in chosen:
-            spec = plugin.feature_spec(self.manifest.backbone)
-            if (spec.channels, spec.stride) != (self.codec.feature_channels, self.codec.stride):
-                raise PluginError(
-                    f"task {plugin.name!r} consumes {spec.describe()}, but the bundle's codec produces "
-                    f"{self.codec.feature_channels} channels at stride {self.codec.stride}")
-        return chosen
+    def serve(self, registry: PluginRegistry, tasks: Sequence[str] | None = None) -> Served:
+        """The plugins that can consume this codec's feature (a mismatch fails at start-up)."""
+        return Served.select(self.path, self.manifest, registry, tasks,
+                             (self.codec.feature_channels, self.codec.stride))
 
     # -- request side (event loop) -----------------------------------------------------------
     def parse_payload(self, body: bytes) -> tuple[Payload, list[ImageMeta]]:
@@ -170,53 +189,6 @@ class Runtime:
         return x, [ImageMeta((img.height, img.width), tuple(x.shape[-2:]))]
 
     # -- batch side (worker thread) ------------------------------------------------------------
-    @torch.inference_mode()
-    def run(self, jobs: Sequence[Job]) -> list[list[dict[str, BaseModel]] | PayloadError]:
-        """Per job, per image: {task name: response} — or, for a job whose bitstream does not
-        decode, its :class:`PayloadError` (that request fails alone; its batch-mates are answered).
-        Entropy decode + decoder once per group of jobs with the same latent shape."""
-        results: list = [[{} for _ in range(j.num_images)] for j in jobs]
-        groups: dict[tuple, list[int]] = defaultdict(list)
-        for i, job in enumerate(jobs):
-            groups[job.group_key].append(i)
-        for members in groups.values():
-            features, failed = self.decode([jobs[i] for i in members])
-            for k, error in failed.items():
-                results[members[k]] = error
-            members = [ji for k, ji in enumerate(members) if k not in failed]
-            if not members:
-                continue
-            metas = [m for ji in members for m in jobs[ji].metas]
-            owners = [(ji, k) for ji in members for k in range(jobs[ji].num_images)]
-            trunk = TrunkOnce(self, features)
-            for plugin in self.plugins:
-                rows = [r for r, (ji, _) in enumerate(owners) if plugin in jobs[ji].plugins]
-                if not rows:
-                    continue
-                answers = self.predict(plugin, features, [metas[r] for r in rows],
-                                       rows if len(rows) < len(owners) else None, trunk)
-                for r, answer in zip(rows, answers):
-                    ji, k = owners[r]
-                    results[ji][k][plugin.name] = answer
-        return results
-
-    def predict(self, plugin: TaskPlugin, features: torch.Tensor, metas: Sequence[ImageMeta],
-                rows: Sequence[int] | None = None, trunk: "TrunkOnce | None" = None) -> list[BaseModel]:
-        """One plugin's answers for ``features`` (or its ``rows``): exactly one per image, or
-        :class:`PluginContractError` naming the plugin. A head on the shared trunk gets the trunk's
-        outputs computed once per batch (``trunk``)."""
-        sel = features if rows is None else features[list(rows)]
-        lend = contextlib.nullcontext()
-        if plugin.name in self.shared:
-            trunk = trunk or TrunkOnce(self, features)
-            lend = self.trunk.reuse(sel, trunk.outputs(rows))
-        with self.metrics.stage(f"task:{plugin.name}"), lend:
-            answers = plugin.predict(self.heads[plugin.name], sel, metas, self.head_configs[plugin.name])
-        if len(answers) != len(metas):  # zip would silently drop answers or images
-            raise PluginContractError(f"task plugin {plugin.name!r} returned {len(answers)} answers for "
-                                      f"{len(metas)} images")
-        return answers
-
     def decode(self, group: Sequence[Job]) -> tuple[torch.Tensor | None, dict[int, PayloadError]]:
         """Features of the group's images (one decoder pass), and the jobs whose bitstreams failed."""
         failed: dict[int, PayloadError] = {}
@@ -237,16 +209,125 @@ class Runtime:
         with self.metrics.stage("feature_decode"):
             return self.codec.decode(y_hat), failed
 
+    def trunk_outputs(self, features: torch.Tensor) -> TrunkOutputs:
+        """The shared layer2..4 on ``features``, for the heads that run the trunk module itself."""
+        with self.metrics.stage("trunk"):
+            return self.trunk.tail(features)
+
+
+class Heads:
+    """The head side: the served plugins' heads, each answering a batch of features.
+
+    A head loaded onto the bundle's shared trunk either runs the trunk module itself (it is then
+    *lent* the outputs computed once per batch) or, dilated, only ties its weights to the trunk and
+    computes its own layer3/4 (nothing to lend)."""
+
+    def __init__(self, path: Path, manifest: Manifest, served: Served, trunk: SharedTrunk | None,
+                 device: torch.device, metrics: GatewayMetrics | None = None):
+        self.served, self.trunk, self.device = served, trunk, device
+        self.metrics = metrics or GatewayMetrics()
+        self.heads = {p.name: load_head(path, p.name, p.build_head(manifest.backbone, served.configs[p.name]),
+                                        manifest, trunk=trunk).to(device)
+                      for p in served.plugins}
+        self.shared = {name for name, head in self.heads.items()
+                       if trunk is not None and head.get_submodule(tail_path(head)) is trunk}
+
+    def uses_trunk(self, name: str) -> bool:
+        """Whether the head ``name`` wants the shared trunk's outputs with its features."""
+        return name in self.shared
+
+    def predict(self, plugin: TaskPlugin, features: torch.Tensor, metas: Sequence[ImageMeta],
+                rows: Sequence[int] | None = None, trunk: TrunkOnce | None = None) -> list[BaseModel]:
+        """One plugin's answers for ``features`` (or its ``rows``): exactly one per image. A head on
+        the shared trunk gets the trunk's outputs computed once per batch (``trunk``). A plugin
+        that fails or breaks its contract raises :class:`TaskFailed` naming it (the cause chained);
+        running out of memory is raised as it is, for the executor to act on."""
+        sel = features if rows is None else features[list(rows)]
+        lend = contextlib.nullcontext()
+        if plugin.name in self.shared:
+            trunk = trunk or TrunkOnce(lambda: self.trunk.tail(features))
+            lend = self.trunk.reuse(sel, trunk.outputs(rows))
+        try:
+            with self.metrics.stage(f"task:{plugin.name}"), lend:
+                answers = plugin.predict(self.heads[plugin.name], sel, metas, self.served.configs[plugin.name])
+            if len(answers) != len(metas):  # zip would silently drop answers or images
+                raise PluginContractError(f"task plugin {plugin.name!r} returned {len(answers)} answers for "
+                                          f"{len(metas)} images")
+        except Exception as e:
+            if out_of_memory(e):
+                raise
+            raise TaskFailed(plugin.name) from e
+        return answers
+
+
+class Runtime:
+    """Both sides of one bundle in one process, validated and warmed up."""
+
+    def __init__(self, bundle: str | Path, registry: PluginRegistry, tasks: Sequence[str] | None = None,
+                 metrics: GatewayMetrics | None = None, payload_limits: PayloadLimits | None = None,
+                 device: str = "cpu"):
+        self.features = Features(bundle, metrics, payload_limits, device)
+        self.served = self.features.serve(registry, tasks)
+        f = self.features
+        self.heads = Heads(f.path, f.manifest, self.served, f.trunk, f.device, f.metrics)
+
+    # the names callers use (evaluation, benchmarks, tests)
+    path = property(lambda self: self.features.path)
+    manifest = property(lambda self: self.features.manifest)
+    codec = property(lambda self: self.features.codec)
+    trunk = property(lambda self: self.features.trunk)
+    fingerprint = property(lambda self: self.features.fingerprint)
+    plugins = property(lambda self: self.served.plugins)
+    registry = property(lambda self: self.served.registry)
+    head_configs = property(lambda self: self.served.configs)
+    metrics = property(lambda self: self.features.metrics)
+
+    def parse_payload(self, body: bytes) -> tuple[Payload, list[ImageMeta]]:
+        return self.features.parse_payload(body)
+
+    def preprocess_image(self, body: bytes, max_pixels: int = 16_000_000) -> tuple[torch.Tensor, list[ImageMeta]]:
+        return self.features.preprocess_image(body, max_pixels)
+
+    @torch.inference_mode()
+    def run(self, jobs: Sequence[Job]) -> list[list[dict[str, BaseModel]] | PayloadError]:
+        """Per job, per image: {task name: response} — or, for a job whose bitstream does not
+        decode, its :class:`PayloadError` (that request fails alone; its batch-mates are answered).
+        Entropy decode + decoder once per group of jobs with the same latent shape."""
+        results: list = [[{} for _ in range(j.num_images)] for j in jobs]
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for i, job in enumerate(jobs):
+            groups[job.group_key].append(i)
+        for members in groups.values():
+            features, failed = self.features.decode([jobs[i] for i in members])
+            for k, error in failed.items():
+                results[members[k]] = error
+            members = [ji for k, ji in enumerate(members) if k not in failed]
+            if not members:
+                continue
+            metas = [m for ji in members for m in jobs[ji].metas]
+            owners = [(ji, k) for ji in members for k in range(jobs[ji].num_images)]
+            trunk = TrunkOnce(lambda h=features: self.features.trunk_outputs(h))
+            for plugin in self.plugins:
+                rows = [r for r, (ji, _) in enumerate(owners) if plugin in jobs[ji].plugins]
+                if not rows:
+                    continue
+                answers = self.heads.predict(plugin, features, [metas[r] for r in rows],
+                                             rows if len(rows) < len(owners) else None, trunk)
+                for r, answer in zip(rows, answers):
+                    ji, k = owners[r]
+                    results[ji][k][plugin.name] = answer
+        return results
+
     def warmup(self) -> None:
         """One full pass through every head, so the first real request is not the slow one.
 
         Its timings go to a throwaway registry: /metrics describes requests only.
         """
         h, w = self.manifest.input_size
-        x = torch.zeros(1, 3, h, w)
         metas = [ImageMeta((h, w), (h, w))]
-        served, self.metrics = self.metrics, GatewayMetrics()
+        served = self.features.metrics
+        self.features.metrics = self.heads.metrics = GatewayMetrics()
         try:
-            self.run([Job(plugins=list(self.plugins), pixels=x, metas=metas)])
+            self.run([Job(plugins=list(self.plugins), pixels=torch.zeros(1, 3, h, w), metas=metas)])
         finally:
-            self.metrics = served
+            self.features.metrics = self.heads.metrics = served
