@@ -56,7 +56,6 @@ def probe(command: tuple[str, ...]) -> list[str]:
 # (importing it loads torch + compressai, and argparse lists choices to print help), every help
 # imports them: building the parser imports distill.py and train.py. The fix (a `type=` check in
 # place of `choices=`) is in the issue 22 item 4 report; strict, so this marker must go with it.
-@pytest.mark.xfail(strict=True, reason="cli/_training.py imports the codec registry to build --encoder choices")
 def test_help_imports_no_model_stack():
     """Every command and sub-command; the top level first: it builds every command's parser, so
     when it loads the stack, so does every command (no need to wait for each to say so)."""

@@ -292,9 +292,9 @@ def test_train_image_codec_resumes_and_codes_real_bytes(scenes, tmp_path):
     assert main([*common, "--max-steps", "1"]) == 0
     assert main([*common, "--max-steps", "3"]) == 2  # a checkpoint exists: resume must be asked for
     assert main([*common, "--max-steps", "3", "--resume"]) == 0
-    state = torch.load(work / "checkpoint.pt", weights_only=True)
+    state = torch.load(work / "checkpoint" / "last.pt", weights_only=True)
     # 16 train images (8 ImageFolder + 8 COCO scenes), 4 per batch: step 3 is batch 3 of the first epoch
-    assert (int(state["step"]), int(state["epoch"]), int(state["batch"])) == (3, 0, 3)
+    assert (int(state["global_step"]), int(state["epoch"]), int(state["batch"])) == (3, 0, 3)
     meta = json.loads((out / "codec.json").read_text())
     assert meta["architecture"] == "mbt2018-mean" and meta["provenance"]["steps"] == 3
     assert meta["metrics"]["images"] == 2 and meta["metrics"]["bpp"] > 0
@@ -322,7 +322,7 @@ def test_train_image_codec_sigterm_saves_checkpoint_and_resumes(scenes, tmp_path
     assert code == 128 + signal.SIGTERM, err
     assert "stopped by SIGTERM" in err and "--resume" in err
     assert not out.exists(), "an interrupted run writes no codec"
-    step = int(torch.load(work / "checkpoint.pt", weights_only=True)["step"])
+    step = int(torch.load(work / "checkpoint" / "last.pt", weights_only=True)["global_step"])
     assert step >= 8
     assert main([*args, "--resume", "--max-steps", str(step + 1)]) == 0
     assert json.loads((out / "codec.json").read_text())["provenance"]["steps"] == step + 1

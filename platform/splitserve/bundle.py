@@ -28,7 +28,7 @@ from . import __version__
 from .descriptor import read_descriptor
 from .errors import BundleError, SplitserveError
 from .models import FeatureCodec, build_codec
-from .models.backbone import ResNetTail, SharedTrunk, attach_trunk, build_resnet, check_arch, tail_path
+from .models.backbone import ResNetTail, SharedTrunk, check_arch, load_on_trunk, stored_state
 from .preprocess import Preprocessing, PreprocessingError
 
 FORMAT = "splitserve-bundle"
@@ -125,10 +125,9 @@ def _read_tensors(root: Path, entry: FileEntry, what: str) -> dict[str, torch.Te
         raise BundleError(f"{root}: {what} weights {entry.path} are not a valid safetensors file ({e})") from None
 
 
-def _load_into(module: nn.Module, tensors: Mapping[str, torch.Tensor], what: str, root: Path,
-               strict: bool = True) -> None:
+def _load_into(module: nn.Module, tensors: Mapping[str, torch.Tensor], what: str, root: Path) -> None:
     try:
-        module.load_state_dict(dict(tensors), strict=strict)
+        module.load_state_dict(dict(tensors))
     except RuntimeError as e:
         msg = str(e).split("\n")[0:3]
         raise BundleError(f"{root}: {what} weights do not fit the manifest's architecture: {' '.join(msg)}") from None
@@ -170,9 +169,9 @@ def load_trunk(path: str | Path, manifest: Manifest | None = None) -> SharedTrun
         if any(t.trunk == "shared" for t in manifest.tasks.values()):
             raise BundleError(f"{root}: heads use a shared trunk but the manifest lists no trunk file")
         return None
-    tail = ResNetTail.from_resnet(build_resnet(manifest.backbone))
-    _load_into(tail, _read_tensors(root, manifest.files["trunk"], "trunk"), "trunk", root)
-    return SharedTrunk(tail).eval()
+    trunk = SharedTrunk.build(manifest.backbone)
+    _load_into(trunk.tail, _read_tensors(root, manifest.files["trunk"], "trunk"), "trunk", root)
+    return trunk
 
 
 def load_head(path: str | Path, task: str, head: nn.Module, manifest: Manifest | None = None,
@@ -191,32 +190,24 @@ def load_head(path: str | Path, task: str, head: nn.Module, manifest: Manifest |
         return head.eval()
     if trunk is None:
         raise BundleError(f"{root}: the {task} head uses the shared trunk; load it with load_trunk()")
-    prefix = tail_path(head) + "."
-    expected = {k for k in head.state_dict() if not k.startswith(prefix)}
-    if set(tensors) != expected:
-        odd = sorted(set(tensors) ^ expected)[:3]
+    try:
+        load_on_trunk(head, tensors, trunk)
+    except (SplitserveError, RuntimeError) as e:
         raise BundleError(f"{root}: {task} head weights do not fit the manifest's architecture "
-                          f"(shared-trunk head; mismatched keys: {', '.join(odd)})")
-    _load_into(head, tensors, f"{task} head", root, strict=False)
-    attach_trunk(head, trunk)
+                          f"(shared-trunk head; {str(e).splitlines()[0]})") from None
     return head.eval()
 
 
 # -- writing -------------------------------------------------------------------------------
-def _state(module: nn.Module, skip: str | None = None) -> dict[str, torch.Tensor]:
-    # clone: safetensors refuses tensors that share storage (e.g. weights tied across modules)
-    return {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()
-            if skip is None or not k.startswith(skip)}
-
-
-def _write(root: Path, rel: str, module: nn.Module, skip: str | None = None) -> FileEntry:
-    """Write ``module``'s weights (without the state-dict entries under ``skip``)."""
+def _write(root: Path, rel: str, module: nn.Module, state: Mapping[str, torch.Tensor] | None = None) -> FileEntry:
+    """Write ``module``'s weights: its state dict, or the part of it given as ``state``."""
     target = root / rel
     target.parent.mkdir(parents=True, exist_ok=True)
-    state = _state(module, skip)
-    save_file(state, str(target))
+    state = module.state_dict() if state is None else state
+    # clone: safetensors refuses tensors that share storage (e.g. weights tied across modules)
+    save_file({k: v.detach().cpu().contiguous().clone() for k, v in state.items()}, str(target))
     digest = hashlib.sha256(target.read_bytes()).hexdigest()
-    params = {id(p): p.numel() for name, p in module.named_parameters() if skip is None or not name.startswith(skip)}
+    params = {id(p): p.numel() for name, p in module.named_parameters() if name in state}
     return FileEntry(path=rel, sha256=digest, parameters=sum(params.values()))
 
 
@@ -233,8 +224,8 @@ def _check_shared(heads: Mapping[str, Any], trunk: Any, shared_tasks: Iterable[s
 def _head_entry(root: Path, name: str, module: nn.Module, cfg: Mapping[str, Any], shared: bool,
                 metrics: Mapping[str, float] | None = None, provenance: Mapping[str, Any] | None = None) -> TaskEntry:
     """A head's file and manifest entry; a shared-trunk head's file leaves its layer2..4 out."""
-    skip = tail_path(module) + "." if shared else None
-    return TaskEntry(file=_write(root, f"heads/{name}.safetensors", module, skip), trunk="shared" if shared else "own",
+    return TaskEntry(file=_write(root, f"heads/{name}.safetensors", module, stored_state(module, shared)),
+                     trunk="shared" if shared else "own",
                      config=dict(cfg), metrics=dict(metrics or {}), provenance=dict(provenance or {}))
 
 

@@ -27,7 +27,7 @@ class PluginError(SplitserveError):
 
 class Stopped(Exception):
     """A training run stopped by SIGTERM/SIGINT after saving its checkpoint; the command exits
-    128 + the signal number (for loops that return no status, like the image-codec trainer)."""
+    128 + the signal number (every training command raises it from the one training loop)."""
 
     def __init__(self, signum: int):
         super().__init__(f"stopped by signal {signum}")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..training.options import training_options
-from ._training import Path, codec_options, opt, register_training_command
+from ._training import Path, codec_options, opt, training_command
 
 OPTIONS = [
     *codec_options("entropic_student"),
@@ -19,16 +19,9 @@ OPTIONS = [
 ]
 
 
-def register(sub) -> None:
-    register_training_command(
-        sub, "distill", "Entropic Student stage 1: distil a codec from a teacher; writes a bundle.",
-        "Train encoder + prior + decoder so the decoded feature and the teacher's frozen layer2..4 outputs match "
-        "the teacher's (MSE) at rate weight --beta; write a bundle that serves the teacher's head.",
-        OPTIONS, _run,
-    )
-
-
-def _run(cfg) -> int:
-    from ..training.distill import run_distill
-
-    return run_distill(cfg)
+register = training_command(
+    "distill", "Entropic Student stage 1: distil a codec from a teacher; writes a bundle.",
+    "Train encoder + prior + decoder so the decoded feature and the teacher's frozen layer2..4 outputs match "
+    "the teacher's (MSE) at rate weight --beta; write a bundle that serves the teacher's head.",
+    OPTIONS, "splitserve.training.distill:run_distill",
+)

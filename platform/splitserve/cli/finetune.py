@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..training.options import training_options
-from ._training import Path, head_config_option, loss_option, opt, register_training_command, task_option
+from ._training import Path, head_config_option, loss_option, opt, training_command, task_option
 
 OPTIONS = [
     task_option(),
@@ -33,16 +33,9 @@ OPTIONS = [
 ]
 
 
-def register(sub) -> None:
-    register_training_command(
-        sub, "finetune", "Stage 2: fine-tune any task's head on a bundle's frozen encoder.",
-        "Fine-tune a task head (any installed plugin) on the features of the real coding path; encoder and prior "
-        "stay frozen, so the bundle's fingerprint and every deployed edge device stay valid.",
-        OPTIONS, _run,
-    )
-
-
-def _run(cfg) -> int:
-    from ..training.finetune import run_finetune
-
-    return run_finetune(cfg)
+register = training_command(
+    "finetune", "Stage 2: fine-tune any task's head on a bundle's frozen encoder.",
+    "Fine-tune a task head (any installed plugin) on the features of the real coding path; encoder and prior "
+    "stay frozen, so the bundle's fingerprint and every deployed edge device stay valid.",
+    OPTIONS, "splitserve.training.finetune:run_finetune",
+)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..training.options import training_options
-from ._training import ARCHS, Path, head_config_option, loss_option, opt, register_training_command, task_option
+from ._training import ARCHS, Path, head_config_option, loss_option, opt, training_command, task_option
 
 OPTIONS = [
     task_option(),
@@ -23,16 +23,9 @@ OPTIONS = [
 ]
 
 
-def register(sub) -> None:
-    register_training_command(
-        sub, "teacher", "Train or load the uncompressed teacher of a task (stem + head).",
-        "Train the uncompressed teacher of a task (or, with --weights/--checkpoint and --epochs 0, load, evaluate "
-        "and save it). Writes DIR/teacher.json + stem.safetensors + head.safetensors.",
-        OPTIONS, _run,
-    )
-
-
-def _run(cfg) -> int:
-    from ..training.teacher import run_teacher
-
-    return run_teacher(cfg)
+register = training_command(
+    "teacher", "Train or load the uncompressed teacher of a task (stem + head).",
+    "Train the uncompressed teacher of a task (or, with --weights/--checkpoint and --epochs 0, load, evaluate "
+    "and save it). Writes DIR/teacher.json + stem.safetensors + head.safetensors.",
+    OPTIONS, "splitserve.training.teacher:run_teacher",
+)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..training.options import training_options
-from ._training import Path, codec_options, opt, register_training_command
+from ._training import Path, codec_options, opt, training_command
 
 OPTIONS = [
     opt("--mode", default=None, choices=("joint", "cls-fixed"), group="mode", help="same as --joint / --cls-fixed"),
@@ -23,16 +23,9 @@ OPTIONS = [
 ]
 
 
-def register(sub) -> None:
-    register_training_command(
-        sub, "train", "Single-stage codec + classifier training (Duan & Zhu): --joint or --cls-fixed.",
-        "Train a codec and a classifier in one stage: loss = lmbda*bpp + MSE(features) + 0.5*(KL + CE). "
-        "--joint trains the classifier too, --cls-fixed keeps the teacher's.",
-        OPTIONS, _run,
-    )
-
-
-def _run(cfg) -> int:
-    from ..training.joint import run_train
-
-    return run_train(cfg)
+register = training_command(
+    "train", "Single-stage codec + classifier training (Duan & Zhu): --joint or --cls-fixed.",
+    "Train a codec and a classifier in one stage: loss = lmbda*bpp + MSE(features) + 0.5*(KL + CE). "
+    "--joint trains the classifier too, --cls-fixed keeps the teacher's.",
+    OPTIONS, "splitserve.training.joint:run_train",
+)

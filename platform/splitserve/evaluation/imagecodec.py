@@ -3,7 +3,9 @@
 
 The architectures are CompressAI's own (``compressai.zoo`` configurations, untrained: no weights
 can be downloaded here). :func:`train_image_codec` trains one with CompressAI's rate–distortion
-loss on the study's train split; :class:`ImageCodec` loads the result and codes images.
+loss on the study's train split, through the training commands' own loop and skeleton
+(:mod:`splitserve.training.stage`: checkpoints, exact ``--resume``, logs, SIGTERM);
+:class:`ImageCodec` loads the result and codes images.
 
 A codec directory::
 
@@ -26,6 +28,7 @@ import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -36,9 +39,12 @@ from torch import Tensor, nn
 
 from splitserve_edge.payload import encode_varint, read_varint
 
-from ..errors import PayloadError, SplitserveError, Stopped
+from ..errors import PayloadError, SplitserveError
 from ..preprocess import Preprocessing, load_image
-from ..training.stopping import StopFlag, StopSafeLoader, report_stopped
+from ..training.common import TaskData
+from ..training.objective import Objective
+from ..training.optim import split_codec_params
+from ..training.stage import Plan, Stage
 
 FORMAT = "splitserve-image-codec"
 VERSION = 1
@@ -271,15 +277,6 @@ def _subset(files: list[Path], limit: int | None) -> list[Path]:
     return [files[int(i * step)] for i in range(limit)]
 
 
-def rd_loss(model: nn.Module, x: Tensor, lmbda: float) -> dict[str, Tensor]:
-    """CompressAI's rate–distortion loss: λ·255²·MSE + bpp (bits over the input pixels)."""
-    out = model(x)
-    n, _, h, w = x.shape
-    bpp = sum(-torch.log2(lk).sum() for lk in out["likelihoods"].values()) / (n * h * w)
-    mse = F.mse_loss(out["x_hat"], x)
-    return {"loss": lmbda * 255 ** 2 * mse + bpp, "mse": mse, "bpp": bpp}
-
-
 @torch.no_grad()
 def measure(codec: ImageCodec, files: list[Path], policy: Preprocessing, progress: bool = False) -> dict[str, float]:
     """Real bytes per image, bpp of the input and PSNR (8-bit decoded image) over ``files``."""
@@ -328,13 +325,12 @@ def train_image_codec(
     """Train a CompressAI image codec with λ·255²·MSE + bpp (Adam; the entropy bottleneck's
     quantiles by a second Adam on its aux loss every step) and write the codec directory ``out``.
 
-    Checkpoints (``WORKDIR/checkpoint.pt``, read with ``torch.load(weights_only=True)``) are written
-    every ``checkpoint_every`` steps, at every epoch end and on SIGTERM/Ctrl-C (which then raise
-    :class:`Stopped`); ``resume`` continues from the exact batch, refusing a checkpoint made with
-    other settings.
+    The run is a training :class:`~splitserve.training.stage.Stage` like ``platform distill``:
+    checkpoints in ``WORKDIR/checkpoint/`` (every ``checkpoint_every`` steps, at every epoch end, on
+    SIGTERM/Ctrl-C, which then raise :class:`~splitserve.errors.Stopped`), ``resume`` continuing
+    from the exact batch and refusing a checkpoint made with other settings, ``metrics.jsonl``.
+    A work dir that holds a checkpoint is not started over without ``resume``.
     """
-    from tqdm.auto import tqdm
-
     if channels is None:
         if quality is None:
             raise ImageCodecError("give a quality (CompressAI's N, M and λ) or explicit channels")
@@ -345,105 +341,81 @@ def train_image_codec(
         lmbda = LAMBDAS[quality]
     if epochs < 1 or batch_size < 1 or lmbda <= 0:
         raise ImageCodecError("epochs and batch size must be >= 1 and λ > 0")
-    policy = preprocessing or Preprocessing.fixed(64, 64)
-    out, workdir = Path(out), Path(workdir or out)
-    workdir.mkdir(parents=True, exist_ok=True)
-    files = _subset(find_images(data, "train"), train_limit)
-    try:
-        val_files = _subset(find_images(data, "val"), val_limit)
-    except ImageCodecError:
-        val_files = []
-    signature = {"architecture": architecture, "N": channels[0], "M": channels[1], "lambda": lmbda,
-                 "preprocessing": policy.to_dict(), "epochs": epochs, "batch_size": batch_size, "lr": lr,
-                 "aux_lr": aux_lr, "lr_drop": list(lr_drop), "train_images": len(files), "seed": seed}
+    cfg = SimpleNamespace(
+        architecture=architecture, data=Path(data), out=Path(out), quality=quality, channels=channels, lmbda=lmbda,
+        policy=preprocessing or Preprocessing.fixed(64, 64), train_limit=train_limit, val_limit=val_limit,
+        # the training options every stage reads: Adam, ×0.1 at the lr_drop epochs, on the CPU
+        epochs=epochs, max_steps=max_steps, batch_size=batch_size, optimizer="adam", lr=lr, weight_decay=0.0,
+        scheduler="multistep", milestones=list(lr_drop), gamma=0.1, aux_lr=aux_lr,
+        clip_grad=clip if clip > 0 else None, workdir=workdir, resume=resume, keep_checkpoint=False,
+        checkpoint_every=checkpoint_every, log_every=log_every, num_workers=num_workers, seed=seed,
+        progress=progress, tensorboard=False, amp="off", device="cpu")
+    ImageCodecStage(cfg).run()
+    return cfg.out
 
-    torch.manual_seed(seed)
-    model = build_model(architecture, *channels)
-    params = [p for n, p in model.named_parameters() if not n.endswith(".quantiles")]
-    quantiles = [p for n, p in model.named_parameters() if n.endswith(".quantiles")]
-    optimizer = torch.optim.Adam(params, lr=lr)
-    aux_optimizer = torch.optim.Adam(quantiles, lr=aux_lr)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(lr_drop), gamma=0.1)
-    ckpt = workdir / "checkpoint.pt"
-    epoch = batch = step = 0
-    if resume and ckpt.is_file():
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
-        saved = json.loads(state["signature"])
-        if saved != signature:
-            diff = sorted(k for k in set(saved) | set(signature) if saved.get(k) != signature.get(k))
-            raise ImageCodecError(f"{ckpt}: made with other settings ({', '.join(diff)} differ); "
-                                  "use another --workdir or drop --resume")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        aux_optimizer.load_state_dict(state["aux_optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
-        epoch, batch, step = int(state["epoch"]), int(state["batch"]), int(state["step"])
-        print(f"resuming {ckpt} at epoch {epoch + 1}, batch {batch}, step {step}", flush=True)
-    elif ckpt.is_file():
-        raise ImageCodecError(f"{ckpt} exists: pass --resume to continue it, or use another --workdir")
 
-    def save_checkpoint(e: int, b: int) -> None:
-        tmp = ckpt.with_suffix(".tmp")
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "aux_optimizer": aux_optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "rng": torch.get_rng_state(), "epoch": e, "batch": b, "step": step,
-                    "signature": json.dumps(signature, sort_keys=True)}, tmp)
-        os.replace(tmp, ckpt)
+class RateDistortion(Objective):
+    """CompressAI's rate–distortion loss, λ·255²·MSE + bpp (bits over the input pixels), and the
+    entropy bottleneck's quantile (aux) loss, which the engine steps on its own optimizer."""
 
-    log = (workdir / "metrics.jsonl").open("a")
-    dataset = _Images(files, policy, train=True)
-    per_epoch = math.ceil(len(files) / batch_size)
-    started = time.perf_counter()
-    model.train()
-    with StopFlag() as stop, log:
-        while epoch < epochs and (max_steps is None or step < max_steps) and not stop.set:
-            order = torch.randperm(len(files), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-            loader = StopSafeLoader(dataset, batch_size=batch_size, sampler=order[batch * batch_size:].tolist(),
-                                    num_workers=num_workers, drop_last=False)
-            bar = tqdm(loader, desc=f"{architecture} epoch {epoch + 1}/{epochs}", unit="batch", initial=batch,
-                       total=per_epoch, disable=not progress)
-            for x in bar:
-                terms = rd_loss(model, x, lmbda)
-                optimizer.zero_grad(set_to_none=True)
-                terms["loss"].backward()
-                if clip > 0:
-                    nn.utils.clip_grad_norm_(params, clip)
-                optimizer.step()
-                aux = model.aux_loss()
-                aux_optimizer.zero_grad(set_to_none=True)
-                aux.backward()
-                aux_optimizer.step()
-                batch += 1
-                step += 1
-                if step % log_every == 0 or batch == per_epoch:
-                    rec = {"kind": "train", "epoch": epoch + 1, "global_step": step, "loss": terms["loss"].item(),
-                           "mse": terms["mse"].item(), "bpp": terms["bpp"].item(), "aux": aux.item(),
-                           "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - started}
-                    log.write(json.dumps(rec) + "\n")
-                    log.flush()
-                    bar.set_postfix(loss=f"{rec['loss']:.3f}", bpp=f"{rec['bpp']:.3f}")
-                if step % checkpoint_every == 0:
-                    save_checkpoint(epoch, batch)
-                if stop.set or (max_steps is not None and step >= max_steps):
-                    break
-            bar.close()
-            if batch >= per_epoch:
-                epoch, batch = epoch + 1, 0
-                scheduler.step()
-            save_checkpoint(epoch, batch)
-    if stop.set:
-        report_stopped(architecture, stop.signum, step, ckpt)
-        raise Stopped(stop.signum)
-    model.eval()
-    codec = ImageCodec(model, {"architecture": architecture, "N": channels[0], "M": channels[1]})
-    codec.model.update(force=True)
-    metrics = measure(codec, val_files, policy, progress) if val_files else {}
-    with (workdir / "metrics.jsonl").open("a") as f:
-        f.write(json.dumps({"kind": "val", "epoch": epoch, "global_step": step, **metrics}) + "\n")
-    codec.save(out, quality=quality, **{"lambda": lmbda}, preprocessing=policy.to_dict(), metrics=metrics,
-               provenance={"data": str(data), "train_images": len(files), "epochs_done": epoch, "steps": step,
-                           "batch_size": batch_size, "lr": lr, "aux_lr": aux_lr, "lr_drop": list(lr_drop),
-                           "seed": seed, "loss": "lambda*255^2*MSE + bpp (CompressAI)",
-                           "seconds": round(time.perf_counter() - started, 1)})
-    return out
+    def __init__(self, model: nn.Module, lmbda: float):
+        super().__init__()
+        self.model = model
+        self.lmbda = float(lmbda)
+
+    def forward(self, x: Tensor):
+        out = self.model(x)
+        n, _, h, w = x.shape
+        bpp = sum(-torch.log2(lk).sum() for lk in out["likelihoods"].values()) / (n * h * w)
+        mse = F.mse_loss(out["x_hat"], x)
+        losses = {"distortion": self.lmbda * 255 ** 2 * mse, "rate": bpp, "prior_aux": self.model.aux_loss()}
+        return losses, {"mse": mse.detach(), "bpp": bpp.detach()}
+
+
+class ImageCodecStage(Stage):
+    refuse_restart = True  # as before it ran through the engine: never start over a checkpoint silently
+
+    def default_workdir(self) -> Path:
+        return self.cfg.out
+
+    def signature(self) -> dict[str, Any]:
+        cfg = self.cfg
+        return {"architecture": cfg.architecture, "N": cfg.channels[0], "M": cfg.channels[1], "lambda": cfg.lmbda,
+                "preprocessing": cfg.policy.to_dict(), "epochs": cfg.epochs, "batch_size": cfg.batch_size,
+                "lr": cfg.lr, "aux_lr": cfg.aux_lr, "lr_drop": cfg.milestones,
+                "train_images": len(self.train_files), "seed": cfg.seed}
+
+    def plan(self) -> Plan:
+        cfg = self.cfg
+        legacy = Path(cfg.workdir or cfg.out) / "checkpoint.pt"
+        if cfg.resume and legacy.is_file():
+            raise ImageCodecError(f"{legacy} was written by an older splitserve, which this one cannot resume; "
+                                  "use another --workdir (or remove it) to start over")
+        self.started = time.perf_counter()
+        self.train_files = _subset(find_images(cfg.data, "train"), cfg.train_limit)
+        try:
+            self.val_files = _subset(find_images(cfg.data, "val"), cfg.val_limit)
+        except ImageCodecError:
+            self.val_files = []
+        torch.manual_seed(cfg.seed)
+        objective = RateDistortion(build_model(cfg.architecture, *cfg.channels), cfg.lmbda)
+        main, aux = split_codec_params(objective.model)
+        self.codec = ImageCodec(objective.model, {"architecture": cfg.architecture, "N": cfg.channels[0],
+                                                  "M": cfg.channels[1]})
+
+        def validate() -> dict[str, float]:  # real bytes: the coding tables first
+            objective.eval()
+            self.codec.model.update(force=True)
+            return measure(self.codec, self.val_files, cfg.policy, cfg.progress) if self.val_files else {}
+
+        provenance = {"batch_size": cfg.batch_size, "lr": cfg.lr, "aux_lr": cfg.aux_lr, "lr_drop": cfg.milestones,
+                      "loss": "lambda*255^2*MSE + bpp (CompressAI)"}
+        data = TaskData(cfg.policy, _Images(self.train_files, cfg.policy, train=True), self.val_files, cfg.data, {})
+        return Plan("train-image-codec", f"train-image-codec ({cfg.architecture})", objective,
+                    {"main": main, "aux": aux}, data, torch.utils.data.default_collate, validate,
+                    validate_epochs=False, provenance=provenance)
+
+    def write(self, plan, result, metrics, provenance) -> None:  # the caller reports what was written
+        provenance.update(epochs_done=result.epoch, seconds=round(time.perf_counter() - self.started, 1))
+        self.codec.save(self.cfg.out, quality=self.cfg.quality, **{"lambda": self.cfg.lmbda},
+                        preprocessing=self.cfg.policy.to_dict(), metrics=metrics, provenance=provenance)

@@ -25,7 +25,7 @@ import torch
 from pydantic import BaseModel
 
 from ..bundle import Manifest, load_codec, load_head, load_trunk, read_manifest
-from ..models.backbone import SharedTrunk, tail_path
+from ..models.backbone import SharedTrunk, trunk_of
 from ..errors import PayloadError, PluginError
 from splitserve_edge.payload import Payload, PayloadLimits, fingerprint_id
 from ..plugins import ImageMeta, PluginContractError, PluginRegistry, TaskPlugin
@@ -119,10 +119,7 @@ class Served:
                 raise PluginError(f"bundle {path} has no head for any installed plugin "
                                   f"(installed: {registry.describe_available()})")
         for plugin in chosen if feature else ():
-            spec = plugin.feature_spec(manifest.backbone)
-            if (spec.channels, spec.stride) != feature:
-                raise PluginError(f"task {plugin.name!r} consumes {spec.describe()}, but the bundle's codec produces "
-                                  f"{feature[0]} channels at stride {feature[1]}")
+            plugin.feature_spec(manifest.backbone).require(plugin.name, *feature)
         configs = {p.name: p.resolve_config(manifest.backbone, manifest.tasks[p.name].config) for p in chosen}
         return cls(chosen, configs, PluginRegistry(chosen))
 
@@ -230,7 +227,7 @@ class Heads:
                                         manifest, trunk=trunk).to(device)
                       for p in served.plugins}
         self.shared = {name for name, head in self.heads.items()
-                       if trunk is not None and head.get_submodule(tail_path(head)) is trunk}
+                       if trunk is not None and trunk_of(head) is trunk}
 
     def uses_trunk(self, name: str) -> bool:
         """Whether the head ``name`` wants the shared trunk's outputs with its features."""

@@ -2,20 +2,26 @@
 
 Real users start from torchvision weights (``weights="DEFAULT"`` or an enum name); where the
 download is impossible, :func:`build_resnet` says so in one line.
+
+The *shared trunk* lives here too, all of it: one layer2..4 that several heads use, so the gateway
+runs it once per batch. A head joins it with :func:`attach_trunk`; a bundle stores the trunk once
+and each head without it (:func:`stored_state`), and loads a head back onto it
+(:func:`load_on_trunk`); ``finetune`` starts a trunk from the first shared head
+(:meth:`SharedTrunk.from_head`) and starts other heads from one on the trunk (:func:`own_state`).
 """
 
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torchvision
 from torch import Tensor, nn
 
-from ..errors import SplitserveError
+from ..errors import PluginError, SplitserveError
 
 FEATURE_CHANNELS = {"resnet18": 64, "resnet34": 64, "resnet50": 256, "resnet101": 256}
 """Channels of layer1's output, the feature h every codec rebuilds."""
@@ -38,6 +44,12 @@ class FeatureSpec:
 
     def describe(self) -> str:
         return f"{self.channels} channels at stride {self.stride}"
+
+    def require(self, task: str, channels: int, stride: int) -> None:
+        """Refuse a codec whose feature is not what ``task``'s head consumes (it would run, wrongly)."""
+        if (self.channels, self.stride) != (channels, stride):
+            raise PluginError(f"task {task!r} consumes {self.describe()}, but the bundle's codec produces "
+                              f"{channels} channels at stride {stride}")
 
 
 def check_arch(arch: str) -> str:
@@ -146,6 +158,7 @@ class ResNetTail(nn.Module):
         return out
 
 
+# -- the shared trunk ------------------------------------------------------------------------------
 class SharedTrunk(nn.Module):
     """One layer2..4 that several heads use as their ``tail``, so a batch runs it once.
 
@@ -160,6 +173,19 @@ class SharedTrunk(nn.Module):
         super().__init__()
         self.tail = tail
         self._local = threading.local()
+
+    @classmethod
+    def build(cls, arch: str) -> "SharedTrunk":
+        """A freshly initialised trunk for ``arch`` (a bundle then loads its trunk file into ``.tail``)."""
+        return cls(ResNetTail.from_resnet(build_resnet(arch))).eval()
+
+    @classmethod
+    def from_head(cls, head: nn.Module, arch: str) -> "SharedTrunk":
+        """A new trunk holding ``head``'s layer2..4 (the first head trained on a shared trunk gives it).
+        Not strict: a detection head's FrozenBatchNorm2d has no ``num_batches_tracked``."""
+        trunk = cls.build(arch)
+        trunk.tail.load_state_dict(head.get_submodule(tail_path(head)).state_dict(), strict=False)
+        return trunk
 
     def forward(self, h: Tensor) -> "OrderedDict[str, Tensor]":
         lent = getattr(self._local, "lent", None)
@@ -207,6 +233,43 @@ def tail_path(head: nn.Module) -> str:
 
 def _geometry(tail: nn.Module) -> list[tuple]:
     return [(m.stride, m.padding, m.dilation) for m in tail.modules() if isinstance(m, nn.Conv2d)]
+
+
+def trunk_of(head: nn.Module) -> SharedTrunk | None:
+    """The shared trunk ``head`` runs as its layer2..4, or None (its own, or only tied weights)."""
+    tail = head.get_submodule(tail_path(head))
+    return tail if isinstance(tail, SharedTrunk) else None
+
+
+def stored_state(head: nn.Module, shared: bool) -> dict[str, Tensor]:
+    """What a bundle stores of ``head``: its state dict, without layer2..4 when the head is on the
+    shared trunk (the trunk file holds them, once)."""
+    state = head.state_dict()
+    if not shared:
+        return state
+    prefix = tail_path(head) + "."
+    return {k: v for k, v in state.items() if not k.startswith(prefix)}
+
+
+def own_state(head: nn.Module) -> dict[str, Tensor]:
+    """``head``'s state dict with layer2..4 named as in a head that owns them, also when it runs
+    on a shared trunk (which adds a level): what another head of the task can start from."""
+    state = head.state_dict()
+    if trunk_of(head) is None:
+        return state
+    prefix = tail_path(head) + "."
+    nested = prefix + "tail."
+    return {(prefix + k[len(nested):] if k.startswith(nested) else k): v for k, v in state.items()}
+
+
+def load_on_trunk(head: nn.Module, state: Mapping[str, Tensor], trunk: SharedTrunk) -> None:
+    """Load a head stored on the shared trunk (``state``: :func:`stored_state`'s entries, no more,
+    no fewer) and make ``trunk`` its layer2..4."""
+    odd = sorted(set(state) ^ set(stored_state(head, shared=True)))
+    if odd:
+        raise SplitserveError(f"mismatched keys: {', '.join(odd[:3])}")
+    head.load_state_dict(dict(state), strict=False)
+    attach_trunk(head, trunk)
 
 
 def attach_trunk(head: nn.Module, trunk: SharedTrunk) -> None:

@@ -9,7 +9,7 @@ so a family defined elsewhere can be trained, served and encoded with no edit to
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from importlib.metadata import entry_points
 
 from ..errors import SplitserveError
@@ -64,14 +64,3 @@ def build_codec(name: str, **cfg):
         return builder(**cfg)
     except TypeError as e:
         raise SplitserveError(f"bad config for codec family {name!r}: {e}") from None
-
-
-class RegisteredCodecs:
-    """``argparse`` choices that ask the registry only when used (no torch import for ``--help``
-    of other commands)."""
-
-    def __contains__(self, name: object) -> bool:
-        return name in list_codecs()
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(list_codecs())

@@ -1,10 +1,11 @@
-"""Pieces the training commands share: data, work dirs, weight matching, the real coding path."""
+"""Pieces the training commands share: plugins and data, weight matching, the real coding path."""
 
 from __future__ import annotations
 
 import copy
 import json
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -19,10 +20,8 @@ from ..models import FeatureCodec
 from splitserve_edge.payload import fingerprint_id
 from ..plugins import PluginRegistry, TaskPlugin, TrainingHooks, trainable
 from ..preprocess import Preprocessing, PreprocessingError
-from .engine import EngineConfig
 from .sampling import move_to
 from .stopping import StopSafeLoader
-
 
 
 def registry() -> PluginRegistry:
@@ -94,21 +93,33 @@ def base_dataset(ds: Dataset) -> Dataset:
     return ds
 
 
-def build_datasets(plugin: TaskPlugin, root: Path, policy: Preprocessing, cfg: SimpleNamespace,
-                   data_format: str = "auto", need_train: bool = True) -> tuple[Dataset | None, Dataset, Path]:
-    """(train, val, resolved root) through the plugin's hooks; limits applied."""
-    data_root = resolve_data_root(plugin, root, data_format)
-    train = None
-    if need_train:
-        train = plugin.build_dataset(data_root, "train", train=True, preprocessing=policy)
-        if len(train) == 0:
-            raise DataError(f"{data_root}: the train split is empty")
-        train = fixed_subset(train, cfg.train_limit)
-    val = plugin.build_dataset(data_root, "val", train=False, preprocessing=policy)
-    if len(val) == 0:
-        raise DataError(f"{data_root}: the val split is empty")
-    val = fixed_subset(val, cfg.val_limit)
-    return train, val, data_root
+@dataclass
+class TaskData:
+    """A run's data: the preprocessing it trains with, the task's datasets made under it (limits
+    applied), where they were found, and what they say about the head (classes, labels)."""
+
+    policy: Preprocessing
+    train_set: Dataset
+    val_set: Dataset
+    root: Path
+    config: dict[str, Any]
+
+
+def task_data(plugin: TrainingHooks, cfg: SimpleNamespace, inherited: Preprocessing,
+              codec: FeatureCodec | None = None, data_format: str = "auto") -> TaskData:
+    """The datasets of ``cfg.data`` through the plugin's hooks, under the run's preprocessing (see
+    :func:`preprocessing`; fitted to ``codec``'s input when there is one)."""
+    policy = preprocessing(cfg, inherited, codec.input_multiple if codec is not None else 1)
+    if codec is not None:
+        codec.check_input_size(*policy.nominal_size)
+    root = resolve_data_root(plugin, cfg.data, data_format)
+    splits = []
+    for split in ("train", "val"):
+        dataset = plugin.build_dataset(root, split, train=split == "train", preprocessing=policy)
+        if len(dataset) == 0:
+            raise DataError(f"{root}: the {split} split is empty")
+        splits.append(fixed_subset(dataset, cfg.train_limit if split == "train" else cfg.val_limit))
+    return TaskData(policy, *splits, root, plugin.dataset_config(base_dataset(splits[0])))
 
 
 def eval_loader(plugin: TaskPlugin, dataset: Dataset, cfg: SimpleNamespace) -> DataLoader:
@@ -120,50 +131,6 @@ def eval_loader(plugin: TaskPlugin, dataset: Dataset, cfg: SimpleNamespace) -> D
         collate_fn=plugin.collate,
         generator=torch.Generator().manual_seed(0),
     )
-
-
-def engine_config(cfg: SimpleNamespace, workdir: Path, signature: Mapping[str, Any]) -> EngineConfig:
-    for name in ("epochs", "batch_size", "num_workers", "log_every"):
-        value = getattr(cfg, name)
-        if value < (0 if name in ("epochs", "num_workers") else 1):
-            raise SplitserveError(f"--{name.replace('_', '-')} must be >= {0 if name in ('epochs', 'num_workers') else 1}, got {value}")
-    if cfg.max_steps is not None and cfg.max_steps < 1:
-        raise SplitserveError(f"--max-steps must be >= 1, got {cfg.max_steps}")
-    return EngineConfig(
-        workdir=Path(workdir),
-        epochs=cfg.epochs,
-        batch_size=cfg.batch_size,
-        num_workers=cfg.num_workers,
-        seed=cfg.seed,
-        max_steps=cfg.max_steps,
-        checkpoint_every=cfg.checkpoint_every,
-        resume=cfg.resume,
-        keep_checkpoint=cfg.keep_checkpoint,
-        log_every=cfg.log_every,
-        progress=cfg.progress,
-        amp=cfg.amp,
-        clip_grad=cfg.clip_grad,
-        tensorboard=cfg.tensorboard,
-        signature=dict(signature),
-    )
-
-
-# Options that may differ between an interrupted run and its --resume.
-_RESUME_FREE = {
-    "resume", "max_steps", "num_workers", "progress", "tensorboard", "log_every", "checkpoint_every", "device",
-    "workdir", "keep_checkpoint", "val_batch_size", "recipe", "command", "command_line",
-}
-
-
-def signature(cfg: SimpleNamespace) -> dict[str, Any]:
-    return {k: v for k, v in json.loads(json.dumps(vars(cfg), default=str)).items() if k not in _RESUME_FREE}
-
-
-def bundle_workdir(out: Path, name: str) -> Path:
-    """Logs/checkpoints of a bundle-producing command live next to the bundle, not inside it
-    (bundles are written atomically by replacing the directory)."""
-    out = Path(out)
-    return out.parent / f"{out.name}.runs" / name
 
 
 # -- weights -----------------------------------------------------------------------------------
@@ -237,27 +204,3 @@ def options_of(cfg: SimpleNamespace) -> dict[str, Any]:
         if value is not None:
             out[key] = value
     return out
-
-
-def save_codec_run(out: Path, result, validate, codec: FeatureCodec, *, teacher, plugin: TaskPlugin,
-                   policy: Preprocessing, head: nn.Module, head_config: Mapping[str, Any],
-                   head_keys: Sequence[str], bundle_keys: Sequence[str], provenance: Mapping[str, Any]) -> dict:
-    """Write the bundle of a run that trained a codec (distill, train) and return its final metrics.
-
-    The metrics are the last epoch's, or a fresh validation when the run stopped mid-epoch; the
-    prior's CDF tables are rebuilt before saving so the fingerprint covers what devices will use.
-    """
-    from ..bundle import save_bundle
-
-    metrics = (result.last_metrics if result.status == "done" and result.history else {}) or validate(result.epoch)
-    codec = codec.to("cpu").eval()
-    codec.update(force=True)
-    metric = plugin.metric_name
-    head_metrics = {plugin.name: {k: float(metrics[k]) for k in (metric, *head_keys) if k in metrics}}
-    if metric in metrics and metric in teacher.metrics:
-        head_metrics[plugin.name][f"teacher_{metric}"] = float(teacher.metrics[metric])
-    save_bundle(out, codec, backbone=teacher.arch, preprocessing=policy,
-                heads={plugin.name: (head.to("cpu").eval(), head_config)},
-                head_metrics={k: v for k, v in head_metrics.items() if v},
-                metrics={k: float(metrics[k]) for k in bundle_keys if k in metrics}, provenance=provenance)
-    return metrics

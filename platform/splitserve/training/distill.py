@@ -16,49 +16,21 @@ so it serves immediately; ``platform finetune`` then adapts heads.
 
 from __future__ import annotations
 
-from pathlib import Path
-from types import SimpleNamespace
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import SplitserveError
-from ..models import FeatureCodec, build_codec
-from ..models.backbone import FEATURE_CHANNELS
+from ..models import FeatureCodec
 from ..plugins import TaskBatch
 from . import common
-from . import stage
-from .engine import Engine
 from .objective import Objective, freeze
+from .optim import split_codec_params
 from .sampling import move_to
-from .optim import build_optimizer, build_scheduler, split_codec_params, steps_per_epoch
-from .teacher import load_teacher
+from .stage import Plan
+from .student import StudentStage
 
 TAIL_STAGES = ("layer2", "layer3", "layer4")
-
-
-def new_codec_run(cfg: SimpleNamespace, teacher, data_plugin):
-    """What distill and train start from: a fresh codec of the asked family (seeded), the run's
-    preprocessing (inherited from the teacher unless overridden) and the datasets it makes.
-    Returns (codec, policy, train_set, val_set, data_root)."""
-    torch.manual_seed(cfg.seed)
-    codec = codec_for(cfg, teacher.arch)
-    policy = common.preprocessing(cfg, teacher.preprocessing, codec.input_multiple)
-    codec.check_input_size(*policy.nominal_size)
-    return (codec, policy, *common.build_datasets(data_plugin, cfg.data, policy, cfg))
-
-
-def codec_for(cfg: SimpleNamespace, arch: str) -> FeatureCodec:
-    """The codec a training command asked for: ``--encoder`` family, its output channels adapted to
-    the teacher's backbone, plus ``--blocks`` / ``--latent-channels`` / ``--codec-option K=V``
-    (whatever the family's builder accepts; it names what it does not)."""
-    config: dict = {"feature_channels": FEATURE_CHANNELS[arch], **dict(cfg.codec_option or {})}
-    if cfg.blocks is not None:
-        config["blocks"] = cfg.blocks
-    if cfg.latent_channels is not None:
-        config["latent_channels"] = cfg.latent_channels
-    return build_codec(cfg.encoder, **config)
 
 
 def squared_error(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -122,44 +94,36 @@ def validate_distill(objective: DistillObjective, loader, device, plugin=None, h
     return metrics
 
 
-def run_distill(cfg: SimpleNamespace) -> int:
-    plugins = common.registry()
-    teacher = load_teacher(cfg.teacher, plugins)
-    plugin = common.training_plugin(plugins, teacher.task, "distill")
-    data_plugin = plugin if cfg.task_data_format in (None, "", "auto") else common.training_plugin(
-        plugins, cfg.task_data_format, "distill")
-    if cfg.beta < 0:
-        raise SplitserveError(f"--beta must be >= 0, got {cfg.beta}")
-    with stage.session(cfg) as info:
-        codec, policy, train_set, val_set, data_root = new_codec_run(cfg, teacher, data_plugin)
+class DistillStage(StudentStage):
+    command = "distill"
 
-        out = Path(cfg.out)
-        workdir = Path(cfg.workdir) if cfg.workdir else common.bundle_workdir(out, "distill")
-        engine = Engine(common.engine_config(cfg, workdir, common.signature(cfg)), info, "distill")
+    def plan(self) -> Plan:
+        cfg, info, teacher, plugin = self.cfg, self.info, self.teacher, self.plugin
+        data_plugin = plugin if cfg.task_data_format in (None, "", "auto") else common.training_plugin(
+            self.plugins, cfg.task_data_format, "distill")
+        if cfg.beta < 0:
+            raise SplitserveError(f"--beta must be >= 0, got {cfg.beta}")
+        codec, data = self.new_codec(data_plugin)
         objective = DistillObjective(codec, teacher.stem, teacher.head.tail, cfg.beta)
-        main_params, aux_params = split_codec_params(objective.codec)
-        optimizer = build_optimizer(main_params, cfg)
-        aux_optimizer = torch.optim.Adam(aux_params, lr=cfg.aux_lr)
-        schedulers = build_scheduler(optimizer, cfg, steps_per_epoch(len(train_set), cfg.batch_size, info.world_size))
-        val_loader = common.eval_loader(data_plugin, val_set, cfg)
-        head = teacher.head.to(info.device) if data_plugin is plugin else None
+        main, aux = split_codec_params(objective.codec)
+        val_loader = common.eval_loader(data_plugin, data.val_set, cfg)
+        head = teacher.head.to(info.device) if data_plugin is plugin else None  # the task metric needs its data
 
-        def validate(epoch: int) -> dict[str, float]:
-            return validate_distill(objective, val_loader, info.device, plugin, head, val_set)
+        def validate() -> dict[str, float]:
+            return validate_distill(objective, val_loader, info.device, plugin, head, data.val_set)
 
-        result = engine.fit(objective, {"main": optimizer, "aux": aux_optimizer}, schedulers, train_set,
-                            data_plugin.collate, validate)
-        if (code := stage.early_exit(result, info)) is not None:
-            return code
-        provenance = stage.provenance("distill (Entropic Student stage 1)", cfg, result, data_root=data_root,
-                                      train_set=train_set, val_set=val_set, teacher=str(teacher.path),
-                                      teacher_task=teacher.task, beta=cfg.beta)
-        metrics = common.save_codec_run(
-            out, result, validate, objective.codec, teacher=teacher, plugin=plugin, policy=policy, head=teacher.head,
-            head_config=teacher.config, head_keys=(), provenance=provenance,
-            bundle_keys=("bpp", "payload_bpp", "bpp_estimate", "distill_loss", "mse_h"))
-        task_part = f", {plugin.name} {plugin.metric_name} {metrics[plugin.metric_name]:.2f}" if plugin.metric_name in metrics else ""
-        print(f"wrote bundle {out}: bpp {metrics['bpp']:.4f} (coded bytes), payload {metrics['payload_bpp']:.4f}, "
-              f"distill loss {metrics['distill_loss']:.4f}{task_part}")
-        engine.outputs_written(result)
-        return 0
+        return Plan("distill", "distill (Entropic Student stage 1)", objective, {"main": main, "aux": aux}, data,
+                    data_plugin.collate, validate,
+                    provenance={"teacher": str(teacher.path), "teacher_task": teacher.task, "beta": cfg.beta})
+
+    def write(self, plan, result, metrics, provenance) -> str:
+        self.save(plan, self.teacher.head, self.teacher.config, metrics, provenance, head_keys=(),
+                  bundle_keys=("bpp", "payload_bpp", "bpp_estimate", "distill_loss", "mse_h"))
+        metric = self.plugin.metric_name
+        task_part = f", {self.plugin.name} {metric} {metrics[metric]:.2f}" if metric in metrics else ""
+        return (f"wrote bundle {self.cfg.out}: bpp {metrics['bpp']:.4f} (coded bytes), payload "
+                f"{metrics['payload_bpp']:.4f}, distill loss {metrics['distill_loss']:.4f}{task_part}")
+
+
+def run_distill(cfg) -> int:
+    return DistillStage(cfg).run()

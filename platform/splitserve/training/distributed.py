@@ -84,6 +84,16 @@ def any_true(info: DistInfo, flag: bool) -> bool:
     return bool(t.item() > 0)
 
 
+def gather_object(info: DistInfo, obj: object) -> list | None:
+    """Every rank's ``obj``, in rank order, on rank 0 (None on the others); ``[obj]`` in one process.
+    Pickled between the processes of one job, never read from a file or a network."""
+    if not info.distributed:
+        return [obj]
+    out = [None] * info.world_size if info.is_main else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
 def teardown(info: DistInfo) -> None:
     if info.initialized and dist.is_initialized():
         barrier(info)

@@ -13,8 +13,8 @@ A command builds an :class:`~splitserve.training.objective.Objective` (an ``nn.M
   and saves; ranks meet at barriers.
 - **Checkpoints**: every ``checkpoint_every`` steps, at each epoch end, on SIGTERM/SIGINT (the
   handler only sets a flag; the loop saves after the current step and returns), and at
-  ``max_steps``; ``resume`` continues exactly (an interrupted-and-resumed CPU run ends with
-  bit-identical weights).
+  ``max_steps``; written so that a kill at any instant leaves a good one (:mod:`.checkpoint`);
+  ``resume`` continues exactly (an interrupted-and-resumed CPU run ends with bit-identical weights).
 - **Mixed precision**: bf16/fp16 autocast on CUDA (GradScaler for fp16), bf16 on CPU when asked.
 """
 
@@ -62,6 +62,7 @@ class EngineConfig:
     clip_grad: float | None = None
     tensorboard: bool = True
     signature: dict[str, Any] = field(default_factory=dict)  # config a resumed run must share
+    refuse_restart: bool = False  # without resume, refuse a work dir holding a checkpoint (else start over)
 
 
 @dataclass
@@ -78,10 +79,6 @@ class FitResult:
     history: list[dict[str, Any]]
     best: dict[str, Any] | None
     signum: int | None = None
-
-    @property
-    def last_metrics(self) -> dict[str, float]:
-        return dict(self.history[-1]["metrics"]) if self.history else {}
 
 
 @dataclass
@@ -122,6 +119,7 @@ class Engine:
         self.name = name
         self.checkpoints = CheckpointStore(cfg.workdir, info, name, cfg.signature, cfg.seed)
         self.autocast_dtype = amp_dtype(cfg.amp, info.device)
+        self.log: MetricsLog | None = None
 
     def autocast(self):
         if self.autocast_dtype is None:
@@ -135,7 +133,7 @@ class Engine:
         schedulers: Sequence[ScheduledLR],
         train_set: Dataset,
         collate: Callable[[list], Any],
-        validate: Callable[[int], dict[str, float]] | None = None,
+        validate: Callable[[], dict[str, float]] | None = None,
         best_metric: str | None = None,
     ) -> FitResult:
         cfg, info = self.cfg, self.info
@@ -150,21 +148,24 @@ class Engine:
                 start_epoch, start_batch = self.checkpoints.load(state)
                 resumed = True
                 if info.is_main and start_epoch >= cfg.epochs:
-                    print(f"[{self.name}] {self.checkpoints.path} holds the finished run (step {state.global_step}); "
+                    print(f"[{self.name}] {self.checkpoints.loaded} holds the finished run (step {state.global_step}); "
                           "writing its outputs", flush=True)
                 elif info.is_main:
-                    print(f"[{self.name}] resuming from {self.checkpoints.path} at epoch {start_epoch + 1}, "
+                    print(f"[{self.name}] resuming from {self.checkpoints.loaded} at epoch {start_epoch + 1}, "
                           f"batch {start_batch}, step {state.global_step}", flush=True)
             elif info.is_main:
                 print(f"[{self.name}] --resume: no checkpoint in {self.checkpoints.dir}; starting from scratch",
                       flush=True)
+        elif cfg.refuse_restart and self.checkpoints.exists():
+            raise TrainingError(f"{self.checkpoints.dir} holds a checkpoint: pass --resume to continue it, "
+                                "or use another --workdir")
         if not resumed:
             torch.manual_seed(mix_seed(cfg.seed, info.rank, 0x7A1))
             random.seed(cfg.seed + info.rank)
             np.random.seed((cfg.seed + info.rank) % 2**32)
 
-        log = MetricsLog(Path(cfg.workdir), enabled=info.is_main, tensorboard=cfg.tensorboard,
-                         resume_step=state.global_step if resumed else None)
+        log = self.log = MetricsLog(Path(cfg.workdir), enabled=info.is_main, tensorboard=cfg.tensorboard,
+                                    resume_step=state.global_step if resumed else None)
         trainable = [p for p in objective.parameters() if p.requires_grad]
         if info.distributed and trainable:
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -201,7 +202,7 @@ class Engine:
                             s.scheduler.step()
                     metrics: dict[str, float] = {}
                     if validate is not None and info.is_main:
-                        metrics = validate(epoch)
+                        metrics = validate()
                         record = {"kind": "val", "epoch": epoch + 1, "global_step": state.global_step, **metrics}
                         state.history.append({"epoch": epoch + 1, "global_step": state.global_step, "metrics": metrics})
                         log.write(record)
@@ -234,6 +235,18 @@ class Engine:
         if status == "interrupted" and info.is_main:
             report_stopped(self.name, signum, state.global_step, self.checkpoints.dir)
         return FitResult(status, epoch, state.global_step, state.history, state.best, signum)
+
+    def final_metrics(self, result: FitResult, validate: Callable[[], dict[str, float]]) -> dict[str, float]:
+        """The metrics of the weights a command writes (rank 0): the last validation's when it saw
+        them (it ran at the last step), else a new validation, logged like the others."""
+        last = result.history[-1] if result.history else None
+        if last is not None and last["global_step"] == result.global_step:
+            return dict(last["metrics"])
+        metrics = validate()
+        if self.log is not None:
+            self.log.write({"kind": "val", "epoch": result.epoch, "global_step": result.global_step, **metrics})
+            self.log.write_csv()
+        return metrics
 
     def outputs_written(self, result: FitResult) -> None:
         """The command wrote what it trained: a finished run's checkpoint goes (``--keep-checkpoint``

@@ -24,13 +24,11 @@ from ..bundle import load_codec, load_head, load_trunk, read_manifest, update_he
 from ..defaults import resolve_bundle
 from ..errors import BundleError, SplitserveError
 from ..models import FeatureCodec
-from ..models.backbone import ResNetTail, SharedTrunk, attach_trunk, build_resnet, tail_path
+from ..models.backbone import SharedTrunk, attach_trunk, own_state, tail_path
 from ..plugins import TaskBatch, TaskPlugin
 from . import common
-from . import stage
-from .engine import Engine
 from .objective import Objective, freeze
-from .optim import build_optimizer, build_scheduler, steps_per_epoch
+from .stage import Plan, Stage, bundle_workdir
 from .teacher import Teacher, evaluate, load_teacher
 
 
@@ -78,160 +76,145 @@ class FinetuneObjective(Objective):
         return state
 
 
-def _init_head(plugin: TaskPlugin, manifest, bundle: Path, teacher: Teacher | None, data_config: dict,
-               init: str | None, trunk: SharedTrunk | None) -> tuple[nn.Module, dict, str, list[str]]:
-    """The head to fine-tune: the bundle's (same task), else the teacher's (same task), else a
-    fresh one (its layer2..4 from any teacher); ``init`` "scratch" or "teacher" skips to those.
-    Returns (head, config, source, re-initialised keys)."""
-    backbone = manifest.backbone
-    from_scratch = init == "scratch"
-    if init == "teacher" and (teacher is None or teacher.task != plugin.name):
-        raise BundleError(f"--from-teacher needs --teacher DIR of a {plugin.name} teacher "
-                          f"(`platform teacher --task {plugin.name}`)")
-    if plugin.name in manifest.tasks and init is None:
-        src_cfg = plugin.resolve_config(backbone, manifest.tasks[plugin.name].config)
-        src = load_head(bundle, plugin.name, plugin.build_head(backbone, src_cfg), manifest, trunk=trunk)
-        source = f"bundle head ({bundle})"
-    elif teacher is not None and teacher.task == plugin.name and not from_scratch:
-        src_cfg, src = plugin.resolve_config(backbone, teacher.config), teacher.head
-        source = f"teacher head ({teacher.path})"
-    else:
-        src_cfg, src = {}, None
-        source = "fresh head"
-        if teacher is not None:
-            source += f", layer2..4 from teacher {teacher.path}"
-        elif not from_scratch:
-            have = ", ".join(manifest.tasks) or "none"
-            raise BundleError(
-                f"{bundle}: bundle has no {plugin.name!r} head (it has: {have}) and no --teacher was given; "
-                f"pass --teacher DIR (a `platform teacher --task {plugin.name}` directory) or --from-scratch"
-            )
-    config = plugin.resolve_config(backbone, {**src_cfg, **data_config})
-    head = plugin.build_head(backbone, config)
-    fresh: list[str] = []
-    if src is not None:
-        fresh = common.load_matching(head, src.state_dict())
-        if isinstance(src.get_submodule(tail_path(src)), SharedTrunk):  # a shared-trunk head: its layer2..4
-            common.load_matching(head.tail, trunk.tail.state_dict())
-    elif teacher is not None:
-        tail_state = {f"tail.{k}": v for k, v in teacher.head.tail.state_dict().items()}
-        common.load_matching(head, {k: v for k, v in tail_state.items() if k in head.state_dict()})
-        missing = [k for k in tail_state if k not in head.state_dict()]
-        if missing:  # e.g. a head that stores its tail under another name: match by the tail module
-            common.load_matching(head.tail, teacher.head.tail.state_dict())
-    return head, config, source, fresh
+class FinetuneStage(Stage):
+    def __init__(self, cfg: SimpleNamespace):
+        super().__init__(cfg)
+        plugins = common.registry()
+        self.plugin = common.training_plugin(plugins, cfg.task, "finetune")
+        self.bundle = resolve_bundle(cfg.bundle)  # like serve/encode: --bundle, $SPLITSERVE_BUNDLE, the default
+        if cfg.bundle is None:
+            print(f"finetune: no --bundle given; updating {self.bundle}")
+        self.manifest = read_manifest(self.bundle)
+        self.codec = load_codec(self.bundle, manifest=self.manifest)
+        self.teacher = load_teacher(cfg.teacher, plugins) if cfg.teacher else None
+        backbone = self.manifest.backbone
+        if self.teacher is not None and self.teacher.arch != backbone:
+            raise SplitserveError(f"teacher {self.teacher.path} is a {self.teacher.arch}, the bundle's backbone is "
+                                  f"{backbone}")
+        self.plugin.feature_spec(backbone).require(self.plugin.name, self.codec.feature_channels, self.codec.stride)
+        self.shared = bool(cfg.shared_trunk)
+        self.train_decoder = not (cfg.freeze_decoder or self.shared)  # other heads on a shared trunk need it as it is
+        self.trunk = load_trunk(self.bundle, self.manifest)
+        self.new_trunk: SharedTrunk | None = None
 
+    def default_workdir(self) -> Path:
+        return bundle_workdir(self.bundle, f"finetune-{self.plugin.name}")
 
-def run_finetune(cfg: SimpleNamespace) -> int:
-    plugins = common.registry()
-    plugin = common.training_plugin(plugins, cfg.task, "finetune")
-    bundle = resolve_bundle(cfg.bundle)  # like serve/encode: --bundle, $SPLITSERVE_BUNDLE, the default
-    if cfg.bundle is None:
-        print(f"finetune: no --bundle given; updating {bundle}")
-    manifest = read_manifest(bundle)
-    codec = load_codec(bundle, manifest=manifest)
-    fingerprint = manifest.fingerprint
-    teacher = load_teacher(cfg.teacher, plugins) if cfg.teacher else None
-    if teacher is not None and teacher.arch != manifest.backbone:
-        raise SplitserveError(f"teacher {teacher.path} is a {teacher.arch}, the bundle's backbone is {manifest.backbone}")
-    spec = plugin.feature_spec(manifest.backbone)
-    if (spec.channels, spec.stride) != (codec.feature_channels, codec.stride):
-        raise SplitserveError(f"task {plugin.name!r} consumes {spec.describe()}, the bundle's codec produces "
-                              f"{codec.feature_channels} channels at stride {codec.stride}")
-    shared = bool(cfg.shared_trunk)
-    train_decoder = not (cfg.freeze_decoder or shared)  # a shared trunk's other heads need the decoder as it is
-    bundle_trunk = load_trunk(bundle, manifest)
-    with stage.session(cfg) as info:
-        policy = common.preprocessing(cfg, manifest.policy, codec.input_multiple)
-        codec.check_input_size(*policy.nominal_size)
-        if policy != manifest.policy and info.is_main:
-            print(f"warning: training with preprocessing '{policy.describe()}' but the bundle declares "
-                  f"'{manifest.policy.describe()}', which the edge applies; the head will see other features "
-                  "in serving", flush=True)
-        train_set, val_set, data_root = common.build_datasets(plugin, cfg.data, policy, cfg)
-        data_config = plugin.dataset_config(common.base_dataset(train_set))
+    def plan(self) -> Plan:
+        cfg, plugin, manifest, teacher = self.cfg, self.plugin, self.manifest, self.teacher
+        data = common.task_data(plugin, cfg, manifest.policy, self.codec)
+        if data.policy != manifest.policy:
+            self.note(f"warning: training with preprocessing '{data.policy.describe()}' but the bundle declares "
+                      f"'{manifest.policy.describe()}', which the edge applies; the head will see other features "
+                      "in serving")
         torch.manual_seed(cfg.seed)
-        head, config, source, fresh = _init_head(plugin, manifest, bundle, teacher,
-                                                 {**data_config, **dict(cfg.head_config or {})}, cfg.init,
-                                                 bundle_trunk)
-        new_trunk = None
-        if shared:  # train only the task's own part on the bundle's frozen layer2..4
-            if bundle_trunk is None:  # the first shared head: its (source's) layer2..4 become the trunk
-                new_trunk = ResNetTail.from_resnet(build_resnet(manifest.backbone))
-                common.load_matching(new_trunk, head.tail.state_dict())
-                bundle_trunk = SharedTrunk(new_trunk)
-            attach_trunk(head, bundle_trunk)
-            freeze(bundle_trunk)
+        head, self.config, source, fresh = self._init_head({**data.config, **dict(cfg.head_config or {})})
+        if self.shared:  # train only the task's own part on the bundle's frozen layer2..4
+            if self.trunk is None:  # the first shared head: its layer2..4 become the trunk
+                self.trunk = self.new_trunk = SharedTrunk.from_head(head, manifest.backbone)
+            attach_trunk(head, self.trunk)
+            freeze(self.trunk)
             freeze(head.tail)
-        if fresh and info.is_main:
-            print(f"note: {common.describe_keys(fresh)} re-initialised (the data's config differs from the "
-                  f"source head's)", flush=True)
+        if fresh:
+            self.note(f"note: {common.describe_keys(fresh)} re-initialised (the data's config differs from the "
+                      "source head's)")
         others = [t for t in manifest.tasks if t != plugin.name]
-        if train_decoder and others and info.is_main:
-            print(f"note: stage 2 trains the decoder, which the other heads ({', '.join(others)}) consume too; "
-                  "re-fine-tune or re-evaluate them, or pass --freeze-decoder", flush=True)
-        same_task = teacher if teacher is not None and teacher.task == plugin.name else None
-        kd_teacher = same_task if same_task is not None and plugin.distills else None
-        if teacher is not None and kd_teacher is None and info.is_main:
+        if self.train_decoder and others:
+            self.note(f"note: stage 2 trains the decoder, which the other heads ({', '.join(others)}) consume too; "
+                      "re-fine-tune or re-evaluate them, or pass --freeze-decoder")
+        self.same_task = teacher if teacher is not None and teacher.task == plugin.name else None
+        kd_teacher = self.same_task if self.same_task is not None and plugin.distills else None
+        if teacher is not None and kd_teacher is None:
             what = (f"the {plugin.name} plugin's loss has no distillation term: the teacher starts the head"
-                    if same_task is not None else
+                    if self.same_task is not None else
                     f"the teacher is a {teacher.task} model: used to initialise layer2..4 only")
-            print(f"note: {what}, no distillation loss", flush=True)
+            self.note(f"note: {what}, no distillation loss")
 
-        workdir = Path(cfg.workdir) if cfg.workdir else common.bundle_workdir(bundle, f"finetune-{plugin.name}")
-        engine = Engine(common.engine_config(cfg, workdir, common.signature(cfg)), info, f"finetune {plugin.name}")
-        objective = FinetuneObjective(plugin, codec, head, kd_teacher, common.options_of(cfg), train_decoder,
-                                      frozen_trunk=tail_path(head) if shared else None)
+        objective = FinetuneObjective(plugin, self.codec, head, kd_teacher, common.options_of(cfg),
+                                      self.train_decoder, frozen_trunk=tail_path(head) if self.shared else None)
         params = [p for p in head.parameters() if p.requires_grad]
-        params += list(codec.decoder.parameters()) if train_decoder else []
-        optimizer = build_optimizer(params, cfg)
-        schedulers = build_scheduler(optimizer, cfg, steps_per_epoch(len(train_set), cfg.batch_size, info.world_size))
-        val_loader = common.eval_loader(plugin, val_set, cfg)
+        params += list(self.codec.decoder.parameters()) if self.train_decoder else []
+        self.val_loader = common.eval_loader(plugin, data.val_set, cfg)
         features = common.coded_features(objective.codec)
 
-        def validate(epoch: int) -> dict[str, float]:
-            return {k: float(v) for k, v in plugin.evaluate(objective.head, features, val_loader, dataset=val_set).items()}
+        def validate() -> dict[str, float]:
+            evaluated = plugin.evaluate(objective.head, features, self.val_loader, dataset=data.val_set)
+            return {k: float(v) for k, v in evaluated.items()}
 
-        teacher_metrics: dict[str, float] = {}
-        if same_task is not None and info.is_main:  # the uncompressed reference, next to the head's metrics
-            same_task.stem.to(info.device)
-            same_task.head.to(info.device)
-            teacher_metrics = evaluate(plugin, same_task.stem, same_task.head, val_loader, val_set)
-        result = engine.fit(objective, {"main": optimizer}, schedulers, train_set, plugin.collate, validate,
-                            best_metric=plugin.metric_name)
-        if (code := stage.early_exit(result, info)) is not None:
-            return code
-        metric = plugin.metric_name
-        last = result.last_metrics if result.history and result.history[-1]["global_step"] == result.global_step else {}
-        if not last:
-            objective.to(info.device)
-            last = validate(result.epoch)
+        provenance = {"init": source, "teacher": str(teacher.path) if teacher is not None else None,
+                      "distillation": kd_teacher is not None, "train_decoder": self.train_decoder,
+                      "shared_trunk": self.shared}
+        return Plan(f"finetune {plugin.name}", "finetune (stage 2; encoder and prior frozen)", objective,
+                    {"main": params}, data, plugin.collate, validate, best_metric=plugin.metric_name,
+                    provenance=provenance)
+
+    def _init_head(self, data_config: dict) -> tuple[nn.Module, dict, str, list[str]]:
+        """The head to fine-tune: the bundle's (same task), else the teacher's (same task), else a
+        fresh one (its layer2..4 from any teacher); ``--from-scratch`` / ``--from-teacher`` skip to
+        those. Returns (head, config, source, re-initialised keys)."""
+        plugin, manifest, teacher, init = self.plugin, self.manifest, self.teacher, self.cfg.init
+        backbone = manifest.backbone
+        if init == "teacher" and (teacher is None or teacher.task != plugin.name):
+            raise BundleError(f"--from-teacher needs --teacher DIR of a {plugin.name} teacher "
+                              f"(`platform teacher --task {plugin.name}`)")
+        if plugin.name in manifest.tasks and init is None:
+            src_cfg = plugin.resolve_config(backbone, manifest.tasks[plugin.name].config)
+            src = load_head(self.bundle, plugin.name, plugin.build_head(backbone, src_cfg), manifest, trunk=self.trunk)
+            source = f"bundle head ({self.bundle})"
+        elif teacher is not None and teacher.task == plugin.name and init != "scratch":
+            src_cfg, src = plugin.resolve_config(backbone, teacher.config), teacher.head
+            source = f"teacher head ({teacher.path})"
+        else:
+            src_cfg, src = {}, None
+            source = "fresh head"
+            if teacher is not None:
+                source += f", layer2..4 from teacher {teacher.path}"
+            elif init != "scratch":
+                have = ", ".join(manifest.tasks) or "none"
+                raise BundleError(
+                    f"{self.bundle}: bundle has no {plugin.name!r} head (it has: {have}) and no --teacher was given; "
+                    f"pass --teacher DIR (a `platform teacher --task {plugin.name}` directory) or --from-scratch"
+                )
+        config = plugin.resolve_config(backbone, {**src_cfg, **data_config})
+        head = plugin.build_head(backbone, config)
+        fresh: list[str] = []
+        if src is not None:  # a head on the shared trunk gives its layer2..4 too
+            fresh = common.load_matching(head, own_state(src))
+        elif teacher is not None:
+            common.load_matching(head.tail, teacher.head.tail.state_dict())
+        return head, config, source, fresh
+
+    def write(self, plan, result, metrics, provenance) -> str:
+        objective, plugin, metric, device = plan.objective, self.plugin, self.plugin.metric_name, self.info.device
+        teacher = {}  # the uncompressed reference on the same val split, next to the head's metrics
+        if self.same_task is not None:
+            stem, head = self.same_task.stem.to(device), self.same_task.head.to(device)
+            teacher = evaluate(plugin, stem, head, self.val_loader, plan.data.val_set)
         best = result.best
-        if best is not None and best.get("state") and best["value"] > last.get(metric, float("-inf")):
+        if best is not None and best.get("state") and best["value"] > metrics.get(metric, float("-inf")):
             objective.load_state_dict(best["state"], strict=False)
             chosen, chosen_epoch = dict(best["metrics"]), best["epoch"]
         else:
-            chosen, chosen_epoch = dict(last), result.epoch
-        objective.to(info.device).eval()
-        rate = common.measure_rate(objective.codec, val_loader, info.device, estimate=False)
+            chosen, chosen_epoch = dict(metrics), result.epoch
+        objective.to(device).eval()
+        rate = common.measure_rate(objective.codec, self.val_loader, device, estimate=False)
         objective.to("cpu")
-        head_metrics = {**chosen, **{f"last_{k}": v for k, v in last.items()}, "epoch": float(chosen_epoch),
+        head_metrics = {**chosen, **{f"last_{k}": v for k, v in metrics.items()}, "epoch": float(chosen_epoch),
                         "bpp": rate["bpp"], "payload_bpp": rate["payload_bpp"]}
-        head_metrics.update({f"teacher_{k}": v for k, v in teacher_metrics.items()})
-        provenance = stage.provenance(
-            "finetune (stage 2; encoder and prior frozen)", cfg, result, data_root=data_root, train_set=train_set,
-            val_set=val_set, init=source, teacher=str(teacher.path) if teacher is not None else None,
-            distillation=kd_teacher is not None, selected_epoch=chosen_epoch, train_decoder=train_decoder,
-            shared_trunk=shared)
-        new = update_heads(bundle, {plugin.name: (objective.head, config)}, head_metrics={plugin.name: head_metrics},
-                           head_provenance={plugin.name: provenance},
-                           decoder=objective.codec.decoder if train_decoder else None,
-                           trunk=new_trunk, shared_tasks={plugin.name} if shared else ())
-        if new.fingerprint != fingerprint:  # update_heads never touches encoder/prior; be sure
-            raise BundleError(f"{bundle}: fingerprint changed during finetune; the bundle is inconsistent")
+        head_metrics.update({f"teacher_{k}": v for k, v in teacher.items()})
+        provenance["selected_epoch"] = chosen_epoch
+        new = update_heads(self.bundle, {plugin.name: (objective.head, self.config)},
+                           head_metrics={plugin.name: head_metrics}, head_provenance={plugin.name: provenance},
+                           decoder=objective.codec.decoder if self.train_decoder else None,
+                           trunk=self.new_trunk.tail if self.new_trunk is not None else None,
+                           shared_tasks={plugin.name} if self.shared else ())
+        if new.fingerprint != self.manifest.fingerprint:  # update_heads never touches encoder/prior; be sure
+            raise BundleError(f"{self.bundle}: fingerprint changed during finetune; the bundle is inconsistent")
         shown = ", ".join(f"{k} {v:.2f}" for k, v in chosen.items())
-        teacher_part = f" (teacher {metric} {teacher_metrics[metric]:.2f})" if metric in teacher_metrics else ""
-        print(f"updated {bundle}: {plugin.name} head from epoch {chosen_epoch}: {shown}{teacher_part}; "
-              f"bpp {rate['bpp']:.4f}; fingerprint unchanged")
-        engine.outputs_written(result)
-        return 0
+        teacher_part = f" (teacher {metric} {teacher[metric]:.2f})" if metric in teacher else ""
+        return (f"updated {self.bundle}: {plugin.name} head from epoch {chosen_epoch}: {shown}{teacher_part}; "
+                f"bpp {rate['bpp']:.4f}; fingerprint unchanged")
+
+
+def run_finetune(cfg: SimpleNamespace) -> int:
+    return FinetuneStage(cfg).run()

@@ -15,8 +15,6 @@ prior's quantile (aux) loss is optimised every step on its own optimizer, as in 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -26,12 +24,11 @@ from ..errors import SplitserveError
 from ..models import FeatureCodec
 from ..plugins import TaskBatch, TaskPlugin
 from . import common
-from . import stage
-from .distill import TAIL_STAGES, new_codec_run
-from .engine import Engine
+from .distill import TAIL_STAGES
 from .objective import Objective, freeze
-from .optim import build_optimizer, build_scheduler, split_codec_params, steps_per_epoch
-from .teacher import load_teacher
+from .optim import split_codec_params
+from .stage import Plan
+from .student import StudentStage
 
 
 class JointObjective(Objective):
@@ -83,64 +80,58 @@ def capture_output(module: nn.Module):
         handle.remove()
 
 
-def run_train(cfg: SimpleNamespace) -> int:
-    plugins = common.registry()
-    if cfg.mode not in ("joint", "cls-fixed"):
-        raise SplitserveError("choose --joint (train codec and classifier) or --cls-fixed (classifier frozen)")
-    if cfg.lmbda < 0:
-        raise SplitserveError(f"--lmbda must be >= 0, got {cfg.lmbda}")
-    teacher = load_teacher(cfg.teacher, plugins)
-    plugin = common.training_plugin(plugins, teacher.task, "train")
-    with stage.session(cfg) as info:
-        codec, policy, train_set, val_set, data_root = new_codec_run(cfg, teacher, plugin)
-        data_config = plugin.dataset_config(common.base_dataset(train_set))
-        config = plugin.resolve_config(teacher.arch, teacher.config)
-        differ = [k for k, v in data_config.items() if config.get(k) != v]
+class TrainStage(StudentStage):
+    command = "train"
+
+    def __init__(self, cfg):
+        if cfg.mode not in ("joint", "cls-fixed"):
+            raise SplitserveError("choose --joint (train codec and classifier) or --cls-fixed (classifier frozen)")
+        if cfg.lmbda < 0:
+            raise SplitserveError(f"--lmbda must be >= 0, got {cfg.lmbda}")
+        super().__init__(cfg)
+
+    def plan(self) -> Plan:
+        cfg, info, teacher, plugin = self.cfg, self.info, self.teacher, self.plugin
+        codec, data = self.new_codec(plugin)
+        self.config = plugin.resolve_config(teacher.arch, teacher.config)
+        differ = [k for k, v in data.config.items() if self.config.get(k) != v]
         if differ:
             k = differ[0]
-            raise SplitserveError(f"the teacher's {k} is {config.get(k)!r}, the data's {data_config[k]!r}; "
+            raise SplitserveError(f"the teacher's {k} is {self.config.get(k)!r}, the data's {data.config[k]!r}; "
                                   "train a teacher on this data first")
-        head = plugin.build_head(teacher.arch, config)
+        head = plugin.build_head(teacher.arch, self.config)
         head.load_state_dict(teacher.head.state_dict())
         head_fixed = cfg.mode == "cls-fixed"
-
-        out = Path(cfg.out)
-        workdir = Path(cfg.workdir) if cfg.workdir else common.bundle_workdir(out, "train")
-        engine = Engine(common.engine_config(cfg, workdir, common.signature(cfg)), info, f"train {cfg.mode}")
         objective = JointObjective(plugin, codec, head, teacher.stem, teacher.head, cfg.lmbda,
                                    common.options_of(cfg), head_fixed)
-        main_params, aux_params = split_codec_params(objective.codec)
+        main, aux = split_codec_params(objective.codec)
         if not head_fixed:
-            main_params += list(objective.head.parameters())
-        optimizer = build_optimizer(main_params, cfg)
-        aux_optimizer = torch.optim.Adam(aux_params, lr=cfg.aux_lr)
-        schedulers = build_scheduler(optimizer, cfg, steps_per_epoch(len(train_set), cfg.batch_size, info.world_size))
-        val_loader = common.eval_loader(plugin, val_set, cfg)
+            main += list(objective.head.parameters())
+        val_loader = common.eval_loader(plugin, data.val_set, cfg)
 
         @torch.no_grad()
-        def validate(epoch: int) -> dict[str, float]:
+        def validate() -> dict[str, float]:
             objective.eval()
             try:
                 metrics = plugin.evaluate(objective.head, common.coded_features(objective.codec), val_loader,
-                                          dataset=val_set)
+                                          dataset=data.val_set)
                 metrics = {k: float(v) for k, v in metrics.items()}
                 metrics.update(common.measure_rate(objective.codec, val_loader, info.device))
             finally:
                 objective.train()
             return metrics
 
-        result = engine.fit(objective, {"main": optimizer, "aux": aux_optimizer}, schedulers, train_set,
-                            plugin.collate, validate)
-        if (code := stage.early_exit(result, info)) is not None:
-            return code
-        metric = plugin.metric_name
-        provenance = stage.provenance(f"train (Duan & Zhu single stage, {cfg.mode})", cfg, result,
-                                      data_root=data_root, train_set=train_set, val_set=val_set,
-                                      teacher=str(teacher.path), lmbda=cfg.lmbda)
-        metrics = common.save_codec_run(
-            out, result, validate, objective.codec, teacher=teacher, plugin=plugin, policy=policy, head=objective.head,
-            head_config=config, head_keys=("top5",), provenance=provenance,
-            bundle_keys=("bpp", "payload_bpp", "bpp_estimate"))
-        print(f"wrote bundle {out}: {metric} {metrics.get(metric, float('nan')):.2f} at bpp {metrics['bpp']:.4f} (coded bytes)")
-        engine.outputs_written(result)
-        return 0
+        return Plan(f"train {cfg.mode}", f"train (Duan & Zhu single stage, {cfg.mode})", objective,
+                    {"main": main, "aux": aux}, data, plugin.collate, validate,
+                    provenance={"teacher": str(teacher.path), "lmbda": cfg.lmbda})
+
+    def write(self, plan, result, metrics, provenance) -> str:
+        self.save(plan, plan.objective.head, self.config, metrics, provenance, head_keys=("top5",),
+                  bundle_keys=("bpp", "payload_bpp", "bpp_estimate"))
+        metric = self.plugin.metric_name
+        return (f"wrote bundle {self.cfg.out}: {metric} {metrics.get(metric, float('nan')):.2f} at bpp "
+                f"{metrics['bpp']:.4f} (coded bytes)")
+
+
+def run_train(cfg) -> int:
+    return TrainStage(cfg).run()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +22,10 @@ class MetricsLog:
         if resume_step is None:
             self.path.write_text("")
         elif self.path.is_file():  # drop what was logged after the checkpoint we resume from
-            keep = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("global_step", 0) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in keep))
+            keep = [r for r in self.records() if r.get("global_step", 0) <= resume_step]
+            tmp = self.path.with_name(f".{self.path.name}.tmp")  # a crash now must not cost the history
+            tmp.write_text("".join(json.dumps(r, default=float) + "\n" for r in keep))
+            os.replace(tmp, self.path)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -44,14 +46,22 @@ class MetricsLog:
                 if key not in ("kind", "epoch", "global_step", "step", "time") and isinstance(value, (int, float)):
                     self.writer.add_scalar(f"{kind}/{key}", value, step)
 
+    def records(self) -> list[dict[str, Any]]:
+        """The records logged so far; a line cut short by a crash (power loss) is left out."""
+        out = []
+        for line in self.path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+        return out
+
     def write_csv(self) -> None:
         if not self.enabled or not self.path.is_file():
             return
         rows: dict[str, list[dict]] = {"train": [], "val": []}
-        for line in self.path.read_text().splitlines():
-            if line.strip():
-                rec = json.loads(line)
-                rows.setdefault(rec.get("kind", "train"), []).append(rec)
+        for rec in self.records():
+            rows.setdefault(rec.get("kind", "train"), []).append(rec)
         for kind, records in rows.items():
             if not records:
                 continue
@@ -64,6 +74,9 @@ class MetricsLog:
                 w.writerows(records)
 
     def close(self) -> None:
+        """End the run's logging; records written afterwards (a final validation) still reach the
+        JSON lines and CSV files."""
         self.write_csv()
         if self.writer is not None:
             self.writer.close()
+            self.writer = None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from types import SimpleNamespace
 
 import torch
@@ -21,6 +21,17 @@ def split_codec_params(codec: nn.Module, prefix: str = "") -> tuple[list[nn.Para
             continue
         (aux if name.endswith("quantiles") else main).append(p)
     return main, aux
+
+
+def build_optimizers(params: Mapping[str, Sequence[nn.Parameter]], cfg: SimpleNamespace, num_items: int,
+                     world_size: int) -> tuple[dict[str, torch.optim.Optimizer], list[ScheduledLR]]:
+    """The run's optimizers: ``main`` from the options (``--optimizer``, ``--lr``, ``--scheduler``)
+    and, for a prior's quantiles, ``aux`` (Adam at ``--aux-lr``, never scheduled, as in CompressAI)."""
+    main = build_optimizer(params["main"], cfg)
+    optimizers = {"main": main}
+    if "aux" in params:
+        optimizers["aux"] = torch.optim.Adam(params["aux"], lr=cfg.aux_lr)
+    return optimizers, build_scheduler(main, cfg, steps_per_epoch(num_items, cfg.batch_size, world_size))
 
 
 def build_optimizer(params: Iterable[nn.Parameter], cfg: SimpleNamespace, lr: float | None = None) -> torch.optim.Optimizer:

@@ -82,8 +82,6 @@ class EpochBatches(Sampler):
         return len(self.batches)
 
 
-
-
 def move_to(obj: Any, device: torch.device) -> Any:
     """Tensors (inside dataclasses, dicts, lists, tuples) moved to ``device``."""
     if isinstance(obj, Tensor):
@@ -101,6 +99,8 @@ def move_to(obj: Any, device: torch.device) -> Any:
 
 
 def batch_images(batch: Any) -> int:
+    if isinstance(batch, Tensor):
+        return int(batch.shape[0])
     images = getattr(batch, "images", None)
     if isinstance(images, Tensor):
         return int(images.shape[0])

@@ -35,10 +35,8 @@ from ..models.backbone import check_arch, tail_path
 from ..preprocess import Preprocessing, PreprocessingError
 from ..plugins import TaskBatch, TaskPlugin
 from . import common
-from . import stage
-from .engine import Engine
 from .objective import Objective
-from .optim import build_optimizer, build_scheduler, steps_per_epoch
+from .stage import Plan, Stage
 
 TEACHER_FORMAT = "splitserve-teacher"
 TEACHER_VERSION = 2  # 2: declared preprocessing instead of input_size
@@ -256,54 +254,50 @@ def evaluate(plugin: TaskPlugin, stem: nn.Module, head: nn.Module, loader, datas
         head.train(head_was)
 
 
-def run_teacher(cfg: SimpleNamespace) -> int:
-    plugins = common.registry()
-    plugin = common.training_plugin(plugins, cfg.task, "teacher")
-    arch = check_arch(cfg.arch)
-    if cfg.weights and cfg.checkpoint:
-        raise SplitserveError("give --weights or --checkpoint, not both")
-    with stage.session(cfg) as info:
-        policy = common.preprocessing(cfg, Preprocessing.fixed(224, 224))
-        train_set, val_set, data_root = common.build_datasets(plugin, cfg.data, policy, cfg, need_train=True)
-        config = plugin.resolve_config(arch, {**plugin.dataset_config(common.base_dataset(train_set)),
-                                              **dict(cfg.head_config or {})})
+class TeacherStage(Stage):
+    def __init__(self, cfg: SimpleNamespace):
+        super().__init__(cfg)
+        self.plugin = common.training_plugin(common.registry(), cfg.task, "teacher")
+        self.arch = check_arch(cfg.arch)
+        if cfg.weights and cfg.checkpoint:
+            raise SplitserveError("give --weights or --checkpoint, not both")
+
+    def default_workdir(self) -> Path:
+        return Path(self.cfg.out)  # the run's logs and checkpoint sit in the teacher directory
+
+    def plan(self) -> Plan:
+        cfg, plugin = self.cfg, self.plugin
+        data = common.task_data(plugin, cfg, Preprocessing.fixed(224, 224))
+        self.config = plugin.resolve_config(self.arch, {**data.config, **dict(cfg.head_config or {})})
         torch.manual_seed(cfg.seed)
-        stem, head = plugin.build_teacher(arch, config, cfg.weights)
+        stem, head = plugin.build_teacher(self.arch, self.config, cfg.weights)
         source = f"torchvision weights {cfg.weights}" if cfg.weights else "random initialisation"
         if cfg.checkpoint:
             sd = read_foreign_checkpoint(cfg.checkpoint)
             fresh = load_foreign_into(sd, stem, head, cfg.checkpoint)
             source = f"checkpoint {cfg.checkpoint}"
-            if fresh and info.is_main:
-                print(f"note: {common.describe_keys(fresh)} not in {cfg.checkpoint} (or of another shape): "
-                      "left freshly initialised", flush=True)
-        if cfg.epochs == 0 and not (cfg.weights or cfg.checkpoint) and info.is_main:
-            print("warning: --epochs 0 without --weights/--checkpoint saves an untrained teacher", flush=True)
-
-        out = Path(cfg.out)
-        workdir = Path(cfg.workdir) if cfg.workdir else out
-        ecfg = common.engine_config(cfg, workdir, common.signature(cfg))
-        engine = Engine(ecfg, info, "teacher")
+            if fresh:
+                self.note(f"note: {common.describe_keys(fresh)} not in {cfg.checkpoint} (or of another shape): "
+                          "left freshly initialised")
+        if cfg.epochs == 0 and not (cfg.weights or cfg.checkpoint):
+            self.note("warning: --epochs 0 without --weights/--checkpoint saves an untrained teacher")
         objective = TeacherObjective(plugin, stem, head, common.options_of(cfg))
-        val_loader = common.eval_loader(plugin, val_set, cfg)
+        val_loader = common.eval_loader(plugin, data.val_set, cfg)
 
-        def validate(epoch: int) -> dict[str, float]:
-            return evaluate(plugin, objective.stem, objective.head, val_loader, val_set)
+        def validate() -> dict[str, float]:
+            return evaluate(plugin, objective.stem, objective.head, val_loader, data.val_set)
 
-        optimizer = build_optimizer(objective.parameters(), cfg)
-        schedulers = build_scheduler(optimizer, cfg, steps_per_epoch(len(train_set), cfg.batch_size, info.world_size))
-        result = engine.fit(objective, {"main": optimizer}, schedulers, train_set, plugin.collate, validate)
-        if (code := stage.early_exit(result, info)) is not None:
-            return code
-        metrics = result.last_metrics if result.history and result.history[-1]["global_step"] == result.global_step else {}
-        if not metrics:
-            objective.to(info.device)
-            metrics = evaluate(plugin, stem, head, val_loader, val_set)
-        objective.to("cpu")
-        provenance = stage.provenance("teacher", cfg, result, data_root=data_root, train_set=train_set,
-                                      val_set=val_set, init=source)
-        save_teacher(out, Teacher(out, plugin.name, arch, config, policy, stem, head, metrics, provenance))
+        return Plan("teacher", "teacher", objective, {"main": list(objective.parameters())}, data, plugin.collate,
+                    validate, provenance={"init": source})
+
+    def write(self, plan, result, metrics, provenance) -> str:
+        out, objective = Path(self.cfg.out), plan.objective.to("cpu")
+        policy = plan.data.policy
+        save_teacher(out, Teacher(out, self.plugin.name, self.arch, self.config, policy, objective.stem,
+                                  objective.head, metrics, provenance))
         shown = ", ".join(f"{k} {v:.2f}" for k, v in metrics.items())
-        print(f"wrote teacher {out} ({plugin.name}, {arch}, {policy.describe()}): val {shown}")
-        engine.outputs_written(result)
-        return 0
+        return f"wrote teacher {out} ({self.plugin.name}, {self.arch}, {policy.describe()}): val {shown}"
+
+
+def run_teacher(cfg: SimpleNamespace) -> int:
+    return TeacherStage(cfg).run()
