@@ -60,53 +60,44 @@ def register(sub) -> None:
     e.set_defaults(func=e2e, command="bench e2e")
 
 
+def _publish(report: str, output: str | None, section: str) -> int:
+    """Print a benchmark's report and, with ``--output``, rewrite its section of that Markdown file."""
+    from ..bench.report import write_section
+
+    print(report)
+    if output:
+        write_section(output, section, report)
+        print(f"\nwrote {output}")
+    return 0
+
+
 def serve(args) -> int:
     from ..bench import serve as bench
-    from ..bench.report import write_section
     from ..defaults import resolve_bundle
 
-    report = bench.run(resolve_bundle(args.bundle), rounds=args.rounds, concurrency=args.concurrency,
-                       per_client=args.requests, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-                       tasks=args.tasks, threads=args.threads)
-    print(report)
-    if args.output:
-        write_section(args.output, f"serve:{resolve_bundle(args.bundle).name}", report)
-        print(f"\nwrote {args.output}")
-    return 0
+    bundle = resolve_bundle(args.bundle)
+    report = bench.run(bundle, rounds=args.rounds, concurrency=args.concurrency, per_client=args.requests,
+                       max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, tasks=args.tasks, threads=args.threads)
+    return _publish(report, args.output, f"serve:{bundle.name}")
 
 
 def encode(args) -> int:
     from ..bench import encode as bench
-    from ..bench.report import write_section
 
-    report = bench.run(repeat=args.repeat, size=args.size, edge_venv=args.edge_venv)
-    print(report)
-    if args.output:
-        write_section(args.output, "encode", report)
-        print(f"\nwrote {args.output}")
-    return 0
+    return _publish(bench.run(repeat=args.repeat, size=args.size, edge_venv=args.edge_venv), args.output, "encode")
 
 
 def reliability(args) -> int:
     from ..bench import reliability as bench
-    from ..bench.report import write_section
     from ..defaults import resolve_bundle
 
     report = bench.run(resolve_bundle(args.bundle), args.requests, args.concurrency, args.fuzz, args.rounds)
-    print(report)
-    if args.output:
-        write_section(args.output, "reliability", report)
-        print(f"\nwrote {args.output}")
-    return 0
+    return _publish(report, args.output, "reliability")
 
 
 def e2e(args) -> int:
     from ..bench import e2e as bench
-    from ..bench.report import machine, write_section
+    from ..bench.report import machine
 
     table = bench.run(Path(args.bundle), args.data, split=args.split, teacher=args.teacher, limit=args.limit)
-    print(table)
-    if args.output:
-        write_section(args.output, "e2e", f"Machine: {machine()}.\n\n{table}")
-        print(f"\nwrote {args.output}")
-    return 0
+    return _publish(f"Machine: {machine()}.\n\n{table}", args.output, "e2e")
