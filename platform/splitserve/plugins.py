@@ -102,17 +102,36 @@ class TaskPlugin(ABC):
         return text if len(text) <= 120 else text[:117] + "..."
 
 
+@dataclass(frozen=True)
+class ReferenceRecipe:
+    """A task's reference stage 2 (the Entropic Student configs), which ``platform finetune
+    --procedure reference`` follows: starting from the same-task teacher's head, first distil the
+    head's own outputs of ``layers`` (of layer2..4) toward the teacher's (Adam at ``feature_lr``
+    for ``feature_epochs``), then train with the task loss (``optimizer`` at ``lr`` for ``epochs``,
+    ``scheduler`` as ``--scheduler`` names it)."""
+
+    layers: tuple[str, ...]
+    feature_epochs: int
+    feature_lr: float
+    epochs: int
+    optimizer: str
+    lr: float
+    scheduler: str = "none"
+
+
 class TrainingHooks(ABC):
     """What ``platform teacher``, ``distill``, ``finetune`` and ``train`` need from a task, on top
     of :class:`TaskPlugin`: data, loss, metric. A serve-only plugin leaves this out, and the
     training commands refuse it with a message naming this class.
 
     ``data_layout`` names the sub-folder of an fmnist-scenes tree (``imagefolder`` or ``coco``)
-    the task's loader reads; ``metric_name`` is the primary validation metric (higher is better).
+    the task's loader reads; ``metric_name`` is the primary validation metric (higher is better);
+    ``reference_finetune`` is the task's :class:`ReferenceRecipe` for stage 2, if it has one.
     """
 
     metric_name: ClassVar[str] = "metric"
     data_layout: ClassVar[str | None] = None
+    reference_finetune: ClassVar[ReferenceRecipe | None] = None  # the reference stage 2, where the task has one
 
     @abstractmethod
     def build_dataset(self, root: Path, split: str, *, train: bool, preprocessing: Preprocessing) -> Dataset:

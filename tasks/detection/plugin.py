@@ -19,8 +19,8 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from splitserve.data.transforms import pad_batch
 from splitserve.errors import PluginError
 from splitserve.models.backbone import build_resnet, check_arch, resnet_stem
-from splitserve.plugins import (EvalSample, EvaluationHooks, FeatureFn, ImageMeta, Scorer, TaskBatch, TaskPlugin,
-                                TrainingHooks)
+from splitserve.plugins import (EvalSample, EvaluationHooks, FeatureFn, ImageMeta, ReferenceRecipe, Scorer, TaskBatch,
+                                TaskPlugin, TrainingHooks)
 from splitserve.preprocess import Preprocessing
 
 from .._common import (
@@ -113,6 +113,8 @@ class DetectionPlugin(EvaluationHooks, TrainingHooks, TaskPlugin):
     metric_name = "mAP"
     metric_label = "box mAP@[.5:.95] (%)"
     data_layout = "coco"
+    reference_finetune = ReferenceRecipe(layers=("layer2",), feature_epochs=3, feature_lr=1e-3, epochs=2,
+                                         optimizer="sgd", lr=1e-4)  # Entropic Student's RetinaNet stage 2
 
     # -- serving -------------------------------------------------------------------------
     def resolve_config(self, backbone: str, stored: Mapping[str, Any]) -> dict:

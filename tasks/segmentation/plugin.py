@@ -17,8 +17,8 @@ from torchvision.models.segmentation import DeepLabV3_ResNet50_Weights
 from splitserve.data.transforms import pad_batch
 from splitserve.errors import PluginError
 from splitserve.models.backbone import build_resnet, check_arch, resnet_stem
-from splitserve.plugins import (EvalSample, EvaluationHooks, FeatureFn, ImageMeta, Scorer, TaskBatch, TaskPlugin,
-                                TrainingHooks)
+from splitserve.plugins import (EvalSample, EvaluationHooks, FeatureFn, ImageMeta, ReferenceRecipe, Scorer, TaskBatch,
+                                TaskPlugin, TrainingHooks)
 from splitserve.preprocess import Preprocessing
 
 from .._common import (
@@ -99,6 +99,8 @@ class SegmentationPlugin(EvaluationHooks, TrainingHooks, TaskPlugin):
     metric_name = "mIoU"
     metric_label = "mIoU (%)"
     data_layout = "coco"
+    reference_finetune = ReferenceRecipe(layers=("layer2", "layer3", "layer4"), feature_epochs=3, feature_lr=1e-3,
+                                         epochs=5, optimizer="sgd", lr=0.0025, scheduler="poly")  # ES's DeepLabv3
 
     # -- serving -------------------------------------------------------------------------
     def resolve_config(self, backbone: str, stored: Mapping[str, Any]) -> dict:

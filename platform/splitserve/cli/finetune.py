@@ -25,6 +25,15 @@ OPTIONS = [
         help="start from a freshly initialised head (layer2..4 from --teacher if given)"),
     opt("--from-teacher", dest="init", action="store_const", const="teacher", group="init",
         help="start from the same-task --teacher's head even where the bundle already has one"),
+    opt("--procedure", default=None, choices=("reference", "direct"),
+        help="reference: the task plugin's reference recipe (Entropic Student's detection/segmentation stage 2): "
+             "start from the same-task --teacher's head, distil its layer features toward the teacher's "
+             "(Adam), then train with the task loss at the recipe's optimizer, lr, schedule and epochs (flags you "
+             "give win); the decoder trains only when the bundle has no other head. direct: one task-loss stage "
+             "with the options below. Default: reference where the plugin declares a recipe and a same-task "
+             "--teacher is given without --from-teacher/--from-scratch/--shared-trunk, else direct"),
+    opt("--feature-epochs", type=int, default=None, metavar="N",
+        help="reference: epochs of the feature-distillation step (default: the recipe's)"),
     opt("--temperature", type=float, default=1.0, help="distillation temperature"),
     opt("--kd-alpha", type=float, default=0.5, help="distillation weight: (1-a)*CE + a*KL"),
     loss_option(),

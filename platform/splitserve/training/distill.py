@@ -12,9 +12,15 @@ latent (z + U(-½, ½)), and bits = −log₂ p(z̃) under the factorized prior.
 published β grid (0.01 … 5.12) means what it says. The prior's quantile (aux) loss runs on its
 own optimizer every step. The bundle written at the end carries the teacher's head for its task,
 so it serves immediately; ``platform finetune`` then adapts heads.
+
+Several teachers (one per task, sharing one backbone) make one encoder for every task: the
+distortion is their weighted sum, each teacher measured through its own stem and frozen tail,
+``Σ_t w_t · Σ_k ‖h̃_k^t − h_k^t‖²``. One teacher of weight 1 is the single-teacher loss exactly.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -39,24 +45,36 @@ def squared_error(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
 
 
 class DistillObjective(Objective):
-    frozen = ("teacher_stem", "tail")
+    frozen = ("teacher_stems", "tails")
 
-    def __init__(self, codec: FeatureCodec, teacher_stem: nn.Module, tail: nn.Module, beta: float):
+    def __init__(self, codec: FeatureCodec, teachers: Sequence[tuple[nn.Module, nn.Module]],
+                 weights: Sequence[float], beta: float, names: Sequence[str] = ()):
+        """``teachers``: (stem, tail) per teacher, the first the bundle's; ``weights`` and ``names``
+        (their log keys, ``distill_NAME``, logged when there are several): one each."""
         super().__init__()
         self.codec = codec
-        self.teacher_stem = freeze(teacher_stem)
-        self.tail = freeze(tail)
+        self.teacher_stems = nn.ModuleList(freeze(stem) for stem, _ in teachers)
+        self.tails = nn.ModuleList(freeze(tail) for _, tail in teachers)
+        self.weights = [float(w) for w in weights]
         self.beta = float(beta)
+        self.names = list(names) or [str(i) for i in range(len(self.weights))]
 
     def terms(self, images: torch.Tensor) -> tuple[dict, dict]:
-        with torch.no_grad():
-            h_t = self.teacher_stem(images)
-            t_feats = self.tail(h_t)
         out = self.codec(images)
         h_s = out.features
-        s_feats = self.tail(h_s)
-        distortion = squared_error(h_s, h_t) + sum(squared_error(s_feats[k], t_feats[k]) for k in TAIL_STAGES)
-        logs = {"bpp": out.bpp(images.shape[-2:]).detach(), "mse_h": F.mse_loss(h_s.float(), h_t.float()).detach()}
+        per_teacher = []
+        for stem, tail in zip(self.teacher_stems, self.tails):
+            with torch.no_grad():
+                h_t = stem(images)
+                t_feats = tail(h_t)
+            s_feats = tail(h_s)
+            per_teacher.append(squared_error(h_s, h_t) + sum(squared_error(s_feats[k], t_feats[k]) for k in TAIL_STAGES))
+            if len(per_teacher) == 1:  # the bundle's teacher
+                mse_h = F.mse_loss(h_s.float(), h_t.float()).detach()
+        distortion = sum(w * d for w, d in zip(self.weights, per_teacher))
+        logs = {"bpp": out.bpp(images.shape[-2:]).detach(), "mse_h": mse_h}
+        if len(per_teacher) > 1:
+            logs.update({f"distill_{n}": d.detach() for n, d in zip(self.names, per_teacher)})
         return {"distill": distortion, "rate": self.beta * out.bits_per_image()}, logs
 
     def forward(self, batch: TaskBatch):
@@ -80,6 +98,8 @@ def validate_distill(objective: DistillObjective, loader, device, plugin=None, h
             total["distill_loss"] += float(losses["distill"]) * b
             total["mse_h"] += float(logs["mse_h"]) * b
             total["bpp_estimate"] += float(logs["bpp"]) * b
+            for key in (k for k in logs if k.startswith("distill_")):  # each teacher's term, when several
+                total[key] = total.get(key, 0.0) + float(logs[key]) * b
             n += b
         metrics = {k: v / max(n, 1) for k, v in total.items()}
         metrics.update(common.measure_rate(objective.codec, loader, device, estimate=False))
@@ -104,7 +124,9 @@ class DistillStage(StudentStage):
         if cfg.beta < 0:
             raise SplitserveError(f"--beta must be >= 0, got {cfg.beta}")
         codec, data = self.new_codec(data_plugin)
-        objective = DistillObjective(codec, teacher.stem, teacher.head.tail, cfg.beta)
+        teachers = self.teachers
+        objective = DistillObjective(codec, [(t.stem, t.head.tail) for t in teachers], self.weights, cfg.beta,
+                                     names=[t.task for t in teachers])
         main, aux = split_codec_params(objective.codec)
         val_loader = common.eval_loader(data_plugin, data.val_set, cfg)
         head = teacher.head.to(info.device) if data_plugin is plugin else None  # the task metric needs its data
@@ -114,11 +136,15 @@ class DistillStage(StudentStage):
 
         return Plan("distill", "distill (Entropic Student stage 1)", objective, {"main": main, "aux": aux}, data,
                     data_plugin.collate, validate,
-                    provenance={"teacher": str(teacher.path), "teacher_task": teacher.task, "beta": cfg.beta})
+                    provenance={"teacher": str(teacher.path), "teacher_task": teacher.task, "beta": cfg.beta,
+                                "teachers": [{"task": t.task, "path": str(t.path), "weight": w}
+                                             for t, w in zip(teachers, self.weights)]})
 
     def write(self, plan, result, metrics, provenance) -> str:
         self.save(plan, self.teacher.head, self.teacher.config, metrics, provenance, head_keys=(),
-                  bundle_keys=("bpp", "payload_bpp", "bpp_estimate", "distill_loss", "mse_h"))
+                  bundle_keys=("bpp", "payload_bpp", "bpp_estimate", "distill_loss", "mse_h",
+                               *(f"distill_{t.task}" for t in self.teachers)),  # per teacher: when several
+                  other_teachers=self.teachers[1:])
         metric = self.plugin.metric_name
         task_part = f", {self.plugin.name} {metric} {metrics[metric]:.2f}" if metric in metrics else ""
         return (f"wrote bundle {self.cfg.out}: bpp {metrics['bpp']:.4f} (coded bytes), payload "

@@ -77,8 +77,11 @@ class FinetuneObjective(Objective):
 
 
 class FinetuneStage(Stage):
-    def __init__(self, cfg: SimpleNamespace):
+    def __init__(self, cfg: SimpleNamespace, start: tuple[dict[str, Any], str] | None = None):
+        """``start``: (objective state, how it was made) the head and decoder start from instead
+        (the reference procedure's feature-distillation step)."""
         super().__init__(cfg)
+        self.start = start
         plugins = common.registry()
         self.plugin = common.training_plugin(plugins, cfg.task, "finetune")
         self.bundle = resolve_bundle(cfg.bundle)  # like serve/encode: --bundle, $SPLITSERVE_BUNDLE, the default
@@ -93,7 +96,10 @@ class FinetuneStage(Stage):
                                   f"{backbone}")
         self.plugin.feature_spec(backbone).require(self.plugin.name, self.codec.feature_channels, self.codec.stride)
         self.shared = bool(cfg.shared_trunk)
-        self.train_decoder = not (cfg.freeze_decoder or self.shared)  # other heads on a shared trunk need it as it is
+        self.others = [t for t in self.manifest.tasks if t != self.plugin.name]
+        # other heads on a shared trunk need the decoder as it is; so do other heads under the
+        # reference procedure (one decoder feeds every head: decode once)
+        self.train_decoder = not (cfg.freeze_decoder or self.shared or (reference(cfg) and self.others))
         self.trunk = load_trunk(self.bundle, self.manifest)
         self.new_trunk: SharedTrunk | None = None
 
@@ -118,7 +124,7 @@ class FinetuneStage(Stage):
         if fresh:
             self.note(f"note: {common.describe_keys(fresh)} re-initialised (the data's config differs from the "
                       "source head's)")
-        others = [t for t in manifest.tasks if t != plugin.name]
+        others = self.others
         if self.train_decoder and others:
             self.note(f"note: stage 2 trains the decoder, which the other heads ({', '.join(others)}) consume too; "
                       "re-fine-tune or re-evaluate them, or pass --freeze-decoder")
@@ -132,6 +138,9 @@ class FinetuneStage(Stage):
 
         objective = FinetuneObjective(plugin, self.codec, head, kd_teacher, common.options_of(cfg),
                                       self.train_decoder, frozen_trunk=tail_path(head) if self.shared else None)
+        if self.start is not None:
+            objective.load_state_dict(self.start[0], strict=False)
+            source += f", {self.start[1]}"
         params = [p for p in head.parameters() if p.requires_grad]
         params += list(self.codec.decoder.parameters()) if self.train_decoder else []
         self.val_loader = common.eval_loader(plugin, data.val_set, cfg)
@@ -143,7 +152,7 @@ class FinetuneStage(Stage):
 
         provenance = {"init": source, "teacher": str(teacher.path) if teacher is not None else None,
                       "distillation": kd_teacher is not None, "train_decoder": self.train_decoder,
-                      "shared_trunk": self.shared}
+                      "shared_trunk": self.shared, "procedure": "reference" if reference(cfg) else "direct"}
         return Plan(f"finetune {plugin.name}", "finetune (stage 2; encoder and prior frozen)", objective,
                     {"main": params}, data, plugin.collate, validate, best_metric=plugin.metric_name,
                     provenance=provenance)
@@ -216,5 +225,14 @@ class FinetuneStage(Stage):
                 f"bpp {rate['bpp']:.4f}; fingerprint unchanged")
 
 
+def reference(cfg: SimpleNamespace) -> bool:
+    """Whether the run follows the task's reference recipe (see :mod:`.reference`)."""
+    return getattr(cfg, "procedure", None) == "reference"
+
+
 def run_finetune(cfg: SimpleNamespace) -> int:
+    from .reference import run_reference, settle_procedure
+
+    if settle_procedure(cfg) == "reference":
+        return run_reference(cfg)
     return FinetuneStage(cfg).run()

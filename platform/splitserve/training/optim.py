@@ -51,7 +51,7 @@ def build_optimizer(params: Iterable[nn.Parameter], cfg: SimpleNamespace, lr: fl
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: SimpleNamespace, steps_per_epoch: int) -> list[ScheduledLR]:
-    """``multistep``/``step`` advance once per epoch; ``cosine`` once per step over the whole run."""
+    """``multistep``/``step`` advance once per epoch; ``cosine`` and ``poly`` once per step over the whole run."""
     kind = cfg.scheduler
     if kind == "none" or cfg.epochs <= 0:
         return []
@@ -65,6 +65,10 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: SimpleNamespace, step
         total = max(1, cfg.epochs * steps_per_epoch)
         eta_min = optimizer.param_groups[0]["lr"] * cfg.min_lr_ratio
         return [ScheduledLR(torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total, eta_min=eta_min), "step")]
+    if kind == "poly":  # (1 - step/total)^power, per step: the segmentation references' schedule
+        total, power = max(1, cfg.epochs * steps_per_epoch), cfg.poly_power
+        return [ScheduledLR(torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: (1 - min(step, total) / total) ** power), "step")]
     raise SplitserveError(f"unknown scheduler {kind!r}")
 
 

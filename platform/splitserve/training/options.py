@@ -34,7 +34,7 @@ class Opt:
     help: str = ""
     choices: Sequence[Any] | None = None
     nargs: str | int | None = None
-    action: str | None = None  # "store_true" / "store_false" / "store_const"
+    action: str | None = None  # "store_true" / "store_false" / "store_const" / "extend" (repeatable, with nargs)
     const: Any = None
     metavar: str | None = None
     required: bool = False
@@ -71,7 +71,7 @@ def add_options(parser: argparse.ArgumentParser, options: Sequence[Opt]) -> None
             kw["action"] = o.action
             if o.action == "store_const":
                 kw["const"] = o.const
-        else:
+        if o.action in (None, "extend"):  # extend: a repeatable flag whose values add up
             if o.type is not None:
                 kw["type"] = o.type
             if o.choices is not None:
@@ -198,6 +198,7 @@ def resolve(args: argparse.Namespace, options: Sequence[Opt], command: str) -> S
         flags = ", ".join(o.flags[0] for o in missing)
         raise SplitserveError(f"missing {flags} (give it on the command line or in --recipe)")
     ns = SimpleNamespace(**values)
+    ns.given = sorted({*from_recipe, *(d for d in by_dest if hasattr(args, d))})  # set by the user, not defaults
     ns.recipe = str(recipe_path) if recipe_path is not None else None
     ns.command = command
     return ns
@@ -312,13 +313,14 @@ def training_options(**defaults: Any) -> list[Opt]:
         opt("--lr", type=float, default=d["lr"], help="learning rate"),
         opt("--momentum", type=float, default=d["momentum"], help="SGD momentum"),
         opt("--weight-decay", type=float, default=d["weight_decay"], help="weight decay"),
-        opt("--scheduler", default=d["scheduler"], choices=("multistep", "step", "cosine", "none"),
+        opt("--scheduler", default=d["scheduler"], choices=("multistep", "step", "cosine", "poly", "none"),
             help="learning-rate schedule: multistep (--milestones, per epoch), step (--step-size, per epoch), "
-                 "cosine (per step, down to --min-lr-ratio x lr)"),
+                 "cosine (per step, down to --min-lr-ratio x lr), poly (per step, lr x (1 - step/total)^--poly-power)"),
         opt("--milestones", type=int, nargs="+", default=d["milestones"], metavar="EPOCH", help="multistep: epochs where lr is multiplied by --gamma"),
         opt("--gamma", type=float, default=d["gamma"], help="lr factor at each milestone / step"),
         opt("--step-size", type=int, default=d["step_size"], help="step: epochs between lr drops"),
         opt("--min-lr-ratio", type=float, default=d["min_lr_ratio"], help="cosine: final lr as a fraction of --lr"),
+        opt("--poly-power", type=float, default=0.9, help="poly: the schedule's power"),
         opt("--clip-grad", type=float, default=None, help="clip the norm of the main optimizer's gradients to this value (the prior's aux optimizer is never clipped)"),
         opt("--image-size", type=int, nargs="+", default=None, metavar="PX",
             help="fixed input size (images squashed to it): one side or H W; shorthand for --preprocessing fixed:HxW"),

@@ -139,7 +139,7 @@ def engine_config(cfg: SimpleNamespace, workdir: Path, signature: Mapping[str, A
 # Options that may differ between an interrupted run and its --resume.
 _RESUME_FREE = {
     "resume", "max_steps", "num_workers", "progress", "tensorboard", "log_every", "checkpoint_every", "device",
-    "workdir", "keep_checkpoint", "val_batch_size", "recipe", "command", "command_line",
+    "workdir", "keep_checkpoint", "val_batch_size", "recipe", "command", "command_line", "given",
 }
 
 

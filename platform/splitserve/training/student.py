@@ -1,8 +1,13 @@
 """What ``distill`` and ``train`` share: both train a new codec (the student) against a teacher and
-write a bundle that serves the teacher's task right away."""
+write a bundle that serves the teacher's task right away.
+
+``--teacher`` may be given several times (``TASK=DIR``, one per task, one backbone), each with a
+``--teacher-weight TASK=W`` (default 1); the first teacher is the one whose data and preprocessing
+the run uses and whose task metric it reports."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -11,12 +16,13 @@ import torch
 from torch import nn
 
 from ..bundle import save_bundle
+from ..errors import SplitserveError
 from ..models import FeatureCodec, build_codec
 from ..models.backbone import FEATURE_CHANNELS
 from ..plugins import TrainingHooks
 from . import common
 from .stage import Plan, Stage, bundle_workdir
-from .teacher import load_teacher
+from .teacher import Teacher, load_teacher
 
 
 class StudentStage(Stage):
@@ -27,7 +33,11 @@ class StudentStage(Stage):
     def __init__(self, cfg: SimpleNamespace):
         super().__init__(cfg)
         self.plugins = common.registry()
-        self.teacher = load_teacher(cfg.teacher, self.plugins)
+        self.teachers = load_teachers(cfg.teacher, self.plugins)
+        self.weights = teacher_weights(getattr(cfg, "teacher_weight", None), self.teachers, self.plugins)
+        for teacher in self.teachers:
+            common.training_plugin(self.plugins, teacher.task, self.command)
+        self.teacher = self.teachers[0]
         self.plugin = common.training_plugin(self.plugins, self.teacher.task, self.command)
 
     def default_workdir(self) -> Path:
@@ -41,18 +51,26 @@ class StudentStage(Stage):
         return codec, common.task_data(data_plugin, self.cfg, self.teacher.preprocessing, codec)
 
     def save(self, plan: Plan, head: nn.Module, head_config: dict, metrics: dict[str, float],
-             provenance: dict[str, Any], head_keys: tuple[str, ...], bundle_keys: tuple[str, ...]) -> None:
+             provenance: dict[str, Any], head_keys: tuple[str, ...], bundle_keys: tuple[str, ...],
+             other_teachers: Sequence[Teacher] = ()) -> None:
         """Write the bundle: the codec with fresh coding tables (so the fingerprint covers what
-        devices will use) and ``head`` with its task metric next to the teacher's."""
+        devices will use), ``head`` with its task metric next to the teacher's, and the heads of
+        ``other_teachers`` as they are (the decoded feature was distilled toward their stems too)."""
         codec = plan.objective.codec.to("cpu").eval()
         codec.update(force=True)
         plugin, metric = self.plugin, self.plugin.metric_name
         head_metrics = {k: float(metrics[k]) for k in (metric, *head_keys) if k in metrics}
         if metric in metrics and metric in self.teacher.metrics:
             head_metrics[f"teacher_{metric}"] = float(self.teacher.metrics[metric])
+        heads = {plugin.name: (head.to("cpu").eval(), head_config)}
+        all_metrics = {plugin.name: head_metrics} if head_metrics else {}
+        for other in other_teachers:
+            heads[other.task] = (other.head.to("cpu").eval(), other.config)
+            other_metric = self.plugins.get(other.task).metric_name
+            if other_metric in other.metrics:
+                all_metrics[other.task] = {f"teacher_{other_metric}": float(other.metrics[other_metric])}
         save_bundle(self.cfg.out, codec, backbone=self.teacher.arch, preprocessing=plan.data.policy,
-                    heads={plugin.name: (head.to("cpu").eval(), head_config)},
-                    head_metrics={plugin.name: head_metrics} if head_metrics else {},
+                    heads=heads, head_metrics=all_metrics,
                     metrics={k: float(metrics[k]) for k in bundle_keys if k in metrics}, provenance=provenance)
 
 
@@ -66,3 +84,45 @@ def codec_for(cfg: SimpleNamespace, arch: str) -> FeatureCodec:
     if cfg.latent_channels is not None:
         config["latent_channels"] = cfg.latent_channels
     return build_codec(cfg.encoder, **config)
+
+
+def teacher_specs(value: Any) -> list[tuple[str | None, Path]]:
+    """``--teacher`` values as (task or None, directory): ``DIR`` or ``TASK=DIR`` (an existing
+    directory, or a ``=`` after a path separator, is a plain ``DIR``)."""
+    out = []
+    for item in value if isinstance(value, (list, tuple)) else [value]:
+        task, sep, path = str(item).partition("=")
+        named = bool(sep and task.strip() and "/" not in task and not Path(str(item)).exists())
+        out.append((task.strip(), Path(path)) if named else (None, Path(str(item))))
+    return out
+
+
+def load_teachers(value: Any, plugins) -> list[Teacher]:
+    """The ``--teacher`` directories through their own plugins: one per task, one backbone."""
+    teachers: list[Teacher] = []
+    for task, path in teacher_specs(value):
+        teacher = load_teacher(path, plugins)
+        if task is not None and plugins.get(task).name != teacher.task:
+            raise SplitserveError(f"--teacher {task}={path}: that directory holds a {teacher.task} teacher")
+        if any(t.task == teacher.task for t in teachers):
+            raise SplitserveError(f"--teacher {path}: a second {teacher.task} teacher; give one per task")
+        if teachers and teacher.arch != teachers[0].arch:
+            raise SplitserveError(f"--teacher {path}: backbone {teacher.arch}, but the first teacher's is "
+                                  f"{teachers[0].arch}; all teachers must share one backbone")
+        teachers.append(teacher)
+    if not teachers:
+        raise SplitserveError("missing --teacher")
+    return teachers
+
+
+def teacher_weights(value: Any, teachers: Sequence[Teacher], plugins) -> list[float]:
+    """``--teacher-weight TASK=W`` pairs as one weight per teacher (1.0 where not given)."""
+    weights = {t.task: 1.0 for t in teachers}
+    for key, weight in value.items() if isinstance(value, dict) else (value or []):
+        task = plugins.get(str(key)).name
+        if task not in weights:
+            raise SplitserveError(f"--teacher-weight {key}: no --teacher for that task")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
+            raise SplitserveError(f"--teacher-weight {key}={weight}: a weight is a number >= 0")
+        weights[task] = float(weight)
+    return [weights[t.task] for t in teachers]

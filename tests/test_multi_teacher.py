@@ -1,0 +1,125 @@
+"""Stage 1 with several teachers (``distill --teacher TASK=DIR … --teacher-weight TASK=W``) on a tiny
+fmnist-scenes tree: a zero-weighted second teacher changes nothing (bit-exact on CPU), a weighted one
+changes the loss, and the bundle carries every teacher's head and records each teacher and weight."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from splitserve.cli import main
+
+from .test_training import FAST, _codec_tensors, run, scenes  # noqa: F401 (scenes is a fixture)
+
+pytestmark = pytest.mark.slow
+
+TINY = ["--train-limit", "8", "--val-limit", "4", "--epochs", "1", *FAST, "--batch-size", "4", "--log-every", "1"]
+
+
+@pytest.fixture(scope="module")
+def teachers(scenes, tmp_path_factory) -> dict[str, Path]:
+    """Untrained (--epochs 0) ResNet-18 teachers of two tasks, from different seeds so their features differ."""
+    root = tmp_path_factory.mktemp("teachers")
+    small = ["--arch", "resnet18", "--image-size", "64", "--epochs", "0", "--val-limit", "4", *FAST]
+    run("teacher", "--task", "cls", "--data", scenes, "--out", root / "cls", *small)
+    run("teacher", "--task", "seg", "--data", scenes, "--out", root / "seg", "--seed", "1",
+        "--head-config", "output_stride=8", "atrous_rates=[1,2,3]", *small)
+    return {"cls": root / "cls", "seg": root / "seg", "root": root}
+
+
+@pytest.fixture(scope="module")
+def runs(teachers, scenes) -> dict[str, Path]:
+    """The same stage 1 with the classification teacher alone, and next to a segmentation teacher of
+    weight 0 and of weight 0.5."""
+    out = {}
+    root = teachers["root"]
+    distill = ["distill", "--data", scenes, "--beta", "0.1", *TINY]
+    run(*distill, "--teacher", teachers["cls"], "--out", root / "single")
+    out["single"] = root / "single"
+    for name, weight in (("zero", "0"), ("half", "0.5")):
+        run(*distill, "--teacher", f"classification={teachers['cls']}", "--teacher", f"seg={teachers['seg']}",
+            "--teacher-weight", f"segmentation={weight}", "--out", root / name)
+        out[name] = root / name
+    return out
+
+
+def train_losses(bundle: Path) -> list[float]:
+    log = bundle.parent / f"{bundle.name}.runs" / "distill" / "metrics.jsonl"
+    return [r["loss"] for r in map(json.loads, log.read_text().splitlines()) if r["kind"] == "train"]
+
+
+def test_a_zero_weighted_teacher_changes_nothing(runs):
+    single, zero = _codec_tensors(runs["single"]), _codec_tensors(runs["zero"])
+    assert single.keys() == zero.keys()
+    assert all(torch.equal(single[k], zero[k]) for k in single)
+    assert train_losses(runs["single"]) == train_losses(runs["zero"]) and len(train_losses(runs["single"])) == 2
+
+
+def test_a_weighted_second_teacher_adds_its_term(runs):
+    from splitserve.bundle import read_manifest
+
+    single, half = train_losses(runs["single"]), train_losses(runs["half"])
+    assert single[0] != half[0]  # the same first batch, same codec init: only the loss differs
+    metrics = read_manifest(runs["half"]).metrics
+    # the validation loss is the weighted sum of each teacher's term, as the bundle records them
+    assert metrics["distill_loss"] == pytest.approx(
+        metrics["distill_classification"] + 0.5 * metrics["distill_segmentation"], rel=1e-5)
+    assert metrics["distill_segmentation"] > 0
+
+
+def test_the_bundle_carries_every_teacher(runs, teachers):
+    from splitserve.bundle import read_manifest
+
+    manifest = read_manifest(runs["half"])
+    assert set(manifest.tasks) == {"classification", "segmentation"}
+    assert manifest.provenance["teachers"] == [
+        {"task": "classification", "path": str(teachers["cls"]), "weight": 1.0},
+        {"task": "segmentation", "path": str(teachers["seg"]), "weight": 0.5},
+    ]
+    assert set(read_manifest(runs["single"]).tasks) == {"classification"}
+    # the command it records parses back to the same teachers and weights
+    import shlex
+
+    from splitserve.cli import build_parser
+    from splitserve.cli.distill import OPTIONS
+    from splitserve.training.options import resolve
+
+    again = resolve(build_parser().parse_args(shlex.split(manifest.provenance["command"])[1:]), OPTIONS, "distill")
+    assert again.teacher == [f"classification={teachers['cls']}", f"seg={teachers['seg']}"]
+    assert dict(again.teacher_weight) == {"segmentation": 0.5}
+
+
+def test_the_multi_teacher_bundle_serves_both_heads(runs, scenes):
+    from splitserve.edge import EdgeEncoder
+    from splitserve.gateway.runtime import Job, Runtime
+    from splitserve.plugins import PluginRegistry
+
+    images = sorted((scenes / "imagefolder" / "val").rglob("*.png"))[:2]
+    encoded = EdgeEncoder.from_bundle(runs["half"]).encode(images)
+    runtime = Runtime(runs["half"], PluginRegistry.discover())
+    payload, metas = runtime.parse_payload(encoded.data)
+    (answers,) = runtime.run([Job(plugins=list(runtime.plugins), payload=payload, metas=metas)])
+    assert len(answers) == 2
+    for answer in answers:
+        assert set(answer) == {"classification", "segmentation"}
+        assert (answer["segmentation"].width, answer["segmentation"].height) == (64, 64)
+
+
+def test_teachers_must_share_a_backbone_and_a_task_each(teachers, scenes, tmp_path, capsys):
+    other = tmp_path / "r34"
+    run("teacher", "--task", "seg", "--data", scenes, "--out", other, "--arch", "resnet34", "--image-size", "64",
+        "--epochs", "0", "--val-limit", "2", *FAST)
+    base = ["distill", "--data", str(scenes), "--beta", "0.1", "--out", str(tmp_path / "b"), *map(str, TINY)]
+    for extra, message in (
+        ([f"--teacher={teachers['cls']}", "--teacher", str(other)],
+         "backbone resnet34, but the first teacher's is resnet18; all teachers must share one backbone"),
+        (["--teacher", f"det={teachers['seg']}"], "that directory holds a segmentation teacher"),
+        (["--teacher", str(teachers["cls"]), "--teacher-weight", "seg=1"], "no --teacher for that task"),
+    ):
+        capsys.readouterr()
+        assert main([*base, *extra]) != 0
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
