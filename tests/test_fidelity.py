@@ -63,7 +63,7 @@ def test_stage1_loss_is_eq2_summed_squared_error_plus_beta_bits_per_image():
     torch.manual_seed(2)
     codec = build_codec("entropic_student", feature_channels=64)
     beta = 0.32
-    objective = DistillObjective(codec, stem, tail, beta).eval()  # eval: rounded latent, deterministic
+    objective = DistillObjective(codec, [(stem, tail)], [1.0], beta).eval()  # eval: rounded latent, deterministic
     x = torch.randn(3, 3, 32, 48)
     losses, logs = objective.terms(x)
 

@@ -1,8 +1,9 @@
 """``platform distill``: Entropic Student stage 1 (Matsubara et al., WACV 2022).
 
 The student replaces the teacher's stem (conv1 … layer1) with encoder → entropy bottleneck →
-decoder; the teacher's layer2..4 are reused, frozen. The loss is the paper's Eq. 2, per image and
-averaged over the batch::
+decoder; the teacher's layer2..4 are reused, frozen. The loss is the reference configuration's (the
+paper's Eq. 2 without its ½ on the distortion term, as the reference code), per image and averaged
+over the batch::
 
     Σ_{k=1..4} ‖h̃_k − h_k‖²  +  β · bits(z̃)
 
