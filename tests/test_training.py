@@ -331,6 +331,21 @@ def test_train_cls_fixed_keeps_teacher_classifier(chain, scenes, tmp_path):
     first = json.loads(log.read_text().splitlines()[0])
     assert {"rate", "feature_mse", "ce", "kd", "prior_aux", "bpp"} <= set(first)
 
+    # weight decay (1e-4, the reference's) on the head's conv/linear weights only: not the codec, biases or BN
+    work = tmp_path / "wd"
+    run("train", "--joint", "--encoder", "rac", "--blocks", "0", "--teacher", chain["teacher_cls"],
+        "--data", scenes, "--lmbda", "0.5", "--out", tmp_path / "rac-wd", "--epochs", "1", "--train-limit", "16",
+        "--val-limit", "8", "--max-steps", "1", "--workdir", work, *FAST)
+    groups = torch.load(work / "checkpoint" / "last.pt", weights_only=True)["optimizers"]["main"]["param_groups"]
+    decays = [(g["weight_decay"], len(g["params"])) for g in groups]
+    from splitserve.models import build_codec
+
+    codec_params = sum(1 for n, _ in build_codec("rac", blocks=0, feature_channels=64).named_parameters()
+                       if not n.endswith("quantiles"))
+    params = {k: v for k, v in teacher.items() if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+    n_weights = sum(1 for v in params.values() if v.ndim > 1)  # conv + fc weights of layer2..4 + fc
+    assert decays == [(0.0, codec_params), (1e-4, n_weights), (0.0, len(params) - n_weights)]
+
 
 def test_teacher_from_torchvision_checkpoint(scenes, tmp_path):
     import torchvision

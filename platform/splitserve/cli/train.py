@@ -18,7 +18,7 @@ OPTIONS = [
     opt("--out", type=Path, required=True, metavar="DIR", help="bundle directory to write"),
     opt("--temperature", type=float, default=1.0, help="distillation temperature"),
     opt("--aux-lr", type=float, default=1e-3, help="learning rate of the prior's quantile (aux) optimizer"),
-    *training_options(epochs=20, batch_size=384, optimizer="sgd", lr=0.01, momentum=0.9, weight_decay=0.0,
+    *training_options(epochs=20, batch_size=384, optimizer="sgd", lr=0.01, momentum=0.9, weight_decay=1e-4,
                       scheduler="cosine", min_lr_ratio=0.01),
 ]
 

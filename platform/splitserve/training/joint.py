@@ -26,7 +26,7 @@ from ..plugins import TaskBatch, TaskPlugin
 from . import common
 from .distill import TAIL_STAGES
 from .objective import Objective, freeze
-from .optim import split_codec_params
+from .optim import decayed_weights, split_codec_params
 from .stage import Plan
 from .student import StudentStage
 
@@ -104,9 +104,13 @@ class TrainStage(StudentStage):
         head_fixed = cfg.mode == "cls-fixed"
         objective = JointObjective(plugin, codec, head, teacher.stem, teacher.head, cfg.lmbda,
                                    common.options_of(cfg), head_fixed)
-        main, aux = split_codec_params(objective.codec)
+        codec_params, aux = split_codec_params(objective.codec)
+        # --weight-decay on the head's conv/linear weights only (layer2..4 + fc), as the reference;
+        # the codec, biases and norm scales are not decayed
+        main: list = [{"params": codec_params, "weight_decay": 0.0}]
         if not head_fixed:
-            main += list(objective.head.parameters())
+            weights, rest = decayed_weights(objective.head)
+            main += [{"params": weights}, {"params": rest, "weight_decay": 0.0}]
         val_loader = common.eval_loader(plugin, data.val_set, cfg)
 
         @torch.no_grad()

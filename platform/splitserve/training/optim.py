@@ -34,8 +34,22 @@ def build_optimizers(params: Mapping[str, Sequence[nn.Parameter]], cfg: SimpleNa
     return optimizers, build_scheduler(main, cfg, steps_per_epoch(num_items, cfg.batch_size, world_size))
 
 
-def build_optimizer(params: Iterable[nn.Parameter], cfg: SimpleNamespace, lr: float | None = None) -> torch.optim.Optimizer:
-    params = [p for p in params if p.requires_grad]
+def decayed_weights(module: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """``module``'s trainable conv/linear weights (what weight decay is for) and the rest (biases,
+    norm scales), as the references split them."""
+    weights, rest = [], []
+    for p in module.parameters():
+        if p.requires_grad:
+            (weights if p.ndim > 1 else rest).append(p)
+    return weights, rest
+
+
+def build_optimizer(params: Iterable[nn.Parameter | dict], cfg: SimpleNamespace, lr: float | None = None) -> torch.optim.Optimizer:
+    """``params``: parameters, or torch parameter groups (dicts) where a group needs its own
+    ``weight_decay``; frozen parameters are left out."""
+    groups = [g if isinstance(g, dict) else {"params": [g]} for g in params]
+    groups = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in groups]
+    params = [g for g in groups if g["params"]]
     if not params:
         raise SplitserveError("nothing to optimise: every parameter is frozen")
     lr = cfg.lr if lr is None else lr
