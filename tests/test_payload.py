@@ -17,6 +17,7 @@ from splitserve.errors import FingerprintMismatch, PayloadError
 from splitserve_edge.payload import (
     FINGERPRINT_BYTES,
     FORMAT_VERSION,
+    SINGLE_RATE_VERSION,
     MAGIC,
     MIN_PAYLOAD_BYTES,
     Payload,
@@ -54,7 +55,7 @@ def raw_payload(
     """Hand-assemble a payload of the current version (any field may be out of range) to test the parser from outside."""
     records = [(224, 224, 3)] if records is None else records
     v = varints or {}
-    out = bytearray(MAGIC + bytes([FORMAT_VERSION]) + FP)
+    out = bytearray(MAGIC + bytes([SINGLE_RATE_VERSION]) + FP)
     out += v.get("C", varint(c)) + v.get("H", varint(h)) + v.get("W", varint(w))
     out += v.get("N", varint(len(records)))
     for oh, ow, sl in records:
@@ -215,7 +216,7 @@ def test_random_bytes_only_raise_payload_error(blob: bytes) -> None:
 @given(st.binary(max_size=120))
 def test_random_bytes_after_valid_preamble_only_raise_payload_error(blob: bytes) -> None:
     """Past magic and version the fields themselves are fuzzed, with and without a valid CRC."""
-    head = MAGIC + bytes([FORMAT_VERSION]) + FP + blob
+    head = MAGIC + bytes([SINGLE_RATE_VERSION]) + FP + blob
     for data in (head, head + zlib.crc32(head).to_bytes(4, "little")):
         try:
             Payload.from_bytes(data)
@@ -238,8 +239,8 @@ def test_pickle_is_not_a_payload() -> None:
 
 def test_unsupported_version_message() -> None:
     data = bytearray(small_payload().to_bytes())
-    data[2] = 3
-    with pytest.raises(PayloadError, match=r"unsupported payload version 3.*version\(s\) 2"):
+    data[2] = 4
+    with pytest.raises(PayloadError, match=r"unsupported payload version 4.*version\(s\) 2, 3"):
         Payload.from_bytes(bytes(data))
 
 

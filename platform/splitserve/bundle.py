@@ -57,6 +57,15 @@ class TaskEntry(BaseModel):
     provenance: dict[str, Any] = {}
 
 
+class RateEntry(BaseModel):
+    """One operating point of the codec: the rate-term weight it was trained at and what it costs."""
+
+    beta: float | None = Field(None, description="distillation's rate weight β (or None)")
+    lmbda: float | None = Field(None, description="joint training's distortion weight λ (or None)")
+    bytes_per_image: float | None = Field(None, ge=0, description="measured mean payload bytes per image")
+    bpp: float | None = Field(None, ge=0, description="measured bits per pixel of the model input")
+
+
 class Manifest(BaseModel):
     """``manifest.json``: what the bundle is, how to rebuild it, and proof of its weights."""
 
@@ -72,6 +81,9 @@ class Manifest(BaseModel):
     tasks: dict[str, TaskEntry] = {}
     metrics: dict[str, float] = {}
     provenance: dict[str, Any] = {}
+    rates: list[RateEntry] = Field([], description="a variable-rate codec's rates, index 0 the smallest "
+                                                   "payload (empty: single-rate)")
+    default_rate: int = Field(0, ge=0, description="the rate a device codes at unless told otherwise")
 
     @field_validator("preprocessing")
     @classmethod
@@ -103,6 +115,11 @@ def read_manifest(path: str | Path) -> Manifest:
     missing = [p for p in CODEC_PARTS if p not in manifest.files]
     if missing:
         raise BundleError(f"{mpath}: manifest lists no file for {', '.join(missing)}")
+    count = int(manifest.codec.config.get("rates", 1))
+    if manifest.rates and len(manifest.rates) != count:
+        raise BundleError(f"{mpath}: the codec has {count} rates but the manifest describes {len(manifest.rates)}")
+    if manifest.default_rate >= count:
+        raise BundleError(f"{mpath}: default_rate {manifest.default_rate} is outside the codec's rates 0..{count - 1}")
     return manifest
 
 
@@ -147,7 +164,11 @@ def load_codec(path: str | Path, parts: Iterable[str] = CODEC_PARTS, manifest: M
         raise BundleError(f"{root}: {e}") from None
     codec.eval()
     _load_into(codec.encoder, _read_tensors(root, manifest.files["encoder"], "encoder"), "encoder", root)
-    _load_into(codec.entropy_bottleneck, _read_tensors(root, manifest.files["prior"], "prior"), "prior", root)
+    prior = _read_tensors(root, manifest.files["prior"], "prior")
+    try:
+        codec.load_prior_state(prior)
+    except RuntimeError as e:
+        raise BundleError(f"{root}: prior weights do not fit the manifest's codec: {str(e).splitlines()[0]}") from None
     if "decoder" in parts:
         _load_into(codec.decoder, _read_tensors(root, manifest.files["decoder"], "decoder"), "decoder", root)
     else:
@@ -199,16 +220,19 @@ def load_head(path: str | Path, task: str, head: nn.Module, manifest: Manifest |
 
 
 # -- writing -------------------------------------------------------------------------------
-def _write(root: Path, rel: str, module: nn.Module, state: Mapping[str, torch.Tensor] | None = None) -> FileEntry:
-    """Write ``module``'s weights: its state dict, or the part of it given as ``state``."""
+def _write(root: Path, rel: str, module: nn.Module, state: Mapping[str, torch.Tensor] | None = None,
+           parameters: int | None = None) -> FileEntry:
+    """Write ``module``'s weights: its state dict, or the part of it given as ``state`` (then
+    ``parameters`` counts them when the names are not ``module``'s own)."""
     target = root / rel
     target.parent.mkdir(parents=True, exist_ok=True)
     state = module.state_dict() if state is None else state
     # clone: safetensors refuses tensors that share storage (e.g. weights tied across modules)
     save_file({k: v.detach().cpu().contiguous().clone() for k, v in state.items()}, str(target))
     digest = hashlib.sha256(target.read_bytes()).hexdigest()
-    params = {id(p): p.numel() for name, p in module.named_parameters() if name in state}
-    return FileEntry(path=rel, sha256=digest, parameters=sum(params.values()))
+    if parameters is None:
+        parameters = sum({id(p): p.numel() for name, p in module.named_parameters() if name in state}.values())
+    return FileEntry(path=rel, sha256=digest, parameters=parameters)
 
 
 def _check_shared(heads: Mapping[str, Any], trunk: Any, shared_tasks: Iterable[str]) -> set[str]:
@@ -251,11 +275,14 @@ def save_bundle(
     provenance: Mapping[str, Any] | None = None,
     trunk: ResNetTail | None = None,
     shared_tasks: Iterable[str] = (),
+    rates: Iterable[RateEntry | Mapping[str, Any]] = (),
+    default_rate: int = 0,
 ) -> Manifest:
     """Write a complete bundle atomically (to a temp dir, then renamed into place).
 
     ``heads`` maps task name → (head module, head config). ``preprocessing`` declares how images
-    become the model input; without it, images are squashed to ``input_size``. The prior's CDF
+    become the model input; without it, images are squashed to ``input_size``. A variable-rate
+    codec's ``rates`` describe its operating points (one entry per rate). The prior's CDF
     tables are rebuilt first (``update()``), so the saved tables are exactly what the fingerprint
     covers.
     """
@@ -277,7 +304,8 @@ def save_bundle(
     try:
         files = {
             "encoder": _write(tmp, "encoder.safetensors", codec.encoder),
-            "prior": _write(tmp, "prior.safetensors", codec.entropy_bottleneck),
+            "prior": _write(tmp, "prior.safetensors", codec, codec.prior_state(),
+                            codec.parameter_counts()["prior"]),
             "decoder": _write(tmp, "decoder.safetensors", codec.decoder),
         }
         shared = _check_shared(heads or {}, trunk, shared_tasks)
@@ -297,7 +325,13 @@ def save_bundle(
             tasks=tasks,
             metrics=dict(metrics or {}),
             provenance=dict(provenance or default_provenance()),
+            rates=[RateEntry.model_validate(r) if isinstance(r, Mapping) else r for r in rates],
+            default_rate=default_rate,
         )
+        if manifest.rates and len(manifest.rates) != codec.rates:
+            raise SplitserveError(f"{len(manifest.rates)} rate entries for a codec with {codec.rates} rates")
+        if not 0 <= default_rate < codec.rates:
+            raise SplitserveError(f"default_rate {default_rate} is outside the codec's rates 0..{codec.rates - 1}")
         write_manifest(tmp, manifest)
         if root.exists():
             shutil.rmtree(root)

@@ -7,7 +7,12 @@ task outputs refer to the real input), and a CRC32 (so corruption is an error, n
 
 Layout (varints are unsigned LEB128, fixed-width integers little-endian)::
 
-    b"SS" | version u8 | fingerprint 8B | C H W | N | N × (orig_h orig_w str_len) | strings | crc32 u32
+    v3: b"SS" | 3 | fingerprint 8B | C H W | N | N × (orig_h orig_w rate str_len) | strings | crc32 u32
+    v2: b"SS" | 2 | fingerprint 8B | C H W | N | N × (orig_h orig_w str_len) | strings | crc32 u32
+
+A variable-rate bundle's encoders write v3 (each image names the rate it was coded at); a
+single-rate bundle's write v2, byte for byte what they wrote before rates existed, and a v2 image
+is read as rate 0.
 """
 
 from __future__ import annotations
@@ -35,8 +40,9 @@ __all__ = [
 ]
 
 MAGIC = b"SS"
-FORMAT_VERSION = 2  # 2: ANS bitstreams of splitserve_edge.coder (constriction); 1: CompressAI's rANS
-SUPPORTED_VERSIONS: tuple[int, ...] = (2,)
+FORMAT_VERSION = 3  # 3: + a rate index per image; 2: ANS bitstreams of splitserve_edge.coder (constriction)
+SINGLE_RATE_VERSION = 2  # what a payload without rate indices is written as
+SUPPORTED_VERSIONS: tuple[int, ...] = (2, 3)
 RETIRED_VERSIONS = {1: "version 1 carried CompressAI bitstreams, whose decoder is not memory-safe; "
                        "re-encode the image with this splitserve's edge encoder"}
 FINGERPRINT_BYTES = 8
@@ -59,13 +65,14 @@ class PayloadLimits:
     """
 
     max_images: int = 256
+    max_rates: int = 64
     max_channels: int = 1024
     max_latent_side: int = 1024
     max_image_side: int = 65535
     max_total_bytes: int = 64 * 1024 * 1024
 
     def __post_init__(self) -> None:
-        for name in ("max_images", "max_channels", "max_latent_side", "max_image_side", "max_total_bytes"):
+        for name in ("max_images", "max_rates", "max_channels", "max_latent_side", "max_image_side", "max_total_bytes"):
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
                 raise ValueError(f"PayloadLimits.{name} must be a positive int, got {value!r}")
@@ -178,14 +185,17 @@ def fingerprint_id(fingerprint: str | bytes) -> bytes:
 class Payload:
     """N images' bitstreams coded by one codec, with the latent shape they share.
 
-    Construction validates everything ``to_bytes`` needs, so a Payload that exists always
-    serialises to bytes that ``from_bytes`` (with limits wide enough) accepts.
+    ``rates`` is each image's rate index for a variable-rate codec (written as format v3), or None
+    for a single-rate one (format v2; every image is rate 0). Construction validates everything
+    ``to_bytes`` needs, so a Payload that exists always serialises to bytes that ``from_bytes``
+    (with limits wide enough) accepts.
     """
 
     fingerprint: bytes
     latent_shape: tuple[int, int, int]
     original_sizes: tuple[tuple[int, int], ...]
     strings: tuple[bytes, ...]
+    rates: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         fp = self.fingerprint
@@ -197,12 +207,17 @@ class Payload:
             if not all(isinstance(s, (bytes, bytearray, memoryview)) for s in self.strings):
                 raise TypeError("strings must be bytes")
             strings = tuple(bytes(s) for s in self.strings)
+            rates = None if self.rates is None else tuple(operator.index(r) for r in self.rates)
+            if rates is not None and any(isinstance(r, bool) or not 0 <= r <= VARINT_MAX for r in self.rates):
+                raise ValueError(f"rate indices must be ints in [0, {VARINT_MAX}], got {self.rates!r}")
         except (TypeError, ValueError) as exc:
             raise PayloadError(f"malformed payload fields: {exc}") from None
         if not strings:
             raise PayloadError("a payload carries at least one image")
         if len(sizes) != len(strings):
             raise PayloadError(f"{len(sizes)} original sizes for {len(strings)} strings")
+        if rates is not None and len(rates) != len(strings):
+            raise PayloadError(f"{len(rates)} rate indices for {len(strings)} strings")
         for i, s in enumerate(strings):
             if not 1 <= len(s) <= VARINT_MAX:
                 raise PayloadError(f"strings[{i}] has length {len(s)}; bitstreams are never empty")
@@ -210,33 +225,48 @@ class Payload:
         object.__setattr__(self, "latent_shape", shape)
         object.__setattr__(self, "original_sizes", sizes)
         object.__setattr__(self, "strings", strings)
+        object.__setattr__(self, "rates", rates)
 
     def __repr__(self) -> str:
         lengths = [len(s) for s in self.strings]
+        rates = "" if self.rates is None else f", rates={self.rates}"
         return (
             f"Payload(fingerprint={self.fingerprint.hex()}, latent_shape={self.latent_shape}, "
-            f"original_sizes={self.original_sizes}, string_lengths={lengths})"
+            f"original_sizes={self.original_sizes}, string_lengths={lengths}{rates})"
         )
 
     @property
     def num_images(self) -> int:
         return len(self.strings)
 
+    @property
+    def version(self) -> int:
+        return SINGLE_RATE_VERSION if self.rates is None else FORMAT_VERSION
+
+    @property
+    def image_rates(self) -> tuple[int, ...]:
+        """Each image's rate index (all 0 for a single-rate payload)."""
+        return self.rates if self.rates is not None else (0,) * self.num_images
+
+    def _records(self):
+        """Each image's header fields, in wire order."""
+        for (h, w), r, s in zip(self.original_sizes, self.image_rates, self.strings):
+            yield (h, w, len(s)) if self.rates is None else (h, w, r, len(s))
+
     def _header(self) -> bytearray:
         out = bytearray(MAGIC)
-        out.append(FORMAT_VERSION)
+        out.append(self.version)
         out += self.fingerprint
         for v in self.latent_shape:
             encode_varint(v, out)
         encode_varint(self.num_images, out)
-        for (h, w), s in zip(self.original_sizes, self.strings):
-            encode_varint(h, out)
-            encode_varint(w, out)
-            encode_varint(len(s), out)
+        for record in self._records():
+            for v in record:
+                encode_varint(v, out)
         return out
 
     def to_bytes(self) -> bytes:
-        """Serialise to wire format v1 (header, strings, CRC32 of everything before it)."""
+        """Serialise to the wire (header, strings, CRC32 of everything before it)."""
         out = self._header()
         for s in self.strings:
             out += s
@@ -248,8 +278,8 @@ class Payload:
         """Bytes on the wire that are not entropy-coded data: header plus CRC (computed without encoding)."""
         n = len(MAGIC) + 1 + FINGERPRINT_BYTES + _CRC.size
         n += sum(_varint_size(v) for v in self.latent_shape) + _varint_size(self.num_images)
-        for (h, w), s in zip(self.original_sizes, self.strings):
-            n += _varint_size(h) + _varint_size(w) + _varint_size(len(s))
+        for record in self._records():
+            n += sum(_varint_size(v) for v in record)
         return n
 
     @classmethod
@@ -264,7 +294,7 @@ class Payload:
         if size > limits.max_total_bytes:
             raise PayloadError(f"payload of {size} bytes exceeds the limit of {limits.max_total_bytes}")
         if size < MIN_PAYLOAD_BYTES:
-            raise PayloadError(f"payload too short: {size} bytes, a v{FORMAT_VERSION} payload has at least {MIN_PAYLOAD_BYTES}")
+            raise PayloadError(f"payload too short: {size} bytes, a payload has at least {MIN_PAYLOAD_BYTES}")
         if buf[: len(MAGIC)] != MAGIC:
             raise PayloadError("not a splitserve payload (bad magic)")
         version = buf[len(MAGIC)]
@@ -282,11 +312,15 @@ class Payload:
         w, pos = _read_bounded(buf, pos, "latent width W", 1, limits.max_latent_side)
         n, pos = _read_bounded(buf, pos, "image count N", 1, limits.max_images)
         sizes: list[tuple[int, int]] = []
+        rates: list[int] | None = [] if version >= 3 else None
         lengths: list[int] = []
         body = 0
         for i in range(n):
             oh, pos = _read_bounded(buf, pos, "original height", 1, limits.max_image_side, i)
             ow, pos = _read_bounded(buf, pos, "original width", 1, limits.max_image_side, i)
+            if rates is not None:
+                rate, pos = _read_bounded(buf, pos, "rate index", 0, limits.max_rates - 1, i)
+                rates.append(rate)
             sl, pos = _read_bounded(buf, pos, "string length", 1, limits.max_total_bytes, i)
             sizes.append((oh, ow))
             lengths.append(sl)
@@ -314,6 +348,7 @@ class Payload:
         object.__setattr__(payload, "latent_shape", (c, h, w))
         object.__setattr__(payload, "original_sizes", tuple(sizes))
         object.__setattr__(payload, "strings", tuple(strings))
+        object.__setattr__(payload, "rates", None if rates is None else tuple(rates))
         return payload
 
     def check_fingerprint(self, expected: str | bytes) -> None:

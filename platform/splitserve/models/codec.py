@@ -1,7 +1,8 @@
 """FeatureCodec: encoder f_θ + factorized prior + decoder g_φ, the unit shared by edge and server.
 
 The edge runs :meth:`FeatureCodec.compress`; the server runs :meth:`decompress` then :meth:`decode`
-and hands the rebuilt feature ``h`` to every task head. CompressAI's ``EntropyBottleneck`` is the
+and hands the rebuilt feature ``h`` to every task head. A codec may code at several rates
+(``rates=K``): one transform, a gain and a prior per rate. CompressAI's ``EntropyBottleneck`` is the
 training-time model of the rate; the bytes are coded by :mod:`splitserve_edge.coder` (memory-safe,
 torch-free) from the prior's own tables (:meth:`coding_tables`), so devices pay the modelled rate.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,7 +20,8 @@ import torch
 from compressai.entropy_models import EntropyBottleneck
 from torch import Tensor, nn
 
-from splitserve_edge.coder import CodingTables, EntropyCoder
+from splitserve_edge.coder import CodingTables
+from splitserve_edge.rates import RateCoder, RateTables
 
 from ..errors import SplitserveError
 from splitserve_edge.payload import bits_per_pixel
@@ -50,6 +53,11 @@ class FeatureCodec(nn.Module):
     ``stride`` is the downsampling factor of the decoded feature relative to the input (4, the
     ResNet layer1 scale); ``input_multiple`` is what input sides must be divisible by for the
     decoded feature to be exactly ``input/stride`` (8 for patch-embedding encoders).
+
+    With ``rates=K > 1`` the codec is variable-rate (gain units, Cui et al. 2021; CompressAI's
+    ``vbr``): one encoder and decoder, and per rate k a per-channel gain g_k applied to the latent
+    on the device, a factorized prior of its own, and an inverse gain on the server. Rate 0 is the
+    smallest payload. ``rates=1`` is the single-rate codec, without gains, unchanged.
     """
 
     stride: int = 4
@@ -63,40 +71,102 @@ class FeatureCodec(nn.Module):
         latent_channels: int,
         feature_channels: int,
         input_multiple: int,
+        rates: int = 1,
     ):
         super().__init__()
         self.family = family
-        self.config = dict(config)
         self.encoder = encoder
-        self.entropy_bottleneck = EntropyBottleneck(latent_channels)
-        self.entropy_bottleneck.register_load_state_dict_pre_hook(self._tables_changed)
-        self._coder: EntropyCoder | None = None
         self.decoder = decoder
         self.latent_channels = latent_channels
         self.feature_channels = feature_channels
         self.input_multiple = input_multiple
+        self._register_load_state_dict_pre_hook(_single_prior_keys)
+        self.set_rates(rates, config)
+
+    def set_rates(self, rates: int, config: dict | None = None) -> "FeatureCodec":
+        """Give the codec ``rates`` fresh priors (and gains when > 1); the registry's ``rates=K``.
+
+        Any family becomes variable-rate this way: the rates live around the transform, not in it.
+        """
+        if isinstance(rates, bool) or not isinstance(rates, int) or not 1 <= rates <= 64:
+            raise SplitserveError(f"rates must be an int in [1, 64], got {rates!r}")
+        config = {k: v for k, v in (self.config if config is None else config).items() if k != "rates"}
+        self.config = config if rates == 1 else {**config, "rates": rates}
+        c = self.latent_channels
+        self.priors = nn.ModuleList(EntropyBottleneck(c) for _ in range(rates))
+        for prior in self.priors:
+            prior.register_load_state_dict_pre_hook(self._tables_changed)
+        if rates > 1:
+            # log-gains spread the quantisation step over 4x (2x either side of 1) before training
+            spread = torch.linspace(-math.log(2.0), math.log(2.0), rates)[:, None].repeat(1, c)
+            self.log_gain = nn.Parameter(spread.clone())
+            self.log_inverse_gain = nn.Parameter(-spread.clone())
+        self._coder: RateCoder | None = None
+        return self
+
+    @property
+    def rates(self) -> int:
+        return len(self.priors)
+
+    @property
+    def entropy_bottleneck(self) -> EntropyBottleneck:
+        """The prior of a single-rate codec (CompressAI's name); a variable-rate one has ``priors``."""
+        if self.rates != 1:
+            raise AttributeError("a variable-rate codec has one prior per rate: use codec.priors[rate]")
+        return self.priors[0]
+
+    def prior_modules(self) -> list[nn.Module]:
+        """What the device holds besides the encoder: the priors and (variable-rate) the gains."""
+        return list(self.priors)
+
+    def prior_parameters(self) -> list[nn.Parameter]:
+        """The priors' and gains' parameters (frozen with the encoder when heads are fine-tuned)."""
+        params = [p for prior in self.priors for p in prior.parameters()]
+        if self.rates > 1:
+            params += [self.log_gain, self.log_inverse_gain]
+        return params
+
+    def check_rate(self, rate: int) -> int:
+        if isinstance(rate, bool) or not isinstance(rate, int) or not 0 <= rate < self.rates:
+            raise SplitserveError(f"rate index {rate!r} is outside this codec's rates 0..{self.rates - 1}")
+        return rate
+
+    def gain(self, rate: int) -> Tensor | None:
+        """Rate ``rate``'s device-side gain (C, 1, 1), or None for a single-rate codec."""
+        return None if self.rates == 1 else self.log_gain[self.check_rate(rate)].exp().reshape(-1, 1, 1)
+
+    def inverse_gain(self, rate: int) -> Tensor | None:
+        return None if self.rates == 1 else self.log_inverse_gain[self.check_rate(rate)].exp().reshape(-1, 1, 1)
 
     # -- training path ---------------------------------------------------------------------
-    def forward(self, x: Tensor) -> CodecOutput:
-        """Noisy (training) or rounded (eval) path: z̃ = f(x) + U(-½, ½), h = g(z̃).
+    def forward(self, x: Tensor, rate: int = 0) -> CodecOutput:
+        """Noisy (training) or rounded (eval) path at rate ``rate``: z̃ = g·f(x) + U(-½, ½), h = g(z̃ / g).
 
         The entropy model runs in float32 even under autocast: its likelihoods are differences of
         sigmoids that underflow in half precision, which would corrupt the rate term.
         """
         y = self.encoder(x)
         with _fp32(y):
-            y_hat, likelihoods = self.entropy_bottleneck(y.float())
+            y = y.float()
+            gain = self.gain(rate)
+            if gain is not None:
+                y = y * gain
+            y_hat, likelihoods = self.priors[self.check_rate(rate)](y)
+            inverse = self.inverse_gain(rate)
+            if inverse is not None:
+                y_hat = y_hat * inverse
         return CodecOutput(self.decoder(y_hat), likelihoods)
 
     def aux_loss(self) -> Tensor:
-        """The prior's quantile loss, in float32; optimise it every step so update() builds good CDFs."""
-        with _fp32(self.entropy_bottleneck.quantiles):
-            return self.entropy_bottleneck.loss()
+        """The priors' quantile losses, in float32; optimise them every step so update() builds good CDFs."""
+        with _fp32(self.priors[0].quantiles):
+            return sum(prior.loss() for prior in self.priors)
 
     def update(self, force: bool = True) -> bool:
-        """Rebuild the prior's CDF tables; must run after any change to the prior, before coding."""
+        """Rebuild the priors' CDF tables; must run after any change to a prior or gain, before coding."""
         self._coder = None
-        return self.entropy_bottleneck.update(force=force)
+        updated = [prior.update(force=force) for prior in self.priors]
+        return any(updated)
 
     def _tables_changed(self, module: nn.Module, state_dict, prefix, *args) -> None:
         """Load-state-dict pre-hook: the coding tables change shape with ``update()``, so size the
@@ -108,53 +178,74 @@ class FeatureCodec(nn.Module):
             if incoming is not None and getattr(module, name).shape != incoming.shape:
                 getattr(module, name).resize_(incoming.shape)
 
-    def coding_tables(self) -> CodingTables:
-        """The prior's tables in portable form (numpy): what the coder on both ends uses."""
+    def coding_tables(self, rate: int = 0) -> CodingTables:
+        """Rate ``rate``'s prior tables in portable form (numpy)."""
         if not self.has_coding_tables:
             raise RuntimeError("call update() before coding: the prior has no CDF tables yet")
-        eb = self.entropy_bottleneck
+        eb = self.priors[self.check_rate(rate)]
         return CodingTables(
             quantized_cdf=eb.quantized_cdf.detach().cpu().numpy(),
             cdf_length=eb.cdf_length.detach().cpu().numpy(),
             offset=eb.offset.detach().cpu().numpy(),
-            medians=self.medians().detach().cpu().reshape(-1).numpy(),
+            medians=self.medians(rate).detach().cpu().reshape(-1).numpy(),
         )
 
+    def rate_tables(self) -> RateTables:
+        """Every rate's tables and gains: what the coder on both ends uses (the edge export's file)."""
+        gains = None
+        if self.rates > 1:
+            gains = self.log_gain.detach().float().exp().cpu().numpy()
+        return RateTables(tuple(self.coding_tables(k) for k in range(self.rates)), gains)
+
     @property
-    def coder(self) -> EntropyCoder:
+    def coder(self) -> RateCoder:
         if self._coder is None:
-            self._coder = EntropyCoder(self.coding_tables())
+            self._coder = RateCoder(self.rate_tables())
         return self._coder
 
-    def medians(self) -> Tensor:
-        """Per-channel medians of the prior, shape (C, 1, 1): the centres latents are rounded around."""
-        return self.entropy_bottleneck.quantiles.detach()[:, :, 1:2]
+    def medians(self, rate: int = 0) -> Tensor:
+        """Per-channel medians of rate ``rate``'s prior, shape (C, 1, 1): the centres latents are rounded around."""
+        return self.priors[self.check_rate(rate)].quantiles.detach()[:, :, 1:2]
 
     @property
     def has_coding_tables(self) -> bool:
-        return self.entropy_bottleneck.offset.numel() > 0
+        return all(prior.offset.numel() > 0 for prior in self.priors)
 
     # -- coding path -----------------------------------------------------------------------
-    def quantize(self, x: Tensor) -> Tensor:
-        """The latent the server will reconstruct, computed locally (round around the medians)."""
+    def quantize(self, x: Tensor, rate: int = 0) -> Tensor:
+        """The latent the server will reconstruct at rate ``rate``, computed locally (rounded, gain undone)."""
         y = self.encoder(x)
-        return self.entropy_bottleneck.quantize(y, "dequantize", self.medians())
+        gain = self.gain(rate)
+        if gain is not None:
+            y = y * gain
+        y_hat = self.priors[self.check_rate(rate)].quantize(y, "dequantize", self.medians(rate))
+        inverse = self.inverse_gain(rate)
+        return y_hat if inverse is None else y_hat * inverse
 
     @torch.no_grad()
-    def compress(self, x: Tensor) -> tuple[list[bytes], tuple[int, int]]:
-        """Encode a batch to one bitstream per image plus the latent's spatial size."""
+    def compress(self, x: Tensor, rates: int | Sequence[int] = 0) -> tuple[list[bytes], tuple[int, int]]:
+        """Encode a batch to one bitstream per image (image i at ``rates[i]``) plus the latent's spatial size."""
         y = self.encoder(x)
-        # the coder's own rounding: the same code a torch-free device runs, so payloads are identical
-        symbols = self.coder.symbols(y.float().cpu().numpy())
-        return self.coder.encode_batch(symbols), (int(y.shape[-2]), int(y.shape[-1]))
+        # the coder's own gain and rounding: the code a torch-free device runs, so payloads are identical
+        strings = self.coder.encode(y.float().cpu().numpy(), rates)
+        return strings, (int(y.shape[-2]), int(y.shape[-1]))
 
     @torch.no_grad()
-    def decompress(self, strings: list[bytes], latent_hw: tuple[int, int]) -> Tensor:
-        """Entropy-decode bitstreams back to the exact rounded latent (CoderError on a bad one)."""
+    def decompress(self, strings: Sequence[bytes], latent_hw: tuple[int, int],
+                   rates: Sequence[int] | None = None) -> Tensor:
+        """Entropy-decode bitstreams (image i at ``rates[i]``, default all rate 0) back to the exact
+        latent the decoder takes, inverse gain applied (CoderError on a bad one). Images of
+        different rates come back as one batch."""
         shape = (self.latent_channels, int(latent_hw[0]), int(latent_hw[1]))
-        symbols = np.stack([self.coder.decode(s, shape) for s in strings])
-        device = self.medians().device
-        return torch.from_numpy(symbols).to(device=device, dtype=torch.float32) + self.medians()
+        rates = list(rates) if rates is not None else [0] * len(strings)
+        if len(rates) != len(strings):
+            raise SplitserveError(f"{len(rates)} rate indices for {len(strings)} bitstreams")
+        latents = torch.from_numpy(np.stack([self.coder.decode(s, shape, r) for s, r in zip(strings, rates)]))
+        device = self.priors[0].quantiles.device
+        latents = latents.to(device=device, dtype=torch.float32)
+        if self.rates > 1:
+            latents = latents * self.log_inverse_gain.detach()[torch.tensor(rates)].exp()[:, :, None, None].to(device)
+        return latents
 
     def decode(self, y_hat: Tensor) -> Tensor:
         """Rebuild the backbone feature h from a (de)quantized latent."""
@@ -176,39 +267,80 @@ class FeatureCodec(nn.Module):
 
     # -- identity --------------------------------------------------------------------------
     def fingerprint(self) -> str:
-        """SHA-256 over family, config, encoder weights and the prior's coding tables.
+        """SHA-256 over family, config, encoder weights, every rate's coding tables and the gains.
 
         Two codecs with the same fingerprint produce and decode identical bitstreams, so the
-        edge and the server can prove they speak the same code. Requires :meth:`update`.
+        edge and the server can prove they speak the same code. Requires :meth:`update`. A
+        single-rate codec's fingerprint is what it was before rates existed.
         """
-        eb = self.entropy_bottleneck
         if not self.has_coding_tables:
             raise RuntimeError("call update() before fingerprint(): the prior has no CDF tables yet")
         h = hashlib.sha256()
         h.update(json.dumps({"family": self.family, "config": self.config}, sort_keys=True).encode())
         tensors = {f"encoder.{k}": v for k, v in self.encoder.state_dict().items()}
-        tensors.update(
-            {
-                "prior.quantized_cdf": eb.quantized_cdf,
-                "prior.cdf_length": eb.cdf_length,
-                "prior.offset": eb.offset,
-                "prior.medians": self.medians(),
-            }
-        )
+        for k, eb in enumerate(self.priors):
+            name = "prior" if self.rates == 1 else f"prior{k}"
+            tensors.update(
+                {
+                    f"{name}.quantized_cdf": eb.quantized_cdf,
+                    f"{name}.cdf_length": eb.cdf_length,
+                    f"{name}.offset": eb.offset,
+                    f"{name}.medians": self.medians(k),
+                }
+            )
+        if self.rates > 1:
+            tensors["gains"] = torch.from_numpy(self.rate_tables().gains.copy())
         for name in sorted(tensors):
             t = tensors[name].detach().cpu().contiguous()
             h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
             h.update(t.numpy().tobytes())
         return h.hexdigest()
 
+    # -- the prior file of a bundle ----------------------------------------------------------
+    def prior_state(self) -> dict[str, Tensor]:
+        """The ``prior`` file's tensors: a single-rate codec's EntropyBottleneck state (the file
+        bundles always had); a variable-rate one's ``{k}.…`` per prior plus the (inverse) log-gains."""
+        if self.rates == 1:
+            return dict(self.priors[0].state_dict())
+        state = {f"{k}.{name}": t for k, prior in enumerate(self.priors) for name, t in prior.state_dict().items()}
+        state.update(log_gain=self.log_gain.detach(), log_inverse_gain=self.log_inverse_gain.detach())
+        return state
+
+    def load_prior_state(self, tensors: dict[str, Tensor]) -> None:
+        """Inverse of :meth:`prior_state` (RuntimeError when the tensors do not fit)."""
+        if self.rates == 1:
+            self.priors[0].load_state_dict(tensors)
+            return
+        state = {f"priors.{key}": t for key, t in tensors.items() if key not in ("log_gain", "log_inverse_gain")}
+        missing = {"log_gain", "log_inverse_gain"} - set(tensors)
+        if missing:
+            raise RuntimeError(f"missing gains: {', '.join(sorted(missing))}")
+        with torch.no_grad():
+            self.log_gain.copy_(tensors["log_gain"])
+            self.log_inverse_gain.copy_(tensors["log_inverse_gain"])
+        prior_keys = {k for k in self.state_dict() if k.startswith("priors.")}
+        if set(state) != prior_keys:
+            raise RuntimeError(f"prior tensors do not fit {self.rates} rates")
+        for k, prior in enumerate(self.priors):
+            prior.load_state_dict({key[len(f"priors.{k}."):]: t for key, t in state.items()
+                                   if key.startswith(f"priors.{k}.")})
+        self._coder = None
+
     def parameter_counts(self) -> dict[str, int]:
-        """Device side = encoder + prior (what the edge must hold); server side = decoder."""
+        """Device side = encoder + priors (+ gains) (what the edge must hold); server side = decoder."""
         count = lambda m: sum(p.numel() for p in m.parameters()) if m is not None else 0  # noqa: E731
         return {
             "encoder": count(self.encoder),
-            "prior": count(self.entropy_bottleneck),
+            "prior": sum(p.numel() for p in self.prior_parameters()),
             "decoder": count(self.decoder),
         }
+
+
+def _single_prior_keys(state_dict, prefix, *args) -> None:
+    """Checkpoints from before rates existed name the one prior ``entropy_bottleneck``: read it as rate 0's."""
+    old = prefix + "entropy_bottleneck."
+    for key in [k for k in state_dict if k.startswith(old)]:
+        state_dict[prefix + "priors.0." + key[len(old):]] = state_dict.pop(key)
 
 
 _CODING_TABLES = ("_quantized_cdf", "_offset", "_cdf_length")

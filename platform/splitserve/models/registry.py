@@ -53,14 +53,16 @@ def list_codecs() -> list[str]:
     return sorted(_FAMILIES)
 
 
-def build_codec(name: str, **cfg):
-    """Build a :class:`~splitserve.models.codec.FeatureCodec` of family ``name``."""
+def build_codec(name: str, rates: int = 1, **cfg):
+    """Build a :class:`~splitserve.models.codec.FeatureCodec` of family ``name``, coding at
+    ``rates`` rates (any family: the gains and priors sit around its transform)."""
     _discover()
     try:
         builder = _FAMILIES[name]
     except KeyError:
         raise SplitserveError(f"unknown codec family {name!r}; available: {', '.join(list_codecs())}") from None
     try:
-        return builder(**cfg)
+        codec = builder(**cfg)
     except TypeError as e:
         raise SplitserveError(f"bad config for codec family {name!r}: {e}") from None
+    return codec if rates == 1 else codec.set_rates(rates)
