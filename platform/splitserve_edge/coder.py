@@ -139,12 +139,12 @@ class CodingTables:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "CodingTables":
-        from safetensors.numpy import load
+        return cls.from_arrays(load_arrays(data))
 
-        try:
-            arrays = load(bytes(data))
-        except Exception as e:  # noqa: BLE001 — safetensors raises its own error types
-            raise CoderError(f"not a coding-tables file ({type(e).__name__})") from None
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], prefix: str = "") -> "CodingTables":
+        """The tables stored under ``{prefix}{field}`` in a coding-tables file's arrays."""
+        arrays = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
         missing = set(_FIELDS) - set(arrays)
         if missing:
             raise CoderError(f"coding tables lack {', '.join(sorted(missing))}")
@@ -169,6 +169,16 @@ class CodingTables:
             h.update(f"{name}|{value.dtype.str}|{value.shape}|".encode())
             h.update(np.ascontiguousarray(value).tobytes())
         return h.hexdigest()
+
+
+def load_arrays(data: bytes) -> dict[str, np.ndarray]:
+    """A coding-tables file (safetensors) → its arrays, or CoderError."""
+    from safetensors.numpy import load
+
+    try:
+        return load(bytes(data))
+    except Exception as e:  # noqa: BLE001 — safetensors raises its own error types
+        raise CoderError(f"not a coding-tables file ({type(e).__name__})") from None
 
 
 def _array(value, dtype, ndim: int, name: str) -> np.ndarray:

@@ -20,13 +20,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .coder import CoderError, CodingTables, EntropyCoder
+from .coder import CoderError, CodingTables, EntropyCoder, load_arrays
 from .errors import SplitserveError
 
 __all__ = ["BudgetError", "RateCoder", "RateTables"]
-
-_FIELDS = ("quantized_cdf", "cdf_length", "offset", "medians")
-
 
 class BudgetError(SplitserveError, ValueError):
     """No rate codes an image within the byte budget asked for."""
@@ -84,24 +81,13 @@ class RateTables:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "RateTables":
-        from safetensors.numpy import load
-
-        try:
-            arrays = load(bytes(data))
-        except Exception as e:  # noqa: BLE001 — safetensors raises its own error types
-            raise CoderError(f"not a coding-tables file ({type(e).__name__})") from None
+        arrays = load_arrays(data)
         if "gains" not in arrays:
-            return cls((CodingTables.from_bytes(data),))
+            return cls((CodingTables.from_arrays(arrays),))
         gains = arrays["gains"]
-        if gains.ndim != 2 or not 1 <= gains.shape[0] <= 256:
-            raise CoderError(f"coding tables: gains must be (K, C) with 1 <= K <= 256, got {gains.shape}")
-        tables = []
-        for k in range(gains.shape[0]):
-            missing = [f"{k}.{n}" for n in _FIELDS if f"{k}.{n}" not in arrays]
-            if missing:
-                raise CoderError(f"coding tables lack {', '.join(missing)}")
-            tables.append(CodingTables(**{n: arrays[f"{k}.{n}"] for n in _FIELDS}))
-        return cls(tuple(tables), gains)
+        if gains.ndim != 2 or not 1 <= gains.shape[0] <= 64:
+            raise CoderError(f"coding tables: gains must be (K, C) with 1 <= K <= 64, got {gains.shape}")
+        return cls(tuple(CodingTables.from_arrays(arrays, f"{k}.") for k in range(gains.shape[0])), gains)
 
     def digest(self) -> str:
         """SHA-256 (hex); one rate: :meth:`CodingTables.digest` (what single-rate exports always had)."""
