@@ -31,6 +31,15 @@ def other_bundle_dir(tmp_path_factory) -> Path:
     return build_untrained_bundle(path, input_size=(64, 64), seed=1, tasks=["cls"])
 
 
+@pytest.fixture(scope="session")
+def vr_bundle_dir(tmp_path_factory) -> Path:
+    """A variable-rate bundle (4 rates) with all three built-in heads, whose latents depend on the image."""
+    from .helpers import informative_bundle
+
+    path = tmp_path_factory.mktemp("bundles") / "es-r18-vr4"
+    return informative_bundle(path, input_size=(64, 64), tasks=builtin_tasks(), codec_config={"rates": 4})
+
+
 def texture(name: str = "brick", size: tuple[int, int] | None = None) -> Image.Image:
     """A real photo shipped in scikit-image's wheel, optionally resized to (width, height)."""
     from skimage import data

@@ -33,18 +33,20 @@ def informative(bundle: Path) -> None:
         plugin = registry.get(task)
         config = plugin.resolve_config(manifest.backbone, entry.config)
         heads[task] = (load_head(bundle, task, plugin.build_head(manifest.backbone, config), manifest), config)
-    save_bundle(bundle, codec, backbone=manifest.backbone, preprocessing=manifest.policy, heads=heads)
+    save_bundle(bundle, codec, backbone=manifest.backbone, preprocessing=manifest.policy, heads=heads,
+                rates=manifest.rates, default_rate=manifest.default_rate)
     edge = EdgeEncoder.from_bundle(bundle)
     x, _ = edge.preprocess([texture("brick", (90, 70)), texture("grass", (90, 70))])
     y = edge.codec.quantize(x)
     assert y.abs().sum() > 0 and not torch.equal(y[0], y[1])
 
 
-def informative_bundle(path: Path, *, input_size: tuple[int, int], tasks: list[str]) -> Path:
+def informative_bundle(path: Path, *, input_size: tuple[int, int], tasks: list[str],
+                       codec_config: dict | None = None) -> Path:
     """An untrained bundle with the given heads whose latents depend on the image (see :func:`informative`)."""
     from splitserve.defaults import build_untrained_bundle
 
-    bundle = build_untrained_bundle(path, input_size=input_size, tasks=tasks)
+    bundle = build_untrained_bundle(path, input_size=input_size, tasks=tasks, codec_config=codec_config)
     informative(bundle)
     return bundle
 
