@@ -57,6 +57,28 @@ def test_export_writes_portable_files_and_checks_latents(onnx_dir, bundle, capsy
     assert not list(onnx_dir.glob("*.pt")) and not list(onnx_dir.glob("*.pkl"))  # no pickles
 
 
+def test_single_rate_export_is_what_it_was(onnx_dir, bundle, photos, tmp_path):
+    """A single-rate bundle's export keeps edge format 1, payload format 2 and the coding-tables file
+    of before rates existed, and an edge.json written then (no rates, no default_rate) still loads."""
+    from splitserve.bundle import load_codec
+
+    meta = json.loads((onnx_dir / "edge.json").read_text())
+    assert meta["format_version"] == 1 and meta["payload_version"] == 2 and meta["default_rate"] == 0
+    assert [r["index"] for r in meta["rates"]] == [0]
+    assert (onnx_dir / "coding.safetensors").read_bytes() == load_codec(bundle).coding_tables().to_bytes()
+    old = tmp_path / "old"
+    old.mkdir()
+    for f in onnx_dir.iterdir():
+        (old / f.name).write_bytes(f.read_bytes())
+    (old / "edge.json").write_text(json.dumps({k: v for k, v in meta.items() if k not in ("rates", "default_rate")}))
+    model = EdgeModel.load(old, threads=1)
+    assert model.rates == 1 and model.default_rate == 0
+    assert model.encode([photos[0]]).data == EdgeEncoder.from_bundle(bundle).encode([photos[0]]).data
+    (old / "edge.json").write_text(json.dumps({**meta, "format_version": 3}))
+    with pytest.raises(EdgeModelError, match="version 3 is not supported .this client reads 1, 2"):
+        EdgeModel.load(old)
+
+
 def test_onnx_client_payload_is_byte_identical_to_the_pytorch_edge(onnx_dir, bundle, photos):
     model = EdgeModel.load(onnx_dir, threads=1)
     edge = EdgeEncoder.from_bundle(bundle)

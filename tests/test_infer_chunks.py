@@ -1,6 +1,7 @@
 """`platform infer` with more images than the gateway takes in one request: split at the server's
-limit, sent concurrently within a bound, answered in input order; segmentation masks saved at each
-image's own size. A real gateway (uvicorn) with --max-batch 4, real payloads."""
+stated limit, sent concurrently within a bound, answered in input order; segmentation masks saved at
+each image's own size; --rate and --max-bytes on a single-rate bundle. A real gateway (uvicorn) with
+--max-batch 4, real payloads."""
 
 from __future__ import annotations
 
@@ -79,15 +80,35 @@ def assert_same_answers(results: list[dict], singles: list[dict]) -> None:
 
 
 def test_infer_splits_at_the_server_limit_and_answers_in_order(gateway, bundle, photos, singles, capsys):
-    stated = "max_images" in httpx.get(gateway.url + "/v1/encoder").json()
+    assert httpx.get(gateway.url + "/v1/encoder").json()["max_images"] == MAX_BATCH
     before = refused(gateway)
     assert main(["infer", *photos, "--url", gateway.url, "--bundle", str(bundle), "--tasks", "cls,seg",
                  "--concurrency", "3", "--json"]) == 0
     answer = json.loads(capsys.readouterr().out)
     assert answer["requests"] == len(photos) // MAX_BATCH  # full requests: the server's limit, not fewer
     assert_same_answers(answer["results"], singles)
-    # a gateway that states its limit is never sent more; one that does not refuses the first try once
-    assert refused(gateway) - before == (0 if stated else 1)
+    assert refused(gateway) == before  # the stated limit: never sent more
+    assert [r["sent"]["rate"] for r in answer["results"]] == [0] * len(photos)  # single-rate: rate 0
+
+
+def test_infer_rate_options_on_a_single_rate_bundle(gateway, bundle, photos, singles, capsys):
+    """Any budget its rate-0 payload fits gives the same answers; --rate 1 and a budget below the
+    smallest payload are one line each, exit 2."""
+    edge = EdgeEncoder.from_bundle(bundle)
+    alone = [edge.encode([p]).num_bytes for p in photos[:4]]
+    assert main(["infer", *photos[:4], "--url", gateway.url, "--bundle", str(bundle), "--tasks", "cls",
+                 "--max-bytes", str(max(alone))]) == 0
+    text = capsys.readouterr().out
+    for path in photos[:4]:
+        assert f"{path} (" in text and "sent at rate 0 in " in text.split(f"{path} (")[1].splitlines()[0]
+    first = next(i for i, n in enumerate(alone) if n > min(alone) - 1)  # the first image that cannot fit
+    for args, message in ((["--rate", "1"], "rate 1 is outside this bundle's rates 0..0"),
+                          (["--max-bytes", str(min(alone) - 1)],
+                           f"{photos[first]}: no rate fits {min(alone) - 1} bytes; its smallest payload is "
+                           f"{alone[first]} bytes")):
+        assert main(["infer", *photos[:4], "--url", gateway.url, "--bundle", str(bundle), *args]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
 
 
 def test_requests_in_flight_stay_within_the_bound(gateway, bundle, photos, singles):

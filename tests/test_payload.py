@@ -1,5 +1,6 @@
-"""Wire format v1: round trips, exact overhead, and a parser that rejects every malformed input with
-PayloadError (never another exception, never a large allocation)."""
+"""Wire formats v2 (single-rate) and v3 (a rate index per image): round trips, exact overhead, and a
+parser that rejects every malformed input with PayloadError (never another exception, never a large
+allocation)."""
 
 from __future__ import annotations
 
@@ -51,21 +52,26 @@ def raw_payload(
     body: bytes | None = None,
     fix_crc: bool = True,
     varints: dict[str, bytes] | None = None,
+    rates: list[int] | None = None,
 ) -> bytes:
-    """Hand-assemble a payload of the current version (any field may be out of range) to test the parser from outside."""
+    """Hand-assemble a payload (any field may be out of range) to test the parser from outside: v2,
+    or v3 with ``rates`` (each image's rate index after its original width)."""
     records = [(224, 224, 3)] if records is None else records
     v = varints or {}
-    out = bytearray(MAGIC + bytes([SINGLE_RATE_VERSION]) + FP)
+    out = bytearray(MAGIC + bytes([SINGLE_RATE_VERSION if rates is None else FORMAT_VERSION]) + FP)
     out += v.get("C", varint(c)) + v.get("H", varint(h)) + v.get("W", varint(w))
     out += v.get("N", varint(len(records)))
-    for oh, ow, sl in records:
-        out += varint(oh) + varint(ow) + varint(sl)
+    for i, (oh, ow, sl) in enumerate(records):
+        out += varint(oh) + varint(ow) + (b"" if rates is None else v.get(f"rate{i}", varint(rates[i]))) + varint(sl)
     out += body if body is not None else b"\x01" * sum(r[2] for r in records)
     return bytes(out + (zlib.crc32(out).to_bytes(4, "little") if fix_crc else b""))
 
 
-def small_payload() -> Payload:
-    return Payload(FP, (24, 55, 55), ((224, 224), (64, 96)), (b"\x00\x01\x02\xff", b"rans"))
+def small_payload(rates: tuple[int, ...] | None = None) -> Payload:
+    return Payload(FP, (24, 55, 55), ((224, 224), (64, 96)), (b"\x00\x01\x02\xff", b"rans"), rates)
+
+
+BOTH = pytest.mark.parametrize("rates", [None, (5, 0)], ids=["v2", "v3"])
 
 
 # -- strategies ---------------------------------------------------------------------------------------
@@ -80,6 +86,7 @@ def payloads(draw) -> Payload:
         latent_shape=(draw(st.integers(1, 1024)), draw(st.integers(1, 1024)), draw(st.integers(1, 1024))),
         original_sizes=tuple((draw(sides), draw(sides)) for _ in range(n)),
         strings=tuple(draw(st.binary(min_size=1, max_size=300)) for _ in range(n)),
+        rates=draw(st.none() | st.tuples(*[st.integers(0, 63)] * n)),
     )
 
 
@@ -88,6 +95,7 @@ def payloads(draw) -> Payload:
 @given(payloads())
 def test_round_trip(payload: Payload) -> None:
     data = payload.to_bytes()
+    assert data[2] == (2 if payload.rates is None else 3)
     back = Payload.from_bytes(data)
     assert back == payload
     assert back.to_bytes() == data
@@ -118,6 +126,50 @@ def test_overhead_one_224_image_is_25_bytes() -> None:
     payload = Payload(FP, (24, 55, 55), ((224, 224),), (b"x" * 300,))
     assert payload.overhead_bytes == 25
     assert len(payload.to_bytes()) == 300 + 25
+
+
+def test_hand_assembled_v3_payload_parses() -> None:
+    """v3: the rate index sits between an image's original width and its string length."""
+    data = raw_payload(records=[(224, 224, 3), (7, 300, 2)], rates=[3, 0])
+    payload = Payload.from_bytes(data)
+    assert payload.version == 3 and payload.rates == payload.image_rates == (3, 0)
+    assert payload.original_sizes == ((224, 224), (7, 300)) and payload.strings == (b"\x01" * 3, b"\x01" * 2)
+    assert Payload(FP, (24, 55, 55), ((224, 224), (7, 300)), (b"\x01" * 3, b"\x01" * 2), (3, 0)).to_bytes() == data
+
+
+def test_v2_is_read_as_rate_0_and_written_unchanged() -> None:
+    """A payload without rate indices is v2, byte for byte what single-rate encoders always wrote."""
+    data = raw_payload(records=[(224, 224, 3), (7, 300, 2)])
+    payload = Payload.from_bytes(data)
+    assert payload.version == 2 and payload.rates is None and payload.image_rates == (0, 0)
+    assert Payload(FP, (24, 55, 55), ((224, 224), (7, 300)), (b"\x01" * 3, b"\x01" * 2)).to_bytes() == data
+
+
+def test_v3_overhead_is_one_byte_per_image_more() -> None:
+    payload = Payload(FP, (24, 55, 55), ((224, 224),) * 8, tuple(bytes([i]) * 300 for i in range(8)), (7,) * 8)
+    assert payload.overhead_bytes == 67 + 8
+    assert len(payload.to_bytes()) == 8 * 300 + 75
+
+
+@pytest.mark.parametrize("rate, limits, ok", [
+    (63, PayloadLimits(), True),
+    (64, PayloadLimits(), False),
+    (3, PayloadLimits(max_rates=4), True),
+    (4, PayloadLimits(max_rates=4), False),
+])
+def test_rate_index_is_bounded_by_max_rates(rate: int, limits: PayloadLimits, ok: bool) -> None:
+    data = raw_payload(records=[(5, 5, 1), (5, 5, 1)], rates=[0, rate])
+    if ok:
+        assert Payload.from_bytes(data, limits).rates == (0, rate)
+    else:
+        _assert_cheap_rejection(data, rf"image 1 rate index = {rate} out of range \[0, {limits.max_rates - 1}\]",
+                                limits)
+
+
+def test_huge_rate_index_rejected_without_allocation() -> None:
+    _assert_cheap_rejection(raw_payload(rates=[2**34]), r"image 0 rate index = 17179869184 out of range")
+    with pytest.raises(PayloadError, match="non-canonical varint for image 0 rate index"):
+        Payload.from_bytes(raw_payload(rates=[1], varints={"rate0": b"\x81\x00"}))
 
 
 def test_overhead_eight_224_images_is_67_bytes() -> None:
@@ -152,8 +204,9 @@ def test_bits_per_pixel_divides_by_input_pixels_of_every_image() -> None:
 
 
 # -- corruption ---------------------------------------------------------------------------------------
-def test_every_truncation_rejected() -> None:
-    data = small_payload().to_bytes()
+@BOTH
+def test_every_truncation_rejected(rates) -> None:
+    data = small_payload(rates).to_bytes()
     for cut in range(len(data)):
         with pytest.raises(PayloadError):
             Payload.from_bytes(data[:cut])
@@ -172,8 +225,9 @@ def test_trailing_bytes_rejected(extra: bytes) -> None:
         Payload.from_bytes(data + extra)
 
 
-def test_every_single_bit_flip_rejected() -> None:
-    data = small_payload().to_bytes()
+@BOTH
+def test_every_single_bit_flip_rejected(rates) -> None:
+    data = small_payload(rates).to_bytes()
     for i in range(len(data)):
         for bit in range(8):
             flipped = bytearray(data)
@@ -215,13 +269,15 @@ def test_random_bytes_only_raise_payload_error(blob: bytes) -> None:
 @SETTINGS
 @given(st.binary(max_size=120))
 def test_random_bytes_after_valid_preamble_only_raise_payload_error(blob: bytes) -> None:
-    """Past magic and version the fields themselves are fuzzed, with and without a valid CRC."""
-    head = MAGIC + bytes([SINGLE_RATE_VERSION]) + FP + blob
-    for data in (head, head + zlib.crc32(head).to_bytes(4, "little")):
-        try:
-            Payload.from_bytes(data)
-        except PayloadError:
-            pass
+    """Past magic and version the fields themselves are fuzzed, with and without a valid CRC, in
+    both versions."""
+    for version in (SINGLE_RATE_VERSION, FORMAT_VERSION):
+        head = MAGIC + bytes([version]) + FP + blob
+        for data in (head, head + zlib.crc32(head).to_bytes(4, "little")):
+            try:
+                Payload.from_bytes(data)
+            except PayloadError:
+                pass
 
 
 # -- header fields ------------------------------------------------------------------------------------
@@ -368,6 +424,10 @@ def test_non_bytes_input_is_a_payload_error() -> None:
         {"strings": (b"ok", b"")},
         {"strings": (b"ok", 5)},
         {"strings": (), "original_sizes": ()},
+        {"rates": (0,)},
+        {"rates": (0, -1)},
+        {"rates": (0, True)},
+        {"rates": (0, 1.0)},
     ],
 )
 def test_constructor_rejects_invalid_fields(kwargs: dict) -> None:

@@ -6,6 +6,7 @@
 >>> with Client("http://127.0.0.1:8000") as c:
 ...     c.check_encoder(enc.fingerprint)
 ...     answer = c.infer(enc.encode("cat.jpg").data, tasks="cls,det")
+...     answer = c.infer(enc.encode("cat.jpg", max_bytes=300).data)   # the highest rate within 300 bytes
 
 Any number of images, split into requests the server accepts and sent concurrently:
 
@@ -17,7 +18,6 @@ Any number of images, split into requests the server accepts and sent concurrent
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -28,10 +28,9 @@ from .errors import SplitserveError
 
 PAYLOAD_CONTENT_TYPE = "application/x-splitserve"
 _IMAGE_TYPES = {b"\xff\xd8\xff": "image/jpeg", b"\x89PNG": "image/png", b"RIFF": "image/webp"}
-# A gateway that does not state its image limit (``max_images`` in GET /v1/encoder) is assumed to
-# take `platform serve`'s default --max-batch; one that takes fewer says so in its 400, and we re-split.
+# A gateway that does not state its image limit (``max_images`` in GET /v1/encoder; every gateway
+# of this version does) is assumed to take `platform serve`'s default --max-batch.
 DEFAULT_MAX_IMAGES = 16
-_COUNT_REFUSED = re.compile(r"image count N = \d+ out of range \[1, (\d+)\]")
 T = TypeVar("T")
 
 
@@ -72,12 +71,6 @@ def stated_max_images(encoder_info: dict) -> int | None:
     """The most images one ``/infer`` request may carry, as ``GET /v1/encoder`` states it (None: not stated)."""
     value = encoder_info.get("max_images")
     return int(value) if isinstance(value, int) and value >= 1 else None
-
-
-def refused_max_images(error: ServerError) -> int | None:
-    """The limit named by a 400 "image count N = … out of range [1, M]" (a gateway that states no limit)."""
-    match = _COUNT_REFUSED.search(error.detail) if error.status == 400 else None
-    return int(match.group(1)) if match else None
 
 
 def merge_answers(answers: Sequence[dict]) -> dict:
@@ -225,7 +218,8 @@ class AsyncClient(_Base):
                         tasks: str | list[str] | None = None, *, max_images: int | None = None,
                         concurrency: int = 4, images: bool = False) -> dict:
         """Answer any number of images: ``encode(chunk)`` makes the body of one request from at most
-        the server's image limit (``max_images``; default: what ``GET /v1/encoder`` states), chunks
+        the server's image limit (``max_images``; default: what ``GET /v1/encoder`` states, else
+        ``DEFAULT_MAX_IMAGES``), chunks
         are encoded one at a time in a worker thread and up to ``concurrency`` requests are in
         flight. ``images=True``: each body is one image file (full offloading, one per request).
         Returns one answer (:func:`merge_answers`) with the results in the order of ``items``."""
@@ -233,8 +227,7 @@ class AsyncClient(_Base):
             raise SplitserveError("no images to send")
         if images:
             max_images = 1
-        stated = max_images or stated_max_images(await self.encoder())
-        limit = stated or DEFAULT_MAX_IMAGES
+        limit = max_images or stated_max_images(await self.encoder()) or DEFAULT_MAX_IMAGES
         post = self.infer_image if images else self.infer
         slots = asyncio.Semaphore(max(1, concurrency))
         loop = asyncio.get_running_loop()
@@ -245,17 +238,9 @@ class AsyncClient(_Base):
             async with slots:
                 return await post(await loop.run_in_executor(encoder, encode, chunk), tasks)
 
-        answers, start, pending = [], 0, []
+        pending = [asyncio.ensure_future(answer(items[i:i + limit])) for i in range(0, len(items), limit)]
         try:
-            if stated is None:  # learn an unstated limit from the first request before sending the rest
-                try:
-                    answers, start = [await answer(items[:limit])], limit
-                except ServerError as e:
-                    limit = refused_max_images(e) or 0
-                    if not 1 <= limit < DEFAULT_MAX_IMAGES:
-                        raise
-            pending = [asyncio.ensure_future(answer(items[i:i + limit])) for i in range(start, len(items), limit)]
-            answers += await asyncio.gather(*pending)
+            answers = await asyncio.gather(*pending)
         except BaseException:
             for task in pending:
                 task.cancel()

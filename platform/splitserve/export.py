@@ -3,12 +3,14 @@
 Writes a directory a device can run without torch (ONNX Runtime and :mod:`splitserve_edge`), or
 with ExecuTorch, PyTorch's own edge runtime (``torch.export`` → ``.pte``, XNNPACK delegate):
 
-    edge.json            what it is: fingerprint, codec, preprocessing, payload version, file hashes
+    edge.json            what it is: fingerprint, codec, rates, preprocessing, payload version, file hashes
     encoder.onnx | encoder.pte   the encoder transform f_θ (image → float latent)
-    coding.safetensors   the prior's coding tables and medians (numpy arrays, no pickle)
+    coding.safetensors   every rate's coding tables and medians, and (variable-rate) the gains
+                         (numpy arrays, no pickle; a single-rate file is the CodingTables file)
 
-The rounding (``round(y − median)``, half to even) and the entropy coding are not part of the
-exported graph: they run in :mod:`splitserve_edge.coder`, the same code the gateway uses.
+The gain, the rounding (``round(g·y − median)``, half to even) and the entropy coding are not part
+of the exported graph: they run in :mod:`splitserve_edge.packing`, the same code the PyTorch edge
+runs, so one graph serves every rate.
 """
 
 from __future__ import annotations
@@ -25,11 +27,11 @@ import torch.nn.functional as F
 from compressai.layers import GDN, GDN1
 from torch import nn
 
-from splitserve_edge.payload import FORMAT_VERSION as PAYLOAD_VERSION
+from splitserve_edge.payload import FORMAT_VERSION, SINGLE_RATE_VERSION
 from splitserve_edge.preprocessing import MAX_SIDE
-from splitserve_edge.runtime import EDGE_FORMAT, EDGE_VERSION, RUNNERS, EdgeModel, Latents
+from splitserve_edge.runtime import EDGE_FORMAT, EDGE_VERSION, RUNNERS, SINGLE_RATE_EDGE_VERSION, EdgeModel, Latents
 
-from .bundle import EDGE_PARTS, load_codec, read_manifest
+from .bundle import EDGE_PARTS, Manifest, RateEntry, load_codec, read_manifest
 from .edge import EdgeEncoder
 from .errors import SplitserveError
 from .preprocess import Preprocessing, load_image, to_input
@@ -46,16 +48,19 @@ class ExportReport:
     out: Path
     files: dict[str, Path]
     images: int
+    rates: int
     elements: int
     mismatches: int
     max_abs_diff: float
     identical_payloads: int
 
     def summary(self) -> str:
+        at = "" if self.rates == 1 else f" at each of {self.rates} rates"
         return (f"wrote {self.out}: " + ", ".join(p.name for p in self.files.values()) +
-                f"; checked on {self.images} images: {self.mismatches} of {self.elements:,} rounded latent elements "
-                f"differ from PyTorch's (max |Δ| before rounding {self.max_abs_diff:.2e}); "
-                f"{self.identical_payloads} of {self.images} payloads byte-identical to the PyTorch edge's")
+                f"; checked on {self.images} images{at}: {self.mismatches} of {self.elements:,} rounded latent "
+                f"elements differ from PyTorch's (max |Δ| before rounding {self.max_abs_diff:.2e}); "
+                f"{self.identical_payloads} of {self.images * self.rates} payloads byte-identical to the PyTorch "
+                "edge's")
 
 
 class FrozenGDN1(nn.Module):
@@ -169,30 +174,41 @@ def export_edge(bundle: str | Path, fmt: str, out: str | Path, images: list) -> 
     encoder_path = out / FORMATS[fmt]
     write_encoder(codec.encoder, fmt, policy, encoder_path)
     tables_path = out / "coding.safetensors"
-    tables_path.write_bytes(codec.coding_tables().to_bytes())
+    tables_path.write_bytes(codec.rate_tables().to_bytes())
+    variable = codec.rates > 1
     meta = {
         "format": EDGE_FORMAT,
-        "format_version": EDGE_VERSION,
+        "format_version": EDGE_VERSION if variable else SINGLE_RATE_EDGE_VERSION,
         "fingerprint": manifest.fingerprint,
         "codec": {"family": codec.family, "config": codec.config, "latent_channels": codec.latent_channels,
                   "input_multiple": codec.input_multiple},
+        "rates": rate_list(manifest, codec.rates),
+        "default_rate": manifest.default_rate,
         "preprocessing": manifest.preprocessing,
-        "payload_version": PAYLOAD_VERSION,
+        "payload_version": FORMAT_VERSION if variable else SINGLE_RATE_VERSION,
         "encoder": {"path": encoder_path.name, "format": fmt, "sha256": _sha256(encoder_path)},
         "coding_tables": {"path": tables_path.name, "sha256": _sha256(tables_path)},
-        "rounding": "symbols = round_half_to_even(latent - median) in float32, then entropy-coded by "
-                    "splitserve_edge.coder",
+        "rounding": "symbols = round_half_to_even(gain[rate] * latent - median[rate]) in float32 (no gain when "
+                    "single-rate), then entropy-coded by splitserve_edge.coder with rate's tables",
         "source_bundle": str(Path(bundle)),
     }
     (out / "edge.json").write_text(json.dumps(meta, indent=2) + "\n")
-    report = _check(EdgeEncoder(codec, policy), load_export(out), images)
+    report = _check(EdgeEncoder(codec, policy, manifest.default_rate), load_export(out), images)
     return ExportReport(out, {"encoder": encoder_path, "coding_tables": tables_path, "meta": out / "edge.json"},
                         *report)
 
 
-def _check(reference: EdgeEncoder, exported: EdgeModel, images: list) -> tuple[int, int, int, float, int]:
-    """(images, elements, mismatching rounded elements, max |Δ| of the float latents, identical payloads)."""
-    medians = reference.codec.medians().reshape(1, -1, 1, 1).numpy()
+def rate_list(manifest: Manifest, rates: int) -> list[dict]:
+    """edge.json's rates: index, the weight each was trained at and its measured cost (None where
+    the manifest does not say)."""
+    entries = manifest.rates or [RateEntry()] * rates
+    return [{"index": k, **entry.model_dump()} for k, entry in enumerate(entries)]
+
+
+def _check(reference: EdgeEncoder, exported: EdgeModel, images: list) -> tuple[int, int, int, int, float, int]:
+    """(images, rates, elements, mismatching rounded elements, max |Δ| of the float latents, identical
+    payloads), the rounded latents and payloads compared at every rate."""
+    coder = exported.coder
     elements = mismatches = identical = 0
     worst = 0.0
     for image in images:
@@ -202,10 +218,11 @@ def _check(reference: EdgeEncoder, exported: EdgeModel, images: list) -> tuple[i
             ref = reference.codec.encoder(x).numpy()
         got = exported.latents(x.numpy())
         worst = max(worst, float(np.abs(got - ref).max()))
-        a = np.rint(ref.astype(np.float32) - medians)
-        b = np.rint(got.astype(np.float32) - medians)
-        mismatches += int((a != b).sum())
-        elements += a.size
         sizes = [(pil.height, pil.width)]
-        identical += exported.encode_input(x.numpy(), sizes).data == reference.encode_tensor(x, sizes).data
-    return len(images), elements, mismatches, worst, identical
+        for rate in range(len(coder)):
+            a, b = coder.symbols(ref, rate), coder.symbols(got, rate)
+            mismatches += int((a != b).sum())
+            elements += a.size
+            identical += (exported.encode_input(x.numpy(), sizes, rate=rate).data ==
+                          reference.encode_tensor(x, sizes, rate=rate).data)
+    return len(images), len(coder), elements, mismatches, worst, identical

@@ -1,6 +1,6 @@
 """``splitserve-edge``: encode images on a device and send them, without torch.
 
-    splitserve-edge encode MODEL_DIR IMAGE... -o OUT.ssp
+    splitserve-edge encode MODEL_DIR IMAGE... -o OUT.ssp [--rate K | --max-bytes B]
     splitserve-edge post   MODEL_DIR IMAGE... --url http://gateway:8000 --tasks cls,det [--api-key-file F]
 
 MODEL_DIR is what ``platform export --format onnx`` wrote. Errors are one line and exit 2.
@@ -22,15 +22,42 @@ from .errors import SplitserveError
 CONTENT_TYPE = "application/x-splitserve"
 
 
+def _count(minimum: int):
+    """An argparse type: an int of at least ``minimum`` (a one-line usage error otherwise)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+        return value
+    return parse
+
+
+def add_rate_options(parser: argparse.ArgumentParser) -> None:
+    """``--rate K | --max-bytes B``, the same on every command that encodes (here and ``platform``)."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--rate", type=_count(0), metavar="K",
+                       help="code every image at rate K of a variable-rate bundle (0 is the smallest payload; "
+                            "default: the bundle's default rate)")
+    group.add_argument("--max-bytes", type=_count(1), metavar="B",
+                       help="code each image at the highest rate whose payload, sent alone (header, bitstream, "
+                            "CRC), has at most B bytes; the encoder runs once. An error names the smallest size "
+                            "when no rate fits")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="splitserve-edge", description="Torch-free splitserve edge client.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, help_text in (("encode", "write a payload file; prints bytes and bpp per image"),
-                            ("post", "encode and POST to a gateway's /infer; prints the JSON answer")):
+    for name, help_text in (("encode", "write a payload file; prints bytes, bpp and rate per image"),
+                            ("post", "encode and POST to a gateway's /infer; prints the JSON answer (each image's "
+                                     "rate and bytes on stderr)")):
         s = sub.add_parser(name, help=help_text, description=help_text)
         s.add_argument("model", metavar="MODEL_DIR", help="directory written by `platform export --format onnx`")
         s.add_argument("images", nargs="+", metavar="IMAGE")
         s.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads (default: all)")
+        add_rate_options(s)
         if name == "encode":
             s.add_argument("-o", "--output", required=True, metavar="OUT", help="payload file to write")
         else:
@@ -67,14 +94,17 @@ def main(argv: list[str] | None = None) -> int:
         from .runtime import EdgeModel
 
         model = EdgeModel.load(args.model, threads=args.threads)
-        encoded = model.encode(list(args.images))
+        encoded = model.encode(list(args.images), rate=args.rate, max_bytes=args.max_bytes)
+        ih, iw = encoded.input_hw
+        lines = [f"{path}  {nbytes:.1f} bytes  {bpp:.4f} bpp  rate {rate} of 0..{model.rates - 1} "
+                 f"(model input {iw}x{ih})"
+                 for path, nbytes, bpp, rate in zip(args.images, encoded.bytes_per_image, encoded.bpp, encoded.rates)]
         if args.command == "encode":
             Path(args.output).write_bytes(encoded.data)
-            ih, iw = encoded.input_hw
-            for path, nbytes, bpp in zip(args.images, encoded.bytes_per_image, encoded.bpp):
-                print(f"{path}  {nbytes:.1f} bytes  {bpp:.4f} bpp (model input {iw}x{ih})")
+            print("\n".join(lines))
             print(f"wrote {args.output}: {len(encoded.data)} bytes, fingerprint {model.fingerprint[:16]}")
             return 0
+        print("\n".join(lines), file=sys.stderr)  # stdout stays the gateway's JSON
         key = None
         if args.api_key_file:
             key = Path(args.api_key_file).read_text().strip()

@@ -30,6 +30,7 @@ __all__ = [
     "FORMAT_VERSION",
     "MAGIC",
     "MIN_PAYLOAD_BYTES",
+    "SINGLE_RATE_VERSION",
     "SUPPORTED_VERSIONS",
     "Payload",
     "PayloadLimits",
@@ -37,6 +38,7 @@ __all__ = [
     "bytes_per_image",
     "Encoded",
     "fingerprint_id",
+    "varint_size",
 ]
 
 MAGIC = b"SS"
@@ -105,8 +107,9 @@ def encode_varint(value: int, out: bytearray) -> None:
     out.append(value)
 
 
-def _varint_size(value: int) -> int:
-    """Bytes encode_varint would write for ``value`` (for overhead arithmetic without encoding)."""
+def varint_size(value: int) -> int:
+    """Bytes encode_varint writes for ``value`` (overhead arithmetic without encoding, e.g. the
+    longest bitstream a byte budget leaves room for)."""
     return max(1, (value.bit_length() + 6) // 7)
 
 
@@ -277,9 +280,9 @@ class Payload:
     def overhead_bytes(self) -> int:
         """Bytes on the wire that are not entropy-coded data: header plus CRC (computed without encoding)."""
         n = len(MAGIC) + 1 + FINGERPRINT_BYTES + _CRC.size
-        n += sum(_varint_size(v) for v in self.latent_shape) + _varint_size(self.num_images)
+        n += sum(varint_size(v) for v in self.latent_shape) + varint_size(self.num_images)
         for record in self._records():
-            n += sum(_varint_size(v) for v in record)
+            n += sum(varint_size(v) for v in record)
         return n
 
     @classmethod
@@ -400,6 +403,11 @@ class Encoded:
     def bytes_per_image(self) -> list[float]:
         """Each image's bytes on the wire, header share included."""
         return bytes_per_image(self.payload)
+
+    @property
+    def rates(self) -> tuple[int, ...]:
+        """The rate index each image was coded at (0 for a single-rate bundle)."""
+        return self.payload.image_rates
 
     @property
     def bpp(self) -> list[float]:

@@ -25,8 +25,18 @@ from .errors import SplitserveError
 
 __all__ = ["BudgetError", "RateCoder", "RateTables"]
 
+
 class BudgetError(SplitserveError, ValueError):
-    """No rate codes an image within the byte budget asked for."""
+    """No rate codes an image within the byte budget asked for.
+
+    ``image`` is the image's index in its batch and ``smallest`` the bytes its lowest rate needs
+    (the bitstream for :meth:`RateCoder.within`, the whole one-image payload for
+    :mod:`splitserve_edge.packing`), so a caller can say what budget would have worked.
+    """
+
+    def __init__(self, message: str, *, image: int | None = None, smallest: int | None = None):
+        super().__init__(message)
+        self.image, self.smallest = image, smallest
 
 
 @dataclass(frozen=True, eq=False)
@@ -77,7 +87,9 @@ class RateTables:
         arrays = {f"{k}.{name}": np.ascontiguousarray(v) for k, t in enumerate(self.tables)
                   for name, v in t.arrays().items()}
         arrays["gains"] = np.ascontiguousarray(self.gains)
-        return save(arrays, metadata={"format": "splitserve-coding", "rates": str(len(self.tables))})
+        # one metadata key: safetensors writes a map's keys in a random order, and the file's
+        # SHA-256 (edge.json) must not change from one export of the same codec to the next
+        return save(arrays, metadata={"format": "splitserve-coding"})
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "RateTables":
@@ -164,8 +176,9 @@ class RateCoder:
                     best, low = (mid, data), mid + 1
                 else:
                     high = mid - 1
-            if best is None:
-                raise BudgetError(f"image {i}: even the lowest rate needs more than its {budget}-byte budget")
+            if best is None:  # the search's last probe was rate 0: ``data`` is its bitstream
+                raise BudgetError(f"image {i}: even the lowest rate needs {len(data)} bytes, more than its "
+                                  f"{budget}-byte budget", image=i, smallest=len(data))
             rates.append(best[0])
             strings.append(best[1])
         return rates, strings

@@ -5,17 +5,22 @@ model input → payload bytes, including rounding and entropy coding, with eager
 ExecuTorch (the ``.pte`` of ``platform export``, XNNPACK; when installed), ONNX Runtime and the
 torch-free client, at 1 thread and at all threads — every runtime through the same
 :class:`~splitserve_edge.runtime.EdgeModel`, so only the encoder differs; the old (CompressAI
-rANS) and new (constriction ANS) coders' encode/decode times and bytes on the same latents; and
-the installed size of the edge environment against the full one.
+rANS) and new (constriction ANS) coders' encode/decode times and bytes on the same latents; what
+picking the rate within a byte budget costs against coding at one fixed rate, on a variable-rate
+codec of each family (the transform once, then the search's codings); and the installed size of
+the edge environment against the full one.
 
 The codecs are untrained, with their encoder's last layer scaled so the latent has a realistic
-spread and the prior fitted to it: time depends on shapes and symbol statistics, not on what the
-weights learned.
+spread and each rate's prior (density, then quantiles) fitted to it: time depends on shapes and
+symbol statistics, not on what the weights learned.
 """
 
 from __future__ import annotations
 
+import statistics
 import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +29,7 @@ import torch
 from tqdm import tqdm
 
 from splitserve_edge.coder import EntropyCoder
+from splitserve_edge.rates import RateCoder
 from splitserve_edge.runtime import EdgeModel
 
 from ..models import FeatureCodec, build_codec
@@ -31,25 +37,35 @@ from .timing import median_ms
 
 FAMILIES = {"Entropic Student": ("entropic_student", {}), "RAC N=0": ("rac", {"blocks": 0}),
             "RAC N=4": ("rac", {"blocks": 4}), "RAC N=8": ("rac", {"blocks": 8})}
+RATES = 6  # the variable-rate codec of the budget-search table (issue 24's goal: at least 6 rates)
 
 
-def realistic_codec(family: str, cfg: dict, x: torch.Tensor, feature_channels: int) -> FeatureCodec:
+def realistic_codec(family: str, cfg: dict, x: torch.Tensor, feature_channels: int, rates: int = 1) -> FeatureCodec:
+    """An untrained codec whose latent has a realistic spread, each rate's prior fitted to it."""
     torch.manual_seed(0)
-    codec = build_codec(family, feature_channels=feature_channels, **cfg).eval()
+    codec = build_codec(family, feature_channels=feature_channels, rates=rates, **cfg).eval()
     last = [m for m in codec.encoder.modules() if isinstance(m, torch.nn.Conv2d)][-1]
     with torch.no_grad():
         y = codec.encoder(x)
         last.weight.mul_(2.0 / max(float(y.std()), 1e-6))
         y = codec.encoder(x)
-    opt = torch.optim.Adam([codec.entropy_bottleneck.quantiles], lr=0.1)
-    for _ in range(300):
-        loss = codec.entropy_bottleneck.loss()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    codec.entropy_bottleneck.train()
-    with torch.no_grad():  # the medians follow the latent
-        codec.entropy_bottleneck.quantiles[:, :, 1] = y.mean(dim=(0, 2, 3)).reshape(-1, 1)
+    for rate, prior in enumerate(codec.priors):
+        gain = codec.gain(rate)
+        latent = (y if gain is None else y * gain).detach()
+        # the density learns the latent's distribution (so the bytes are its entropy and grow with
+        # the gain, as a trained codec's do), then the quantiles the tables are cut from
+        prior.train()
+        density = [p for name, p in prior.named_parameters() if name != "quantiles"]
+        for params, loss_of, lr, steps in ((density, lambda: -torch.log2(prior(latent)[1]).mean(), 0.05, 100),
+                                           ([prior.quantiles], prior.loss, 0.1, 300)):
+            opt = torch.optim.Adam(params, lr=lr)
+            for _ in range(steps):
+                loss = loss_of()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        with torch.no_grad():  # the medians follow the latent
+            prior.quantiles[:, :, 1] = latent.mean(dim=(0, 2, 3)).reshape(-1, 1)
     codec.eval()
     codec.update(force=True)
     return codec
@@ -61,6 +77,32 @@ class Row:
     params: int
     ms: dict[str, dict[int, float]] = field(default_factory=dict)  # runtime -> threads -> ms
     coder: dict[str, float] = field(default_factory=dict)
+    budget: dict[str, float] = field(default_factory=dict)  # fixed rate vs budget search, ONNX Runtime, 1 thread
+
+
+def paired_ms(first: Callable[[], object], second: Callable[[], object], repeat: int) -> tuple[float, float]:
+    """Median ms of two calls timed alternately (after a warm-up of each), so a machine shared with
+    other work slows both alike and their ratio stays fair."""
+    first(), second()
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(repeat):
+        for fn, out in zip((first, second), times):
+            t = time.perf_counter()
+            fn()
+            out.append((time.perf_counter() - t) * 1000)
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
+def budget_cost(model: EdgeModel, x, sizes, repeat: int) -> dict[str, float]:
+    """Device time of coding at one fixed rate (the middle one) against ``max_bytes`` set to that
+    rate's one-image payload length, so the search ends where the fixed rate is and makes every
+    probe a real search makes (about log2 K + 1 codings) — both from model input to payload bytes."""
+    rate = model.rates // 2
+    budget = model.encode_input(x, sizes, rate=rate).num_bytes
+    assert model.encode_input(x, sizes, max_bytes=budget).rates == (rate,)
+    fixed, search = paired_ms(lambda: model.encode_input(x, sizes, rate=rate),
+                              lambda: model.encode_input(x, sizes, max_bytes=budget), repeat)
+    return {"rate": rate, "bytes": budget, "fixed ms": fixed, "search ms": search}
 
 
 def run(repeat: int = 20, size: int = 224, feature_channels: int = 256, edge_venv: Path | None = None) -> str:
@@ -92,8 +134,9 @@ def run(repeat: int = 20, size: int = 224, feature_channels: int = 256, edge_ven
                 files[fmt] = Path(tmp) / f"{family}{cfg.get('blocks', '')}-{FORMATS[fmt]}"
                 write_encoder(codec.encoder, fmt, policy, files[fmt])
 
-            def edge(latents) -> EdgeModel:
-                return EdgeModel(latents, coder, policy, codec.fingerprint(), codec.latent_channels)
+            def edge(latents, codec: FeatureCodec = codec) -> EdgeModel:
+                return EdgeModel(latents, RateCoder(codec.rate_tables()), policy, codec.fingerprint(),
+                                 codec.latent_channels)
 
             row = Row(label, codec.parameter_counts()["encoder"] + codec.parameter_counts()["prior"])
             for n in threads:
@@ -107,6 +150,11 @@ def run(repeat: int = 20, size: int = 224, feature_channels: int = 256, edge_ven
                 client = edge(EXPORT_RUNNERS["onnx"](files["onnx"].read_bytes(), n))
                 row.ms.setdefault("torch-free client (JPEG → payload)", {})[n] = median_ms(
                     lambda: client.encode([photo]), repeat)
+            vr = realistic_codec(family, cfg, x, feature_channels, RATES)
+            vr_file = Path(tmp) / f"{family}{cfg.get('blocks', '')}-vr.onnx"
+            write_encoder(vr.encoder, "onnx", policy, vr_file)
+            torch.set_num_threads(1)
+            row.budget = budget_cost(edge(EXPORT_RUNNERS["onnx"](vr_file.read_bytes(), 1), vr), xn, sizes, repeat)
             torch.set_num_threads(all_threads)
             with torch.inference_mode():
                 y = codec.encoder(x)
@@ -153,6 +201,17 @@ def run(repeat: int = 20, size: int = 224, feature_channels: int = 256, edge_ven
         c = row.coder
         lines.append(f"| {row.name} | {c['old bytes']:,} | {c['new bytes']:,} | {c['old encode ms']:.2f} | "
                      f"{c['new encode ms']:.2f} | {c['old decode ms']:.2f} | {c['new decode ms']:.2f} |")
+    lines += ["", "### Picking the rate on the device: a byte budget against one fixed rate", "",
+              f"A variable-rate codec of each family ({RATES} rates, one transform), ONNX Runtime at 1 thread, "
+              "model input → payload bytes, timed alternately in the same run (median of "
+              f"{repeat}). Fixed: every image at the middle rate (`--rate {RATES // 2}`). Budget: `--max-bytes` set "
+              "to that rate's one-image payload length, so the binary search ends at the same rate after "
+              f"{RATES.bit_length()} codings at most (the transform runs once). Issue 24's goal: at most 1.3×.", "",
+              "| codec | payload bytes | fixed rate ms | budget search ms | search / fixed |", "|---|---:|---:|---:|---:|"]
+    for row in rows:
+        b = row.budget
+        lines.append(f"| {row.name} | {b['bytes']:,} | {b['fixed ms']:.2f} | {b['search ms']:.2f} | "
+                     f"{b['search ms'] / b['fixed ms']:.2f}× |")
     lines += ["", "### Installed size", ""]
     full = _du(Path(torch.__file__).parents[1])
     lines.append(f"- full environment (this one's site-packages: torch, torchvision, compressai, …): {full:,.0f} MB")

@@ -10,9 +10,11 @@ from . import add_command
 def register(sub) -> None:
     p = add_command(sub, "export", run, "Export a bundle's encoder + coding tables for devices (ONNX, ExecuTorch .pte).",
                     "Write the encoder transform (ONNX, or torch.export → ExecuTorch .pte with the XNNPACK delegate) "
-                    "and the prior's coding tables (safetensors) with an edge.json, then check on real images that "
-                    "the exported encoder's rounded latent equals PyTorch's and its payloads are byte-identical to "
-                    "the PyTorch edge's; print the counts. The ONNX export runs on the torch-free client "
+                    "and the coding tables of every rate (safetensors; with a variable-rate bundle's gains) with an "
+                    "edge.json that lists the rates, then check on real images, at every rate, that the exported "
+                    "encoder's rounded latent equals PyTorch's and its payloads are byte-identical to the PyTorch "
+                    "edge's; print the counts. The graph is rate-free: one graph serves every rate. The ONNX export "
+                    "runs on the torch-free client "
                     "(`pip install ./platform/splitserve_edge`, `splitserve-edge`); .pte needs ExecuTorch "
                     "(docs/edge.md).")
     p.add_argument("--bundle", metavar="DIR", help="bundle directory (default: $SPLITSERVE_BUNDLE or the embedded default)")
