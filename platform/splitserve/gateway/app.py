@@ -23,6 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field, create_model
 
 from .. import __version__
+from ..bundle import RateEntry
 from ..errors import FingerprintMismatch, SplitserveError, excerpt
 from .config import ServerConfig
 from .batching import Unavailable
@@ -46,6 +47,12 @@ class ErrorResponse(BaseModel):
     detail: str = Field(description="what was wrong with the request")
 
 
+class RateInfo(RateEntry):
+    """One rate a device may code at, as the bundle's manifest measured it."""
+
+    index: int = Field(description="the rate index a payload names for an image (0: the smallest payload)")
+
+
 class EncoderInfo(BaseModel):
     fingerprint: str = Field(description="SHA-256 of encoder weights + prior CDF tables (hex)")
     fingerprint_id: str = Field(description="the 8-byte prefix carried in every payload (hex)")
@@ -54,7 +61,12 @@ class EncoderInfo(BaseModel):
     backbone: str
     input_size: Pair = Field(description="nominal (height, width) of the model input")
     latent_channels: int
-    payload_format_version: int
+    payload_format_version: int = Field(description="the payload format this bundle's encoders write: 3 names "
+                                                    "each image's rate (variable-rate), 2 has none (single-rate)")
+    rates: list[RateInfo] = Field(description="the rates a device may code an image at, by index; a single-rate "
+                                              "bundle has one, index 0")
+    default_rate: int = Field(description="the rate a device codes at unless it chooses; uploaded images "
+                                          "(full offloading) are encoded at it")
     max_images: int = Field(description="most images one /infer request may carry (--max-batch); more get 400")
     max_body_bytes: int = Field(description="largest /infer body accepted (--max-body-bytes); larger gets 413")
 
@@ -173,15 +185,24 @@ async def read_job(request: Request, tasks: str | None, executor: Executor, conf
 
 
 def encoder_info(features: Features, max_body_bytes: int) -> EncoderInfo:
-    """``GET /v1/encoder``: what an edge client must encode with."""
-    from splitserve_edge.payload import FORMAT_VERSION
+    """``GET /v1/encoder``: what an edge client must encode with, and the rates it may choose from
+    (a single-rate bundle's one rate is described by its measured ``bytes`` and ``payload_bpp``)."""
+    from splitserve_edge.payload import FORMAT_VERSION, SINGLE_RATE_VERSION
 
-    manifest = features.manifest
+    manifest, count = features.manifest, features.codec.rates
+    if manifest.rates:
+        rates = manifest.rates
+    elif count == 1:  # measured by `platform bundle measure`
+        rates = [RateEntry(bytes_per_image=manifest.metrics.get("bytes"), bpp=manifest.metrics.get("payload_bpp"))]
+    else:  # not measured
+        rates = [RateEntry()] * count
     return EncoderInfo(
         fingerprint=features.fingerprint, fingerprint_id=features.fingerprint_id.hex(),
         family=manifest.codec.family, config=manifest.codec.config, backbone=manifest.backbone,
         input_size=manifest.input_size, latent_channels=features.codec.latent_channels,
-        payload_format_version=FORMAT_VERSION, max_images=features.payload_limits.max_images,
+        payload_format_version=FORMAT_VERSION if count > 1 else SINGLE_RATE_VERSION,
+        rates=[RateInfo(index=k, **rate.model_dump()) for k, rate in enumerate(rates)],
+        default_rate=manifest.default_rate, max_images=features.payload_limits.max_images,
         max_body_bytes=max_body_bytes,
     )
 
@@ -243,9 +264,10 @@ def create_app(config: ServerConfig | None = None, executor: Executor | None = N
         summary="Decode features once and run the requested tasks",
         description=(
             "Body: a splitserve payload (`application/x-splitserve` or `application/octet-stream`) "
-            "holding one or more edge-encoded images, or one plain image (`image/jpeg`, `image/png`, "
-            "`image/webp`) that the server encodes itself (full offloading). The latent is entropy-"
-            "decoded and the feature rebuilt once per batch; each requested task runs on it."
+            "holding one or more edge-encoded images, each at any of the bundle's rates (`GET /v1/encoder`), "
+            "or one plain image (`image/jpeg`, `image/png`, `image/webp`) that the server encodes itself "
+            "at the default rate (full offloading). Each latent is entropy-decoded at its rate and the "
+            "feature rebuilt once per batch; each requested task runs on it."
         ),
         openapi_extra={"requestBody": {"required": True, "content": {
             **{t: {"schema": {"type": "string", "format": "binary"}} for t in PAYLOAD_TYPES + IMAGE_TYPES}}}},

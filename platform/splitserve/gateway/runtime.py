@@ -150,12 +150,29 @@ class Features:
 
     # -- request side (event loop) -----------------------------------------------------------
     def parse_payload(self, body: bytes) -> tuple[Payload, list[ImageMeta]]:
-        """Strict parse, fingerprint check, and a latent shape this codec can decode."""
+        """Strict parse, fingerprint check, rate indices this codec has, and a latent shape it can
+        decode — all before any decode work."""
         with self.metrics.stage("parse"):
             payload = Payload.from_bytes(body, self.payload_limits)
             payload.check_fingerprint(self.fingerprint_id)
+            self.check_rates(payload)
             metas = self.check_latent_shape(payload)
         return payload, metas
+
+    def check_rates(self, payload: Payload) -> None:
+        """Every image's rate index must be one of this codec's rates. A variable-rate bundle
+        needs them stated (format v3): a payload without them (v2) is refused rather than read as
+        rate 0, since a bitstream decoded at a rate it was not coded at can decode into wrong
+        features instead of failing. A single-rate bundle reads v2 as it always did, and v3 at rate 0."""
+        count = self.codec.rates
+        if payload.rates is None:
+            if count > 1:
+                raise PayloadError(f"this bundle codes at {count} rates and its payloads name each image's rate "
+                                   f"(format v3); this one is v{payload.version}, without rates")
+            return
+        for i, rate in enumerate(payload.rates):
+            if rate >= count:
+                raise PayloadError(f"image {i}: rate index {rate} is outside this bundle's rates 0..{count - 1}")
 
     def check_latent_shape(self, payload: Payload) -> list[ImageMeta]:
         """Accept exactly the latent shapes the bundle's preprocessing produces for the images'
@@ -187,14 +204,18 @@ class Features:
 
     # -- batch side (worker thread) ------------------------------------------------------------
     def decode(self, group: Sequence[Job]) -> tuple[torch.Tensor | None, dict[int, PayloadError]]:
-        """Features of the group's images (one decoder pass), and the jobs whose bitstreams failed."""
+        """Features of the group's images (one decoder pass, whatever their rates), and the jobs
+        whose bitstreams failed. Each payload image is entropy-decoded with its rate's prior and
+        inverse gain; an uploaded image is encoded at the bundle's default rate."""
         failed: dict[int, PayloadError] = {}
         if group[0].payload is not None:
             latents = []
             with self.metrics.stage("entropy_decode"):
                 for k, job in enumerate(group):
                     try:
-                        latents.append(self.codec.decompress(list(job.payload.strings), job.payload.latent_shape[1:]))
+                        payload = job.payload  # each image at its own rate, one batch for the decoder
+                        latents.append(self.codec.decompress(payload.strings, payload.latent_shape[1:],
+                                                             payload.image_rates))
                     except PayloadError as e:  # a forged or corrupt bitstream: that request alone gets a 400
                         failed[k] = e
             if not latents:
@@ -202,7 +223,8 @@ class Features:
             y_hat = torch.cat(latents)
         else:
             with self.metrics.stage("image_encode"):
-                y_hat = self.codec.quantize(torch.cat([job.pixels for job in group]).to(self.device))
+                pixels = torch.cat([job.pixels for job in group]).to(self.device)
+                y_hat = self.codec.quantize(pixels, self.manifest.default_rate)
         with self.metrics.stage("feature_decode"):
             return self.codec.decode(y_hat), failed
 
