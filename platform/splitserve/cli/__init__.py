@@ -71,8 +71,11 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def add_command(sub, name: str, func, help: str, description: str | None = None) -> argparse.ArgumentParser:
-    """Add a sub-command whose handler is ``func(args)``; the first line of help is the summary."""
+def add_command(sub, name: str, func, help: str, description: str | None = None, *,
+                group: str | None = None) -> argparse.ArgumentParser:
+    """Add a sub-command whose handler is ``func(args)``; the first line of help is the summary.
+    ``group`` names the command it belongs to (``bench`` for ``platform bench serve``), so its
+    errors name it in full."""
     p = sub.add_parser(name, help=help, description=description or help)
-    p.set_defaults(func=func, command=name)
+    p.set_defaults(func=func, command=f"{group} {name}" if group else name)
     return p

@@ -11,9 +11,9 @@ def register(sub) -> None:
     p = add_command(sub, "bench", lambda a: a.bench_parser.print_help(), "Run benchmarks and write their reports.")
     p.set_defaults(bench_parser=p)
     bsub = p.add_subparsers(title="benchmarks", metavar="BENCH")
-    s = bsub.add_parser("serve", help="Decode-once latency and dynamic-batching throughput on loopback.",
-                        description="Start real gateway processes on loopback and compare: one 3-task request "
-                                    "vs three single-task requests; throughput with dynamic batching vs batch 1.")
+    s = add_command(bsub, "serve", serve, "Decode-once latency and dynamic-batching throughput on loopback.",
+                    "Start real gateway processes on loopback and compare: one 3-task request vs three single-task "
+                    "requests; throughput with dynamic batching vs batch 1.", group="bench")
     s.add_argument("--bundle", metavar="DIR", help="bundle to serve (default: the embedded default)")
     s.add_argument("--rounds", type=int, default=20, help="latency rounds (default %(default)s)")
     s.add_argument("--concurrency", type=int, default=16, help="concurrent clients (default %(default)s)")
@@ -23,41 +23,65 @@ def register(sub) -> None:
     s.add_argument("--tasks", default="cls", help="tasks for the throughput runs (default %(default)s)")
     s.add_argument("--threads", type=int, help="torch threads per server")
     s.add_argument("--output", metavar="MD", help="rewrite this Markdown file's serve section (e.g. docs/benchmarks.md)")
-    s.set_defaults(func=serve, command="bench serve")
 
-    c = bsub.add_parser("encode", help="Device-side encoding: eager, ExecuTorch, ONNX Runtime, torch-free; both coders.",
-                        description="Entropic Student and RAC N=0/4/8 at batch 1, one thread and all threads, model "
-                                    "input to payload bytes with eager PyTorch, ExecuTorch (the .pte of `platform "
-                                    "export`, when installed), ONNX Runtime and the torch-free client; the old and new "
-                                    "entropy coders; installed sizes.")
+    c = add_command(bsub, "encode", encode,
+                    "Device-side encoding: eager, ExecuTorch, ONNX Runtime, torch-free; both coders.",
+                    "Entropic Student and RAC N=0/4/8 at batch 1, one thread and all threads, model input to payload "
+                    "bytes with eager PyTorch, ExecuTorch (the .pte of `platform export`, when installed), ONNX "
+                    "Runtime and the torch-free client; the old and new entropy coders; installed sizes.", group="bench")
     c.add_argument("--repeat", type=int, default=20, help="timed runs per measurement (default %(default)s)")
     c.add_argument("--size", type=int, default=224, help="input side (default %(default)s)")
     c.add_argument("--edge-venv", type=Path, metavar="DIR", help="a venv with the edge client, to report its size")
     c.add_argument("--output", metavar="MD", help="rewrite this Markdown file's encode section")
-    c.set_defaults(func=encode, command="bench encode")
 
-    r = bsub.add_parser("reliability", help="Load, fault and fuzz runs against a live gateway: statuses, "
-                                             "latency quantiles, RSS, restarts.",
-                        description="Start a real gateway on loopback and send it a bounded load, the reliability "
-                                    "issue's attacks, and forged payloads; report what came back.")
+    r = add_command(bsub, "reliability", reliability,
+                    "Load, fault and fuzz runs against a live gateway: statuses, latency quantiles, RSS, restarts.",
+                    "Start a real gateway on loopback and send it a bounded load, the reliability issue's attacks, "
+                    "and forged payloads; report what came back.", group="bench")
     r.add_argument("--bundle", metavar="DIR", help="bundle to serve (default: the embedded default)")
     r.add_argument("--requests", type=int, default=400, help="load-run requests (default %(default)s)")
     r.add_argument("--concurrency", type=int, default=16)
     r.add_argument("--fuzz", type=int, default=2000, help="forged payloads (default %(default)s)")
     r.add_argument("--rounds", type=int, default=5, help="rounds of the attack list (default %(default)s)")
     r.add_argument("--output", metavar="MD", help="rewrite this Markdown file's reliability section")
-    r.set_defaults(func=reliability, command="bench reliability")
 
-    e = bsub.add_parser("e2e", help="Classification accuracy and bpp through the real serving path, per image.",
-                        description="Encode each image of an ImageFolder split alone (as a device would), parse, "
-                                    "decode and classify it with the gateway runtime; compare with a teacher.")
+    e = add_command(bsub, "e2e", e2e, "Classification accuracy and bpp through the real serving path, per image.",
+                    "Encode each image of an ImageFolder split alone (as a device would), parse, decode and classify "
+                    "it with the gateway runtime; compare with a teacher.", group="bench")
     e.add_argument("--bundle", metavar="DIR", required=True)
     e.add_argument("--data", metavar="DIR", required=True, type=Path, help="ImageFolder root (DIR/<split>/<class>/…)")
     e.add_argument("--split", default="val")
     e.add_argument("--teacher", metavar="DIR", type=Path, help="teacher directory to compare against")
     e.add_argument("--limit", type=int, help="evaluate an evenly spaced subset of this many images")
     e.add_argument("--output", metavar="MD", help="rewrite this Markdown file's e2e section")
-    e.set_defaults(func=e2e, command="bench e2e")
+
+    k = add_command(bsub, "link", link, "A device picking each frame's rate on a link whose bandwidth varies, "
+                                        "against every fixed rate: accuracy, deadline misses, bytes.",
+                    "Code real val images with a (variable-rate) bundle at every rate and answer them with the "
+                    "gateway runtime; then simulate a link whose bandwidth follows a seeded trace (LTE-M-like "
+                    "0.1–1 Mbit/s, or LoRa SF7–SF10) and compare a device that picks each frame's rate to meet a "
+                    "deadline (byte budget from its predicted bandwidth, the edge's budget search) with each fixed "
+                    "rate and any separately trained bundles. The link is arithmetic on the real byte counts; see "
+                    "docs/benchmarks.md.", group="bench")
+    k.add_argument("--bundle", metavar="DIR", required=True, type=Path, help="the (variable-rate) bundle")
+    k.add_argument("--data", metavar="DIR", required=True, type=Path,
+                   help="fmnist-scenes tree, ImageFolder root or COCO tree (what platform evaluate reads)")
+    k.add_argument("--fixed", metavar="DIR", nargs="+", type=Path, default=[],
+                   help="separately trained bundles, each also a fixed-rate policy")
+    k.add_argument("--task", help="task whose answers are scored (default: classification, else the bundle's first)")
+    k.add_argument("--trace", choices=("lte-m", "lora"), default="lte-m", help="bandwidth trace (default %(default)s)")
+    k.add_argument("--deadline-ms", type=float, help="arrival-to-answer deadline (default: 30 for lte-m, 1000 for lora)")
+    k.add_argument("--fps", type=float, help="frames per second (default: 10 for lte-m, 0.2 for lora)")
+    k.add_argument("--frames", type=int, default=100, help="frames, each a different val image (default %(default)s)")
+    k.add_argument("--seed", type=int, default=0, help="the trace's seed (default %(default)s)")
+    k.add_argument("--split", default="val")
+    k.add_argument("--predictor", choices=("ewma", "oracle"), default="ewma",
+                   help="the adaptive device's bandwidth prediction: its past transfers, or the trace itself")
+    k.add_argument("--repeat", type=int, default=20, help="timed runs per encode/server time (default %(default)s)")
+    k.add_argument("--encode-ms", type=float, help="the device's encode time for every policy (default: measured here)")
+    k.add_argument("--server-ms", type=float, help="the server's time per frame for every policy (default: measured here)")
+    k.add_argument("--plot", metavar="PNG", type=Path, help="plot the trace and the rate chosen per frame")
+    k.add_argument("--output", metavar="MD", help="rewrite this Markdown file's link section")
 
 
 def _publish(report: str, output: str | None, section: str) -> int:
@@ -101,3 +125,16 @@ def e2e(args) -> int:
 
     table = bench.run(Path(args.bundle), args.data, split=args.split, teacher=args.teacher, limit=args.limit)
     return _publish(f"Machine: {machine()}.\n\n{table}", args.output, "e2e")
+
+
+def link(args) -> int:
+    from ..bench import link as bench
+
+    report = bench.run(args.bundle, args.data, fixed=args.fixed, task=args.task, trace=args.trace,
+                       deadline_ms=args.deadline_ms, fps=args.fps, frames=args.frames, seed=args.seed,
+                       split=args.split, predictor=args.predictor, plot=args.plot, repeat=args.repeat,
+                       encode_ms=args.encode_ms, server_ms=args.server_ms,
+                       report_dir=Path(args.output).parent if args.output else None)
+    if args.plot:
+        print(f"wrote {args.plot}")
+    return _publish(report, args.output, f"link:{args.trace}")

@@ -13,12 +13,13 @@ def register(sub) -> None:
     bsub = p.add_subparsers(title="bundle commands", metavar="ACTION")
     p.set_defaults(bundle_parser=p)
 
-    i = bsub.add_parser("inspect", help="Verify a bundle and print its manifest, parameter counts and fingerprint.")
+    i = add_command(bsub, "inspect", inspect, "Verify a bundle and print its manifest, parameter counts and fingerprint.",
+                    group="bundle")
     i.add_argument("path", metavar="DIR", nargs="?", help="bundle directory (default: the embedded default)")
     i.add_argument("--json", action="store_true", help="print the manifest as JSON")
-    i.set_defaults(func=inspect, command="bundle inspect")
 
-    c = bsub.add_parser("init", help="Write a bundle with deterministic untrained weights (a starting point).")
+    c = add_command(bsub, "init", init, "Write a bundle with deterministic untrained weights (a starting point).",
+                    group="bundle")
     c.add_argument("path", metavar="DIR")
     c.add_argument("--encoder", default="entropic_student", metavar="FAMILY",
                    help="codec family from the registry (built in: entropic_student, rac)")
@@ -27,21 +28,22 @@ def register(sub) -> None:
     c.add_argument("--input-size", type=int, nargs=2, default=(224, 224), metavar=("H", "W"))
     c.add_argument("--tasks", default=None, help="comma-separated tasks (default: every installed plugin)")
     c.add_argument("--seed", type=int, default=0)
-    c.set_defaults(func=init, command="bundle init")
 
-    k = bsub.add_parser("pack", help="Copy a bundle with decoder, trunk and heads in float16 (encoder and prior exact).")
+    k = add_command(bsub, "pack", pack, "Copy a bundle with decoder, trunk and heads in float16 (encoder and prior exact).",
+                    group="bundle")
     k.add_argument("path", metavar="DIR")
     k.add_argument("out", metavar="OUT")
     k.add_argument("--fp16-encoder", action="store_true",
                    help="store the encoder in float16 too (half the device download; a new fingerprint and "
                         "slightly different latents, so measure the packed bundle again: `bundle measure`)")
-    k.set_defaults(func=pack, command="bundle pack")
 
-    m = bsub.add_parser("measure", help="Score every head through the served path and write the metrics into the manifest.",
-                        description="Encode each image of a split into its own payload with the bundle's encoder, answer "
-                                    "it with the gateway runtime, score it (top-1/top-5, COCO box mAP, mIoU) and replace "
-                                    "the manifest's metrics with what was measured, bytes per image included. Only "
-                                    "manifest.json changes.")
+    m = add_command(bsub, "measure", measure,
+                    "Score every head through the served path and write the metrics into the manifest.",
+                    "Encode each image of a split into its own payload with the bundle's encoder, answer it with the "
+                    "gateway runtime, score it (top-1/top-5, COCO box mAP, mIoU) and replace the manifest's metrics "
+                    "with what was measured, bytes per image included. A variable-rate bundle's heads are scored at "
+                    "its default rate, and every rate's bytes per image and bpp (on the images of "
+                    "the manifest's first task) go into the manifest's rates. Only manifest.json changes.", group="bundle")
     m.add_argument("path", metavar="DIR")
     m.add_argument("--data", required=True, type=Path, metavar="ROOT",
                    help="fmnist-scenes tree (imagefolder/ + coco/), or the one tree every task reads")
@@ -49,11 +51,10 @@ def register(sub) -> None:
     m.add_argument("--limit", type=int, default=None, help="an evenly spaced subset of this many images per task")
     m.add_argument("--batch-size", type=int, default=32)
     m.add_argument("--no-progress", action="store_true")
-    m.set_defaults(func=measure, command="bundle measure")
 
-    u = bsub.add_parser("upgrade", help="Convert a bundle written by an older splitserve to the current format.")
+    u = add_command(bsub, "upgrade", upgrade, "Convert a bundle written by an older splitserve to the current format.",
+                    group="bundle")
     u.add_argument("path", metavar="DIR")
-    u.set_defaults(func=upgrade, command="bundle upgrade")
 
 
 def inspect(args) -> int:
@@ -75,6 +76,12 @@ def inspect(args) -> int:
           f"(preprocessing: {manifest.policy.describe()})")
     lat = codec.latent_hw(*manifest.input_size)
     print(f"latent       {codec.latent_channels}x{lat[0]}x{lat[1]}")
+    if codec.rates > 1:
+        print(f"rates        {codec.rates}, default {manifest.default_rate} (0 is the smallest payload)")
+        for k, r in enumerate(manifest.rates):
+            parts = [f"β {r.beta:g}" if r.beta is not None else "", f"λ {r.lmbda:g}" if r.lmbda is not None else "",
+                     f"{r.bytes_per_image:.1f} bytes, {r.bpp:.4f} bpp" if r.bytes_per_image is not None else ""]
+            print(f"  rate {k:<8}{', '.join(p for p in parts if p) or 'not measured (bundle measure)'}")
     print("device side  {:>12,} parameters (encoder {:,} + prior {:,})".format(
         counts["encoder"] + counts["prior"], counts["encoder"], counts["prior"]))
     print("server side  {:>12,} parameters (decoder {:,} + heads {:,})".format(
@@ -120,19 +127,28 @@ def pack(args) -> int:
 def measure(args) -> int:
     import datetime as dt
 
-    from ..bundle import record_metrics
+    from ..bundle import RateEntry, record_metrics, write_manifest
     from ..evaluation.methods import measure_bundle
 
-    measured = measure_bundle(Path(args.path), args.data, split=args.split, limit=args.limit,
+    path = Path(args.path)
+    measured = measure_bundle(path, args.data, split=args.split, limit=args.limit,
                               batch_size=args.batch_size, progress=not args.no_progress)
-    first = measured.get("classification") or next(iter(measured.values()))
-    images = {int(m["images"]) for m in measured.values()}
-    record_metrics(args.path, measured, {"payload_bpp": first["payload_bpp"], "bytes": first["bytes"]},
-                   {"measured": f"served path (payload → gateway runtime), {args.split} split of {args.data}, "
-                                f"{'/'.join(map(str, sorted(images)))} images, "
-                                f"{dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')}"})
-    for task, m in measured.items():
+    tasks, first = measured.tasks, measured.tasks[measured.summary_task]
+    images = {int(m["images"]) for m in tasks.values()}
+    manifest = record_metrics(path, tasks, {"payload_bpp": first["payload_bpp"], "bytes": first["bytes"]},
+                              {"measured": f"served path (payload → gateway runtime), {args.split} split of "
+                                           f"{args.data}, {'/'.join(map(str, sorted(images)))} images"
+                                           + (f" at rate {measured.rate}" if measured.rate is not None else "")
+                                           + f", {dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')}"})
+    if measured.rates:  # every rate's cost; the β or λ each was trained at stays
+        old = manifest.rates or [RateEntry() for _ in measured.rates]
+        manifest.rates = [entry.model_copy(update=cost) for entry, cost in zip(old, measured.rates)]
+        write_manifest(path, manifest)
+    for task, m in tasks.items():
         scores = ", ".join(f"{k} {v:.2f}" for k, v in m.items() if k not in ("payload_bpp", "bytes", "images"))
         print(f"{task:<14} {scores}  ({m['bytes']:.1f} bytes, {m['payload_bpp']:.4f} bpp, {int(m['images'])} images)")
-    print(f"wrote the metrics into {Path(args.path) / 'manifest.json'}")
+    for k, cost in enumerate(measured.rates):
+        print(f"rate {k:<9} {cost['bytes_per_image']:.1f} bytes, {cost['bpp']:.4f} bpp ({measured.summary_task} images)"
+              + ("  (the default: the task metrics above)" if k == measured.rate else ""))
+    print(f"wrote the metrics into {path / 'manifest.json'}")
     return 0

@@ -88,6 +88,8 @@ def run(args) -> int:
                 for name in dict.fromkeys(p.method for p in study.points if p.task == task)]
         rows += [(f"{c['method']} against {c['against']}", c["delta_accuracy"], c["bd_rate"])
                  for c in s.get("comparisons", [])]
+        rows += [(f"{c['method']} (variable-rate) against {c['against']}", v["delta_accuracy"], v["bd_rate"])
+                 for c in study.summary.get("variable_rate", []) for t, v in c["tasks"].items() if t == task]
         for name, d, b in rows:
             print(f"  {name}: Δ-accuracy {summary_cell(d, '+.2f', ' pp')}, BD-rate {summary_cell(b, '+.1f', ' %')}")
     return 0

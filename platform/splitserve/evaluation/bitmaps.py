@@ -38,11 +38,15 @@ class BitMap:
 
 
 @torch.inference_mode()
-def feature_codec_bits(codec, x: torch.Tensor) -> np.ndarray:
+def feature_codec_bits(codec, x: torch.Tensor, rate: int = 0) -> np.ndarray:
     """Bits per latent position of a :class:`~splitserve.models.FeatureCodec` for one normalised
-    input (1, 3, H, W): −log2 of the prior's likelihood of the rounded latent, summed over channels."""
+    input (1, 3, H, W) at ``rate``: −log2 of that rate's prior likelihood of the rounded (gained)
+    latent, summed over channels."""
     y = codec.encoder(x).float()  # the device half only: an edge codec has no decoder
-    _, likelihoods = codec.entropy_bottleneck(y, training=False)  # rounded around the medians, as coded
+    gain = codec.gain(rate)
+    if gain is not None:
+        y = y * gain
+    _, likelihoods = codec.priors[codec.check_rate(rate)](y, training=False)  # rounded around the medians, as coded
     return (-torch.log2(likelihoods[0])).sum(0).cpu().numpy()
 
 
@@ -50,7 +54,7 @@ def bundle_map(point, method: str, img: Image.Image) -> BitMap:
     """``point`` is a :class:`~splitserve.evaluation.methods.BundlePoint`."""
     x, _ = point.edge.preprocess([img])
     shown = point.edge.preprocessing.geometry(img)
-    return BitMap(method, point.setting, shown, feature_codec_bits(point.edge.codec, x))
+    return BitMap(method, point.setting, shown, feature_codec_bits(point.edge.codec, x, point.rate or 0))
 
 
 def image_codec_map(codec, method: str, img: Image.Image, policy) -> BitMap:

@@ -4,7 +4,8 @@
   :class:`~splitserve.edge.EdgeEncoder` into its own payload (one image per payload, as a device
   sends it); the rate is that payload's length, header included. The bytes go through the gateway
   :class:`~splitserve.gateway.runtime.Runtime` (strict parse, fingerprint and shape checks,
-  entropy decode, decoder, heads), whose answers are scored.
+  entropy decode, decoder, heads), whose answers are scored. A variable-rate bundle is one point
+  per rate (:meth:`BundlePoint.per_rate`): the same models, each image coded at that rate.
 - **Input codecs** (:class:`PillowCodec` for JPEG/WebP, :class:`CompressAICodec` for learned image
   codecs): the image is brought to the *model input* geometry by the teacher's declared
   preprocessing (resize/crop, before normalisation), encoded, decoded to 8-bit RGB, normalised and
@@ -17,6 +18,7 @@ and bytes per image.
 
 from __future__ import annotations
 
+import copy
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,7 +30,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from splitserve_edge.payload import bits_per_pixel
+from splitserve_edge.payload import Encoded, bits_per_pixel
 from splitserve_edge.preprocessing import normalize
 
 from ..errors import BundleError, SplitserveError
@@ -72,9 +74,27 @@ def _chunks(seq: Sequence, n: int):
         yield seq[i:i + n]
 
 
+# -- the device's call site -----------------------------------------------------------------------
+def encode_at(edge, x: torch.Tensor, sizes: Sequence[tuple[int, int]], rate: int | None) -> Encoded:
+    """The payload a device sends for the normalised batch ``x`` coded at ``rate`` (None: the
+    bundle's default rate). Every payload a study or ``bench link`` measures is made here or in
+    :func:`encode_within`: the edge encoder's own path."""
+    return edge.encode_tensor(x, sizes, rate=rate)
+
+
+@torch.inference_mode()
+def encode_within(edge, x: torch.Tensor, sizes: Sequence[tuple[int, int]], max_bytes: int) -> Encoded:
+    """Each image at the highest rate whose one-image payload has at most ``max_bytes`` bytes (the
+    device's ``--max-bytes``); :class:`splitserve_edge.rates.BudgetError` when even rate 0 does not fit."""
+    return edge.encode_tensor(x, sizes, max_bytes=max_bytes)
+
+
 # -- our bundles -----------------------------------------------------------------------------------
 class BundlePoint:
-    """One bundle (one rate point): edge encoder + gateway runtime for the tasks it has."""
+    """One bundle at one rate: edge encoder + gateway runtime for the tasks it has.
+
+    ``rate`` is None for a single-rate bundle. A variable-rate bundle starts at its default rate
+    and is one point per rate (:meth:`per_rate`), every one sharing the loaded models."""
 
     def __init__(self, path: Path, tasks: Sequence[str], registry):
         from ..bundle import read_manifest
@@ -89,14 +109,41 @@ class BundlePoint:
         if self.runtime is not None:
             for name, cfg in self.runtime.head_configs.items():  # the plugins' scoring settings
                 self.runtime.head_configs[name] = scoring_config(registry.get(name), cfg)
+        self.rate: int | None = None if self.rates == 1 else self.manifest.default_rate
+
+    @property
+    def rates(self) -> int:
+        """How many rates the bundle's codec has (1: single-rate)."""
+        return self.edge.codec.rates
+
+    def at_rate(self, rate: int) -> "BundlePoint":
+        """This bundle coding every image at ``rate`` (the models are shared, not copied)."""
+        point = copy.copy(self)
+        point.rate = self.edge.codec.check_rate(rate)
+        return point
+
+    def per_rate(self) -> list["BundlePoint"]:
+        """A variable-rate bundle's points, rate 0 (the smallest payload) first; a single-rate
+        bundle is its own one point."""
+        return [self] if self.rates == 1 else [self.at_rate(k) for k in range(self.rates)]
 
     @property
     def setting(self) -> str:
-        return self.path.name
+        return self.path.name if self.rate is None else f"{self.path.name} r{self.rate}"
 
     def config(self, task: str) -> dict[str, Any]:
         """The head config ``task``'s answers were made with."""
         return self.runtime.head_configs[task]
+
+    def encode(self, images: Sequence) -> Encoded:
+        """One payload for ``images`` at this point's rate (one image: what a device sends)."""
+        x, sizes = self.edge.preprocess(images)
+        return encode_at(self.edge, x, sizes, self.rate)
+
+    def cost(self, items: Sequence) -> tuple[float, float]:
+        """(bytes per image, bpp) of ``items`` (EvalSamples), each in its own payload, as :meth:`run` counts them."""
+        encoded = [self.encode([item.path]) for item in items]
+        return rate_of([e.num_bytes for e in encoded], [e.input_hw for e in encoded])
 
     def _job(self, task: str, data: bytes):
         from ..gateway.runtime import Job
@@ -104,21 +151,27 @@ class BundlePoint:
         payload, metas = self.runtime.parse_payload(data)
         return Job(plugins=[self.runtime.registry.get(task)], payload=payload, metas=metas)
 
+    def answer(self, task: str, payloads: Sequence[bytes]) -> list:
+        """The gateway runtime's answers for ``task`` to payloads this bundle's edge made (one batch)."""
+        answers = []
+        for result in self.runtime.run([self._job(task, data) for data in payloads]):  # decode once, heads
+            if isinstance(result, Exception):
+                raise SplitserveError(f"{self.path}: the runtime refused its own payload: {result}")
+            answers.append(result[0][task])
+        return answers
+
     def run(self, data: TaskData, batch_size: int, progress: bool, desc: str) -> Measured:
         out = Measured()
         bar = tqdm(total=len(data.items), desc=desc, unit="img", disable=not progress, leave=False)
         for chunk in _chunks(data.items, batch_size):
-            jobs = []
+            payloads = []
             for item in chunk:
-                encoded = self.edge.encode([item.path])  # one payload per image, as a device sends
+                encoded = self.encode([item.path])  # one payload per image, as a device sends
                 out.num_bytes.append(len(encoded.data))
                 out.bpp.append(encoded.bpp[0])
                 out.input_hw = encoded.input_hw
-                jobs.append(self._job(data.task, encoded.data))
-            for result in self.runtime.run(jobs):  # the gateway's batch path: decode once, heads
-                if isinstance(result, Exception):
-                    raise SplitserveError(f"{self.path}: the runtime refused its own payload: {result}")
-                out.answers.append(result[0][data.task])
+                payloads.append(encoded.data)
+            out.answers += self.answer(data.task, payloads)  # the gateway's batch path
             bar.update(len(chunk))
         bar.close()
         return out
@@ -132,20 +185,33 @@ class BundlePoint:
         return {
             "device_params": counts["encoder"] + counts["prior"],
             "device_macs": count_macs([codec.encoder], lambda: codec.encoder(x)),
-            "encode_ms": latency_ms(lambda: self.edge.encode_tensor(x, sizes), threads, repeat),
+            "encode_ms": latency_ms(lambda: encode_at(self.edge, x, sizes, self.rate), threads, repeat),
             "input_hw": tuple(x.shape[-2:]),
         }
 
     def server_ms(self, task: str, sample: Image.Image, threads: int, repeat: int) -> float:
         """Gateway time of one image: parse + entropy decode + decoder + the task's head."""
-        data = self.edge.encode([sample]).data
+        data = self.encode([sample]).data
         return latency_ms(lambda: self.runtime.run([self._job(task, data)]), threads, repeat)
 
 
+@dataclass
+class BundleMeasurement:
+    """What ``platform bundle measure`` writes: each task's metrics at the bundle's default rate,
+    the task whose rate stands for the bundle's, and (variable-rate) what every rate costs."""
+
+    tasks: dict[str, dict[str, float]]
+    summary_task: str
+    rate: int | None  # the rate the task metrics were measured at (None: a single-rate bundle)
+    rates: list[dict[str, float]]  # by rate index: {bytes_per_image, bpp}; [] for a single-rate bundle
+
+
 def measure_bundle(path: Path, data_root: Path, *, split: str = "val", limit: int | None = None,
-                   batch_size: int = 32, progress: bool = True) -> dict[str, dict[str, float]]:
-    """Every task of a bundle scored on its served path (payload bytes → gateway runtime), with
-    what each image cost: task → {metric…, payload_bpp, bytes, images}."""
+                   batch_size: int = 32, progress: bool = True) -> BundleMeasurement:
+    """Every task of a bundle scored on its served path (payload bytes → gateway runtime) at its
+    default rate, with what each image cost: task → {metric…, payload_bpp, bytes, images}. A
+    variable-rate bundle's every rate is costed on the summary task's images (the manifest's first
+    task), exactly as ``platform evaluate`` costs that rate's point there."""
     from ..bundle import read_manifest
     from ..plugins import PluginRegistry
     from .tasks import load_task_data
@@ -155,13 +221,17 @@ def measure_bundle(path: Path, data_root: Path, *, split: str = "val", limit: in
         raise BundleError(f"{path}: the bundle has no task heads to measure")
     registry = PluginRegistry.discover()
     point = BundlePoint(path, list(manifest.tasks), registry)
-    out = {}
+    served = point if point.rates == 1 else point.at_rate(manifest.default_rate)
+    summary_task = point.tasks[0]
+    out, items = {}, {}
     for task in point.tasks:
         data = load_task_data(registry.get(task), data_root, split, manifest.policy, limit)
-        m = point.run(data, batch_size, progress, task)
-        out[task] = {**data.score(m.answers, point.config(task)), "payload_bpp": m.mean_bpp,
+        m = served.run(data, batch_size, progress, task)
+        out[task] = {**data.score(m.answers, served.config(task)), "payload_bpp": m.mean_bpp,
                      "bytes": m.bytes_per_image, "images": float(len(m.answers))}
-    return out
+        items[task] = data.items
+    rates = [dict(zip(("bytes_per_image", "bpp"), p.cost(items[summary_task]))) for p in point.per_rate()]
+    return BundleMeasurement(out, summary_task, served.rate, rates if point.rates > 1 else [])
 
 
 # -- input codecs ----------------------------------------------------------------------------------

@@ -192,6 +192,7 @@ def _md_report(study, sweep, plots: dict[str, dict[str, str]]) -> str:
                 L.append(f"| {name} | " + " | ".join(cells) + " |")
             L.append("| **wins** | " + " | ".join(f"**{v['winner'] or '—'}**" for v in links.values()) + " |")
         L.append("")
+    L += _variable_rate_section(study.summary.get("variable_rate", []))
     cx = study.summary["complexity"]
     if cx:
         a = anchors.get("complexity")
@@ -214,6 +215,35 @@ def _md_report(study, sweep, plots: dict[str, dict[str, str]]) -> str:
     if study.notes:
         L += ["## Notes", ""] + [f"- {n}" for n in study.notes] + [""]
     return "\n".join(L)
+
+
+def _variable_rate_section(pairs: list[dict[str, Any]]) -> list[str]:
+    """The ``variable_rate`` pairs: each task's Δ-accuracy and BD-rate, then the training time."""
+    if not pairs:
+        return []
+    L = ["## Variable rate: one bundle against separately trained ones", "",
+         "Every rate of the variable-rate bundle is one point of its curve (one model); the other curve is "
+         "the separately trained single-rate bundles'. Δ-accuracy and BD-rate of the first against the second, "
+         "computed as above (PCHIP).", "",
+         "| variable-rate | against | task | Δ-accuracy (pp) | BD-rate (%) |", "|---|---|---|---:|---:|"]
+    for c in pairs:
+        for task, v in c["tasks"].items():
+            L.append(f"| {c['method']} | {c['against']} | {task} | {summary_cell(v['delta_accuracy'], '+.2f')} | "
+                     f"{summary_cell(v['bd_rate'], '+.1f')} |")
+    L += ["", "Training wall time, from each bundle's provenance (`train_seconds`): the run that wrote the "
+          "codec, alone and with the fine-tuning runs of the heads measured here; the one variable-rate run "
+          "against the sum of the separate runs and against their mean (one single-rate run).", "",
+          "| variable-rate | against | counted | one run (s) | separate runs (s) | one ÷ sum | one ÷ one separate run |",
+          "|---|---|---|---:|---|---:|---:|"]
+    for c in pairs:
+        for counted, t in c["training"].items():
+            if isinstance(t, str):
+                L.append(f"| {c['method']} | {c['against']} | {counted} | {t} | | | |")
+                continue
+            runs = " + ".join(f"{s:.0f}" for s in t["separate_s"]) + f" = {t['separate_sum_s']:.0f}"
+            L.append(f"| {c['method']} | {c['against']} | {counted} | {t['one_run_s']:.0f} | {runs} | "
+                     f"{t['ratio_to_sum']:.2f} | {t['ratio_to_one']:.2f} |")
+    return L + [""]
 
 
 def write_outputs(out: Path, study, sweep) -> dict[str, dict[str, str]]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ class Point:
     device_params: int | None
     device_macs: int | None
     source: str
+    rate: int | None = None  # a variable-rate bundle's rate index (None: a single-rate method)
 
 
 @dataclass
@@ -132,23 +134,29 @@ def evaluate(sweep: Sweep, out: Path, *, progress: bool = True) -> Study:
     bar = tqdm(total=total, desc="methods", unit="point", disable=not progress)
     bundle_points: dict[str, list] = {}
     codec_points: dict[str, list] = {}
+    training: dict[str, list[dict[str, Any]]] = {}  # bundle method → each bundle's training seconds
     for method in sweep.methods:
         mtasks = _method_tasks(method, tasks, registry)
         with step(method.name):
             for setting in method.points:
                 bar.set_postfix_str(f"{method.name} {setting if not isinstance(setting, Path) else setting.name}")
                 if method.kind == "bundle":
-                    bp = BundlePoint(setting, mtasks, registry)
-                    bundle_points.setdefault(method.name, []).append(bp)
-                    lacking = [t for t in mtasks if t not in bp.tasks]
+                    bundle = BundlePoint(setting, mtasks, registry)
+                    training.setdefault(method.name, []).append(training_record(bundle.manifest, bundle.path.name,
+                                                                                bundle.tasks))
+                    lacking = [t for t in mtasks if t not in bundle.tasks]
                     if lacking:
-                        notes.append(f"{method.name} {bp.setting}: no head for {', '.join(lacking)} (not measured there)")
-                    dev = bp.device(device_sample, **kw)
-                    for t in bp.tasks:
-                        m = bp.run(data[t], sweep.batch_size, progress, f"{method.name} {bp.setting} {t}")
-                        acc = data[t].score(m.answers, bp.config(t))[data[t].metric]
-                        server = bp.server_ms(t, samples[t], **kw)
-                        points.append(_point(method, bp.setting, t, data[t], m, acc, dev, server, bp.path))
+                        notes.append(f"{method.name} {bundle.path.name}: no head for {', '.join(lacking)} "
+                                     "(not measured there)")
+                    for bp in bundle.per_rate():  # a variable-rate bundle: one point per rate, one curve
+                        bundle_points.setdefault(method.name, []).append(bp)
+                        dev = bp.device(device_sample, **kw)
+                        for t in bp.tasks:
+                            m = bp.run(data[t], sweep.batch_size, progress, f"{method.name} {bp.setting} {t}")
+                            acc = data[t].score(m.answers, bp.config(t))[data[t].metric]
+                            server = bp.server_ms(t, samples[t], **kw)
+                            points.append(_point(method, bp.setting, t, data[t], m, acc, dev, server, bp.path,
+                                                 bp.rate))
                 else:
                     codec = input_codec(method.kind, setting)
                     if method.kind == "compressai":
@@ -164,7 +172,7 @@ def evaluate(sweep: Sweep, out: Path, *, progress: bool = True) -> Study:
     bar.close()
 
     with step("summaries"):
-        summary = summarize(points, sweep, reference)
+        summary = summarize(points, sweep, reference, training)
 
     bitmaps: list[dict[str, Any]] = []
     if sweep.bitmap_images:
@@ -200,12 +208,13 @@ def _method_tasks(method, tasks: list[str], registry) -> list[str]:
     return [t for t in tasks if t in wanted]
 
 
-def _point(method, setting: str, task: str, data, m, acc: float, dev: dict, server: float, source) -> Point:
+def _point(method, setting: str, task: str, data, m, acc: float, dev: dict, server: float, source,
+           rate: int | None = None) -> Point:
     h, w = m.input_hw
     return Point(method=method.name, kind=method.kind, setting=setting, task=task, metric=data.metric,
                  accuracy=float(acc), images=len(m.answers), bytes_per_image=m.bytes_per_image, bpp=m.mean_bpp,
                  input_h=int(h), input_w=int(w), encode_ms=float(dev["encode_ms"]), server_ms=float(server),
-                 device_params=dev["device_params"], device_macs=dev["device_macs"], source=str(source))
+                 device_params=dev["device_params"], device_macs=dev["device_macs"], source=str(source), rate=rate)
 
 
 def _bitmaps(sweep: Sweep, out: Path, bundle_points, codec_points, data, policy) -> list[dict[str, Any]]:
@@ -256,10 +265,51 @@ def _against(fn, anchor: list[Point], curve: list[Point]) -> float | str:
         return f"n/a ({e})"
 
 
-def summarize(points: list[Point], sweep: Sweep, reference: dict[str, dict[str, Any]]) -> dict[str, Any]:
+TRAIN_SECONDS = "train_seconds"
+"""The provenance key a training run records its wall time under (seconds in the engine's fit,
+summed over resumes)."""
+
+
+def training_record(manifest, name: str, tasks: Sequence[str]) -> dict[str, Any]:
+    """A bundle's training wall time, from its manifest: the run that wrote its codec
+    (``provenance.train_seconds``) and each fine-tuning run that wrote one of ``tasks``' heads. A
+    head the codec's own run wrote (its provenance names no stage) adds nothing."""
+    heads = {t: manifest.tasks[t].provenance.get(TRAIN_SECONDS) for t in tasks
+             if manifest.tasks[t].provenance.get("stage")}
+    return {"bundle": name, "codec_seconds": manifest.provenance.get(TRAIN_SECONDS), "head_seconds": heads}
+
+
+def _seconds(record: dict[str, Any], counted: str) -> float | None:
+    values = [record["codec_seconds"], *(record["head_seconds"].values() if counted == "codec and heads" else ())]
+    ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    return float(sum(values)) if ok else None
+
+
+def training_comparison(one: Sequence[dict[str, Any]], separate: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Training time of the variable-rate run(s) ``one`` against the separately trained bundles
+    ``separate`` (records of :func:`training_record`): for the codec's run alone and with the
+    heads' fine-tuning runs, the seconds, their ratio to the separate runs' sum and to their mean
+    (one single-rate run) — or why there is none."""
+    out: dict[str, Any] = {}
+    for counted in ("codec", "codec and heads"):
+        lacking = [r["bundle"] for r in [*one, *separate] if _seconds(r, counted) is None]
+        runs = [_seconds(r, counted) for r in separate]
+        if lacking or not one or not runs or sum(runs) <= 0:
+            out[counted] = f"n/a (no {TRAIN_SECONDS} in the provenance of {', '.join(lacking) or 'any bundle'})"
+            continue
+        total = sum(_seconds(r, counted) for r in one)
+        out[counted] = {"one_run_s": total, "separate_s": runs, "separate_sum_s": sum(runs),
+                        "ratio_to_sum": total / sum(runs), "ratio_to_one": total / statistics.mean(runs)}
+    return out
+
+
+def summarize(points: list[Point], sweep: Sweep, reference: dict[str, dict[str, Any]],
+              training: dict[str, list[dict[str, Any]]] | None = None) -> dict[str, Any]:
     """Per task: Δ-accuracy and BD-rate of every curve against the anchors and of the sweep's
     comparisons, the link model; per method: device-side complexity and its ratio to the
-    complexity anchor."""
+    complexity anchor; per ``variable_rate`` pair: Δ-accuracy and BD-rate of the variable-rate
+    curve against the separately trained bundles' on every task, and the training time
+    (``training``: method → its bundles' :func:`training_record`)."""
     by_task: dict[str, dict[str, list[Point]]] = {}
     for p in points:
         by_task.setdefault(p.task, {}).setdefault(p.method, []).append(p)
@@ -298,4 +348,10 @@ def summarize(points: list[Point], sweep: Sweep, reference: dict[str, dict[str, 
             c["params_ratio"] = (c["params"] / anchor["params"]) if c["params"] is not None and anchor["params"] else None
             c["macs_ratio"] = (c["macs"] / anchor["macs"]) if c["macs"] is not None and anchor["macs"] else None
     out["complexity"] = per_method
+    out["variable_rate"] = [
+        {"method": name, "against": against,
+         "tasks": {task: {key: _against(fn, curves[against], curves[name]) for key, fn in _SUMMARIES}
+                   for task, curves in by_task.items() if name in curves and against in curves},
+         "training": training_comparison((training or {}).get(name, []), (training or {}).get(against, []))}
+        for name, against in sweep.variable_rate]
     return out

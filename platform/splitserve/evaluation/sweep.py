@@ -15,6 +15,8 @@ to the sweep file. The schema (see ``docs/evaluation.md``)::
     batch_size: 16                     # images per runtime/teacher call for the accuracy passes
     anchors: {delta_accuracy: Entropic Student, bd_rate: WebP, complexity: Entropic Student}
     comparisons: [[Factorized prior, JPEG]]  # also: Δ-accuracy and BD-rate of a curve against another
+    variable_rate: [[ES VR, Entropic Student]]  # a variable-rate bundle's curve against separately
+                                       # trained bundles: Δ-accuracy, BD-rate and training time
     links_kbit_s: {LoRa: 37.5, LTE-M: 1000, Wi-Fi: 50000}
     link_tolerance: [1.0, 5.0]         # accuracy points below the uncompressed teacher still "as good"
                                        # (one number or a list: one link table per tolerance)
@@ -25,10 +27,15 @@ to the sweep file. The schema (see ``docs/evaluation.md``)::
       - {name: JPEG, kind: jpeg, points: [10, 30, 50, 90]}
       - {name: Factorized prior, kind: compressai, points: [../runs/bmshj-q1, ../runs/bmshj-q3]}
       - {name: ES own trunk, kind: bundle, points: [../runs/es-own], tasks: [detection]}  # only there
+      - {name: ES VR, kind: bundle, points: [../runs/es-vr]}  # variable-rate: one point per rate
+
+A variable-rate bundle (its codec has ``rates`` > 1) is measured at every rate, one point each: it
+is one curve, so it is the only point of its method.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,7 +53,7 @@ DEFAULT_LINKS = {"LoRa": 37.5, "LTE-M": 1000.0, "Wi-Fi": 50000.0}
 (LTE Cat-M1 peaks near 1 Mbit/s; 1 Mbit/s here). Wi-Fi: a modest 50 Mbit/s 802.11n link."""
 
 _KEYS = {"data", "split", "limit", "teacher", "teachers", "tasks", "threads", "repeat", "batch_size", "anchors",
-         "comparisons", "links_kbit_s", "link_tolerance", "bitmaps", "methods"}
+         "comparisons", "variable_rate", "links_kbit_s", "link_tolerance", "bitmaps", "methods"}
 _ANCHORS = ("delta_accuracy", "bd_rate", "complexity")
 
 
@@ -75,6 +82,7 @@ class Sweep:
     batch_size: int = 16
     anchors: dict[str, str] = field(default_factory=dict)
     comparisons: list[tuple[str, str]] = field(default_factory=list)  # (curve, against): beyond the anchors
+    variable_rate: list[tuple[str, str]] = field(default_factory=list)  # (variable-rate method, single-rate one)
     links_kbit_s: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_LINKS))
     link_tolerance: list[float] = field(default_factory=lambda: [1.0])
     bitmap_images: int = 3
@@ -244,18 +252,20 @@ def parse_sweep(raw: dict, base: Path, *, name: str = "sweep", check_paths: bool
     if "complexity" not in anchors and "delta_accuracy" in anchors:
         anchors["complexity"] = anchors["delta_accuracy"]
 
-    comparisons: list[tuple[str, str]] = []
-    raw_cmp = raw.get("comparisons") or []
-    if not isinstance(raw_cmp, list):
-        errors.append(f"comparisons: expected a list of [curve, against] pairs, got {raw_cmp!r}")
-        raw_cmp = []
-    for i, pair in enumerate(raw_cmp):
-        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(n, str) for n in pair)):
-            errors.append(f"comparisons[{i}]: expected [curve, against] (two method names), got {pair!r}")
-        elif unknown := [n for n in pair if n not in names]:
-            errors.append(f"comparisons[{i}]: {', '.join(map(repr, unknown))} not a method of this sweep")
-        else:
-            comparisons.append((pair[0], pair[1]))
+    comparisons = list(_pairs(errors, raw, "comparisons", names).values())
+    vr_pairs = _pairs(errors, raw, "variable_rate", names)
+    by_name = {m.name: m for m in methods}
+    for i, (name, against) in vr_pairs.items():
+        if by_name[name].kind != "bundle" or by_name[against].kind != "bundle":
+            errors.append(f"variable_rate[{i}]: {name!r} and {against!r} must both be bundle methods")
+        elif check_paths and not any(p is not None and _rates(p) > 1 for p in by_name[name].points):
+            errors.append(f"variable_rate[{i}]: {name!r} has no variable-rate bundle")
+    for m in methods if check_paths else ():
+        vr = [p for p in m.points if m.kind == "bundle" and p is not None and _rates(p) > 1]
+        if vr and len(m.points) > 1:
+            errors.append(f"methods ({m.name}): {vr[0].name} is variable-rate (one curve by itself); "
+                          "give it a method of its own")
+    variable_rate = list(vr_pairs.values())
 
     bitmaps = raw.get("bitmaps") or {}
     bitmap_images, bitmap_methods = 3, None
@@ -280,4 +290,32 @@ def parse_sweep(raw: dict, base: Path, *, name: str = "sweep", check_paths: bool
         raise SweepError(f"{name}: {len(errors)} problem(s)\n  " + "\n  ".join(errors))
     return Sweep(data=data, teachers=teachers, methods=methods, tasks=list(tasks), split=split, limit=limit,
                  threads=threads, repeat=repeat, batch_size=batch_size, anchors=anchors, comparisons=comparisons,
+                 variable_rate=variable_rate,
                  links_kbit_s=links, link_tolerance=tolerance, bitmap_images=bitmap_images, bitmap_methods=bitmap_methods, path=path)
+
+
+def _pairs(errors: list[str], raw: dict, key: str, names: set[str]) -> dict[int, tuple[str, str]]:
+    """``key``: a list of [curve, against] pairs of method names (the valid ones, by their place)."""
+    pairs: dict[int, tuple[str, str]] = {}
+    items = raw.get(key) or []
+    if not isinstance(items, list):
+        errors.append(f"{key}: expected a list of [curve, against] pairs, got {items!r}")
+        items = []
+    for i, pair in enumerate(items):
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(n, str) for n in pair)):
+            errors.append(f"{key}[{i}]: expected [curve, against] (two method names), got {pair!r}")
+        elif unknown := [n for n in pair if n not in names]:
+            errors.append(f"{key}[{i}]: {', '.join(map(repr, unknown))} not a method of this sweep")
+        else:
+            pairs[i] = (pair[0], pair[1])
+    return pairs
+
+
+def _rates(bundle: Path) -> int:
+    """How many rates a bundle's codec has, from its manifest (1 when it cannot tell: loading the
+    bundle reports what is wrong with it)."""
+    try:
+        rates = json.loads((bundle / "manifest.json").read_text())["codec"]["config"].get("rates", 1)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return 1
+    return rates if isinstance(rates, int) else 1
