@@ -46,6 +46,12 @@ def runs(teachers, scenes) -> dict[str, Path]:
     return out
 
 
+def listed(teachers: dict[str, Path]) -> list[dict]:
+    """The provenance of a run from the classification teacher and the segmentation teacher at 0.5."""
+    return [{"task": "classification", "path": str(teachers["cls"]), "weight": 1.0},
+            {"task": "segmentation", "path": str(teachers["seg"]), "weight": 0.5}]
+
+
 def train_losses(bundle: Path) -> list[float]:
     log = bundle.parent / f"{bundle.name}.runs" / "distill" / "metrics.jsonl"
     return [r["loss"] for r in map(json.loads, log.read_text().splitlines()) if r["kind"] == "train"]
@@ -75,10 +81,7 @@ def test_the_bundle_carries_every_teacher(runs, teachers):
 
     manifest = read_manifest(runs["half"])
     assert set(manifest.tasks) == {"classification", "segmentation"}
-    assert manifest.provenance["teachers"] == [
-        {"task": "classification", "path": str(teachers["cls"]), "weight": 1.0},
-        {"task": "segmentation", "path": str(teachers["seg"]), "weight": 0.5},
-    ]
+    assert manifest.provenance["teachers"] == listed(teachers)
     assert set(read_manifest(runs["single"]).tasks) == {"classification"}
     # the command it records parses back to the same teachers and weights
     import shlex
@@ -123,3 +126,43 @@ def test_teachers_must_share_a_backbone_and_a_task_each(teachers, scenes, tmp_pa
         assert main([*base, *extra]) != 0
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1, err
+
+
+@pytest.fixture(scope="module")
+def joint(teachers, scenes) -> Path:
+    """Duan & Zhu's single stage from the classification teacher and a segmentation teacher of weight
+    0.5, with a two-rate codec."""
+    out = teachers["root"] / "joint"
+    run("train", "--joint", "--encoder", "rac", "--blocks", "0", "--teacher", f"classification={teachers['cls']}",
+        "--teacher", f"seg={teachers['seg']}", "--teacher-weight", "seg=0.5", "--lmbdas", "0.5,2", "--data", scenes,
+        "--out", out, *TINY)
+    return out
+
+
+def test_joint_training_learns_from_every_teacher(joint, teachers):
+    from safetensors.torch import load_file
+
+    from splitserve.bundle import read_manifest
+
+    manifest = read_manifest(joint)
+    assert set(manifest.tasks) == {"classification", "segmentation"}
+    assert manifest.provenance["teachers"] == listed(teachers)
+    assert [r.lmbda for r in manifest.rates] == [2.0, 0.5] and manifest.provenance["lmbdas"] == [2.0, 0.5]
+    log = joint.parent / "joint.runs" / "train" / "metrics.jsonl"
+    train = [r for r in map(json.loads, log.read_text().splitlines()) if r["kind"] == "train"]
+    assert len(train) == 2
+    for r in train:  # the decoded feature is pulled toward the segmentation teacher's too, at half weight
+        mse = r["mse_layer1"] + r["mse_layer2"] + r["mse_layer3"] + r["mse_layer4"]
+        assert r["feature_mse_segmentation"] > 0
+        assert r["feature_mse"] == pytest.approx(mse + 0.5 * r["feature_mse_segmentation"], rel=1e-5)
+    # the classifier trained; the segmentation teacher's head is carried as it is
+    teacher_seg = load_file(teachers["seg"] / "head.safetensors")
+    seg = load_file(joint / manifest.tasks["segmentation"].file.path)
+    assert seg.keys() == teacher_seg.keys() and all(torch.equal(seg[k], teacher_seg[k]) for k in seg)
+    teacher_cls = load_file(teachers["cls"] / "head.safetensors")
+    cls = load_file(joint / manifest.tasks["classification"].file.path)
+    assert any(not torch.equal(cls[k], teacher_cls[k]) for k in cls)
+
+
+def test_the_joint_bundle_serves_both_heads(joint, scenes):
+    test_the_multi_teacher_bundle_serves_both_heads({"half": joint}, scenes)

@@ -61,7 +61,7 @@ class RateEntry(BaseModel):
     """One operating point of the codec: the rate-term weight it was trained at and what it costs."""
 
     beta: float | None = Field(None, description="distillation's rate weight β (or None)")
-    lmbda: float | None = Field(None, description="joint training's distortion weight λ (or None)")
+    lmbda: float | None = Field(None, description="joint training's rate weight λ (or None)")
     bytes_per_image: float | None = Field(None, ge=0, description="measured mean payload bytes per image")
     bpp: float | None = Field(None, ge=0, description="measured bits per pixel of the model input")
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
-from ..training.options import Opt, add_options, command_line, opt, parse_key_value, resolve
+from ..training.options import (Opt, add_options, comma_floats, command_line, opt, parse_key_value, resolve,
+                                training_options)
 from . import add_command
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
@@ -37,8 +39,38 @@ def codec_family(name: str) -> str:
     return name
 
 
-def task_option(required: bool = True) -> Opt:
-    return opt("--task", required=required, metavar="TASK",
+def teacher_options(first_role: str) -> list[Opt]:
+    """``--teacher`` (repeatable as TASK=DIR, one per task on one backbone) and ``--teacher-weight``."""
+    return [
+        opt("--teacher", action="extend", nargs="+", required=True, metavar="DIR",
+            help=f"teacher directory (`platform teacher`); repeat as TASK=DIR, one per task on one backbone, to pull "
+                 f"the one decoded feature toward every teacher's (the first one {first_role})"),
+        pairs_option("--teacher-weight", "TASK=W", "weight of a teacher's feature loss (default: 1 each)"),
+    ]
+
+
+def pairs_option(flag: str, metavar: str, help: str) -> Opt:
+    """A ``KEY=VALUE`` option that may be repeated, its pairs adding up (values read as YAML)."""
+    return opt(flag, action="extend", type=parse_key_value, nargs="+", default=None, metavar=metavar, help=help)
+
+
+def rate_options(name: str, loss: str) -> list[Opt]:
+    """``--NAME W`` (one rate) or ``--NAMEs W1,W2,…`` (a variable-rate codec) and ``--default-rate``;
+    ``loss`` says where the weight enters the loss."""
+    return [
+        opt(f"--{name}", type=float, default=None, metavar="W", help=f"rate weight: {loss} (one rate)",
+            replaces=(f"{name}s",)),
+        opt(f"--{name}s", type=comma_floats, default=None, metavar="W1,W2,...", replaces=(name,),
+            help=f"a variable-rate codec: one rate per value (at least two), rate 0 the largest {name} (the "
+                 f"smallest payload); each batch is coded at one rate drawn from a generator seeded with "
+                 f"(--seed, step) and its rate term weighted by that rate's {name}; give --{name} or --{name}s"),
+        opt("--default-rate", type=int, default=None, metavar="K",
+            help="the rate a device codes at unless told otherwise (default: the highest, the largest payload)"),
+    ]
+
+
+def task_option(required: bool = True, replaces: tuple[str, ...] = ()) -> Opt:
+    return opt("--task", required=required, metavar="TASK", replaces=replaces,
                help="task plugin name or alias (classification/cls, detection/det, segmentation/seg, …)")
 
 
@@ -54,17 +86,26 @@ def loss_option() -> Opt:
                help="extra loss options passed to the task plugin (e.g. aux_weight=0.5)")
 
 
-def training_command(name: str, help: str, description: str, options: Sequence[Opt], runner: str):
-    """The ``register(subparsers)`` of a training command. ``runner`` is ``"module:function"``, imported
-    only when the command runs (so printing help loads no training code)."""
+SGD_COSINE = {"optimizer": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4, "scheduler": "cosine"}
+"""SGD at 0.01, momentum 0.9, weight decay 1e-4, cosine schedule: torchvision's classification recipe
+(the teacher) and Duan & Zhu's (``train``)."""
+
+
+def training_command(name: str, help: str, description: str, runner: str, options: Sequence[Opt],
+                     **recipe: Any) -> tuple[list[Opt], Callable]:
+    """A training command: its ``options`` followed by the options every training command shares,
+    with the command's recipe defaults (``recipe``: the paper's epochs, optimizer, schedule, …), and
+    the ``register(subparsers)`` that adds it. ``runner`` is ``"module:function"``, imported only when
+    the command runs (so printing help loads no training code). Returns (all options, register)."""
+    every = [*options, *training_options(**recipe)]
 
     def register(sub):
-        p = add_command(sub, name, lambda args: _dispatch(args, name, options, runner), help=help,
+        p = add_command(sub, name, lambda args: _dispatch(args, name, every, runner), help=help,
                         description=description)
-        add_options(p, options)
+        add_options(p, every)
         return p
 
-    return register
+    return every, register
 
 
 def _dispatch(args, name: str, options: Sequence[Opt], runner: str) -> int:
@@ -74,4 +115,5 @@ def _dispatch(args, name: str, options: Sequence[Opt], runner: str) -> int:
     return getattr(importlib.import_module(module), function)(cfg)
 
 
-__all__ = ["ARCHS", "Path", "codec_options", "loss_option", "opt", "training_command", "task_option"]
+__all__ = ["ARCHS", "SGD_COSINE", "Path", "codec_options", "loss_option", "opt", "pairs_option", "rate_options", "teacher_options",
+           "training_command", "task_option"]

@@ -28,6 +28,7 @@ import json
 import os
 import random
 import sys
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -90,6 +91,7 @@ class CheckpointStore:
                 "epoch": epoch,
                 "batch": batch,
                 "global_step": state.global_step,
+                "seconds": state.elapsed(),
                 "model": {k: v.detach().cpu() for k, v in state.objective.checkpoint_state().items()},
                 "optimizers": {k: o.state_dict() for k, o in state.optimizers.items()},
                 "schedulers": [s.scheduler.state_dict() for s in state.schedulers],
@@ -138,6 +140,7 @@ class CheckpointStore:
             s.scheduler.load_state_dict(sd)
         state.scaler.load_state_dict(saved["scaler"])
         state.global_step = saved["global_step"]
+        state.seconds, state.started = float(saved.get("seconds", 0.0)), time.perf_counter()
         state.history, state.best = saved["history"], saved["best"]
         self._restore_rng(saved)
         if saved.get("world_size") != self.info.world_size and self.info.is_main:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -14,13 +14,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from ..edge import pack
 from ..errors import DataError, SplitserveError
 from ..models import FeatureCodec
-from splitserve_edge.payload import fingerprint_id
-from ..plugins import PluginRegistry, TaskPlugin, TrainingHooks, trainable
+from ..plugins import EvaluationHooks, PluginRegistry, TaskPlugin, TrainingHooks, trainable
 from ..preprocess import Preprocessing, PreprocessingError
-from .sampling import move_to
 from .stopping import StopSafeLoader
 
 
@@ -149,45 +146,88 @@ def describe_keys(keys: Sequence[str], limit: int = 4) -> str:
 
 
 # -- the real coding path ----------------------------------------------------------------------
-def coded_features(codec: FeatureCodec):
-    """Images → encoder → rounding around the prior's medians → decoder: exactly what the gateway
-    computes after lossless entropy decoding (which does not change the latent)."""
+def coded_features(codec: FeatureCodec, rate: int = 0):
+    """Images → encoder → (rate ``rate``'s gain) → rounding around the prior's medians → decoder:
+    exactly what the gateway computes after lossless entropy decoding (which does not change the latent)."""
 
     @torch.no_grad()
     def features(x: Tensor) -> Tensor:
-        return codec.decode(codec.quantize(x))
+        return codec.decode(codec.quantize(x, rate))
 
     return features
 
 
 @torch.no_grad()
-def measure_rate(codec: FeatureCodec, loader, device: torch.device, estimate: bool = True) -> dict[str, float]:
-    """Rates on real data: ``bpp`` from the actual bitstreams of ``codec.compress``,
-    ``payload_bpp`` from a one-image payload per image (container header included, as an edge
-    device sending images one by one pays), ``bpp_estimate`` (when ``estimate``) from the prior's
-    likelihoods of the rounded latent.
-    Runs on a copy with fresh coding tables, so the model being trained is not touched."""
+def measure_rate(codec: FeatureCodec, policy: Preprocessing, plugin: TrainingHooks, dataset: Dataset,
+                 device: torch.device, estimate: bool = True) -> list[dict[str, float]]:
+    """What ``codec`` costs on ``dataset``'s images at each of its rates, measured as ``platform
+    evaluate`` measures a bundle: every image alone, at its own (unpadded) input size, made from its
+    file by the device's preprocessing and coded by the device's encoder into a one-image payload
+    (:meth:`splitserve.edge.EdgeEncoder.encode_tensor`), and evaluation's own
+    :func:`~splitserve.evaluation.methods.rate_of` for the bytes and bpp per image. Images come from
+    their files where the plugin lists them (:meth:`~splitserve.plugins.EvaluationHooks.eval_samples`),
+    else from the dataset's items one at a time.
+
+    One dict per rate: ``bytes`` (payload bytes per image, header included), ``payload_bpp`` (each
+    image's payload bits over its input pixels, averaged), ``bpp`` (the same for the entropy-coded
+    bitstream alone) and, with ``estimate``, ``bpp_estimate`` (the prior's likelihoods of the
+    rounded latent). Runs on a copy with fresh coding tables, so the model being trained is not touched."""
+    from ..edge import EdgeEncoder
+    from ..evaluation.methods import rate_of
+
     c = copy.deepcopy(codec).to(device).eval()
     c.update(force=True)
-    fp = fingerprint_id(c.fingerprint())
-    bits = est_bits = payload_bits = 0.0
-    pixels = 0
-    for batch in loader:
-        images = move_to(batch.images if hasattr(batch, "images") else batch[0], device)
-        n, _, h, w = images.shape
-        strings, (lh, lw) = c.compress(images)
-        bits += 8.0 * sum(len(s) for s in strings)
-        for s in strings:  # one payload per image, as a device sending images one by one
-            payload_bits += 8.0 * len(pack(c, [s], (lh, lw), [(h, w)], fp).to_bytes())
-        if estimate:
-            est_bits += float(c(images).bits())
-        pixels += n * h * w
-    if pixels == 0:
+    edge = EdgeEncoder(c, policy)
+    payload_bytes: list[list[int]] = [[] for _ in range(c.rates)]
+    coded: list[list[int]] = [[] for _ in range(c.rates)]
+    estimated: list[list[float]] = [[] for _ in range(c.rates)]
+    input_hws: list[tuple[int, int]] = []
+    for x, sizes in single_images(plugin, dataset, edge):
+        x = x.to(device)
+        input_hws.append((int(x.shape[-2]), int(x.shape[-1])))
+        for k in range(c.rates):
+            encoded = edge.encode_tensor(x, sizes, rate=k)
+            payload_bytes[k].append(encoded.num_bytes)
+            coded[k].append(len(encoded.payload.strings[0]))
+            if estimate:
+                estimated[k].append(float(c(x, k).bits()) / 8)
+    if not input_hws:
         raise DataError("no validation images to measure the rate on")
-    out = {"bpp": bits / pixels, "payload_bpp": payload_bits / pixels}
-    if estimate:
-        out["bpp_estimate"] = est_bits / pixels
+    out = []
+    for k in range(c.rates):
+        per_image, payload_bpp = rate_of(payload_bytes[k], input_hws)
+        rate = {"bpp": rate_of(coded[k], input_hws)[1], "payload_bpp": payload_bpp, "bytes": per_image}
+        if estimate:
+            rate["bpp_estimate"] = rate_of(estimated[k], input_hws)[1]
+        out.append(rate)
     return out
+
+
+def single_images(plugin: TrainingHooks, dataset: Dataset, edge) -> Iterator[tuple[Tensor, list[tuple[int, int]]]]:
+    """``dataset``'s images one at a time as (1, 3, H, W) model inputs with their original sizes:
+    from their files through ``edge``'s preprocessing (as ``platform evaluate`` encodes them) where
+    the plugin lists the files, else the dataset's items (a batch of one is never padded)."""
+    files = image_files(plugin, dataset)
+    if files is not None:
+        for path in files:
+            yield edge.preprocess([path])
+        return
+    for i in range(len(dataset)):
+        batch = plugin.collate([dataset[i]])
+        yield batch.images, [m.original_size for m in batch.metas] or [tuple(batch.images.shape[-2:])]
+
+
+def image_files(plugin: TrainingHooks, dataset: Dataset) -> list[Path] | None:
+    """The files of ``dataset``'s items (a plugin's dataset, or a subset of one), in order, as the
+    plugin's evaluation hooks list them; None where the plugin has none."""
+    if not isinstance(plugin, EvaluationHooks):
+        return None
+    indices = list(range(len(dataset)))
+    while isinstance(dataset, Subset):
+        indices = [dataset.indices[i] for i in indices]
+        dataset = dataset.dataset
+    samples = plugin.eval_samples(dataset)
+    return [Path(samples[i].path) for i in indices]
 
 
 def config_for_json(config: Mapping[str, Any]) -> dict[str, Any]:

@@ -79,6 +79,7 @@ class FitResult:
     history: list[dict[str, Any]]
     best: dict[str, Any] | None
     signum: int | None = None
+    seconds: float = 0.0  # wall time spent in fit, summed over the run's resumes
 
 
 @dataclass
@@ -93,6 +94,12 @@ class TrainState:
     global_step: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     best: dict[str, Any] | None = None
+    seconds: float = 0.0  # wall time in fit before this process (from the checkpoint) ...
+    started: float = field(default_factory=time.perf_counter)  # ... and when this process began fitting
+
+    def elapsed(self) -> float:
+        """Training wall time so far, over every resume: what a checkpoint stores as ``seconds``."""
+        return self.seconds + time.perf_counter() - self.started
 
 
 def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
@@ -170,7 +177,8 @@ class Engine:
         if info.distributed and trainable:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
-            state.model = DDP(objective, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+            state.model = DDP(objective, device_ids=[info.device.index] if info.device.type == "cuda" else None,
+                              find_unused_parameters=objective.unused_parameters)
         if cfg.epochs > 0 and not trainable:
             raise TrainingError("nothing to train: every parameter is frozen")
 
@@ -234,7 +242,7 @@ class Engine:
         dist_utils.barrier(info)
         if status == "interrupted" and info.is_main:
             report_stopped(self.name, signum, state.global_step, self.checkpoints.dir)
-        return FitResult(status, epoch, state.global_step, state.history, state.best, signum)
+        return FitResult(status, epoch, state.global_step, state.history, state.best, signum, state.elapsed())
 
     def final_metrics(self, result: FitResult, validate: Callable[[], dict[str, float]]) -> dict[str, float]:
         """The metrics of the weights a command writes (rank 0): the last validation's when it saw
@@ -273,6 +281,7 @@ class Engine:
             for batch_index, batch in enumerate(loader, start=first):
                 batch = move_to(batch, info.device)
                 n_img = batch_images(batch)
+                objective.begin_step(state.global_step)
                 with self.autocast():
                     losses, logs = state.model(batch)
                 main_terms = {k: v for k, v in losses.items() if k not in objective.aux_terms}

@@ -13,6 +13,7 @@ teacher's output for knowledge distillation where the plugin defines one (classi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -28,37 +29,61 @@ from ..models.backbone import SharedTrunk, attach_trunk, own_state, tail_path
 from ..plugins import TaskBatch, TaskPlugin
 from . import common
 from .objective import Objective, freeze
+from .rates import PerStepRate, is_per_rate, per_rate
 from .stage import Plan, Stage, bundle_workdir
 from .teacher import Teacher, evaluate, load_teacher
 
 
-class FinetuneObjective(Objective):
+class CodedObjective(PerStepRate, Objective):
+    """An objective on a bundle's codec with the encoder, every rate's prior and the gains frozen
+    (the fingerprint cannot change): features come from the real coding path, at the rate drawn
+    for each step on a variable-rate codec (:class:`~splitserve.training.rates.PerStepRate`), so what
+    is trained serves every rate. ``train_decoder``: the decoder learns too."""
+
     aux_terms = ()
 
-    def __init__(self, plugin: TaskPlugin, codec: FeatureCodec, head: nn.Module, teacher: Teacher | None,
-                 options: dict[str, Any], train_decoder: bool, frozen_trunk: str | None = None):
+    def __init__(self, codec: FeatureCodec, train_decoder: bool, seed: int = 0):
         super().__init__()
-        self.plugin = plugin
         self.codec = codec
         freeze(codec.encoder)
-        freeze(codec.entropy_bottleneck)
+        for prior in codec.priors:
+            freeze(prior)
+        for p in codec.prior_parameters():  # the gains too
+            p.requires_grad_(False)
         if not train_decoder:
             freeze(codec.decoder)
         self.train_decoder = train_decoder
-        self.head = head
-        self.teacher_stem = freeze(teacher.stem) if teacher is not None else None
-        self.teacher_head = freeze(teacher.head) if teacher is not None else None
-        self.options = options
-        self.frozen = ("codec.encoder", "codec.entropy_bottleneck", "teacher_stem", "teacher_head") + (
-            () if train_decoder else ("codec.decoder",)) + ((f"head.{frozen_trunk}",) if frozen_trunk else ())
+        self.draw_rates(codec.rates, seed)
+        self.frozen = ("codec.encoder", "codec.priors") + (() if train_decoder else ("codec.decoder",))
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            y_hat = self.codec.quantize(images)
+            y_hat = self.codec.quantize(images, self.rate)
         if self.train_decoder:
             return self.codec.decode(y_hat)
         with torch.no_grad():
             return self.codec.decode(y_hat)
+
+    def rate_logs(self) -> dict[str, torch.Tensor]:
+        return {"rate_index": torch.tensor(float(self.rate))} if self.codec.rates > 1 else {}
+
+    def decoder_state(self) -> dict[str, torch.Tensor]:
+        """The decoder's weights when it trains (part of what the best epoch remembers), else nothing."""
+        if not self.train_decoder:
+            return {}
+        return {f"codec.decoder.{k}": v for k, v in self.codec.decoder.state_dict().items()}
+
+
+class FinetuneObjective(CodedObjective):
+    def __init__(self, plugin: TaskPlugin, codec: FeatureCodec, head: nn.Module, teacher: Teacher | None,
+                 options: dict[str, Any], train_decoder: bool, frozen_trunk: str | None = None, seed: int = 0):
+        super().__init__(codec, train_decoder, seed)
+        self.plugin = plugin
+        self.head = head
+        self.teacher_stem = freeze(teacher.stem) if teacher is not None else None
+        self.teacher_head = freeze(teacher.head) if teacher is not None else None
+        self.options = options
+        self.frozen += ("teacher_stem", "teacher_head") + ((f"head.{frozen_trunk}",) if frozen_trunk else ())
 
     def forward(self, batch: TaskBatch):
         h = self.features(batch.images)
@@ -66,14 +91,13 @@ class FinetuneObjective(Objective):
         if self.teacher_head is not None:
             with torch.no_grad():
                 teacher_output = self.plugin.head_output(self.teacher_head, self.teacher_stem(batch.images), batch)
-        return self.plugin.loss(self.head, h, batch, teacher_output=teacher_output, options=self.options), {}
+        return self.plugin.loss(self.head, h, batch, teacher_output=teacher_output, options=self.options), \
+            self.rate_logs()
 
     def export_state(self):
         skip = tuple(f"{n}." for n in self.frozen_modules())
-        state = {f"head.{k}": v for k, v in self.head.state_dict().items() if not f"head.{k}".startswith(skip)}
-        if self.train_decoder:
-            state.update({f"codec.decoder.{k}": v for k, v in self.codec.decoder.state_dict().items()})
-        return state
+        return {**{f"head.{k}": v for k, v in self.head.state_dict().items() if not f"head.{k}".startswith(skip)},
+                **self.decoder_state()}
 
 
 class FinetuneStage(Stage):
@@ -84,11 +108,7 @@ class FinetuneStage(Stage):
         self.start = start
         plugins = common.registry()
         self.plugin = common.training_plugin(plugins, cfg.task, "finetune")
-        self.bundle = resolve_bundle(cfg.bundle)  # like serve/encode: --bundle, $SPLITSERVE_BUNDLE, the default
-        if cfg.bundle is None:
-            print(f"finetune: no --bundle given; updating {self.bundle}")
-        self.manifest = read_manifest(self.bundle)
-        self.codec = load_codec(self.bundle, manifest=self.manifest)
+        self.bundle, self.manifest, self.codec = open_bundle(cfg.bundle)
         self.teacher = load_teacher(cfg.teacher, plugins) if cfg.teacher else None
         backbone = self.manifest.backbone
         if self.teacher is not None and self.teacher.arch != backbone:
@@ -137,61 +157,30 @@ class FinetuneStage(Stage):
             self.note(f"note: {what}, no distillation loss")
 
         objective = FinetuneObjective(plugin, self.codec, head, kd_teacher, common.options_of(cfg),
-                                      self.train_decoder, frozen_trunk=tail_path(head) if self.shared else None)
+                                      self.train_decoder, frozen_trunk=tail_path(head) if self.shared else None,
+                                      seed=cfg.seed)
         if self.start is not None:
             objective.load_state_dict(self.start[0], strict=False)
             source += f", {self.start[1]}"
         params = [p for p in head.parameters() if p.requires_grad]
         params += list(self.codec.decoder.parameters()) if self.train_decoder else []
         self.val_loader = common.eval_loader(plugin, data.val_set, cfg)
-        features = common.coded_features(objective.codec)
 
         def validate() -> dict[str, float]:
-            evaluated = plugin.evaluate(objective.head, features, self.val_loader, dataset=data.val_set)
-            return {k: float(v) for k, v in evaluated.items()}
+            return every_rate(objective.codec, self.manifest.default_rate, lambda features: plugin.evaluate(
+                objective.head, features, self.val_loader, dataset=data.val_set), plugin.metric_name)
 
         provenance = {"init": source, "teacher": str(teacher.path) if teacher is not None else None,
                       "distillation": kd_teacher is not None, "train_decoder": self.train_decoder,
                       "shared_trunk": self.shared, "procedure": "reference" if reference(cfg) else "direct"}
         return Plan(f"finetune {plugin.name}", "finetune (stage 2; encoder and prior frozen)", objective,
-                    {"main": params}, data, plugin.collate, validate, best_metric=plugin.metric_name,
+                    {"main": params}, data, plugin.collate, validate,
+                    best_metric=selection_metric(plugin.metric_name, self.codec.rates),
                     provenance=provenance)
 
     def _init_head(self, data_config: dict) -> tuple[nn.Module, dict, str, list[str]]:
-        """The head to fine-tune: the bundle's (same task), else the teacher's (same task), else a
-        fresh one (its layer2..4 from any teacher); ``--from-scratch`` / ``--from-teacher`` skip to
-        those. Returns (head, config, source, re-initialised keys)."""
-        plugin, manifest, teacher, init = self.plugin, self.manifest, self.teacher, self.cfg.init
-        backbone = manifest.backbone
-        if init == "teacher" and (teacher is None or teacher.task != plugin.name):
-            raise BundleError(f"--from-teacher needs --teacher DIR of a {plugin.name} teacher "
-                              f"(`platform teacher --task {plugin.name}`)")
-        if plugin.name in manifest.tasks and init is None:
-            src_cfg = plugin.resolve_config(backbone, manifest.tasks[plugin.name].config)
-            src = load_head(self.bundle, plugin.name, plugin.build_head(backbone, src_cfg), manifest, trunk=self.trunk)
-            source = f"bundle head ({self.bundle})"
-        elif teacher is not None and teacher.task == plugin.name and init != "scratch":
-            src_cfg, src = plugin.resolve_config(backbone, teacher.config), teacher.head
-            source = f"teacher head ({teacher.path})"
-        else:
-            src_cfg, src = {}, None
-            source = "fresh head"
-            if teacher is not None:
-                source += f", layer2..4 from teacher {teacher.path}"
-            elif init != "scratch":
-                have = ", ".join(manifest.tasks) or "none"
-                raise BundleError(
-                    f"{self.bundle}: bundle has no {plugin.name!r} head (it has: {have}) and no --teacher was given; "
-                    f"pass --teacher DIR (a `platform teacher --task {plugin.name}` directory) or --from-scratch"
-                )
-        config = plugin.resolve_config(backbone, {**src_cfg, **data_config})
-        head = plugin.build_head(backbone, config)
-        fresh: list[str] = []
-        if src is not None:  # a head on the shared trunk gives its layer2..4 too
-            fresh = common.load_matching(head, own_state(src))
-        elif teacher is not None:
-            common.load_matching(head.tail, teacher.head.tail.state_dict())
-        return head, config, source, fresh
+        return initial_head(self.plugin, self.bundle, self.manifest, self.teacher, self.cfg.init, self.trunk,
+                            data_config)
 
     def write(self, plan, result, metrics, provenance) -> str:
         objective, plugin, metric, device = plan.objective, self.plugin, self.plugin.metric_name, self.info.device
@@ -199,17 +188,13 @@ class FinetuneStage(Stage):
         if self.same_task is not None:
             stem, head = self.same_task.stem.to(device), self.same_task.head.to(device)
             teacher = evaluate(plugin, stem, head, self.val_loader, plan.data.val_set)
-        best = result.best
-        if best is not None and best.get("state") and best["value"] > metrics.get(metric, float("-inf")):
-            objective.load_state_dict(best["state"], strict=False)
-            chosen, chosen_epoch = dict(best["metrics"]), best["epoch"]
-        else:
-            chosen, chosen_epoch = dict(metrics), result.epoch
+        chosen, chosen_epoch = best_epoch(objective, result, metrics, plan.best_metric)
         objective.to(device).eval()
-        rate = common.measure_rate(objective.codec, self.val_loader, device, estimate=False)
+        rate = per_rate(common.measure_rate(objective.codec, plan.data.policy, plugin, plan.data.val_set, device,
+                                            estimate=False), self.manifest.default_rate)
         objective.to("cpu")
         head_metrics = {**chosen, **{f"last_{k}": v for k, v in metrics.items()}, "epoch": float(chosen_epoch),
-                        "bpp": rate["bpp"], "payload_bpp": rate["payload_bpp"]}
+                        **rate}
         head_metrics.update({f"teacher_{k}": v for k, v in teacher.items()})
         provenance["selected_epoch"] = chosen_epoch
         new = update_heads(self.bundle, {plugin.name: (objective.head, self.config)},
@@ -219,10 +204,87 @@ class FinetuneStage(Stage):
                            shared_tasks={plugin.name} if self.shared else ())
         if new.fingerprint != self.manifest.fingerprint:  # update_heads never touches encoder/prior; be sure
             raise BundleError(f"{self.bundle}: fingerprint changed during finetune; the bundle is inconsistent")
-        shown = ", ".join(f"{k} {v:.2f}" for k, v in chosen.items())
+        shown = ", ".join(f"{k} {v:.2f}" for k, v in chosen.items() if not is_per_rate(k))
         teacher_part = f" (teacher {metric} {teacher[metric]:.2f})" if metric in teacher else ""
         return (f"updated {self.bundle}: {plugin.name} head from epoch {chosen_epoch}: {shown}{teacher_part}; "
                 f"bpp {rate['bpp']:.4f}; fingerprint unchanged")
+
+
+def open_bundle(value: Path | None) -> tuple[Path, Any, FeatureCodec]:
+    """The bundle finetune updates (like serve/encode: ``--bundle``, ``$SPLITSERVE_BUNDLE``, the
+    default), its manifest and its codec."""
+    bundle = resolve_bundle(value)
+    if value is None:
+        print(f"finetune: no --bundle given; updating {bundle}")
+    manifest = read_manifest(bundle)
+    return bundle, manifest, load_codec(bundle, manifest=manifest)
+
+
+def initial_head(plugin: TaskPlugin, bundle: Path, manifest, teacher: Teacher | None, init: str | None,
+                 trunk: SharedTrunk | None, data_config: dict) -> tuple[nn.Module, dict, str, list[str]]:
+    """The head to fine-tune: the bundle's (same task), else the teacher's (same task), else a
+    fresh one (its layer2..4 from any teacher); ``init`` ``"scratch"`` / ``"teacher"``
+    (``--from-scratch`` / ``--from-teacher``) skip to those. Returns (head, config, source,
+    re-initialised keys)."""
+    backbone = manifest.backbone
+    if init == "teacher" and (teacher is None or teacher.task != plugin.name):
+        raise BundleError(f"--from-teacher needs --teacher DIR of a {plugin.name} teacher "
+                          f"(`platform teacher --task {plugin.name}`)")
+    if plugin.name in manifest.tasks and init is None:
+        src_cfg = plugin.resolve_config(backbone, manifest.tasks[plugin.name].config)
+        src = load_head(bundle, plugin.name, plugin.build_head(backbone, src_cfg), manifest, trunk=trunk)
+        source = f"bundle head ({bundle})"
+    elif teacher is not None and teacher.task == plugin.name and init != "scratch":
+        src_cfg, src = plugin.resolve_config(backbone, teacher.config), teacher.head
+        source = f"teacher head ({teacher.path})"
+    else:
+        src_cfg, src = {}, None
+        source = "fresh head"
+        if teacher is not None:
+            source += f", layer2..4 from teacher {teacher.path}"
+        elif init != "scratch":
+            have = ", ".join(manifest.tasks) or "none"
+            raise BundleError(
+                f"{bundle}: bundle has no {plugin.name!r} head (it has: {have}) and no --teacher was given; "
+                f"pass --teacher DIR (a `platform teacher --task {plugin.name}` directory) or --from-scratch"
+            )
+    config = plugin.resolve_config(backbone, {**src_cfg, **data_config})
+    head = plugin.build_head(backbone, config)
+    fresh: list[str] = []
+    if src is not None:  # a head on the shared trunk gives its layer2..4 too
+        fresh = common.load_matching(head, own_state(src))
+    elif teacher is not None:
+        common.load_matching(head.tail, teacher.head.tail.state_dict())
+    return head, config, source, fresh
+
+
+def every_rate(codec: FeatureCodec, default_rate: int, evaluate: Callable[[Callable], dict[str, float]],
+               metric: str) -> dict[str, float]:
+    """``evaluate(features)`` on the real coding path at every rate of ``codec``: a single rate's
+    metrics as they are; a variable-rate codec's per rate (``KEY_rK``), the default rate's under
+    the plain keys and the mean over the rates of ``metric`` as ``METRIC_mean`` (what selects the
+    best epoch: the heads serve every rate)."""
+    per = [{k: float(v) for k, v in evaluate(common.coded_features(codec, rate)).items()}
+           for rate in range(codec.rates)]
+    out = per_rate(per, default_rate)
+    if codec.rates > 1:
+        out[f"{metric}_mean"] = sum(m[metric] for m in per) / len(per)
+    return out
+
+
+def selection_metric(metric: str, rates: int) -> str:
+    """The validation metric that picks the best epoch (see :func:`every_rate`)."""
+    return metric if rates == 1 else f"{metric}_mean"
+
+
+def best_epoch(objective: Objective, result, metrics: dict[str, float], best_metric: str | None) -> tuple[dict, int]:
+    """Load the best epoch's weights (``result.best``) into ``objective`` when they beat the last
+    ones on ``best_metric``; returns the chosen epoch's metrics and number."""
+    best = result.best
+    if best is not None and best.get("state") and best["value"] > metrics.get(best_metric, float("-inf")):
+        objective.load_state_dict(best["state"], strict=False)
+        return dict(best["metrics"]), best["epoch"]
+    return dict(metrics), result.epoch
 
 
 def reference(cfg: SimpleNamespace) -> bool:
@@ -233,6 +295,28 @@ def reference(cfg: SimpleNamespace) -> bool:
 def run_finetune(cfg: SimpleNamespace) -> int:
     from .reference import run_reference, settle_procedure
 
+    if getattr(cfg, "tasks", None):
+        if cfg.task:
+            raise SplitserveError("give --task (one head) or --tasks (several heads on one trunk), not both")
+        from .multitask import run_multitask
+
+        return run_multitask(cfg)
+    if not cfg.task:
+        raise SplitserveError("missing --task (or --tasks for several heads on one shared trunk)")
+    for flag in ("task_weight", "task_data"):
+        if getattr(cfg, flag, None):
+            raise SplitserveError(f"--{flag.replace('_', '-')} goes with --tasks")
+    cfg.teacher = single_teacher(cfg.teacher)
     if settle_procedure(cfg) == "reference":
         return run_reference(cfg)
     return FinetuneStage(cfg).run()
+
+
+def single_teacher(value: Any) -> Path | None:
+    """The one ``--teacher`` of a single-task run (``DIR`` or ``TASK=DIR``), or None."""
+    from .student import teacher_specs
+
+    specs = teacher_specs(value) if value else []
+    if len(specs) > 1:
+        raise SplitserveError("--teacher: one teacher for --task (one per task with --tasks)")
+    return specs[0][1] if specs else None

@@ -14,6 +14,7 @@ prior's quantile (aux) loss is optimised every step on its own optimizer, as in 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import contextmanager
 
 import torch
@@ -24,32 +25,43 @@ from ..errors import SplitserveError
 from ..models import FeatureCodec
 from ..plugins import TaskBatch, TaskPlugin
 from . import common
-from .distill import TAIL_STAGES
+from .distill import TAIL_STAGES, feature_distance
 from .objective import Objective, freeze
 from .optim import decayed_weights, split_codec_params
+from .rates import PerStepRate, per_rate, rate_logs
 from .stage import Plan
 from .student import StudentStage
 
 
-class JointObjective(Objective):
+class JointObjective(PerStepRate, Objective):
     def __init__(self, plugin: TaskPlugin, codec: FeatureCodec, head: nn.Module, teacher_stem: nn.Module,
-                 teacher_head: nn.Module, lmbda: float, options: dict, head_fixed: bool):
+                 teacher_head: nn.Module, lmbda: float | Sequence[float], options: dict, head_fixed: bool,
+                 others: Sequence[tuple[nn.Module, nn.Module]] = (), weights: Sequence[float] | None = None,
+                 names: Sequence[str] = (), seed: int = 0):
+        """``others``: (stem, tail) of further teachers (other tasks), whose features the decoded one
+        is also pulled toward; ``weights``: one per teacher, the first (``teacher_*``) included
+        (default 1 each); ``names``: the other teachers' log keys. ``lmbda``: the rate weight, or
+        one per rate of a variable-rate codec (rate 0 first), each step at the rate drawn for it."""
         super().__init__()
         self.plugin = plugin
         self.codec = codec
         self.head = freeze(head) if head_fixed else head
         self.teacher_stem = freeze(teacher_stem)
         self.teacher_head = freeze(teacher_head)
-        self.lmbda = float(lmbda)
+        self.other_stems = nn.ModuleList(freeze(stem) for stem, _ in others)
+        self.other_tails = nn.ModuleList(freeze(tail) for _, tail in others)
+        self.weights = [float(w) for w in (weights if weights is not None else [1.0] * (1 + len(others)))]
+        self.names = list(names) or [str(i) for i in range(1, len(self.weights))]
+        self.lmbdas = self.draw_rates(codec.rates, seed, lmbda)
         self.options = {"kd_alpha": 0.5, **options}
-        self.frozen = ("teacher_stem", "teacher_head") + (("head",) if head_fixed else ())
+        self.frozen = ("teacher_stem", "teacher_head", "other_stems", "other_tails") + (("head",) if head_fixed else ())
 
     def forward(self, batch: TaskBatch):
-        images = batch.images
+        images, rate = batch.images, self.rate
         with torch.no_grad(), capture_output(self.teacher_head.tail) as t_feats:
             h_t = self.teacher_stem(images)
             t_logits = self.plugin.head_output(self.teacher_head, h_t, batch)
-        out = self.codec(images)
+        out = self.codec(images, rate)
         h_s = out.features
         bpp = out.bpp(images.shape[-2:])
         with capture_output(self.head.tail) as s_feats:  # the tail runs once, inside the task loss
@@ -57,15 +69,28 @@ class JointObjective(Objective):
         if not s_feats or not t_feats:
             raise SplitserveError(f"task {self.plugin.name!r}: its loss/head_output did not run the head's tail, "
                                   "so the layer2..4 feature loss cannot be computed")
-        mse = {"layer1": F.mse_loss(h_s.float(), h_t.float())}
-        mse.update({k: F.mse_loss(s_feats[0][k].float(), t_feats[0][k].float()) for k in TAIL_STAGES})
+        mse = {"layer1": mean_squared_error(h_s, h_t)}
+        mse.update({k: mean_squared_error(s_feats[0][k], t_feats[0][k]) for k in TAIL_STAGES})
+        feature = self.weights[0] * sum(mse.values())  # x 1.0 (one teacher, the default) is exact
+        logs = {"bpp": bpp.detach(), **{f"mse_{k}": v.detach() for k, v in mse.items()}}
+        if self.other_stems:  # the same terms toward each further teacher, through its own frozen tail
+            for stem, tail, weight, name in zip(self.other_stems, self.other_tails, self.weights[1:], self.names):
+                term, _ = feature_distance(stem, tail, images, h_s, mean_squared_error)
+                feature = feature + weight * term
+                logs[f"feature_mse_{name}"] = term.detach()
+        term = self.lmbdas[rate] * bpp
         losses = {
-            "rate": self.lmbda * bpp,
-            "feature_mse": sum(mse.values()),
+            "rate": term,
+            "feature_mse": feature,
             **task,
             "prior_aux": self.codec.aux_loss(),
         }
-        return losses, {"bpp": bpp.detach(), **{f"mse_{k}": v.detach() for k, v in mse.items()}}
+        return losses, {**logs, **rate_logs(rate, self.codec.rates, term, bpp)}
+
+
+def mean_squared_error(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """The reference code's per-stage MSE (the mean over every value), in float32."""
+    return F.mse_loss(student.float(), teacher.float())
 
 
 @contextmanager
@@ -82,12 +107,11 @@ def capture_output(module: nn.Module):
 
 class TrainStage(StudentStage):
     command = "train"
+    rate_flag = "lmbda"
 
     def __init__(self, cfg):
         if cfg.mode not in ("joint", "cls-fixed"):
             raise SplitserveError("choose --joint (train codec and classifier) or --cls-fixed (classifier frozen)")
-        if cfg.lmbda < 0:
-            raise SplitserveError(f"--lmbda must be >= 0, got {cfg.lmbda}")
         super().__init__(cfg)
 
     def plan(self) -> Plan:
@@ -102,8 +126,10 @@ class TrainStage(StudentStage):
         head = plugin.build_head(teacher.arch, self.config)
         head.load_state_dict(teacher.head.state_dict())
         head_fixed = cfg.mode == "cls-fixed"
-        objective = JointObjective(plugin, codec, head, teacher.stem, teacher.head, cfg.lmbda,
-                                   common.options_of(cfg), head_fixed)
+        others = self.teachers[1:]
+        objective = JointObjective(plugin, codec, head, teacher.stem, teacher.head, self.rate_weights,
+                                   common.options_of(cfg), head_fixed, others=[(t.stem, t.head.tail) for t in others],
+                                   weights=self.weights, names=[t.task for t in others], seed=cfg.seed)
         codec_params, aux = split_codec_params(objective.codec)
         # --weight-decay on the head's conv/linear weights only (layer2..4 + fc), as the reference;
         # the codec, biases and norm scales are not decayed
@@ -116,25 +142,28 @@ class TrainStage(StudentStage):
         @torch.no_grad()
         def validate() -> dict[str, float]:
             objective.eval()
+            codec = objective.codec
             try:
-                metrics = plugin.evaluate(objective.head, common.coded_features(objective.codec), val_loader,
-                                          dataset=data.val_set)
-                metrics = {k: float(v) for k, v in metrics.items()}
-                metrics.update(common.measure_rate(objective.codec, val_loader, info.device))
+                rates = common.measure_rate(codec, data.policy, plugin, data.val_set, info.device)
+                per = []
+                for rate, measured in enumerate(rates):
+                    metrics = plugin.evaluate(objective.head, common.coded_features(codec, rate), val_loader,
+                                              dataset=data.val_set)
+                    per.append({**{k: float(v) for k, v in metrics.items()}, **measured})
             finally:
                 objective.train()
-            return metrics
+            return per_rate(per, self.default_rate)
 
         return Plan(f"train {cfg.mode}", f"train (Duan & Zhu single stage, {cfg.mode})", objective,
                     {"main": main, "aux": aux}, data, plugin.collate, validate,
-                    provenance={"teacher": str(teacher.path), "lmbda": cfg.lmbda})
+                    provenance={"teacher": str(teacher.path), **self.rate_provenance(),
+                                "teachers": [{"task": t.task, "path": str(t.path), "weight": w}
+                                             for t, w in zip(self.teachers, self.weights)]})
 
     def write(self, plan, result, metrics, provenance) -> str:
         self.save(plan, plan.objective.head, self.config, metrics, provenance, head_keys=("top5",),
-                  bundle_keys=("bpp", "payload_bpp", "bpp_estimate"))
-        metric = self.plugin.metric_name
-        return (f"wrote bundle {self.cfg.out}: {metric} {metrics.get(metric, float('nan')):.2f} at bpp "
-                f"{metrics['bpp']:.4f} (coded bytes)")
+                  bundle_keys=("bpp", "payload_bpp", "bytes", "bpp_estimate"), other_teachers=self.teachers[1:])
+        return self.summary(metrics)
 
 
 def run_train(cfg) -> int:

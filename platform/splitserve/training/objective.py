@@ -30,6 +30,14 @@ class Objective(nn.Module):
 
     frozen: tuple[str, ...] = ()
     aux_terms: tuple[str, ...] = ("prior_aux",)
+    # parameters that may get no gradient in a step (a variable-rate codec's other rates' priors):
+    # DistributedDataParallel must then look for them
+    unused_parameters: bool = False
+
+    def begin_step(self, step: int) -> None:
+        """Called by the engine before training step ``step`` (the global step, from 0; restored on
+        resume), on every process: e.g. to draw the step's rate. Only a function of the step and
+        the seed keeps a resumed run exact."""
 
     def frozen_modules(self) -> list[str]:
         names = []

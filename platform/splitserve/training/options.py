@@ -41,6 +41,7 @@ class Opt:
     recipe: bool = True  # may a recipe set it?
     group: str | None = None  # mutually exclusive group name (flags that share a dest)
     hidden: bool = False
+    replaces: tuple[str, ...] = ()  # options a recipe set that this flag, when typed, takes the place of
 
 
 def opt(*flags: str, dest: str | None = None, **kw) -> Opt:
@@ -190,6 +191,11 @@ def resolve(args: argparse.Namespace, options: Sequence[Opt], command: str) -> S
         if wanted is not None and str(wanted) != command:
             raise SplitserveError(f"{where}: this recipe is for `platform {wanted}`, not `platform {command}`")
     values.update(from_recipe)
+    for dest, o in by_dest.items():  # a typed flag takes the place of the options it replaces (--betas: --beta)
+        if hasattr(args, dest):
+            for other in (d for d in o.replaces if d in from_recipe and not hasattr(args, d)):
+                values[other] = by_dest[other].default
+                del from_recipe[other]
     for dest in by_dest:
         if hasattr(args, dest):
             values[dest] = getattr(args, dest)
@@ -229,6 +235,8 @@ def command_line(cfg: SimpleNamespace, options: Sequence[Opt], command: str) -> 
         elif o.type is parse_key_value:  # pairs from the command line, or a mapping from a recipe
             pairs = value.items() if isinstance(value, dict) else value
             parts.append(o.flags[0] + " " + " ".join(_quote(f"{k}={_yaml_word(v)}") for k, v in pairs))
+        elif o.type in (comma_floats, comma_words):
+            parts.append(f"{o.flags[0]} {','.join(map(str, value))}")
         elif isinstance(value, (list, tuple)):
             parts.append(o.flags[0] + " " + " ".join(_quote(str(v)) for v in value))
         else:
@@ -270,6 +278,22 @@ def parse_key_value(text: str) -> tuple[str, Any]:
     except yaml.YAMLError:
         value = raw
     return key.strip(), value
+
+
+def comma_floats(text: str) -> list[float]:
+    """``0.02,0.04,0.08`` (``--betas``/``--lmbdas``; a recipe's list reads the same) as floats."""
+    try:
+        return [float(v) for v in str(text).strip("[]").split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
+
+
+def comma_words(text: str) -> list[str]:
+    """``cls,det,seg`` (``--tasks``; a recipe's list reads the same) as words."""
+    words = [w.strip() for w in str(text).strip("[]").replace("'", "").split(",") if w.strip()]
+    if not words:
+        raise argparse.ArgumentTypeError(f"expected names separated by commas, got {text!r}")
+    return words
 
 
 def options_dict(values: Sequence[Any] | dict | None) -> dict[str, Any]:

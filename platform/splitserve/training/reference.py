@@ -52,8 +52,8 @@ class FeatureObjective(FinetuneObjective):
     """Σ over the recipe's layers of ‖tail(h)_l − teacher_tail(teacher_stem(x))_l‖² (plus ‖h − h_t‖²
     when the decoder trains), summed per image as in stage 1."""
 
-    def __init__(self, plugin, codec, head, teacher, layers: tuple[str, ...], train_decoder: bool):
-        super().__init__(plugin, codec, head, teacher, {}, train_decoder)
+    def __init__(self, plugin, codec, head, teacher, layers: tuple[str, ...], train_decoder: bool, seed: int = 0):
+        super().__init__(plugin, codec, head, teacher, {}, train_decoder, seed=seed)
         self.layers = tuple(layers)
 
     def terms(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -89,7 +89,7 @@ class FeatureStage(FinetuneStage):
         torch.manual_seed(cfg.seed)
         head, self.config, _source, _fresh = self._init_head({**data.config, **dict(cfg.head_config or {})})
         objective = self.objective = FeatureObjective(plugin, self.codec, head, self.teacher, self.recipe.layers,
-                                                      self.train_decoder)
+                                                      self.train_decoder, seed=cfg.seed)
         params = [p for p in head.tail.parameters() if p.requires_grad]
         params += list(self.codec.decoder.parameters()) if self.train_decoder else []
         val_loader = common.eval_loader(plugin, data.val_set, cfg)
@@ -99,10 +99,12 @@ class FeatureStage(FinetuneStage):
             objective.eval()
             total, n = 0.0, 0
             try:
-                for batch in val_loader:
-                    images = move_to(batch.images, info.device)
-                    total += float(sum(objective.terms(images).values())) * images.shape[0]
-                    n += images.shape[0]
+                for rate in range(objective.codec.rates):  # a variable-rate codec: the mean over its rates
+                    objective.rate = rate
+                    for batch in val_loader:
+                        images = move_to(batch.images, info.device)
+                        total += float(sum(objective.terms(images).values())) * images.shape[0]
+                        n += images.shape[0]
             finally:
                 objective.train()
             return {"feature_loss": total / max(n, 1)}

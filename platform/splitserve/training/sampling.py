@@ -101,6 +101,8 @@ def move_to(obj: Any, device: torch.device) -> Any:
 def batch_images(batch: Any) -> int:
     if isinstance(batch, Tensor):
         return int(batch.shape[0])
+    if isinstance(batch, dict):  # a batch per task (finetune --tasks)
+        return sum(batch_images(b) for b in batch.values())
     images = getattr(batch, "images", None)
     if isinstance(images, Tensor):
         return int(images.shape[0])

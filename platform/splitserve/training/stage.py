@@ -109,7 +109,8 @@ class Stage(ABC):
         data = plan.data
         return default_provenance(stage=plan.title, **command, data=str(data.root), train_images=len(data.train_set),
                                   val_images=len(data.val_set), epochs=cfg.epochs, steps=result.global_step,
-                                  seed=cfg.seed, stopped_early=result.status == "max_steps", **plan.provenance)
+                                  seed=cfg.seed, stopped_early=result.status == "max_steps",
+                                  train_seconds=round(result.seconds, 1), **plan.provenance)
 
 
 @contextmanager

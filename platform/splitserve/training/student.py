@@ -21,17 +21,23 @@ from ..models import FeatureCodec, build_codec
 from ..models.backbone import FEATURE_CHANNELS
 from ..plugins import TrainingHooks
 from . import common
+from .rates import rate_entries, rate_weights
 from .stage import Plan, Stage, bundle_workdir
 from .teacher import Teacher, load_teacher
 
 
 class StudentStage(Stage):
-    """A stage that trains a codec of the asked family from ``--teacher`` and writes ``--out``."""
+    """A stage that trains a codec of the asked family from ``--teacher`` and writes ``--out``; with
+    several rate weights (``--betas``, ``--lmbdas``) a variable-rate codec, one rate per batch."""
 
     command: str  # "distill" or "train": the plugin check and the work dir's name
+    rate_flag: str  # "beta" or "lmbda": the option weighting the rate term (--NAME, --NAMEs), the manifest's name
 
     def __init__(self, cfg: SimpleNamespace):
         super().__init__(cfg)
+        self.rate_weights = rate_weights(getattr(cfg, self.rate_flag), getattr(cfg, f"{self.rate_flag}s", None),
+                                         self.rate_flag)
+        self.default_rate = default_rate(getattr(cfg, "default_rate", None), len(self.rate_weights))
         self.plugins = common.registry()
         self.teachers = load_teachers(cfg.teacher, self.plugins)
         self.weights = teacher_weights(getattr(cfg, "teacher_weight", None), self.teachers, self.plugins)
@@ -47,7 +53,7 @@ class StudentStage(Stage):
         """A fresh codec of the asked family (seeded) and the data under the run's preprocessing
         (the teacher's unless overridden)."""
         torch.manual_seed(self.cfg.seed)
-        codec = codec_for(self.cfg, self.teacher.arch)
+        codec = codec_for(self.cfg, self.teacher.arch, rates=len(self.rate_weights))
         return codec, common.task_data(data_plugin, self.cfg, self.teacher.preprocessing, codec)
 
     def save(self, plan: Plan, head: nn.Module, head_config: dict, metrics: dict[str, float],
@@ -59,7 +65,9 @@ class StudentStage(Stage):
         codec = plan.objective.codec.to("cpu").eval()
         codec.update(force=True)
         plugin, metric = self.plugin, self.plugin.metric_name
-        head_metrics = {k: float(metrics[k]) for k in (metric, *head_keys) if k in metrics}
+        rates = len(self.rate_weights)
+        per_rate_keys = tuple(f"{key}_r{k}" for key in (metric, *head_keys) for k in range(rates)) if rates > 1 else ()
+        head_metrics = {k: float(metrics[k]) for k in (metric, *head_keys, *per_rate_keys) if k in metrics}
         if metric in metrics and metric in self.teacher.metrics:
             head_metrics[f"teacher_{metric}"] = float(self.teacher.metrics[metric])
         heads = {plugin.name: (head.to("cpu").eval(), head_config)}
@@ -71,19 +79,50 @@ class StudentStage(Stage):
                 all_metrics[other.task] = {f"teacher_{other_metric}": float(other.metrics[other_metric])}
         save_bundle(self.cfg.out, codec, backbone=self.teacher.arch, preprocessing=plan.data.policy,
                     heads=heads, head_metrics=all_metrics,
-                    metrics={k: float(metrics[k]) for k in bundle_keys if k in metrics}, provenance=provenance)
+                    metrics={k: float(metrics[k]) for k in bundle_keys if k in metrics}, provenance=provenance,
+                    rates=rate_entries(metrics, rates, self.rate_flag, self.rate_weights),
+                    default_rate=self.default_rate)
+
+    def summary(self, metrics: dict[str, float], extra: str = "") -> str:
+        """The line that says what was written: the rate (the default rate's, and every rate's bytes
+        for a variable-rate codec), ``extra``, and the task metric."""
+        metric = self.plugin.metric_name
+        task = f", {self.plugin.name} {metric} {metrics[metric]:.2f}" if metric in metrics else ""
+        line = (f"wrote bundle {self.cfg.out}: bpp {metrics['bpp']:.4f} (coded bytes), payload "
+                f"{metrics['payload_bpp']:.4f} ({metrics['bytes']:.1f} B per image){extra}{task}")
+        rates = len(self.rate_weights)
+        if rates > 1:
+            sizes = ", ".join(f"{metrics[f'bytes_r{k}']:.1f}" for k in range(rates))
+            line += f"; {rates} rates at {sizes} B per image (default: rate {self.default_rate})"
+        return line
+
+    def rate_provenance(self) -> dict[str, Any]:
+        """``beta: B`` (one rate), or ``betas: [...]`` (rate 0 first) and the default rate."""
+        name, weights = self.rate_flag, self.rate_weights
+        if len(weights) == 1:
+            return {name: weights[0]}
+        return {f"{name}s": list(weights), "default_rate": self.default_rate}
 
 
-def codec_for(cfg: SimpleNamespace, arch: str) -> FeatureCodec:
+def default_rate(value: int | None, rates: int) -> int:
+    """``--default-rate``: by default the highest rate (the largest payload, the most accurate)."""
+    if value is None:
+        return rates - 1
+    if not 0 <= value < rates:
+        raise SplitserveError(f"--default-rate {value} is outside the codec's rates 0..{rates - 1}")
+    return int(value)
+
+
+def codec_for(cfg: SimpleNamespace, arch: str, rates: int = 1) -> FeatureCodec:
     """The codec a training command asked for: ``--encoder`` family, its output channels adapted to
     the teacher's backbone, plus ``--blocks`` / ``--latent-channels`` / ``--codec-option K=V``
-    (whatever the family's builder accepts; it names what it does not)."""
+    (whatever the family's builder accepts; it names what it does not), coding at ``rates`` rates."""
     config: dict = {"feature_channels": FEATURE_CHANNELS[arch], **dict(cfg.codec_option or {})}
     if cfg.blocks is not None:
         config["blocks"] = cfg.blocks
     if cfg.latent_channels is not None:
         config["latent_channels"] = cfg.latent_channels
-    return build_codec(cfg.encoder, **config)
+    return build_codec(cfg.encoder, rates=rates, **config)
 
 
 def teacher_specs(value: Any) -> list[tuple[str | None, Path]]:

@@ -1,0 +1,179 @@
+"""Variable-rate training on a tiny fmnist-scenes tree (ResNet-18 teachers, 32-64 px, real images):
+``distill --betas`` writes a bundle whose rates code at increasing bytes; the rate drawn for each
+step resumes exactly after a SIGKILL; ``finetune`` on a variable-rate bundle trains its head at
+every rate and leaves encoder, priors and gains as they were; the rates a manifest states are the
+ones ``platform evaluate`` measures, image by image, unpadded."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from splitserve.bundle import load_codec, read_manifest
+
+from .test_training import FAST, _codec_tensors, run, scenes  # noqa: F401 (scenes is a fixture)
+
+pytestmark = pytest.mark.slow
+
+BETAS = "0.01,1,0.1"  # in no order: rate 0 gets the largest beta
+# 16 images in batches of 4 for 3 epochs: 12 steps, a checkpoint after each. At a learning rate
+# of 0.01 (gradients clipped) the encoder's latents grow past the quantisation step within these
+# steps, so the rates' gains (0.5x … 2x) show in the bytes.
+VR = ["--betas", BETAS, "--image-size", "32", "--lr", "0.01", "--clip-grad", "1", "--train-limit", "16",
+      "--epochs", "3", "--log-every", "1", "--checkpoint-every", "1", *FAST, "--batch-size", "4"]
+
+
+def records(log: Path, kind: str = "train") -> list[dict]:
+    return [r for r in map(json.loads, log.read_text().splitlines()) if r["kind"] == kind]
+
+
+@pytest.fixture(scope="module")
+def teacher(scenes, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("vr-teacher") / "cls"
+    run("teacher", "--task", "cls", "--data", scenes, "--out", out, "--arch", "resnet18", "--image-size", "64",
+        "--epochs", "0", "--val-limit", "4", *FAST)
+    return out
+
+
+@pytest.fixture(scope="module")
+def vr_bundle(teacher, scenes, tmp_path_factory) -> Path:
+    """A 3-rate Entropic Student bundle from one uninterrupted run."""
+    out = tmp_path_factory.mktemp("vr") / "es-vr3"
+    run("distill", "--teacher", teacher, "--data", scenes, *VR, "--out", out)
+    return out
+
+
+def test_distill_betas_writes_k_rates_at_increasing_bytes(vr_bundle):
+    manifest = read_manifest(vr_bundle)
+    assert manifest.codec.config["rates"] == 3 and load_codec(vr_bundle).rates == 3
+    assert [r.beta for r in manifest.rates] == [1.0, 0.1, 0.01]  # rate 0: the largest beta, the smallest payload
+    sizes = [r.bytes_per_image for r in manifest.rates]
+    assert sizes[0] < sizes[1] < sizes[2], sizes
+    assert [r.bpp for r in manifest.rates] == pytest.approx([8 * s / (32 * 32) for s in sizes])  # over the input
+    assert manifest.default_rate == 2 and manifest.metrics["bytes"] == sizes[2]
+    assert manifest.provenance["betas"] == [1.0, 0.1, 0.01]
+    # every step logs the rate it drew and that rate's weighted rate term, for curves per rate
+    train = records(vr_bundle.parent / f"{vr_bundle.name}.runs" / "distill" / "metrics.jsonl")
+    assert len(train) == 12 and {r["rate_index"] for r in train} == {0.0, 1.0, 2.0}
+    for r in train:
+        k = int(r["rate_index"])
+        assert r[f"rate_r{k}"] == r["rate"] and r[f"bpp_r{k}"] == r["bpp"]
+        assert not any(f"rate_r{j}" in r for j in range(3) if j != k)
+
+
+def test_manifest_rates_are_what_evaluate_measures(vr_bundle, scenes):
+    """Every rate's bytes and bpp, and the default rate's metrics, equal evaluation's own measurement
+    of the written bundle: each val image from its file, alone in its payload."""
+    from splitserve.evaluation.methods import measure_bundle
+
+    manifest = read_manifest(vr_bundle)
+    measured = measure_bundle(vr_bundle, scenes, progress=False)
+    assert measured.rates == [{"bytes_per_image": r.bytes_per_image, "bpp": r.bpp} for r in manifest.rates]
+    cls = measured.tasks["classification"]
+    assert (cls["bytes"], cls["payload_bpp"]) == (manifest.metrics["bytes"], manifest.metrics["payload_bpp"])
+    assert cls["images"] == 16  # the whole val split, as the run validated on
+
+
+def test_the_rate_sequence_resumes_exactly_after_a_kill(vr_bundle, teacher, scenes, tmp_path):
+    """SIGKILL mid-run, --resume: the same rates at the same steps, and the uninterrupted run's weights."""
+    out, work = tmp_path / "resumed", tmp_path / "work"
+    args = ["distill", "--teacher", teacher, "--data", scenes, *VR, "--out", out, "--workdir", work]
+    log = work / "metrics.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "splitserve", *map(str, args)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None and (
+            not log.is_file() or log.read_text().count('"kind": "train"') < 6):
+        time.sleep(0.1)
+    assert proc.poll() is None, proc.communicate()[1][-2000:]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = torch.load(work / "checkpoint" / "last.pt", weights_only=True)["global_step"]
+    # step 6 logs before its checkpoint is saved: the run resumes after step 5 or 6, inside epoch 2
+    assert killed_at in (5, 6, 7) and not out.exists()
+    run(*args, "--resume")
+    straight = records(vr_bundle.parent / f"{vr_bundle.name}.runs" / "distill" / "metrics.jsonl")
+    resumed = records(log)
+    assert [r["global_step"] for r in resumed] == list(range(1, 13))
+    assert [r["rate_index"] for r in resumed] == [r["rate_index"] for r in straight]
+    a, b = _codec_tensors(vr_bundle), _codec_tensors(out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_finetune_on_a_variable_rate_bundle_trains_every_rate_and_keeps_the_code(vr_bundle, teacher, scenes,
+                                                                                   tmp_path):
+    bundle = tmp_path / "ft"
+    shutil.copytree(vr_bundle, bundle)
+    before = read_manifest(bundle)
+    files = {part: (bundle / before.files[part].path).read_bytes() for part in ("encoder", "prior", "decoder")}
+    run("finetune", "--task", "cls", "--bundle", bundle, "--teacher", teacher, "--data", scenes, "--epochs", "1",
+        "--train-limit", "16", "--val-limit", "4", "--log-every", "1", "--seed", "2", *FAST, "--batch-size", "4")
+    after = read_manifest(bundle)
+    # encoder, every rate's prior and the gains (all in the prior file) are bit-identical, so is the code
+    for part in ("encoder", "prior"):
+        assert (bundle / after.files[part].path).read_bytes() == files[part]
+    assert (bundle / after.files["decoder"].path).read_bytes() != files["decoder"]  # stage 2 trains the decoder
+    assert after.fingerprint == before.fingerprint == load_codec(bundle).fingerprint()
+    assert after.rates == before.rates and after.default_rate == before.default_rate
+    # the head learned at every rate, and is measured at every rate
+    train = records(bundle.parent / "ft.runs" / "finetune-classification" / "metrics.jsonl")
+    assert [r["rate_index"] for r in train] == [0.0, 1.0, 2.0, 2.0]  # drawn from (seed 2, step)
+    metrics = after.tasks["classification"].metrics
+    assert {"top1_r0", "top1_r1", "top1_r2", "top1_mean", "bytes_r0", "bytes_r2"} <= set(metrics)
+    assert metrics["top1"] == metrics["top1_r2"]  # the plain key is the default rate's
+    assert metrics["top1_mean"] == pytest.approx(sum(metrics[f"top1_r{k}"] for k in range(3)) / 3)
+
+
+def _coco_of_varied_sizes(scenes: Path, root: Path) -> Path:
+    """fmnist-scenes' COCO val images resized to four different shapes (boxes scaled with them), as
+    both splits: under a shorter-side policy their model inputs differ, so batches are padded."""
+    data = json.loads((scenes / "coco" / "annotations" / "instances_val2017.json").read_text())
+    shapes = [(64, 64), (64, 96), (96, 64), (48, 80)]
+    images = data["images"][:8]
+    (root / "annotations").mkdir(parents=True)
+    for split in ("train", "val"):
+        (root / f"{split}2017").mkdir()
+        anns = []
+        for i, im in enumerate(images):
+            h, w = shapes[i % len(shapes)]
+            Image.open(scenes / "coco" / "val2017" / im["file_name"]).convert("RGB").resize((w, h)).save(
+                root / f"{split}2017" / im["file_name"])
+            sy, sx = h / im["height"], w / im["width"]
+            for a in (a for a in data["annotations"] if a["image_id"] == im["id"]):
+                x, y, bw, bh = a["bbox"]
+                anns.append({"id": a["id"], "image_id": a["image_id"], "category_id": a["category_id"],
+                             "bbox": [x * sx, y * sy, bw * sx, bh * sy], "area": bw * sx * bh * sy, "iscrowd": 0})
+        sized = [{**im, "height": shapes[i % 4][0], "width": shapes[i % 4][1]} for i, im in enumerate(images)]
+        (root / "annotations" / f"instances_{split}2017.json").write_text(
+            json.dumps({"images": sized, "annotations": anns, "categories": data["categories"]}))
+    return root
+
+
+def test_rates_after_training_are_measured_unpadded(scenes, tmp_path):
+    """Detection at a shorter-side policy: val images of different shapes share padded batches; the
+    rate the bundle states is still each image's own payload over its own pixels, as evaluate measures."""
+    from splitserve.evaluation.methods import measure_bundle
+
+    coco = _coco_of_varied_sizes(scenes, tmp_path / "coco")
+    policy = ["--preprocessing", "shorter-side:32:64"]
+    run("teacher", "--task", "det", "--data", coco, "--out", tmp_path / "det", "--arch", "resnet18", *policy,
+        "--epochs", "0", *FAST)
+    bundle = tmp_path / "bundle"
+    run("distill", "--teacher", tmp_path / "det", "--data", coco, "--beta", "0.1", "--out", bundle, "--epochs", "1",
+        "--train-limit", "4", *policy, *FAST, "--batch-size", "4")
+    manifest = read_manifest(bundle)
+    det = measure_bundle(bundle, coco, progress=False).tasks["detection"]
+    assert det["images"] == 8
+    assert (det["bytes"], det["payload_bpp"]) == (manifest.metrics["bytes"], manifest.metrics["payload_bpp"])
+    # the four shapes give four input sizes, so a val batch of 8 was padded
+    assert len({manifest.policy.input_size(h, w) for h, w in [(64, 64), (64, 96), (96, 64), (48, 80)]}) == 4
