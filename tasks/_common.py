@@ -1,18 +1,21 @@
-"""Helpers the built-in plugins share: config merging, devices, torchvision task weights."""
+"""What the built-in plugins share: config merging, the COCO tasks' data hooks, teachers from
+torchvision task weights. (The ImageFolder data hooks and the ``evaluate`` helpers are public, in
+:mod:`splitserve.plugins`, for third-party plugins too.)"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from typing import Any
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
 
-import torch
 import torchvision
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from splitserve.errors import PluginError, SplitserveError
-from splitserve.plugins import EvalSample, TaskBatch
+from splitserve.models.backbone import build_resnet, resnet_stem
+from splitserve.plugins import EvalSample, TaskPlugin
+from splitserve.preprocess import Preprocessing
 
 
 def merge_config(
@@ -47,38 +50,6 @@ def label_of(labels: Sequence[str], index: int) -> str:
     return labels[index] if 0 <= index < len(labels) else str(index)
 
 
-def module_device(module: nn.Module) -> torch.device:
-    for t in module.parameters():
-        return t.device
-    for t in module.buffers():
-        return t.device
-    return torch.device("cpu")
-
-
-@contextmanager
-def evaluating(module: nn.Module) -> Iterator[torch.device]:
-    """Eval mode for the block, then the caller's mode back: evaluate() runs mid-training."""
-    was_training = module.training
-    module.eval()
-    try:
-        yield module_device(module)
-    finally:
-        module.train(was_training)
-
-
-def to_device(batch: TaskBatch, device: torch.device) -> tuple[Tensor, Any]:
-    """Images and targets of ``batch`` on ``device`` (targets: tensor, or list of tensor dicts)."""
-    targets = batch.targets
-    if isinstance(targets, Tensor):
-        targets = targets.to(device, non_blocking=True)
-    elif isinstance(targets, list):
-        targets = [
-            {k: v.to(device) if isinstance(v, Tensor) else v for k, v in t.items()} if isinstance(t, dict) else t
-            for t in targets
-        ]
-    return batch.images.to(device, non_blocking=True), targets
-
-
 def source_dataset(batches: Iterable, dataset: Dataset | None, attr: str) -> Any:
     """The dataset carrying ``attr``: ``dataset``, else ``batches.dataset``; Subsets unwrapped."""
     ds = dataset if dataset is not None else getattr(batches, "dataset", None)
@@ -87,9 +58,22 @@ def source_dataset(batches: Iterable, dataset: Dataset | None, attr: str) -> Any
     return ds if ds is not None and hasattr(ds, attr) else None
 
 
-def coco_samples(dataset: Any) -> list[EvalSample]:
-    """Every image of a COCO dataset (``splitserve.data``'s), with its COCO image id as the target."""
-    return [EvalSample(dataset.image_dir / dataset.coco.imgs[i]["file_name"], int(i)) for i in dataset.ids]
+class CocoData:
+    """The data hooks of a task on a COCO tree (mixed in before the hooks, as
+    :class:`splitserve.plugins.ImageFolderData`): ``data_layout = "coco"``, :meth:`build_dataset`
+    through the ``splitserve.data`` loader named by ``coco_loader``, and :meth:`eval_samples`: every
+    image with its COCO image id as the target."""
+
+    data_layout: ClassVar[str | None] = "coco"
+    coco_loader: ClassVar[str]  # "detection_dataset" or "segmentation_dataset"
+
+    def build_dataset(self, root: Path, split: str, *, train: bool, preprocessing: Preprocessing) -> Dataset:
+        import splitserve.data
+
+        return getattr(splitserve.data, self.coco_loader)(root, split, train=train, preprocessing=preprocessing)
+
+    def eval_samples(self, dataset: Dataset) -> list[EvalSample]:
+        return [EvalSample(dataset.image_dir / dataset.coco.imgs[i]["file_name"], int(i)) for i in dataset.ids]
 
 
 def resolve_teacher_weights(task_model: str, backbone: str, weights: str | None):
@@ -137,6 +121,33 @@ def split_stem_state(sd: Mapping[str, Tensor], prefix: str) -> tuple[dict, dict]
         else:
             rest[k] = v
     return stem, rest
+
+
+def task_teacher(
+    plugin: TaskPlugin, backbone: str, config: Mapping[str, Any], w, *, body: str, class_rows: tuple[str, ...],
+    into: str | None = None, rename: tuple[str, str] | None = None, **resnet_kwargs: Any,
+) -> tuple[nn.Module, nn.Module]:
+    """(stem, head) of a torchvision task model from its weights ``w`` (a ``WeightsEnum`` member),
+    for a resolved ``config``: the ResNet's stem part of the state dict (under ``body``) goes into
+    :func:`resnet_stem` (``resnet_kwargs`` for :func:`build_resnet`), the rest into the head (or its
+    attribute ``into``), keys starting with ``rename[0]`` renamed to ``rename[1]``. When ``config``'s
+    labels differ from the weights' categories, the class rows of the output layers (keys starting
+    with one of ``class_rows``) are re-indexed by label name (:func:`adapt_class_rows`)."""
+    stem_sd, sd = split_stem_state(download_state_dict(w), body)  # fail fast: before building anything
+    head = plugin.build_head(backbone, config)
+    stem = resnet_stem(build_resnet(backbone, **resnet_kwargs))
+    stem.load_state_dict(stem_sd)
+    if rename is not None:
+        old, new = rename
+        sd = {(new + k[len(old):] if k.startswith(old) else k): v for k, v in sd.items()}
+    target = getattr(head, into) if into else head
+    src_names = list(w.meta["categories"])
+    if config["labels"] != src_names:
+        init = target.state_dict()
+        for key in [k for k in sd if k.startswith(class_rows)]:
+            sd[key], _ = adapt_class_rows(sd[key], init[key], src_names, config["labels"])
+    target.load_state_dict(sd)
+    return stem, head
 
 
 def _norm_name(name: str) -> str:

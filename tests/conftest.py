@@ -1,8 +1,11 @@
-"""Shared fixtures: small real bundles (ResNet-18, every plugin) and real images."""
+"""Shared fixtures: small real bundles (ResNet-18, every plugin), real images, one local Ray instance."""
 
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +13,7 @@ import pytest
 from PIL import Image
 
 from splitserve.defaults import builtin_tasks
-from splitserve.gateway.process import GatewayProcess
+from splitserve.gateway.process import GatewayProcess, free_port
 
 
 @pytest.fixture(scope="session")
@@ -55,6 +58,30 @@ def jpeg_bytes(img: Image.Image, quality: int = 90) -> bytes:
     return buf.getvalue()
 
 
+class Started:
+    """A subprocess started now and checked later, so that independent ones run side by side: a
+    fresh interpreter spends its first seconds importing torch on one core, and this machine has
+    two. Its output goes to files (a pipe that nobody reads could fill up and stall it)."""
+
+    def __init__(self, args: list[str], **popen):
+        self.out, self.err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+        self.proc = subprocess.Popen(args, stdout=self.out, stderr=self.err, text=True, **popen)
+
+    def result(self, timeout: float = 300) -> subprocess.CompletedProcess:
+        """Wait for it (killed after ``timeout``: subprocess.TimeoutExpired), like ``subprocess.run``."""
+        try:
+            self.proc.wait(timeout)
+        finally:
+            self.stop()
+        self.out.seek(0), self.err.seek(0)
+        return subprocess.CompletedProcess(self.proc.args, self.proc.returncode, self.out.read(), self.err.read())
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
 @pytest.fixture
 def photo_jpeg(tmp_path) -> Path:
     """A real JPEG photo with an odd size (not a multiple of anything)."""
@@ -81,3 +108,73 @@ def edge(bundle_dir):
     from splitserve.edge import EdgeEncoder
 
     return EdgeEncoder.from_bundle(bundle_dir)
+
+
+class LocalRay:
+    """A local 2-CPU Ray instance on loopback with Serve's HTTP proxy, started on first use.
+
+    The Ray test modules share it through the ``local_ray`` fixture: each deploys its applications
+    in a module fixture (``local_ray.start()`` gives the proxy's URL) and deletes them at its end.
+    Starting and stopping an instance costs about 15 s here, so it starts once; and it stops as soon
+    as the modules that use it are done (see :func:`pytest_runtest_teardown`), so it does not idle
+    beside the rest of the suite.
+    """
+
+    object_store_mb = 200
+
+    def __init__(self) -> None:
+        self.url: str | None = None
+        self.modules: set[Path] = set()  # test files that use it, from the collection
+
+    def start(self) -> str:
+        if self.url is None:
+            os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+            import ray
+            from ray import serve
+
+            port = free_port()
+            ray.init(num_cpus=2, object_store_memory=self.object_store_mb * 2**20, include_dashboard=False,
+                     _node_ip_address="127.0.0.1", log_to_driver=False, configure_logging=False)
+            try:
+                serve.start(http_options={"host": "127.0.0.1", "port": port})
+            except BaseException:
+                ray.shutdown()
+                raise
+            self.url = f"http://127.0.0.1:{port}"
+        return self.url
+
+    def stop(self) -> None:
+        if self.url is not None:
+            import ray
+            from ray import serve
+
+            self.url = None
+            try:
+                serve.shutdown()
+            finally:
+                ray.shutdown()
+
+
+_LOCAL_RAY = LocalRay()
+
+
+@pytest.fixture(scope="session")
+def local_ray() -> LocalRay:
+    """The local Ray instance the Ray test modules share (not started until one calls ``start()``)."""
+    yield _LOCAL_RAY
+    _LOCAL_RAY.stop()
+
+
+def pytest_collection_modifyitems(items) -> None:
+    _LOCAL_RAY.modules = {item.path for item in items if "local_ray" in item.fixturenames}
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    """Stop the shared Ray instance once the next test is in a module that does not use it (the
+    modules' own fixtures, which delete their applications, are torn down before this runs)."""
+    try:
+        return (yield)
+    finally:
+        if nextitem is None or nextitem.path not in _LOCAL_RAY.modules:
+            _LOCAL_RAY.stop()

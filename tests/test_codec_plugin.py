@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from .conftest import Started
+
 pytestmark = pytest.mark.slow
 
 FIXTURE = Path(__file__).parent / "fixtures" / "tiny-codec"
@@ -23,10 +25,17 @@ FAST = ["--num-workers", "0", "--no-progress", "--no-tensorboard", "--batch-size
         "--train-limit", "16", "--val-limit", "8"]
 
 
-def _run(env, *args, check=True):
-    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=600)
-    if check:
-        assert proc.returncode == 0, proc.stderr[-3000:]
+def _run(env, *args):
+    return _checked(subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=600))
+
+
+def _start(env, *args) -> Started:
+    """Started now and checked later (``started.result(600)``), to run side by side with what follows."""
+    return Started([sys.executable, *args], env=env)
+
+
+def _checked(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
 
@@ -55,10 +64,10 @@ def test_entry_point_family_distils_serves_and_encodes(env, tmp_path):
     data = tmp_path / "fm"
     make_fmnist_scenes(data, train_scenes=16, val_scenes=8, image_size=32, seed=0, progress=False)
     teacher, bundle = tmp_path / "teacher", tmp_path / "bundle"
-    listed = _run(env, "-c", "from splitserve.models import list_codecs; print(list_codecs())").stdout
-    assert "tiny" in listed
+    listing = _start(env, "-c", "from splitserve.models import list_codecs; print(list_codecs())")
     _run(env, "-m", "splitserve", "teacher", "--task", "cls", "--arch", "resnet18", "--data", str(data),
          "--out", str(teacher), "--image-size", "32", *FAST)
+    assert "tiny" in _checked(listing.result(600)).stdout
     _run(env, "-m", "splitserve", "distill", "--encoder", "tiny", "--codec-option", "latent_channels=6",
          "--teacher", str(teacher), "--data", str(data), "--beta", "0.01", "--out", str(bundle), *FAST)
     manifest = json.loads((bundle / "manifest.json").read_text())
@@ -67,6 +76,9 @@ def test_entry_point_family_distils_serves_and_encodes(env, tmp_path):
     image = next((data / "imagefolder" / "val").rglob("*.png"))
     payload = tmp_path / "p.ssp"
     _run(env, "-m", "splitserve", "encode", str(image), "--bundle", str(bundle), "-o", str(payload))
+    # without the package, the bundle names what is missing in one line (checked below, run beside the next)
+    plain = {k: v for k, v in env.items() if k != "PYTHONPATH"}
+    inspected = _start(plain, "-m", "splitserve", "bundle", "inspect", str(bundle))
     # serve: the runtime decodes the payload with the entry-point family and answers
     answer = _run(env, "-c", f"""
 import json
@@ -82,7 +94,5 @@ print(json.dumps({{'family': rt.codec.family, 'latent': list(payload.latent_shap
     assert result["family"] == "tiny" and result["latent"] == [6, 8, 8]
     assert result["top"] in manifest["tasks"]["classification"]["config"]["labels"]
 
-    # without the package, the bundle names what is missing in one line
-    plain = {k: v for k, v in env.items() if k != "PYTHONPATH"}
-    proc = _run(plain, "-m", "splitserve", "bundle", "inspect", str(bundle), check=False)
+    proc = inspected.result(600)
     assert proc.returncode == 2 and "unknown codec family 'tiny'" in proc.stderr

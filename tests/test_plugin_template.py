@@ -25,7 +25,7 @@ from splitserve.plugins import ENTRY_POINT_GROUP, PluginRegistry
 
 from splitserve.gateway.process import GatewayProcess
 
-from .conftest import jpeg_bytes, texture
+from .conftest import Started, jpeg_bytes, texture
 
 pytestmark = pytest.mark.slow
 
@@ -39,6 +39,10 @@ ENV = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PYTHONWARNINGS": "ig
 
 def run(*args: str, cwd: Path = ROOT, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(list(args), capture_output=True, text=True, cwd=cwd, env=ENV, timeout=timeout)
+
+
+def start(*args: str, cwd: Path = ROOT) -> Started:
+    return Started(list(args), cwd=cwd, env=ENV)
 
 
 def platform_cmd() -> list[str]:
@@ -110,28 +114,34 @@ def plugins():
 # -- installation and discovery ----------------------------------------------------------------
 
 
-def test_entry_point_discovered_by_a_fresh_process(installed):
+@pytest.fixture(scope="module")
+def fresh(installed):
+    """The fresh processes that need only the installed template, started side by side: discovery,
+    `platform tasks` and the template's own tests (checked last, so that it overlaps the gateway's)."""
     code = ("from splitserve.plugins import PluginRegistry; r = PluginRegistry.discover(); "
             "p = r.get('embed'); print(p.name, type(p).__module__, ','.join(r.names()))")
-    proc = run(sys.executable, "-c", code)
+    started = {"discover": start(sys.executable, "-c", code), "tasks": start(*platform_cmd(), "tasks"),
+               "own tests": start(sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests",
+                                  cwd=TEMPLATE)}
+    yield started
+    for s in started.values():
+        s.stop()
+
+
+def test_entry_point_discovered_by_a_fresh_process(fresh):
+    proc = fresh["discover"].result()
     assert proc.returncode == 0, proc.stderr
     name, module, names = proc.stdout.split()
     assert (name, module) == ("embedding", "splitserve_embedding.plugin")
     assert {"classification", "embedding"} <= set(names.split(","))
 
 
-def test_platform_tasks_lists_it(installed):
-    proc = run(*platform_cmd(), "tasks")
+def test_platform_tasks_lists_it(fresh):
+    proc = fresh["tasks"].result()
     assert proc.returncode == 0, proc.stderr
     rows = {line.split()[0]: line.split() for line in proc.stdout.splitlines()[1:]}
     assert rows["embedding"] == ["embedding", "embed", "recall@1", "splitserve_embedding:EmbeddingPlugin"]
     assert rows["classification"][1] == "cls"
-
-
-def test_template_passes_its_own_tests(installed):
-    proc = run(sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests", cwd=TEMPLATE)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
-    assert " passed" in proc.stdout and "failed" not in proc.stdout
 
 
 # -- served by a real gateway ------------------------------------------------------------------
@@ -347,13 +357,23 @@ def test_platform_serve_exits_2_with_one_line(bundles):
         plugins.PluginRegistry.discover = classmethod(lambda cls: cls(swapped))
         sys.exit(cli.main(sys.argv[1:]))
     """)
-    proc = run(sys.executable, "-c", script, "serve", "--bundle", str(bundles / "embed-cls"), "--port", "0")
+    wide = start(sys.executable, "-c", script, "serve", "--bundle", str(bundles / "embed-cls"), "--port", "0")
+    # and a bundle without the task's head, side by side (both exit before they would listen)
+    missing = start(*platform_cmd(), "serve", "--bundle", str(bundles / "cls-only"), "--tasks", "embed", "--port", "0")
+    proc, other = wide.result(), missing.result()
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().count("\n") == 0, proc.stderr
     assert proc.stderr.startswith("platform serve: error: task 'embedding' consumes 256 channels at stride 4, "
                                   "but the bundle's codec produces 64 channels at stride 4")
 
-    proc = run(*platform_cmd(), "serve", "--bundle", str(bundles / "cls-only"), "--tasks", "embed", "--port", "0")
+    proc = other
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().count("\n") == 0, proc.stderr
     assert "has no head for embedding (it has: classification)" in proc.stderr
+
+
+def test_template_passes_its_own_tests(fresh):
+    """Last: its run, started with the fresh processes above, overlaps the gateway's tests."""
+    proc = fresh["own tests"].result()
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout and "failed" not in proc.stdout

@@ -3,32 +3,32 @@
 local Ray instance) gives the same answers and errors for the same requests: the same JSON, value
 for value, the same statuses and details, and the same OpenAPI document.
 
-Two applications run on one Ray instance: ``plain`` (every head with its own layer2..4) and
-``shared`` (heads on one shared trunk, which the ingress runs once and hands to the heads that use
-it; the dilated segmentation head only ties its weights to it). Each is compared with a FastAPI
-gateway process serving the same bundle.
+Two applications run on the local Ray instance the Ray test modules share (``local_ray`` in
+conftest.py): ``plain`` (every head with its own layer2..4) and ``shared`` (heads on one shared trunk,
+which the ingress runs once and hands to the heads that use it; the dilated segmentation head only
+ties its weights to it). Each is compared with a FastAPI gateway process serving the same bundle.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 import pytest
 
-from splitserve.defaults import build_untrained_bundle
 from splitserve.edge import EdgeEncoder
 from splitserve.gateway.process import GatewayProcess, free_port
 from splitserve_edge.payload import Payload
 
 from .conftest import jpeg_bytes, texture
-from .helpers import informative_bundle
+from .helpers import informative
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::pydantic.warnings.PydanticDeprecatedSince20")]
 PAYLOAD = {"Content-Type": "application/x-splitserve"}
@@ -36,18 +36,19 @@ PREFIX = {"plain": "", "shared": "/shared"}
 
 
 @pytest.fixture(scope="module")
-def bundles(tmp_path_factory):
+def bundles(tmp_path_factory, bundle_dir, other_bundle_dir):
     from splitserve.bench.serve import shared_trunk_variant
 
     root = tmp_path_factory.mktemp("ray")
-    # latents depend on the image, so equal answers prove something
-    plain = informative_bundle(root / "plain", input_size=(64, 64), tasks=["classification", "detection", "segmentation"])
-    return {"plain": plain, "shared": shared_trunk_variant(plain, root / "shared"),
-            "other": build_untrained_bundle(root / "other", input_size=(64, 64), tasks=["classification"], seed=1)}
+    plain = Path(shutil.copytree(bundle_dir, root / "plain"))  # the session's bundle: every built-in head
+    informative(plain)  # latents depend on the image, so equal answers prove something
+    return {"plain": plain, "shared": shared_trunk_variant(plain, root / "shared"), "other": other_bundle_dir}
 
 
-def test_platform_ray_serves_and_stops_on_sigterm(bundles):
-    """`platform ray` on its own local Ray instance (before the module's instance starts)."""
+def test_platform_ray_serves_and_stops_on_sigterm(bundles, local_ray):
+    """`platform ray` on its own local Ray instance: the shared one must not run beside it (it starts
+    after this test, which runs first)."""
+    local_ray.stop()
     port = free_port()
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "SPLITSERVE_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "splitserve", "ray", "--bundle", str(bundles["plain"]), "--tasks",
@@ -78,36 +79,20 @@ def test_platform_ray_serves_and_stops_on_sigterm(bundles):
             proc.wait()
 
 
-@contextmanager
-def local_serve(object_store_mb: int = 200):
-    """A local 2-CPU Ray instance on loopback with Serve's HTTP proxy; yields the proxy's URL."""
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    import ray
-    from ray import serve
-
-    port = free_port()
-    ray.init(num_cpus=2, object_store_memory=object_store_mb * 2**20, include_dashboard=False,
-             _node_ip_address="127.0.0.1", log_to_driver=False, configure_logging=False)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-
-
 @pytest.fixture(scope="module")
-def ray_url(bundles):
+def ray_url(local_ray, bundles):
     from ray import serve
 
     from splitserve.gateway.config import ServerConfig
     from splitserve.gateway.ray_app import app, build_app
 
-    # 8 replicas of 0.25 CPU (2 applications × ingress + 3 tasks) on a 2-CPU loopback node
-    with local_serve() as url:
-        serve.run(build_app(str(bundles["plain"]), config=ServerConfig(threads=1)), name="plain", route_prefix="/")
-        serve.run(app({"bundle": str(bundles["shared"]), "threads": "1"}), name="shared", route_prefix="/shared")
-        yield url
+    url = local_ray.start()
+    # 8 replicas of 0.25 CPU (2 applications × ingress + 3 tasks) on the 2-CPU loopback node
+    serve.run(build_app(str(bundles["plain"]), config=ServerConfig(threads=1)), name="plain", route_prefix="/")
+    serve.run(app({"bundle": str(bundles["shared"]), "threads": "1"}), name="shared", route_prefix="/shared")
+    yield url
+    for name in PREFIX:
+        serve.delete(name)
 
 
 def _post(url: str, body: bytes, tasks: str | None = "cls,det,seg", headers=PAYLOAD) -> httpx.Response:
@@ -201,8 +186,6 @@ def _assert_close(got, want, path="$"):
 
 
 def test_serve_config_names_the_application_and_its_deployments():
-    from pathlib import Path
-
     import yaml
     from ray.serve.schema import ServeDeploySchema
 

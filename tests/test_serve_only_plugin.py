@@ -9,7 +9,6 @@ this process and of its subprocesses (never in the running environment).
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -20,9 +19,9 @@ import pytest
 from splitserve.gateway.process import GatewayProcess
 from splitserve.plugins import ENTRY_POINT_GROUP, PluginRegistry, TrainingHooks
 
-from .conftest import texture
+from .conftest import Started, texture
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("listing")]  # `platform tasks` starts with the module
 
 MODULE = "activity_plugin"
 PLUGIN = textwrap.dedent('''
@@ -96,19 +95,18 @@ def bundle(site, tmp_path_factory) -> Path:
                                   tasks=["activity", "cls"])
 
 
+@pytest.fixture(scope="module")
+def listing(site):
+    """`platform tasks` in a fresh process, started first and checked last: it overlaps the gateway's test."""
+    _, env = site
+    started = Started([sys.executable, "-m", "splitserve", "tasks"], env=env)
+    yield started
+    started.stop()
+
+
 def test_discovered_and_serve_only(site):
     plugin = PluginRegistry.discover().get("activity")
     assert type(plugin).__module__ == MODULE and not isinstance(plugin, TrainingHooks)
-
-
-def test_platform_tasks_lists_it(site):
-    _, env = site
-    proc = subprocess.run([sys.executable, "-m", "splitserve", "tasks"], capture_output=True, text=True, env=env,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    rows = {line.split()[0]: line.split() for line in proc.stdout.splitlines()[1:]}
-    assert rows["activity"] == ["activity", "-", "-", f"{MODULE}:ActivityPlugin"]
-    assert rows["classification"][1:3] == ["cls", "top1"]
 
 
 def test_a_gateway_serves_it(site, bundle):
@@ -137,3 +135,11 @@ def test_a_gateway_serves_it(site, bundle):
         assert 0 < got.peak[0] < ow and 0 < got.peak[1] < oh
         assert served["tasks"]["classification"]["top"]
     assert listed["activity"]["response_schema"] == plugin.response_model.model_json_schema()
+
+
+def test_platform_tasks_lists_it(listing):
+    proc = listing.result()
+    assert proc.returncode == 0, proc.stderr
+    rows = {line.split()[0]: line.split() for line in proc.stdout.splitlines()[1:]}
+    assert rows["activity"] == ["activity", "-", "-", f"{MODULE}:ActivityPlugin"]
+    assert rows["classification"][1:3] == ["cls", "top1"]

@@ -196,6 +196,7 @@ def test_scale_boxes_maps_x_and_y_separately():
     assert torch.allclose(out[1], torch.tensor([0.0, 450.0, 640.0, 480.0]))  # clamped
 
 
+@pytest.mark.slow  # a ResNet-50 task model
 def test_resnet50_detection_head_builds_fpn_p3_to_p7():
     head = FeatureRetinaNet("resnet50", 91, [str(i) for i in range(91)]).eval()
     h = _h(1, "resnet50", (128, 128))
@@ -258,6 +259,7 @@ def test_segmentation_predict_png_at_model_resolution(registry, heads):
             assert c.fraction == pytest.approx(counts[c.index] / mask.size)
 
 
+@pytest.mark.slow  # a ResNet-50 task model
 def test_segmentation_resnet50_is_dilated_deeplabv3():
     from splitserve_tasks.segmentation import DeepLabV3Head
 
@@ -345,6 +347,7 @@ def test_classification_teacher_keeps_or_replaces_fc(registry, monkeypatch):
     assert torch.equal(head.tail.layer4[1].conv2.weight, reference.layer4[1].conv2.weight)
 
 
+@pytest.mark.slow  # a ResNet-50 task model
 def test_detection_teacher_matches_torchvision_retinanet(registry, monkeypatch):
     from torchvision.models.detection import RetinaNet_ResNet50_FPN_Weights, retinanet_resnet50_fpn
 
@@ -383,6 +386,7 @@ def test_detection_teacher_matches_torchvision_retinanet(registry, monkeypatch):
         plugin.build_teacher("resnet50", {}, weights="COCO")
 
 
+@pytest.mark.slow  # a ResNet-50 task model
 def test_segmentation_teacher_matches_torchvision_deeplabv3(registry, monkeypatch):
     from torchvision.models.segmentation import DeepLabV3_ResNet50_Weights, deeplabv3_resnet50
 
@@ -442,7 +446,8 @@ def test_classification_loss_overfits_and_distils(registry):
 def test_detection_loss_overfits(registry):
     plugin = registry.get("det")
     torch.manual_seed(0)
-    head = plugin.build_head(ARCH, plugin.resolve_config(ARCH, {"num_classes": 3}))
+    # the shipped bundle's FPN width (64): a 16th of the default's convolution work, the same loss path
+    head = plugin.build_head(ARCH, plugin.resolve_config(ARCH, {"num_classes": 3, "fpn_channels": 64}))
     targets = [
         {"boxes": torch.tensor([[8.0, 8.0, 40.0, 40.0], [30.0, 10.0, 60.0, 50.0], [5.0, 5.0, 5.0, 9.0]]),
          "labels": torch.tensor([0, 2, 1]), "image_id": 1, "orig_size": (480, 640)},
@@ -451,7 +456,7 @@ def test_detection_loss_overfits(registry):
     batch = plugin.collate([(torch.randn(3, *INPUT), t) for t in targets])
     assert [m.original_size for m in batch.metas] == ORIGINALS and batch.metas[0].input_size == INPUT
     assert batch.targets[0]["labels"].tolist() == [0, 2]  # the zero-width box is dropped
-    terms, history = _overfit(plugin, head, _h(), batch, steps=10)
+    terms, history = _overfit(plugin, head, _h(), batch, steps=10, lr=0.1)
     assert set(terms) == {"classification", "bbox_regression"}
     assert min(history[-3:]) < 0.9 * history[0]  # focal loss leaves its 0.01 prior slowly
 

@@ -6,17 +6,22 @@ A task plugin turns the decoded feature ``h`` into an answer. Serving needs four
 (:class:`EvaluationHooks`: evaluation images and a :class:`Scorer` of served answers), kept apart so
 a serve-only plugin stays small. Plugins are found through the ``splitserve.tasks`` entry-point
 group; the built-in ones register through it too.
+
+Helpers for implementing the hooks: :class:`ImageFolderData` (the data hooks of a task on an
+ImageFolder tree), :func:`evaluating` and :meth:`TaskBatch.to` (the loop of ``evaluate``).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, ClassVar
 
+import torch
 from pydantic import BaseModel
 from torch import Tensor, nn
 from torch.utils.data import Dataset
@@ -44,9 +49,46 @@ class TaskBatch:
     targets: Any
     metas: list[ImageMeta] = field(default_factory=list)
 
+    def to(self, device: torch.device | str) -> "TaskBatch":
+        """This batch with its images and targets (a tensor, or a list of dicts of tensors) on ``device``."""
+        targets = self.targets
+        if isinstance(targets, Tensor):
+            targets = targets.to(device, non_blocking=True)
+        elif isinstance(targets, list):
+            targets = [{k: v.to(device) if isinstance(v, Tensor) else v for k, v in t.items()} if isinstance(t, dict)
+                       else t for t in targets]
+        return replace(self, images=self.images.to(device, non_blocking=True), targets=targets)
+
 
 FeatureFn = Callable[[Tensor], Tensor]
 """Maps normalised images to h: the codec (decoder output) or a teacher's stem."""
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """Where ``module``'s parameters (else buffers) live; the CPU for a module without either."""
+    for t in module.parameters():
+        return t.device
+    for t in module.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+@contextmanager
+def evaluating(module: nn.Module) -> Iterator[torch.device]:
+    """Eval mode for the block, then the caller's mode back (``evaluate`` runs mid-training); yields
+    the module's device::
+
+        with evaluating(head) as device:
+            for batch in batches:
+                batch = batch.to(device)
+                ...
+    """
+    was_training = module.training
+    module.eval()
+    try:
+        yield module_device(module)
+    finally:
+        module.train(was_training)
 
 
 class PluginContractError(RuntimeError):
@@ -254,6 +296,36 @@ class EvaluationHooks(ABC):
         """The head config to answer with when scoring (e.g. a benchmark protocol's thresholds);
         default: as served."""
         return dict(config)
+
+
+class ImageFolderData:
+    """The data hooks of a task whose images are labelled by an ImageFolder tree
+    ``root/<split>/<class>/<image>`` (classification, retrieval, …). Mix it in before the hooks,
+    ``class MyPlugin(ImageFolderData, EvaluationHooks, TrainingHooks, TaskPlugin)``, and it supplies:
+
+    - ``data_layout = "imagefolder"``;
+    - :meth:`build_dataset`: :func:`splitserve.data.classification_dataset` (items: a normalised image
+      and its class index);
+    - :meth:`collate`: a :class:`TaskBatch` whose targets are the class indices (a long tensor) and
+      whose metas give each image its input size (ImageFolder images keep no other geometry);
+    - :meth:`eval_samples`: every image file of the split with its class index as the target.
+    """
+
+    data_layout: ClassVar[str | None] = "imagefolder"
+
+    def build_dataset(self, root: Path, split: str, *, train: bool, preprocessing: Preprocessing) -> Dataset:
+        from .data import classification_dataset
+
+        return classification_dataset(root, split, train=train, preprocessing=preprocessing)
+
+    def collate(self, items: list) -> TaskBatch:
+        images = torch.stack([img for img, _ in items])
+        targets = torch.as_tensor([int(label) for _, label in items], dtype=torch.long)
+        size = (images.shape[-2], images.shape[-1])
+        return TaskBatch(images, targets, [ImageMeta(original_size=size, input_size=size)] * len(items))
+
+    def eval_samples(self, dataset: Dataset) -> list[EvalSample]:
+        return [EvalSample(Path(path), int(label)) for path, label in dataset.samples]
 
 
 def trainable(plugin: TaskPlugin, command: str) -> TrainingHooks:

@@ -4,7 +4,6 @@ evaluation hooks (top-1/5 of served answers)."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,11 +14,10 @@ from torch.utils.data import Dataset
 
 from splitserve.errors import PluginError
 from splitserve.models.backbone import check_arch, resnet_stem
-from splitserve.plugins import (EvalSample, EvaluationHooks, FeatureFn, ImageMeta, Scorer, TaskBatch, TaskPlugin,
-                                TrainingHooks)
-from splitserve.preprocess import Preprocessing
+from splitserve.plugins import (EvaluationHooks, FeatureFn, ImageFolderData, ImageMeta, Scorer, TaskBatch, TaskPlugin,
+                                TrainingHooks, evaluating)
 
-from .._common import class_list_config, evaluating, label_of, merge_config, to_device
+from .._common import class_list_config, label_of, merge_config
 from .head import ClassificationHead
 from .schema import ClassificationResult, ClassScore
 
@@ -54,8 +52,9 @@ class TopKScorer(Scorer):
         return {"top1": 100.0 * self.top1 / self.total, "top5": 100.0 * self.top5 / self.total}
 
 
-class ClassificationPlugin(EvaluationHooks, TrainingHooks, TaskPlugin):
-    """Image classification; the default head mirrors torchvision's ImageNet ResNet."""
+class ClassificationPlugin(ImageFolderData, EvaluationHooks, TrainingHooks, TaskPlugin):
+    """Image classification; the default head mirrors torchvision's ImageNet ResNet. Its data hooks
+    (ImageFolder tree, class-index targets) are :class:`ImageFolderData`'s."""
 
     name = "classification"
     aliases = ("cls",)
@@ -63,7 +62,6 @@ class ClassificationPlugin(EvaluationHooks, TrainingHooks, TaskPlugin):
     response_model = ClassificationResult
     metric_name = "top1"
     metric_label = "top-1 (%)"
-    data_layout = "imagefolder"
 
     # -- serving -------------------------------------------------------------------------
     def resolve_config(self, backbone: str, stored: Mapping[str, Any]) -> dict:
@@ -81,13 +79,8 @@ class ClassificationPlugin(EvaluationHooks, TrainingHooks, TaskPlugin):
         return ", ".join(f"{t.label} {t.probability:.1%}" for t in answer.top[:3])
 
     @torch.no_grad()
-    def predict(
-        self,
-        head: nn.Module,
-        features: Tensor,
-        metas: Sequence[ImageMeta],
-        config: Mapping[str, Any],
-    ) -> list[ClassificationResult]:
+    def predict(self, head: nn.Module, features: Tensor, metas: Sequence[ImageMeta],
+                config: Mapping[str, Any]) -> list[ClassificationResult]:
         k = min(_positive_int("top_k", config["top_k"]), head.num_classes)
         probs = head(features).float().softmax(dim=1)
         values, indices = probs.topk(k, dim=1)
@@ -102,9 +95,8 @@ class ClassificationPlugin(EvaluationHooks, TrainingHooks, TaskPlugin):
         ]
 
     # -- training hooks -------------------------------------------------------------------
-    def build_teacher(
-        self, backbone: str, config: Mapping[str, Any], weights: str | None = None
-    ) -> tuple[nn.Module, nn.Module]:
+    def build_teacher(self, backbone: str, config: Mapping[str, Any],
+                      weights: str | None = None) -> tuple[nn.Module, nn.Module]:
         """Stem and head of a torchvision ResNet; with ``weights`` the ImageNet fc is kept when
         num_classes is 1000 and replaced by a fresh one otherwise."""
         config = self.resolve_config(backbone, config)
@@ -113,11 +105,6 @@ class ClassificationPlugin(EvaluationHooks, TrainingHooks, TaskPlugin):
             head.fc.load_state_dict(resnet.fc.state_dict())
         return resnet_stem(resnet), head
 
-    def build_dataset(self, root: Path, split: str, *, train: bool, preprocessing: Preprocessing) -> Dataset:
-        from splitserve.data import classification_dataset
-
-        return classification_dataset(root, split, train=train, preprocessing=preprocessing)
-
     def config_for_classes(self, names: Sequence[str]) -> dict:
         return class_list_config(names)
 
@@ -125,24 +112,11 @@ class ClassificationPlugin(EvaluationHooks, TrainingHooks, TaskPlugin):
         classes = list(dataset.classes)
         return {"num_classes": len(classes), "labels": classes}
 
-    def collate(self, items: list) -> TaskBatch:
-        images = torch.stack([img for img, _ in items])
-        targets = torch.as_tensor([int(label) for _, label in items], dtype=torch.long)
-        size = (images.shape[-2], images.shape[-1])
-        return TaskBatch(images, targets, [ImageMeta(original_size=size, input_size=size)] * len(items))
-
     def head_output(self, head: nn.Module, features: Tensor, batch: TaskBatch) -> Tensor:
         return head(features)
 
-    def loss(
-        self,
-        head: nn.Module,
-        features: Tensor,
-        batch: TaskBatch,
-        *,
-        teacher_output: Any = None,
-        options: Mapping[str, Any] | None = None,
-    ) -> dict[str, Tensor]:
+    def loss(self, head: nn.Module, features: Tensor, batch: TaskBatch, *, teacher_output: Any = None,
+             options: Mapping[str, Any] | None = None) -> dict[str, Tensor]:
         """Cross-entropy; with a teacher, ``(1-kd_alpha)*CE + kd_alpha*T²*KL(teacher_T ‖ student_T)``
         (Hinton et al. knowledge distillation)."""
         options = options or {}
@@ -164,32 +138,22 @@ class ClassificationPlugin(EvaluationHooks, TrainingHooks, TaskPlugin):
         return {"ce": (1.0 - alpha) * ce, "kd": alpha * kd}
 
     @torch.no_grad()
-    def evaluate(
-        self,
-        head: nn.Module,
-        features_fn: FeatureFn,
-        batches: Iterable[TaskBatch],
-        *,
-        dataset: Dataset | None = None,
-    ) -> dict[str, float]:
+    def evaluate(self, head: nn.Module, features_fn: FeatureFn, batches: Iterable[TaskBatch], *,
+                 dataset: Dataset | None = None) -> dict[str, float]:
         """Top-1 / top-5 accuracy in percent (top-5 is top-num_classes below 5 classes)."""
         correct1 = correct5 = total = 0
         with evaluating(head) as device:
             for batch in batches:
-                images, targets = to_device(batch, device)
-                logits = head(features_fn(images))
-                top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-                hits = top == targets[:, None]
+                batch = batch.to(device)
+                logits = head(features_fn(batch.images))
+                hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == batch.targets[:, None]
                 correct1 += int(hits[:, 0].sum())
                 correct5 += int(hits.any(dim=1).sum())
-                total += targets.numel()
+                total += batch.targets.numel()
         if total == 0:
             raise PluginError("classification: evaluate got no batches")
         return {"top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total}
 
-    # -- evaluation hooks -----------------------------------------------------------------
-    def eval_samples(self, dataset: Dataset) -> list[EvalSample]:
-        return [EvalSample(Path(path), int(label)) for path, label in dataset.samples]
-
+    # -- evaluation hooks (eval_samples: ImageFolderData's) ---------------------------------
     def make_scorer(self, dataset: Dataset, config: Mapping[str, Any]) -> TopKScorer:
         return TopKScorer()

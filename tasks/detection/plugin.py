@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import io
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,24 +17,12 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from splitserve.data.transforms import pad_batch
 from splitserve.errors import PluginError
-from splitserve.models.backbone import build_resnet, check_arch, resnet_stem
-from splitserve.plugins import (EvalSample, EvaluationHooks, FeatureFn, ImageMeta, ReferenceRecipe, Scorer, TaskBatch,
-                                TaskPlugin, TrainingHooks)
-from splitserve.preprocess import Preprocessing
+from splitserve.models.backbone import check_arch, resnet_stem
+from splitserve.plugins import (EvaluationHooks, FeatureFn, ImageMeta, ReferenceRecipe, Scorer, TaskBatch, TaskPlugin,
+                                TrainingHooks, evaluating)
 
-from .._common import (
-    adapt_class_rows,
-    class_list_config,
-    coco_samples,
-    download_state_dict,
-    evaluating,
-    label_of,
-    merge_config,
-    resolve_teacher_weights,
-    source_dataset,
-    split_stem_state,
-    to_device,
-)
+from .._common import (CocoData, class_list_config, label_of, merge_config, resolve_teacher_weights, source_dataset,
+                       task_teacher)
 from .head import ANCHOR_SIZES, FeatureRetinaNet, scale_boxes
 from .schema import Detection, DetectionResult
 
@@ -102,9 +89,9 @@ class BoxScorer(Scorer):
         return coco_bbox_metrics(self.dataset.coco, self.results, self.image_ids)
 
 
-class DetectionPlugin(EvaluationHooks, TrainingHooks, TaskPlugin):
+class DetectionPlugin(CocoData, EvaluationHooks, TrainingHooks, TaskPlugin):
     """Object detection with torchvision's RetinaNet (ResNet-FPN, P3..P7); the default head
-    mirrors ``retinanet_resnet50_fpn`` and its 91 COCO labels."""
+    mirrors ``retinanet_resnet50_fpn`` and its 91 COCO labels. Data: COCO boxes (:class:`CocoData`)."""
 
     name = "detection"
     aliases = ("det",)
@@ -112,7 +99,7 @@ class DetectionPlugin(EvaluationHooks, TrainingHooks, TaskPlugin):
     response_model = DetectionResult
     metric_name = "mAP"
     metric_label = "box mAP@[.5:.95] (%)"
-    data_layout = "coco"
+    coco_loader = "detection_dataset"
     reference_finetune = ReferenceRecipe(layers=("layer2",), feature_epochs=3, feature_lr=1e-3, epochs=2,
                                          optimizer="sgd", lr=1e-4)  # Entropic Student's RetinaNet stage 2
 
@@ -164,13 +151,8 @@ class DetectionPlugin(EvaluationHooks, TrainingHooks, TaskPlugin):
         return head
 
     @torch.no_grad()
-    def predict(
-        self,
-        head: nn.Module,
-        features: Tensor,
-        metas: Sequence[ImageMeta],
-        config: Mapping[str, Any],
-    ) -> list[DetectionResult]:
+    def predict(self, head: nn.Module, features: Tensor, metas: Sequence[ImageMeta],
+                config: Mapping[str, Any]) -> list[DetectionResult]:
         """Boxes in original-image pixels; ``score_threshold``, ``nms_threshold`` and
         ``max_detections`` come from the (resolved) config."""
         dets = head(features, [m.input_size for m in metas], score_thresh=config["score_threshold"],
@@ -189,9 +171,8 @@ class DetectionPlugin(EvaluationHooks, TrainingHooks, TaskPlugin):
         return out
 
     # -- training hooks -------------------------------------------------------------------
-    def build_teacher(
-        self, backbone: str, config: Mapping[str, Any], weights: str | None = None
-    ) -> tuple[nn.Module, nn.Module]:
+    def build_teacher(self, backbone: str, config: Mapping[str, Any],
+                      weights: str | None = None) -> tuple[nn.Module, nn.Module]:
         """Stem and head of torchvision's RetinaNet. ``weights`` "DEFAULT"/"COCO_V1" (resnet50)
         loads ``retinanet_resnet50_fpn``'s COCO weights (the classifier re-indexed by label name
         when the label set differs); a ResNet weights name loads ImageNet weights only."""
@@ -200,27 +181,12 @@ class DetectionPlugin(EvaluationHooks, TrainingHooks, TaskPlugin):
         if kind != "task":
             resnet, head = self.resnet_teacher(backbone, cfg, w, norm_layer=FrozenBatchNorm2d)
             return resnet_stem(resnet), head
-
-        stem_sd, sd = split_stem_state(download_state_dict(w), "backbone.body.")  # fail fast
-        head = self.build_head(backbone, cfg)
-        stem = resnet_stem(build_resnet(backbone, norm_layer=FrozenBatchNorm2d))
-        stem.load_state_dict(stem_sd)
-        src_names = list(w.meta["categories"])
-        if cfg["labels"] != src_names:
-            init = head.retinanet.state_dict()
-            for suffix in ("weight", "bias"):
-                key = _CLS_LOGITS + suffix
-                sd[key], _ = adapt_class_rows(sd[key], init[key], src_names, cfg["labels"])
-        head.retinanet.load_state_dict(sd)
+        stem, head = task_teacher(self, backbone, cfg, w, body="backbone.body.", into="retinanet",
+                                  class_rows=(_CLS_LOGITS,), norm_layer=FrozenBatchNorm2d)
         if w == RetinaNet_ResNet50_FPN_Weights.COCO_V1:  # trained with eps=0, as torchvision notes
             overwrite_eps(stem, 0.0)
             overwrite_eps(head, 0.0)
         return stem, head
-
-    def build_dataset(self, root: Path, split: str, *, train: bool, preprocessing: Preprocessing) -> Dataset:
-        from splitserve.data import detection_dataset
-
-        return detection_dataset(root, split, train=train, preprocessing=preprocessing)
 
     def config_for_classes(self, names: Sequence[str]) -> dict:
         return class_list_config(names)
@@ -246,29 +212,16 @@ class DetectionPlugin(EvaluationHooks, TrainingHooks, TaskPlugin):
             metas.append(ImageMeta(original_size=orig, input_size=input_size))
         return TaskBatch(images, targets, metas)
 
-    def loss(
-        self,
-        head: nn.Module,
-        features: Tensor,
-        batch: TaskBatch,
-        *,
-        teacher_output: Any = None,
-        options: Mapping[str, Any] | None = None,
-    ) -> dict[str, Tensor]:
+    def loss(self, head: nn.Module, features: Tensor, batch: TaskBatch, *, teacher_output: Any = None,
+             options: Mapping[str, Any] | None = None) -> dict[str, Tensor]:
         """RetinaNet's sigmoid focal loss (``classification``) and L1 box loss (``bbox_regression``)."""
         device = features.device
         targets = [{"boxes": t["boxes"].to(device), "labels": t["labels"].to(device)} for t in batch.targets]
         return head(features, [m.input_size for m in batch.metas] or None, targets)
 
     @torch.no_grad()
-    def evaluate(
-        self,
-        head: nn.Module,
-        features_fn: FeatureFn,
-        batches: Iterable[TaskBatch],
-        *,
-        dataset: Dataset | None = None,
-    ) -> dict[str, float]:
+    def evaluate(self, head: nn.Module, features_fn: FeatureFn, batches: Iterable[TaskBatch], *,
+                 dataset: Dataset | None = None) -> dict[str, float]:
         """COCO box mAP against ``dataset.coco`` (pycocotools), boxes mapped to original pixels
         and labels to COCO ids through ``dataset.label_to_category_id``."""
         ds = source_dataset(batches, dataset, "coco")
@@ -283,9 +236,9 @@ class DetectionPlugin(EvaluationHooks, TrainingHooks, TaskPlugin):
         results, image_ids = [], []
         with evaluating(head) as device:
             for batch in batches:
-                images, _ = to_device(batch, device)
+                batch = batch.to(device)
                 dets = head(
-                    features_fn(images),
+                    features_fn(batch.images),
                     [m.input_size for m in batch.metas],
                     score_thresh=EVAL_SCORE_THRESHOLD,
                     detections_per_img=EVAL_MAX_DETECTIONS,
@@ -306,10 +259,7 @@ class DetectionPlugin(EvaluationHooks, TrainingHooks, TaskPlugin):
                         )
         return coco_bbox_metrics(ds.coco, results, image_ids)
 
-    # -- evaluation hooks -----------------------------------------------------------------
-    def eval_samples(self, dataset: Dataset) -> list[EvalSample]:
-        return coco_samples(dataset)
-
+    # -- evaluation hooks (eval_samples: CocoData's) ----------------------------------------
     def make_scorer(self, dataset: Dataset, config: Mapping[str, Any]) -> BoxScorer:
         return BoxScorer(dataset)
 

@@ -4,7 +4,6 @@ geometry to the original image), CE + aux loss, mIoU."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,22 +15,11 @@ from torchvision.models.segmentation import DeepLabV3_ResNet50_Weights
 
 from splitserve.data.transforms import pad_batch
 from splitserve.errors import PluginError
-from splitserve.models.backbone import build_resnet, check_arch, resnet_stem
-from splitserve.plugins import (EvalSample, EvaluationHooks, FeatureFn, ImageMeta, ReferenceRecipe, Scorer, TaskBatch,
-                                TaskPlugin, TrainingHooks)
-from splitserve.preprocess import Preprocessing
+from splitserve.models.backbone import check_arch
+from splitserve.plugins import (EvaluationHooks, FeatureFn, ImageMeta, ReferenceRecipe, Scorer, TaskBatch, TaskPlugin,
+                                TrainingHooks, evaluating)
 
-from .._common import (
-    adapt_class_rows,
-    coco_samples,
-    download_state_dict,
-    evaluating,
-    label_of,
-    merge_config,
-    resolve_teacher_weights,
-    split_stem_state,
-    to_device,
-)
+from .._common import CocoData, label_of, merge_config, resolve_teacher_weights, task_teacher
 from .head import OUTPUT_STRIDES, DeepLabV3Head, default_output_stride
 from .schema import ClassShare, SegmentationResult, encode_mask, full_mask
 
@@ -87,9 +75,9 @@ def _width(name: str, value: Any) -> int:
     return value
 
 
-class SegmentationPlugin(EvaluationHooks, TrainingHooks, TaskPlugin):
+class SegmentationPlugin(CocoData, EvaluationHooks, TrainingHooks, TaskPlugin):
     """Semantic segmentation with torchvision's DeepLabv3; the default head mirrors
-    ``deeplabv3_resnet50`` and its 21 VOC labels."""
+    ``deeplabv3_resnet50`` and its 21 VOC labels. Data: COCO masks (:class:`CocoData`)."""
 
     name = "segmentation"
     aliases = ("seg",)
@@ -98,7 +86,7 @@ class SegmentationPlugin(EvaluationHooks, TrainingHooks, TaskPlugin):
     response_model = SegmentationResult
     metric_name = "mIoU"
     metric_label = "mIoU (%)"
-    data_layout = "coco"
+    coco_loader = "segmentation_dataset"
     reference_finetune = ReferenceRecipe(layers=("layer2", "layer3", "layer4"), feature_epochs=3, feature_lr=1e-3,
                                          epochs=5, optimizer="sgd", lr=0.0025, scheduler="poly")  # ES's DeepLabv3
 
@@ -132,13 +120,8 @@ class SegmentationPlugin(EvaluationHooks, TrainingHooks, TaskPlugin):
         return ", ".join(f"{c.label} {c.fraction:.1%}" for c in sorted(answer.classes, key=lambda c: -c.fraction)[:4])
 
     @torch.no_grad()
-    def predict(
-        self,
-        head: nn.Module,
-        features: Tensor,
-        metas: Sequence[ImageMeta],
-        config: Mapping[str, Any],
-    ) -> list[SegmentationResult]:
+    def predict(self, head: nn.Module, features: Tensor, metas: Sequence[ImageMeta],
+                config: Mapping[str, Any]) -> list[SegmentationResult]:
         """One class map per image at its model input's size (the logits upsampled bilinearly, then
         argmax): the work and the answer are bounded by the model, whatever original size a payload
         declares; the answer carries the scale to the original (``full_mask`` applies it)."""
@@ -159,9 +142,8 @@ class SegmentationPlugin(EvaluationHooks, TrainingHooks, TaskPlugin):
         return out
 
     # -- training hooks -------------------------------------------------------------------
-    def build_teacher(
-        self, backbone: str, config: Mapping[str, Any], weights: str | None = None
-    ) -> tuple[nn.Module, nn.Module]:
+    def build_teacher(self, backbone: str, config: Mapping[str, Any],
+                      weights: str | None = None) -> tuple[nn.Module, nn.Module]:
         """Stem and head of torchvision's DeepLabV3. ``weights`` "DEFAULT"/"COCO_WITH_VOC_LABELS_V1"
         (resnet50/101) loads ``deeplabv3_<backbone>``'s weights (classifiers re-indexed by label
         name when the label set differs); a ResNet weights name loads ImageNet weights only."""
@@ -169,24 +151,8 @@ class SegmentationPlugin(EvaluationHooks, TrainingHooks, TaskPlugin):
         kind, w = resolve_teacher_weights(f"deeplabv3_{backbone}", backbone, weights)
         if kind != "task":
             return super().build_teacher(backbone, cfg, w)  # dilation changes no parameter shapes
-
-        stem_sd, rest = split_stem_state(download_state_dict(w), "backbone.")  # fail fast
-        head = self.build_head(backbone, cfg)
-        stem = resnet_stem(build_resnet(backbone))
-        stem.load_state_dict(stem_sd)
-        sd = {("tail." + k[len("backbone."):] if k.startswith("backbone.") else k): v for k, v in rest.items()}
-        src_names = list(w.meta["categories"])
-        if cfg["labels"] != src_names:
-            init = head.state_dict()
-            for key in [k for k in sd if k.startswith(("classifier.4.", "aux_classifier.4."))]:
-                sd[key], _ = adapt_class_rows(sd[key], init[key], src_names, cfg["labels"])
-        head.load_state_dict(sd)
-        return stem, head
-
-    def build_dataset(self, root: Path, split: str, *, train: bool, preprocessing: Preprocessing) -> Dataset:
-        from splitserve.data import segmentation_dataset
-
-        return segmentation_dataset(root, split, train=train, preprocessing=preprocessing)
+        return task_teacher(self, backbone, cfg, w, body="backbone.", rename=("backbone.", "tail."),
+                            class_rows=("classifier.4.", "aux_classifier.4."))
 
     def config_for_classes(self, names: Sequence[str]) -> dict:
         return {"num_classes": len(names) + 1, "labels": ["background", *names]}  # index 0: background
@@ -201,15 +167,8 @@ class SegmentationPlugin(EvaluationHooks, TrainingHooks, TaskPlugin):
         metas = [ImageMeta(original_size=tuple(img.shape[-2:]), input_size=tuple(img.shape[-2:])) for img, _ in items]
         return TaskBatch(images, masks, metas)
 
-    def loss(
-        self,
-        head: nn.Module,
-        features: Tensor,
-        batch: TaskBatch,
-        *,
-        teacher_output: Any = None,
-        options: Mapping[str, Any] | None = None,
-    ) -> dict[str, Tensor]:
+    def loss(self, head: nn.Module, features: Tensor, batch: TaskBatch, *, teacher_output: Any = None,
+             options: Mapping[str, Any] | None = None) -> dict[str, Tensor]:
         """Cross-entropy on ``out`` plus ``aux_weight`` (0.5) × cross-entropy on ``aux`` (as in
         torchvision's segmentation reference); label 255 is ignored."""
         options = options or {}
@@ -220,29 +179,21 @@ class SegmentationPlugin(EvaluationHooks, TrainingHooks, TaskPlugin):
         return {"ce": ce, "aux": float(options.get("aux_weight", 0.5)) * aux}
 
     @torch.no_grad()
-    def evaluate(
-        self,
-        head: nn.Module,
-        features_fn: FeatureFn,
-        batches: Iterable[TaskBatch],
-        *,
-        dataset: Dataset | None = None,
-    ) -> dict[str, float]:
+    def evaluate(self, head: nn.Module, features_fn: FeatureFn, batches: Iterable[TaskBatch], *,
+                 dataset: Dataset | None = None) -> dict[str, float]:
         """mIoU and pixel accuracy (percent) over the labelled pixels of the batches' masks."""
         k = head.num_classes
         with evaluating(head) as device:
             confusion = torch.zeros(k * k, dtype=torch.long, device=device)
             for batch in batches:
-                images, targets = to_device(batch, device)
-                logits = head.logits(features_fn(images))
-                pred = F.interpolate(logits, size=targets.shape[-2:], mode="bilinear", align_corners=False).argmax(1)
-                confusion += confusion_counts(targets, pred, k)
+                batch = batch.to(device)
+                logits = head.logits(features_fn(batch.images))
+                truth = batch.targets
+                pred = F.interpolate(logits, size=truth.shape[-2:], mode="bilinear", align_corners=False).argmax(1)
+                confusion += confusion_counts(truth, pred, k)
         return confusion_metrics(confusion.view(k, k).cpu())
 
-    # -- evaluation hooks -----------------------------------------------------------------
-    def eval_samples(self, dataset: Dataset) -> list[EvalSample]:
-        return coco_samples(dataset)
-
+    # -- evaluation hooks (eval_samples: CocoData's) ----------------------------------------
     def make_scorer(self, dataset: Dataset, config: Mapping[str, Any]) -> MaskScorer:
         """mIoU over ``config``'s classes (default: the dataset's, background included)."""
         return MaskScorer(dataset, int(config.get("num_classes") or len(dataset.classes)))

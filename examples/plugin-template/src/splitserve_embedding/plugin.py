@@ -5,8 +5,9 @@
 Serving needs four members: ``name``, ``response_model``, ``build_head``, ``predict`` (one
 :class:`EmbeddingResult` per image, computed for the whole batch at once); ``aliases``,
 ``description`` and ``resolve_config`` are optional extras used here. A serve-only plugin stops
-there. Training adds an ImageFolder dataset (``splitserve.data.classification_dataset``), a
-supervised contrastive loss with optional relational distillation, and leave-one-out recall@k.
+there. Training adds an ImageFolder dataset (the data hooks of
+:class:`~splitserve.plugins.ImageFolderData`), a supervised contrastive loss with optional
+relational distillation, and leave-one-out recall@k.
 Evaluation scores served answers with the same recall@k (:class:`RecallScorer`), so
 ``platform evaluate`` can compare this task's rate–accuracy curves with JPEG and WebP.
 """
@@ -14,7 +15,6 @@ Evaluation scores served answers with the same recall@k (:class:`RecallScorer`),
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,9 +24,8 @@ from torch.utils.data import Dataset
 
 from splitserve.errors import PluginError
 from splitserve.models.backbone import check_arch
-from splitserve.plugins import (EvalSample, EvaluationHooks, FeatureFn, ImageMeta, Scorer, TaskBatch, TaskPlugin,
-                                TrainingHooks)
-from splitserve.preprocess import Preprocessing
+from splitserve.plugins import (EvaluationHooks, FeatureFn, ImageFolderData, ImageMeta, Scorer, TaskBatch, TaskPlugin,
+                                TrainingHooks, evaluating)
 
 from .head import EmbeddingHead
 from .schema import EmbeddingResult
@@ -93,12 +92,14 @@ class RecallScorer(Scorer):
         return recall_at_k(torch.tensor(self.vectors), torch.tensor(self.labels))
 
 
-def _device(module: nn.Module) -> torch.device:
-    return next(module.parameters()).device
+class EmbeddingPlugin(ImageFolderData, EvaluationHooks, TrainingHooks, TaskPlugin):
+    """Global image embeddings for retrieval and deduplication (unit vectors, cosine similarity).
 
-
-class EmbeddingPlugin(EvaluationHooks, TrainingHooks, TaskPlugin):
-    """Global image embeddings for retrieval and deduplication (unit vectors, cosine similarity)."""
+    The data is an ImageFolder tree ``root/<split>/<class>/<image>`` (same-class images are
+    positives), so :class:`~splitserve.plugins.ImageFolderData` supplies the data hooks:
+    ``data_layout``, ``build_dataset``, ``collate`` (targets: class indices) and ``eval_samples``
+    (every image with its class index: the positives :class:`RecallScorer` looks for).
+    """
 
     name = "embedding"
     aliases = ("embed",)
@@ -106,7 +107,6 @@ class EmbeddingPlugin(EvaluationHooks, TrainingHooks, TaskPlugin):
     response_model = EmbeddingResult
     metric_name = "recall@1"  # training hooks from here on
     metric_label = "recall@1 (%)"  # evaluation hooks
-    data_layout = "imagefolder"
 
     # -- serving -------------------------------------------------------------------------
     # feature_spec() is inherited: the head consumes h of the bundle's backbone (64 channels for
@@ -126,13 +126,8 @@ class EmbeddingPlugin(EvaluationHooks, TrainingHooks, TaskPlugin):
         return EmbeddingHead(backbone, config["dim"])
 
     @torch.no_grad()
-    def predict(
-        self,
-        head: nn.Module,
-        features: Tensor,
-        metas: Sequence[ImageMeta],
-        config: Mapping[str, Any],
-    ) -> list[EmbeddingResult]:
+    def predict(self, head: nn.Module, features: Tensor, metas: Sequence[ImageMeta],
+                config: Mapping[str, Any]) -> list[EmbeddingResult]:
         """One forward pass for the whole batch; an embedding does not depend on the image's
         original size, so ``metas`` only fixes how many answers to return."""
         vectors = head(features).float().cpu()
@@ -141,32 +136,14 @@ class EmbeddingPlugin(EvaluationHooks, TrainingHooks, TaskPlugin):
 
     # -- training hooks -------------------------------------------------------------------
     # build_teacher() is inherited: ImageNet weights (``weights="DEFAULT"``) go into head.tail;
-    # GeM and the projection start fresh and are learned by the contrastive loss.
-
-    def build_dataset(self, root: Path, split: str, *, train: bool, preprocessing: Preprocessing) -> Dataset:
-        """An ImageFolder tree ``root/<split>/<class>/<image>``: same-class images are positives."""
-        from splitserve.data import classification_dataset
-
-        return classification_dataset(root, split, train=train, preprocessing=preprocessing)
-
-    def collate(self, items: list) -> TaskBatch:
-        images = torch.stack([img for img, _ in items])
-        targets = torch.as_tensor([int(label) for _, label in items], dtype=torch.long)
-        size = (images.shape[-2], images.shape[-1])
-        return TaskBatch(images, targets, [ImageMeta(original_size=size, input_size=size)] * len(items))
+    # GeM and the projection start fresh and are learned by the contrastive loss. build_dataset() and
+    # collate() come from ImageFolderData.
 
     def head_output(self, head: nn.Module, features: Tensor, batch: TaskBatch) -> Tensor:
         return head(features)
 
-    def loss(
-        self,
-        head: nn.Module,
-        features: Tensor,
-        batch: TaskBatch,
-        *,
-        teacher_output: Any = None,
-        options: Mapping[str, Any] | None = None,
-    ) -> dict[str, Tensor]:
+    def loss(self, head: nn.Module, features: Tensor, batch: TaskBatch, *, teacher_output: Any = None,
+             options: Mapping[str, Any] | None = None) -> dict[str, Tensor]:
         """``supcon``: supervised contrastive loss (option ``contrastive_temperature``, default 0.1).
         With a teacher, ``(1-kd_alpha)*supcon + kd_alpha*kd`` where ``kd`` is the mean squared
         difference between the batch's cosine-similarity matrices of student and teacher
@@ -188,35 +165,21 @@ class EmbeddingPlugin(EvaluationHooks, TrainingHooks, TaskPlugin):
         return {"supcon": (1.0 - alpha) * supcon, "kd": alpha * kd}
 
     @torch.no_grad()
-    def evaluate(
-        self,
-        head: nn.Module,
-        features_fn: FeatureFn,
-        batches: Iterable[TaskBatch],
-        *,
-        dataset: Dataset | None = None,
-    ) -> dict[str, float]:
+    def evaluate(self, head: nn.Module, features_fn: FeatureFn, batches: Iterable[TaskBatch], *,
+                 dataset: Dataset | None = None) -> dict[str, float]:
         """Leave-one-out retrieval over the evaluation set, in percent: recall@k is the share of
         images whose k nearest other images (cosine similarity) include one of the same class."""
-        was_training = head.training
-        head.eval()
-        device = _device(head)
         vectors, labels = [], []
-        try:
+        with evaluating(head) as device:  # eval mode here, the caller's mode back after
             for batch in batches:
                 vectors.append(head(features_fn(batch.images.to(device))).float().cpu())
                 labels.append(torch.as_tensor(batch.targets).cpu())
-        finally:
-            head.train(was_training)
         if not vectors:
             raise PluginError("embedding: evaluate needs at least two images")
         return recall_at_k(torch.cat(vectors), torch.cat(labels))
 
     # -- evaluation hooks (platform evaluate, platform bundle measure) --------------------
-    def eval_samples(self, dataset: Dataset) -> list[EvalSample]:
-        """Every image of the ImageFolder split, with its class index: same-class images are the
-        positives ``RecallScorer`` looks for."""
-        return [EvalSample(Path(path), int(label)) for path, label in dataset.samples]
+    # eval_samples() comes from ImageFolderData: every image of the split with its class index.
 
     def make_scorer(self, dataset: Dataset, config: Mapping[str, Any]) -> RecallScorer:
         return RecallScorer()
