@@ -4,7 +4,8 @@
 # continues where it stopped.
 #   fmnist_scenes_runs.sh WORKDIR default   # the default bundle's runs (make default-bundle, which then packs it)
 #   fmnist_scenes_runs.sh WORKDIR study     # those, then every other point of the study (make study)
-# PLATFORM=path/to/platform; DEFAULT_LMBDA (0.96) is the default bundle's rate point (RAC N = 8).
+# PLATFORM=path/to/platform; DEFAULT_LMBDA (0.96) is the default bundle's rate point (RAC N = 8); VR_LMBDAS
+# (3.84,…,0.24) the variable-rate runs' six rates, each also trained alone for the comparison.
 set -euo pipefail
 W=${1:?usage: fmnist_scenes_runs.sh WORKDIR default|study}
 WHAT=${2:?usage: fmnist_scenes_runs.sh WORKDIR default|study}
@@ -13,6 +14,8 @@ R=$(cd "$(dirname "$0")/.." && pwd)
 D=$W/fm64
 T=$W/teacher-cls
 LMBDA=${DEFAULT_LMBDA:-0.96}
+VR_LMBDAS=${VR_LMBDAS:-3.84,1.92,0.96,0.64,0.48,0.24}  # the variable-rate runs' six rates
+TEACHERS=("classification=$T" "detection=$W/teacher-det" "segmentation=$W/teacher-seg")
 COMMON=(--no-progress --resume)
 DET=(--head-config fpn_channels=64)
 SEG=(--head-config aspp_channels=64 output_stride=8 "atrous_rates=[1,2,3]")
@@ -31,11 +34,13 @@ teacher() {  # the uncompressed ResNet-18 teacher of task $1 (detection/segmenta
   esac
 }
 es() {  # Entropic Student at β $1: stage 1, then stage 2 (classification, decoder trained); $2 = long: twice
-  # the recipe's epochs (10 + 8 = 18, lr drops after 8 and 6), as many passes as RAC's 18-epoch runs
-  local B=$W/es-b$1 E1=() E2=()
+  # the recipe's epochs (10 + 8 = 18, lr drops after 8 and 6), as many passes as RAC's 18-epoch runs;
+  # $3 = multi: stage 1 distils from all three task teachers (weight 1 each) into $W/es-b$1-mt
+  local B=$W/es-b$1 E1=() E2=() TEACH=("$T")
   [ "${2:-}" != long ] || { B=$B-e18; E1=(--epochs 10 --milestones 8); E2=(--epochs 8 --step-size 6); }
-  test -f "$B/manifest.json" || "$P" distill --recipe "$R/fmnist_scenes_distill.yaml" --teacher "$T" --data "$D" \
-    --beta "$1" --out "$B" "${E1[@]}" "${COMMON[@]}"
+  [ "${3:-}" != multi ] || { B=$B-mt; TEACH=("${TEACHERS[@]}"); }
+  test -f "$B/manifest.json" || "$P" distill --recipe "$R/fmnist_scenes_distill.yaml" --teacher "${TEACH[@]}" \
+    --data "$D" --beta "$1" --out "$B" "${E1[@]}" "${COMMON[@]}"
   once "$B/.cls" "$P" finetune --recipe "$R/fmnist_scenes_finetune.yaml" --bundle "$B" --teacher "$T" --data "$D" \
     "${E2[@]}" "${COMMON[@]}"
 }
@@ -47,15 +52,34 @@ shared_heads() {  # bundle $1 (ES or RAC): the classification head's layer2..4 b
   once "$B/.seg" "$P" "${S[@]}" --task segmentation --shared-trunk "${SEG[@]}"
 }
 own_heads() {  # a copy of bundle $1 whose detection and segmentation heads each train their own
-  # layer2..4, started from that task's teacher: $2 = fresh (heads as wide as the shared ones, fresh;
-  # into $1-own) or teacher (the teachers' whole heads, at their widths, as the papers' stage 2; $1-tinit)
+  # layer2..4: $2 = fresh (heads as wide as the shared ones, fresh; into $1-own), teacher (the teachers'
+  # whole heads, at their widths, trained as the reference does, the default; $1-tinit) or direct (the
+  # teachers' whole heads, our one-stage task-loss recipe; $1-direct)
   local B=$1-own init=(--from-scratch) det=("${DET[@]}") seg=("${SEG[@]}")
-  [ "$2" = fresh ] || { B=$1-tinit; init=(--from-teacher); det=(); seg=(); }
+  case $2 in
+    teacher) B=$1-tinit; init=(--from-teacher --procedure reference); det=(); seg=() ;;
+    direct) B=$1-direct; init=(--from-teacher --procedure direct); det=(); seg=() ;;
+  esac
   local S=(finetune --recipe "$R/fmnist_scenes_finetune.yaml" --bundle "$B" --data "$D" --freeze-decoder "${init[@]}"
     "${COMMON[@]}")
   test -d "$B" || { cp -r "$1" "$B.tmp" && mv "$B.tmp" "$B"; }
   once "$B/.own-det" "$P" "${S[@]}" --task detection --teacher "$W/teacher-det" "${det[@]}"
   once "$B/.own-seg" "$P" "${S[@]}" --task segmentation --teacher "$W/teacher-seg" "${seg[@]}"
+}
+joint_trunk() {  # a copy of bundle $1 ($1-joint) whose three heads share one layer2..4 fine-tuned on all
+  # three tasks' losses at once (finetune --tasks; narrow FPN and ASPP as the shared heads)
+  local B=$1-joint
+  test -d "$B" || { cp -r "$1" "$B.tmp" && mv "$B.tmp" "$B"; }
+  once "$B/.joint" "$P" finetune --recipe "$R/fmnist_scenes_finetune.yaml" --bundle "$B" --data "$D" \
+    --tasks cls,det,seg --teacher "${TEACHERS[@]}" --head-config detection.fpn_channels=64 \
+    segmentation.aspp_channels=64 segmentation.output_stride=8 "segmentation.atrous_rates=[1,2,3]" "${COMMON[@]}"
+}
+rac_vr() {  # RAC with $1 residual blocks, variable-rate over the λ list $2 (joint, one run); $3 = multi:
+  # distilled from all three task teachers
+  local B=$W/rac$1-vr TEACH=("$T")
+  [ "${3:-}" != multi ] || { B=$B-mt; TEACH=("${TEACHERS[@]}"); }
+  test -f "$B/manifest.json" || "$P" train --recipe "$R/fmnist_scenes_rac_joint.yaml" --mode joint \
+    --teacher "${TEACH[@]}" --data "$D" --blocks "$1" --lmbdas "$2" --out "$B" "${COMMON[@]}"
 }
 rac() {  # RAC with $1 residual blocks at λ $2, $3 = joint or cls-fixed, for $4 epochs if given (the
   # recipe's 9 = Entropic Student's 5 + 4 otherwise)
@@ -91,30 +115,33 @@ default_bundle "$W/rac8-l$LMBDA"
 [ "$WHAT" = default ] && exit 0
 [ "$WHAT" = study ] || { echo "fmnist_scenes_runs.sh: choose default or study, not $WHAT" >&2; exit 2; }
 
-# The study, most telling first: task teachers, then every rate point; four per curve.
+# The study on fmnist-scenes v2 (val: photographs no training scene uses), most telling first.
+# 1. The task teachers: every detection/segmentation figure is read against them, and the multi-task
+#    encoder distils from them.
 teacher det
 teacher seg
-for beta in 0.32 0.08 0.16 0.02; do es "$beta"; done
-for beta in 0.32 0.16 0.08; do shared_heads "$W/es-b$beta"; done
-own_heads "$W/es-b0.32" fresh
-for lmbda in 1.92 0.96 0.48 0.64; do rac 8 "$lmbda" joint; done
-for lmbda in 1.92 0.96 0.48; do shared_heads "$W/rac8-l$lmbda"; done
-for lmbda in 1.92 0.96 0.48 0.64; do rac 0 "$lmbda" joint; done
+# 2. One encoder for every task (issue 21 §3): Entropic Student distilled from the classification
+#    teacher alone against one distilled from all three, same β; heads on the frozen shared trunk.
+for beta in 0.32 0.08; do es "$beta"; es "$beta" "" multi; done
+for beta in 0.32 0.08; do shared_heads "$W/es-b$beta"; shared_heads "$W/es-b$beta-mt"; done
+# 3. Stage 2 as the reference trains it (the task teacher's head, layer2 distilled, then the task loss)
+#    against our one-stage direct recipe, on own trunks; and the three server-side layouts of the
+#    multi-task encoder: (a) own trunks, (b) the frozen classification trunk shared (step 2), (c) one
+#    trunk fine-tuned on all three losses, shared.
 own_heads "$W/es-b0.32" teacher
+own_heads "$W/es-b0.32" direct
+own_heads "$W/es-b0.32-mt" teacher
+joint_trunk "$W/es-b0.32-mt"
+# 4. Every rate from one bundle (issue 24): RAC N = 8 variable-rate over six λ, beside RAC N = 8 trained
+#    once per λ with the same recipe; then the same with the multi-task teachers.
+rac_vr 8 "$VR_LMBDAS"
+for lmbda in ${VR_LMBDAS//,/ }; do rac 8 "$lmbda" joint; done
+shared_heads "$W/rac8-vr"
+rac_vr 8 "$VR_LMBDAS" multi
+joint_trunk "$W/rac8-vr-mt"
+# 5. The rest of the curves: Entropic Student at four rates, the learned image codecs, RAC N = 0.
+for beta in 0.16 0.02; do es "$beta"; done
 for q in 1 2 3 5; do image_codec bmshj2018-factorized "$q"; done
-for lmbda in 1.92 0.96 0.48 0.64; do rac 4 "$lmbda" joint; done
 for q in 1 2 3 5; do image_codec mbt2018-mean "$q"; done
-# cls-fixed: the teacher's classifier stays frozen and the codec must learn to feed it; it sits at chance
-# for about two epochs before it takes off (learning curves), and at λ 1.92 (the joint grid's top) the
-# rate collapsed the code first. The others are the paper's low end, where the rate weighs least.
-for lmbda in 0.06 0.24 0.12 1.92; do rac 8 "$lmbda" cls-fixed; done
-# RAC's curve is flat from ~130 bytes at 9 epochs: does twice the training lift it? (the default's λ
-# first; at 18 epochs it bought fewer bytes, not more accuracy; then lower λ, which reach higher)
-for lmbda in 0.96 0.48 0.24; do rac 8 "$lmbda" joint 18; done
-# ... and Entropic Student, given as many passes, at both ends of the rates RAC's 18-epoch curve covers
-for beta in 0.32 0.08; do es "$beta" long; done
-for n in 0 8; do for lmbda in 1.92 0.96 0.64 0.48; do rac "$n" "$lmbda" joint 4; done; done  # the under-trained first try
-# β 1.28 collapses the code to nothing within two epochs (the learning curves show it): stage 1, 2 epochs
-test -f "$W/es-b1.28/manifest.json" || "$P" distill --recipe "$R/fmnist_scenes_distill.yaml" --teacher "$T" --data "$D" \
-  --beta 1.28 --max-steps 1250 --out "$W/es-b1.28" "${COMMON[@]}"
+for lmbda in 1.92 0.96 0.64 0.48; do rac 0 "$lmbda" joint; done
 echo "study runs done in $W"
