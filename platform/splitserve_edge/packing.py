@@ -75,10 +75,6 @@ class Packer:
                        original_sizes=tuple((int(h), int(w)) for h, w in original_sizes), strings=tuple(strings),
                        rates=rates if self.coder.variable else None)
 
-    def payload_bytes(self, string_bytes: int, latent_hw: tuple[int, int], size: tuple[int, int]) -> int:
-        """Length of the one-image payload that carries a ``string_bytes``-byte bitstream."""
-        return self._fixed(latent_hw, size) + varint_size(string_bytes) + string_bytes
-
     def _fixed(self, latent_hw: tuple[int, int], size: tuple[int, int]) -> int:
         """A one-image payload's bytes besides its bitstream and the bitstream's length varint
         (taken from the container itself, so the layout is written once, in payload.py)."""

@@ -115,10 +115,6 @@ class FeatureCodec(nn.Module):
             raise AttributeError("a variable-rate codec has one prior per rate: use codec.priors[rate]")
         return self.priors[0]
 
-    def prior_modules(self) -> list[nn.Module]:
-        """What the device holds besides the encoder: the priors and (variable-rate) the gains."""
-        return list(self.priors)
-
     def prior_parameters(self) -> list[nn.Parameter]:
         """The priors' and gains' parameters (frozen with the encoder when heads are fine-tuned)."""
         params = [p for prior in self.priors for p in prior.parameters()]
