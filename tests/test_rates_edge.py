@@ -22,7 +22,7 @@ from splitserve.export import export_edge
 from splitserve.gateway.process import GatewayProcess
 from splitserve_edge import cli as edge_cli
 from splitserve_edge.payload import MAGIC, Payload
-from splitserve_edge.rates import BudgetError, RateCoder, RateTables
+from splitserve_edge.rates import BudgetError, RateCoder, RateTables, is_rate_index
 from splitserve_edge.runtime import EdgeModel
 
 from .helpers import informative_bundle
@@ -151,6 +151,13 @@ def test_no_rate_fits_names_the_image_and_its_smallest_payload(edge, photos, siz
         edge.encode([photos[small], photos[big]], max_bytes=smallest - 1)
     assert info.value.smallest == smallest and info.value.image == 1
     assert edge.encode([photos[big]], max_bytes=smallest).rates == (0,)
+
+
+def test_one_range_rule_for_codec_coder_and_packer():
+    """Integers (numpy's too) in 0..count-1 are rate indices; bools, floats and strings are not."""
+    assert [is_rate_index(r, 4) for r in (0, 3, np.int64(2), np.uint8(3))] == [True] * 4
+    assert [is_rate_index(r, 4) for r in (4, -1, True, False, 1.0, "1", None, np.int64(4))] == [False] * 8
+    assert not is_rate_index(0, 0)
 
 
 def test_rate_out_of_range_names_the_range(edge, photos):

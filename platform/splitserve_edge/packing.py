@@ -21,7 +21,7 @@ import numpy as np
 
 from .errors import SplitserveError
 from .payload import Payload, fingerprint_id, varint_size
-from .rates import BudgetError, RateCoder
+from .rates import BudgetError, RateCoder, is_rate_index
 
 __all__ = ["BudgetError", "Packer", "image_names"]
 
@@ -41,7 +41,7 @@ class Packer:
 
     def check_rate(self, rate: int) -> int:
         """``rate`` as an int, or an error naming the bundle's range (the CLIs print it as is)."""
-        if isinstance(rate, bool) or not isinstance(rate, (int, np.integer)) or not 0 <= rate < self.rates:
+        if not is_rate_index(rate, self.rates):
             kind = "a single-rate bundle codes at rate 0 only" if self.rates == 1 else "0 is the smallest payload"
             raise SplitserveError(f"rate {rate!r} is outside this bundle's rates 0..{self.rates - 1} ({kind})")
         return int(rate)

@@ -23,7 +23,7 @@ import numpy as np
 from .coder import CoderError, CodingTables, EntropyCoder, load_arrays
 from .errors import SplitserveError
 
-__all__ = ["BudgetError", "RateCoder", "RateTables"]
+__all__ = ["BudgetError", "RateCoder", "RateTables", "is_rate_index"]
 
 
 class BudgetError(SplitserveError, ValueError):
@@ -38,6 +38,12 @@ class BudgetError(SplitserveError, ValueError):
         super().__init__(message)
         self.image, self.smallest = image, smallest
 
+
+
+def is_rate_index(rate: object, count: int) -> bool:
+    """True when ``rate`` is an integer index into ``count`` rates. The one range rule of the
+    codec, the coder and the packer (each words its own error); a bool is not an index."""
+    return not isinstance(rate, bool) and isinstance(rate, (int, np.integer)) and 0 <= rate < count
 
 @dataclass(frozen=True, eq=False)
 class RateTables:
@@ -132,7 +138,7 @@ class RateCoder:
         return self._gains is not None
 
     def check_rate(self, rate: int) -> int:
-        if isinstance(rate, bool) or not isinstance(rate, (int, np.integer)) or not 0 <= rate < len(self):
+        if not is_rate_index(rate, len(self)):
             raise CoderError(f"rate index {rate!r} is outside this codec's rates 0..{len(self) - 1}")
         return int(rate)
 

@@ -28,6 +28,7 @@ from ..bundle import Manifest, load_codec, load_head, load_trunk, read_manifest
 from ..models.backbone import SharedTrunk, trunk_of
 from ..errors import PayloadError, PluginError
 from splitserve_edge.payload import Payload, PayloadLimits, fingerprint_id
+from splitserve_edge.rates import is_rate_index
 from ..plugins import ImageMeta, PluginContractError, PluginRegistry, TaskPlugin
 from ..preprocess import load_image, to_input
 from .batching import out_of_memory
@@ -171,7 +172,7 @@ class Features:
                                    f"(format v3); this one is v{payload.version}, without rates")
             return
         for i, rate in enumerate(payload.rates):
-            if rate >= count:
+            if not is_rate_index(rate, count):
                 raise PayloadError(f"image {i}: rate index {rate} is outside this bundle's rates 0..{count - 1}")
 
     def check_latent_shape(self, payload: Payload) -> list[ImageMeta]:

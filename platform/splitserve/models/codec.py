@@ -21,7 +21,7 @@ from compressai.entropy_models import EntropyBottleneck
 from torch import Tensor, nn
 
 from splitserve_edge.coder import CodingTables
-from splitserve_edge.rates import RateCoder, RateTables
+from splitserve_edge.rates import RateCoder, RateTables, is_rate_index
 
 from ..errors import SplitserveError
 from splitserve_edge.payload import bits_per_pixel
@@ -123,9 +123,9 @@ class FeatureCodec(nn.Module):
         return params
 
     def check_rate(self, rate: int) -> int:
-        if isinstance(rate, bool) or not isinstance(rate, int) or not 0 <= rate < self.rates:
+        if not is_rate_index(rate, self.rates):
             raise SplitserveError(f"rate index {rate!r} is outside this codec's rates 0..{self.rates - 1}")
-        return rate
+        return int(rate)
 
     def gain(self, rate: int) -> Tensor | None:
         """Rate ``rate``'s device-side gain (C, 1, 1), or None for a single-rate codec."""
