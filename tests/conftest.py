@@ -165,8 +165,21 @@ def local_ray() -> LocalRay:
     _LOCAL_RAY.stop()
 
 
+# The test modules that use the shared Ray instance (checked at collection), in the order they run,
+# one after another and before the rest: test_ray.py first, since its first test runs `platform ray`,
+# which starts an instance of its own, before the shared one is up (else it is stopped and started
+# again, ~15 s).
+RAY_MODULES = ("test_ray.py", "test_ray_faults.py", "test_rates_gateway.py")
+
+
 def pytest_collection_modifyitems(items) -> None:
     _LOCAL_RAY.modules = {item.path for item in items if "local_ray" in item.fixturenames}
+    unlisted = sorted(path.name for path in _LOCAL_RAY.modules if path.name not in RAY_MODULES)
+    if unlisted:
+        raise pytest.UsageError(f"{', '.join(unlisted)} use local_ray: add them to RAY_MODULES in tests/conftest.py")
+    # the Ray modules first, in their order; the rest keep theirs (a stable sort)
+    order = {name: i for i, name in enumerate(RAY_MODULES)}
+    items.sort(key=lambda item: order.get(item.path.name, len(RAY_MODULES)))
 
 
 @pytest.hookimpl(wrapper=True)

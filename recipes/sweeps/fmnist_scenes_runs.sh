@@ -3,7 +3,8 @@
 # whose output exists is skipped and an interrupted one resumes (--resume), so running this again
 # continues where it stopped.
 #   fmnist_scenes_runs.sh WORKDIR default   # the default bundle's runs (make default-bundle, which then packs it)
-#   fmnist_scenes_runs.sh WORKDIR study     # those, then every other point of the study (make study)
+#   fmnist_scenes_runs.sh WORKDIR study     # every other run of the study, those that decide the default first
+#                                           # (make study runs default first)
 # PLATFORM=path/to/platform; DEFAULT_LMBDA (0.96) is the default bundle's rate point (RAC N = 8); VR_LMBDAS
 # (3.84,…,0.24) the variable-rate runs' six rates, each also trained alone for the comparison.
 set -euo pipefail
@@ -106,40 +107,47 @@ default_bundle() {  # the shipped bundle (before packing): bundle $1 with its de
   once "$B/.seg12" "$P" "${S[@]}" --task segmentation "${SEG[@]}"
 }
 
-# The default bundle: data, classification teacher, RAC N = 8 at λ $LMBDA with all three heads.
+# Both: the data and the classification teacher.
 test -d "$D" || "$P" data fmnist-scenes --out "$D" --train 20000 --val 2000 --val-seen 2000 --size 64 --backgrounds photos
 teacher cls
-rac 8 "$LMBDA" joint
-shared_heads "$W/rac8-l$LMBDA"
-default_bundle "$W/rac8-l$LMBDA"
-[ "$WHAT" = default ] && exit 0
-[ "$WHAT" = study ] || { echo "fmnist_scenes_runs.sh: choose default or study, not $WHAT" >&2; exit 2; }
+case $WHAT in
+  default)  # the default bundle: RAC N = 8 at λ $LMBDA with all three heads
+    rac 8 "$LMBDA" joint
+    shared_heads "$W/rac8-l$LMBDA"
+    default_bundle "$W/rac8-l$LMBDA"
+    exit 0 ;;
+  study) ;;
+  *) echo "fmnist_scenes_runs.sh: choose default or study, not $WHAT" >&2; exit 2 ;;
+esac
 
-# The study on fmnist-scenes v2 (val: photographs no training scene uses), most telling first.
+# The study on fmnist-scenes v2 (val: photographs no training scene uses), the runs that decide the
+# default first: what one encoder for every task and every rate costs.
 # 1. The task teachers: every detection/segmentation figure is read against them, and the multi-task
 #    encoder distils from them.
 teacher det
 teacher seg
-# 2. One encoder for every task (issue 21 §3): Entropic Student distilled from the classification
-#    teacher alone against one distilled from all three, same β; heads on the frozen shared trunk.
+# 2. One encoder for every task and every rate (issues 21 §3 and 24): RAC N = 8 variable-rate over six
+#    λ distilled from all three teachers, with the three server-side layouts: (c) one trunk fine-tuned
+#    on all three losses, shared; (b) the frozen classification trunk, shared; (a) own trunks. Then the
+#    same encoder distilled from the classification teacher alone (the multi-task Δ), and RAC N = 8
+#    trained once per λ with the same recipe (the variable-rate cost).
+rac_vr 8 "$VR_LMBDAS" multi
+joint_trunk "$W/rac8-vr-mt"
+shared_heads "$W/rac8-vr-mt"
+own_heads "$W/rac8-vr-mt" teacher
+rac_vr 8 "$VR_LMBDAS"
+shared_heads "$W/rac8-vr"
+for lmbda in ${VR_LMBDAS//,/ }; do rac 8 "$lmbda" joint; done
+# 3. Entropic Student distilled from the classification teacher alone against one distilled from all
+#    three, same β, heads on the frozen shared trunk; and stage 2 as the reference trains it (the task
+#    teacher's head, layer2 distilled, then the task loss) against our one-stage direct recipe.
 for beta in 0.32 0.08; do es "$beta"; es "$beta" "" multi; done
 for beta in 0.32 0.08; do shared_heads "$W/es-b$beta"; shared_heads "$W/es-b$beta-mt"; done
-# 3. Stage 2 as the reference trains it (the task teacher's head, layer2 distilled, then the task loss)
-#    against our one-stage direct recipe, on own trunks; and the three server-side layouts of the
-#    multi-task encoder: (a) own trunks, (b) the frozen classification trunk shared (step 2), (c) one
-#    trunk fine-tuned on all three losses, shared.
 own_heads "$W/es-b0.32" teacher
 own_heads "$W/es-b0.32" direct
 own_heads "$W/es-b0.32-mt" teacher
 joint_trunk "$W/es-b0.32-mt"
-# 4. Every rate from one bundle (issue 24): RAC N = 8 variable-rate over six λ, beside RAC N = 8 trained
-#    once per λ with the same recipe; then the same with the multi-task teachers.
-rac_vr 8 "$VR_LMBDAS"
-for lmbda in ${VR_LMBDAS//,/ }; do rac 8 "$lmbda" joint; done
-shared_heads "$W/rac8-vr"
-rac_vr 8 "$VR_LMBDAS" multi
-joint_trunk "$W/rac8-vr-mt"
-# 5. The rest of the curves: Entropic Student at four rates, the learned image codecs, RAC N = 0.
+# 4. The rest of the curves: Entropic Student at four rates, the learned image codecs, RAC N = 0.
 for beta in 0.16 0.02; do es "$beta"; done
 for q in 1 2 3 5; do image_codec bmshj2018-factorized "$q"; done
 for q in 1 2 3 5; do image_codec mbt2018-mean "$q"; done
