@@ -619,3 +619,24 @@ def test_a_method_looks_alike_in_every_plot(tmp_path, monkeypatch):
     report.plot_rate_accuracy(tmp_path, pts("detection", ["ES", "WebP"]), "detection", None, looks)
     drawn = [{line.get_label(): line.get_color() for line in fig.axes[0].get_lines()} for fig in figures]
     assert drawn[0]["WebP"] == drawn[1]["WebP"] == looks["WebP"]["color"] != looks["RAC N=4"]["color"]
+
+
+def test_split_option_evaluates_the_split_it_names(tmp_path):
+    """`--split val_seen` measures the val objects on the train photographs (the in-distribution
+    figures the report gives beside the unseen ones): a different number of images, and the split
+    named in points.json and report.md."""
+    from splitserve.data import make_fmnist_scenes
+
+    scenes = tmp_path / "fm"
+    make_fmnist_scenes(scenes, train_scenes=4, val_scenes=6, val_seen_scenes=3, image_size=64, seed=0, progress=False)
+    _teacher("classification", tmp_path / "t-cla", 64)
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(f"data: {scenes}\nteachers: {{classification: t-cla}}\ntasks: [classification]\nrepeat: 1\n"
+                     "anchors: {bd_rate: WebP}\nmethods:\n  - {name: WebP, kind: webp, points: [50]}\n")
+    for split, images in (("val", 6), ("val_seen", 3)):
+        out = tmp_path / split
+        args = ["evaluate", str(sweep), "--out", str(out), "--no-progress"] + (["--split", split] if split != "val" else [])
+        assert main(args) == 0
+        doc = json.loads((out / "points.json").read_text())
+        assert doc["split"] == split and [p["images"] for p in doc["points"]] == [images]
+        assert f"split `{split}`" in (out / "report.md").read_text()

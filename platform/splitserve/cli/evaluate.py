@@ -19,6 +19,8 @@ def register(sub) -> None:
     p.add_argument("--out", type=Path, metavar="DIR", help="output directory (not needed with --check)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--check", action="store_true", help="only validate the sweep file and exit")
+    p.add_argument("--split", metavar="NAME", help="evaluate on this split instead of the sweep's, e.g. val_seen "
+                                                   "(fmnist-scenes: val objects on the train photographs)")
     p.add_argument("--curves", nargs="+", metavar="LABEL=WORKDIR",
                    help="also plot the learning curves of these runs (their metrics.jsonl) to "
                         "OUT/learning_curves.png (learning_curves_METRIC.png for a --metric other than top1)")
@@ -75,6 +77,8 @@ def run(args) -> int:
             raise SplitserveError("give a sweep file (or --curves)")
         return 0
     sweep = load_sweep(args.sweep)
+    if args.split:
+        sweep.split = args.split
     if args.check:
         n = sum(len(m.points) for m in sweep.methods)
         print(f"{args.sweep}: ok ({len(sweep.methods)} methods, {n} points)")
