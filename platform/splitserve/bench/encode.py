@@ -49,15 +49,15 @@ def realistic_codec(family: str, cfg: dict, x: torch.Tensor, feature_channels: i
         y = codec.encoder(x)
         last.weight.mul_(2.0 / max(float(y.std()), 1e-6))
         y = codec.encoder(x)
-    for rate, prior in enumerate(codec.priors):
+    for eb, rate in codec.priors.densities():
         gain = codec.gain(rate)
         latent = (y if gain is None else y * gain).detach()
         # the density learns the latent's distribution (so the bytes are its entropy and grow with
         # the gain, as a trained codec's do), then the quantiles the tables are cut from
-        prior.train()
-        density = [p for name, p in prior.named_parameters() if name != "quantiles"]
-        for params, loss_of, lr, steps in ((density, lambda: -torch.log2(prior(latent)[1]).mean(), 0.05, 100),
-                                           ([prior.quantiles], prior.loss, 0.1, 300)):
+        eb.train()
+        density = [p for name, p in eb.named_parameters() if name != "quantiles"]
+        for params, loss_of, lr, steps in ((density, lambda: -torch.log2(eb(latent)[1]).mean(), 0.05, 100),
+                                           ([eb.quantiles], eb.loss, 0.1, 300)):
             opt = torch.optim.Adam(params, lr=lr)
             for _ in range(steps):
                 loss = loss_of()
@@ -65,7 +65,7 @@ def realistic_codec(family: str, cfg: dict, x: torch.Tensor, feature_channels: i
                 loss.backward()
                 opt.step()
         with torch.no_grad():  # the medians follow the latent
-            prior.quantiles[:, :, 1] = latent.mean(dim=(0, 2, 3)).reshape(-1, 1)
+            eb.quantiles[:, :, 1] = latent.mean(dim=(0, 2, 3)).reshape(-1, 1)
     codec.eval()
     codec.update(force=True)
     return codec

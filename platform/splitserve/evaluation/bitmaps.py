@@ -46,7 +46,8 @@ def feature_codec_bits(codec, x: torch.Tensor, rate: int = 0) -> np.ndarray:
     gain = codec.gain(rate)
     if gain is not None:
         y = y * gain
-    _, likelihoods = codec.priors[codec.check_rate(rate)](y, training=False)  # rounded around the medians, as coded
+    # rounded around the medians, as coded
+    _, likelihoods = codec.priors(y, codec.check_rate(rate), gain, training=False)
     return (-torch.log2(likelihoods[0])).sum(0).cpu().numpy()
 
 

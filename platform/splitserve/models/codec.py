@@ -2,9 +2,10 @@
 
 The edge runs :meth:`FeatureCodec.compress`; the server runs :meth:`decompress` then :meth:`decode`
 and hands the rebuilt feature ``h`` to every task head. A codec may code at several rates
-(``rates=K``): one transform, a gain and a prior per rate. CompressAI's ``EntropyBottleneck`` is the
-training-time model of the rate; the bytes are coded by :mod:`splitserve_edge.coder` (memory-safe,
-torch-free) from the prior's own tables (:meth:`coding_tables`), so devices pay the modelled rate.
+(``rates=K``): one transform, a gain and coding tables per rate, from a prior per rate
+(:mod:`.priors`). CompressAI's ``EntropyBottleneck`` is the training-time model of the rate;
+the bytes are coded by :mod:`splitserve_edge.coder` (memory-safe, torch-free) from the prior's own
+tables (:meth:`coding_tables`), so devices pay the modelled rate.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from splitserve_edge.coder import CodingTables
 from splitserve_edge.rates import RateCoder, RateTables, is_rate_index
 
 from ..errors import SplitserveError
+from .priors import build_rate_model
 from splitserve_edge.payload import bits_per_pixel
 
 
@@ -56,8 +58,9 @@ class FeatureCodec(nn.Module):
 
     With ``rates=K > 1`` the codec is variable-rate (gain units, Cui et al. 2021; CompressAI's
     ``vbr``): one encoder and decoder, and per rate k a per-channel gain g_k applied to the latent
-    on the device, a factorized prior of its own, and an inverse gain on the server. Rate 0 is the
-    smallest payload. ``rates=1`` is the single-rate codec, without gains, unchanged.
+    on the device, a factorized prior of its own (:mod:`.priors`), and an inverse gain on the
+    server. Rate 0 is the smallest payload. ``rates=1`` is the single-rate codec, without gains,
+    unchanged.
     """
 
     stride: int = 4
@@ -93,9 +96,9 @@ class FeatureCodec(nn.Module):
         config = {k: v for k, v in (self.config if config is None else config).items() if k != "rates"}
         self.config = config if rates == 1 else {**config, "rates": rates}
         c = self.latent_channels
-        self.priors = nn.ModuleList(EntropyBottleneck(c) for _ in range(rates))
-        for prior in self.priors:
-            prior.register_load_state_dict_pre_hook(self._tables_changed)
+        self.priors = build_rate_model("per-rate", c, rates)
+        for k in range(rates):
+            self.priors.cdfs(k).register_load_state_dict_pre_hook(self._tables_changed)
         if rates > 1:
             # log-gains spread the quantisation step over 4x (2x either side of 1) before training
             spread = torch.linspace(-math.log(2.0), math.log(2.0), rates)[:, None].repeat(1, c)
@@ -106,7 +109,7 @@ class FeatureCodec(nn.Module):
 
     @property
     def rates(self) -> int:
-        return len(self.priors)
+        return self.priors.rates
 
     @property
     def entropy_bottleneck(self) -> EntropyBottleneck:
@@ -117,7 +120,7 @@ class FeatureCodec(nn.Module):
 
     def prior_parameters(self) -> list[nn.Parameter]:
         """The priors' and gains' parameters (frozen with the encoder when heads are fine-tuned)."""
-        params = [p for prior in self.priors for p in prior.parameters()]
+        params = list(self.priors.parameters())
         if self.rates > 1:
             params += [self.log_gain, self.log_inverse_gain]
         return params
@@ -142,12 +145,12 @@ class FeatureCodec(nn.Module):
         sigmoids that underflow in half precision, which would corrupt the rate term.
         """
         y = self.encoder(x)
-        with _fp32(y):
+        with _fp32(y.device):
             y = y.float()
             gain = self.gain(rate)
             if gain is not None:
                 y = y * gain
-            y_hat, likelihoods = self.priors[self.check_rate(rate)](y)
+            y_hat, likelihoods = self.priors(y, self.check_rate(rate), gain)
             inverse = self.inverse_gain(rate)
             if inverse is not None:
                 y_hat = y_hat * inverse
@@ -155,14 +158,14 @@ class FeatureCodec(nn.Module):
 
     def aux_loss(self) -> Tensor:
         """The priors' quantile losses, in float32; optimise them every step so update() builds good CDFs."""
-        with _fp32(self.priors[0].quantiles):
-            return sum(prior.loss() for prior in self.priors)
+        with _fp32(self.priors.device):
+            return self.priors.loss()
 
     def update(self, force: bool = True) -> bool:
         """Rebuild the priors' CDF tables; must run after any change to a prior or gain, before coding."""
         self._coder = None
-        updated = [prior.update(force=force) for prior in self.priors]
-        return any(updated)
+        gains = None if self.rates == 1 else self.log_gain.detach().float().exp()
+        return self.priors.update(gains, force=force)
 
     def _tables_changed(self, module: nn.Module, state_dict, prefix, *args) -> None:
         """Load-state-dict pre-hook: the coding tables change shape with ``update()``, so size the
@@ -178,7 +181,7 @@ class FeatureCodec(nn.Module):
         """Rate ``rate``'s prior tables in portable form (numpy)."""
         if not self.has_coding_tables:
             raise RuntimeError("call update() before coding: the prior has no CDF tables yet")
-        eb = self.priors[self.check_rate(rate)]
+        eb = self.priors.cdfs(self.check_rate(rate))
         return CodingTables(
             quantized_cdf=eb.quantized_cdf.detach().cpu().numpy(),
             cdf_length=eb.cdf_length.detach().cpu().numpy(),
@@ -200,12 +203,14 @@ class FeatureCodec(nn.Module):
         return self._coder
 
     def medians(self, rate: int = 0) -> Tensor:
-        """Per-channel medians of rate ``rate``'s prior, shape (C, 1, 1): the centres latents are rounded around."""
-        return self.priors[self.check_rate(rate)].quantiles.detach()[:, :, 1:2]
+        """Per-channel medians of rate ``rate``, shape (C, 1, 1): the centres its gained latents are rounded
+        around (its prior's)."""
+        rate = self.check_rate(rate)
+        return self.priors.medians(rate, self.gain(rate))
 
     @property
     def has_coding_tables(self) -> bool:
-        return all(prior.offset.numel() > 0 for prior in self.priors)
+        return self.priors.has_tables
 
     # -- coding path -----------------------------------------------------------------------
     def quantize(self, x: Tensor, rate: int = 0) -> Tensor:
@@ -214,7 +219,7 @@ class FeatureCodec(nn.Module):
         gain = self.gain(rate)
         if gain is not None:
             y = y * gain
-        y_hat = self.priors[self.check_rate(rate)].quantize(y, "dequantize", self.medians(rate))
+        y_hat = self.priors.quantize(y, self.check_rate(rate), gain)
         inverse = self.inverse_gain(rate)
         return y_hat if inverse is None else y_hat * inverse
 
@@ -237,7 +242,7 @@ class FeatureCodec(nn.Module):
         if len(rates) != len(strings):
             raise SplitserveError(f"{len(rates)} rate indices for {len(strings)} bitstreams")
         latents = torch.from_numpy(np.stack([self.coder.decode(s, shape, r) for s, r in zip(strings, rates)]))
-        device = self.priors[0].quantiles.device
+        device = self.priors.device
         latents = latents.to(device=device, dtype=torch.float32)
         if self.rates > 1:
             latents = latents * self.log_inverse_gain.detach()[torch.tensor(rates)].exp()[:, :, None, None].to(device)
@@ -274,7 +279,8 @@ class FeatureCodec(nn.Module):
         h = hashlib.sha256()
         h.update(json.dumps({"family": self.family, "config": self.config}, sort_keys=True).encode())
         tensors = {f"encoder.{k}": v for k, v in self.encoder.state_dict().items()}
-        for k, eb in enumerate(self.priors):
+        for k in range(self.rates):
+            eb = self.priors.cdfs(k)
             name = "prior" if self.rates == 1 else f"prior{k}"
             tensors.update(
                 {
@@ -295,10 +301,11 @@ class FeatureCodec(nn.Module):
     # -- the prior file of a bundle ----------------------------------------------------------
     def prior_state(self) -> dict[str, Tensor]:
         """The ``prior`` file's tensors: a single-rate codec's EntropyBottleneck state (the file
-        bundles always had); a variable-rate one's ``{k}.…`` per prior plus the (inverse) log-gains."""
+        bundles always had); a variable-rate one's rate model (``{k}.…`` per prior) plus the (inverse)
+        log-gains."""
         if self.rates == 1:
             return dict(self.priors[0].state_dict())
-        state = {f"{k}.{name}": t for k, prior in enumerate(self.priors) for name, t in prior.state_dict().items()}
+        state = dict(self.priors.state_dict())
         state.update(log_gain=self.log_gain.detach(), log_inverse_gain=self.log_inverse_gain.detach())
         return state
 
@@ -307,19 +314,16 @@ class FeatureCodec(nn.Module):
         if self.rates == 1:
             self.priors[0].load_state_dict(tensors)
             return
-        state = {f"priors.{key}": t for key, t in tensors.items() if key not in ("log_gain", "log_inverse_gain")}
+        state = {key: t for key, t in tensors.items() if key not in ("log_gain", "log_inverse_gain")}
         missing = {"log_gain", "log_inverse_gain"} - set(tensors)
         if missing:
             raise RuntimeError(f"missing gains: {', '.join(sorted(missing))}")
         with torch.no_grad():
             self.log_gain.copy_(tensors["log_gain"])
             self.log_inverse_gain.copy_(tensors["log_inverse_gain"])
-        prior_keys = {k for k in self.state_dict() if k.startswith("priors.")}
-        if set(state) != prior_keys:
+        if set(state) != set(self.priors.state_dict()):
             raise RuntimeError(f"prior tensors do not fit {self.rates} rates")
-        for k, prior in enumerate(self.priors):
-            prior.load_state_dict({key[len(f"priors.{k}."):]: t for key, t in state.items()
-                                   if key.startswith(f"priors.{k}.")})
+        self.priors.load_state_dict(state)
         self._coder = None
 
     def parameter_counts(self) -> dict[str, int]:
@@ -342,9 +346,9 @@ def _single_prior_keys(state_dict, prefix, *args) -> None:
 _CODING_TABLES = ("_quantized_cdf", "_offset", "_cdf_length")
 
 
-def _fp32(t: Tensor):
-    """Autocast off on ``t``'s device: the entropy model is always computed in float32."""
-    return torch.autocast(device_type=t.device.type, enabled=False)
+def _fp32(device: torch.device):
+    """Autocast off on ``device``: the entropy model is always computed in float32."""
+    return torch.autocast(device_type=device.type, enabled=False)
 
 
 def conv_out(size: int, kernel: int, stride: int = 1, padding: int = 0) -> int:

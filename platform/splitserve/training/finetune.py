@@ -46,8 +46,7 @@ class CodedObjective(PerStepRate, Objective):
         super().__init__()
         self.codec = codec
         freeze(codec.encoder)
-        for prior in codec.priors:
-            freeze(prior)
+        freeze(codec.priors)  # every rate's prior
         for p in codec.prior_parameters():  # the gains too
             p.requires_grad_(False)
         if not train_decoder:
