@@ -40,17 +40,19 @@ FAMILIES = {"Entropic Student": ("entropic_student", {}), "RAC N=0": ("rac", {"b
 RATES = 6  # the variable-rate codec of the budget-search table (issue 24's goal: at least 6 rates)
 
 
-def realistic_codec(family: str, cfg: dict, x: torch.Tensor, feature_channels: int, rates: int = 1) -> FeatureCodec:
-    """An untrained codec whose latent has a realistic spread, each rate's prior fitted to it."""
+def realistic_codec(family: str, cfg: dict, x: torch.Tensor, feature_channels: int, rates: int = 1,
+                    prior: str = "per-rate") -> FeatureCodec:
+    """An untrained codec whose latent has a realistic spread, each rate's prior (or the shared
+    one, ``prior="shared"``) fitted to it."""
     torch.manual_seed(0)
-    codec = build_codec(family, feature_channels=feature_channels, rates=rates, **cfg).eval()
+    codec = build_codec(family, feature_channels=feature_channels, rates=rates, prior=prior, **cfg).eval()
     last = [m for m in codec.encoder.modules() if isinstance(m, torch.nn.Conv2d)][-1]
     with torch.no_grad():
         y = codec.encoder(x)
         last.weight.mul_(2.0 / max(float(y.std()), 1e-6))
         y = codec.encoder(x)
-    for eb, rate in codec.priors.densities():
-        gain = codec.gain(rate)
+    for eb, rate in codec.priors.densities():  # rate None: the shared prior, over the un-gained latent
+        gain = None if rate is None else codec.gain(rate)
         latent = (y if gain is None else y * gain).detach()
         # the density learns the latent's distribution (so the bytes are its entropy and grow with
         # the gain, as a trained codec's do), then the quantiles the tables are cut from

@@ -46,7 +46,7 @@ def feature_codec_bits(codec, x: torch.Tensor, rate: int = 0) -> np.ndarray:
     gain = codec.gain(rate)
     if gain is not None:
         y = y * gain
-    # rounded around the medians, as coded
+    # rounded around the medians, as coded; a shared prior reads it at this rate's step
     _, likelihoods = codec.priors(y, codec.check_rate(rate), gain, training=False)
     return (-torch.log2(likelihoods[0])).sum(0).cpu().numpy()
 

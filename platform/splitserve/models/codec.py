@@ -2,8 +2,8 @@
 
 The edge runs :meth:`FeatureCodec.compress`; the server runs :meth:`decompress` then :meth:`decode`
 and hands the rebuilt feature ``h`` to every task head. A codec may code at several rates
-(``rates=K``): one transform, a gain and coding tables per rate, from a prior per rate
-(:mod:`.priors`). CompressAI's ``EntropyBottleneck`` is the training-time model of the rate;
+(``rates=K``): one transform, a gain and coding tables per rate, from a prior per rate or one shared
+prior (:mod:`.priors`). CompressAI's ``EntropyBottleneck`` is the training-time model of the rate;
 the bytes are coded by :mod:`splitserve_edge.coder` (memory-safe, torch-free) from the prior's own
 tables (:meth:`coding_tables`), so devices pay the modelled rate.
 """
@@ -25,7 +25,7 @@ from splitserve_edge.coder import CodingTables
 from splitserve_edge.rates import RateCoder, RateTables, is_rate_index
 
 from ..errors import SplitserveError
-from .priors import build_rate_model
+from .priors import PRIORS, SharedPrior, build_rate_model
 from splitserve_edge.payload import bits_per_pixel
 
 
@@ -58,9 +58,10 @@ class FeatureCodec(nn.Module):
 
     With ``rates=K > 1`` the codec is variable-rate (gain units, Cui et al. 2021; CompressAI's
     ``vbr``): one encoder and decoder, and per rate k a per-channel gain g_k applied to the latent
-    on the device, a factorized prior of its own (:mod:`.priors`), and an inverse gain on the
-    server. Rate 0 is the smallest payload. ``rates=1`` is the single-rate codec, without gains,
-    unchanged.
+    on the device, coding tables, and an inverse gain on the server. Rate 0 is the smallest
+    payload. The tables come from a factorized prior per rate (``prior="per-rate"``, the default)
+    or from one shared prior over the un-gained latent read at step 1/g_k (``prior="shared"``); see
+    :mod:`.priors`. ``rates=1`` is the single-rate codec, without gains, unchanged.
     """
 
     stride: int = 4
@@ -86,17 +87,24 @@ class FeatureCodec(nn.Module):
         self._register_load_state_dict_pre_hook(_single_prior_keys)
         self.set_rates(rates, config)
 
-    def set_rates(self, rates: int, config: dict | None = None) -> "FeatureCodec":
+    def set_rates(self, rates: int, config: dict | None = None, prior: str = "per-rate") -> "FeatureCodec":
         """Give the codec ``rates`` fresh priors (and gains when > 1); the registry's ``rates=K``.
 
         Any family becomes variable-rate this way: the rates live around the transform, not in it.
+        ``prior`` is the rate model (:data:`~.priors.PRIORS`); the config names it only when it is
+        ``"shared"``, so per-rate configs and fingerprints are what they were before the choice.
         """
         if isinstance(rates, bool) or not isinstance(rates, int) or not 1 <= rates <= 64:
             raise SplitserveError(f"rates must be an int in [1, 64], got {rates!r}")
-        config = {k: v for k, v in (self.config if config is None else config).items() if k != "rates"}
-        self.config = config if rates == 1 else {**config, "rates": rates}
+        if prior not in PRIORS:
+            raise SplitserveError(f"prior must be one of {', '.join(PRIORS)}, got {prior!r}")
+        if prior == "shared" and rates == 1:
+            raise SplitserveError("prior='shared' needs rates > 1: a single-rate codec has one prior")
+        config = {k: v for k, v in (self.config if config is None else config).items() if k not in ("rates", "prior")}
+        named = {"prior": prior} if prior != "per-rate" else {}
+        self.config = config if rates == 1 else {**config, "rates": rates, **named}
         c = self.latent_channels
-        self.priors = build_rate_model("per-rate", c, rates)
+        self.priors = build_rate_model(prior, c, rates)
         for k in range(rates):
             self.priors.cdfs(k).register_load_state_dict_pre_hook(self._tables_changed)
         if rates > 1:
@@ -115,6 +123,8 @@ class FeatureCodec(nn.Module):
     def entropy_bottleneck(self) -> EntropyBottleneck:
         """The prior of a single-rate codec (CompressAI's name); a variable-rate one has ``priors``."""
         if self.rates != 1:
+            if isinstance(self.priors, SharedPrior):
+                raise AttributeError("a shared-prior codec has one density for every rate: codec.priors.density")
             raise AttributeError("a variable-rate codec has one prior per rate: use codec.priors[rate]")
         return self.priors[0]
 
@@ -204,7 +214,7 @@ class FeatureCodec(nn.Module):
 
     def medians(self, rate: int = 0) -> Tensor:
         """Per-channel medians of rate ``rate``, shape (C, 1, 1): the centres its gained latents are rounded
-        around (its prior's)."""
+        around (its prior's; with a shared prior, the gained shared median g_k·m)."""
         rate = self.check_rate(rate)
         return self.priors.medians(rate, self.gain(rate))
 
@@ -301,8 +311,8 @@ class FeatureCodec(nn.Module):
     # -- the prior file of a bundle ----------------------------------------------------------
     def prior_state(self) -> dict[str, Tensor]:
         """The ``prior`` file's tensors: a single-rate codec's EntropyBottleneck state (the file
-        bundles always had); a variable-rate one's rate model (``{k}.…`` per prior) plus the (inverse)
-        log-gains."""
+        bundles always had); a variable-rate one's rate model (per-rate: ``{k}.…`` per prior; shared:
+        ``density.…`` and each rate's ``tables.{k}.…``) plus the (inverse) log-gains."""
         if self.rates == 1:
             return dict(self.priors[0].state_dict())
         state = dict(self.priors.state_dict())
@@ -322,7 +332,7 @@ class FeatureCodec(nn.Module):
             self.log_gain.copy_(tensors["log_gain"])
             self.log_inverse_gain.copy_(tensors["log_inverse_gain"])
         if set(state) != set(self.priors.state_dict()):
-            raise RuntimeError(f"prior tensors do not fit {self.rates} rates")
+            raise RuntimeError(f"prior tensors do not fit {self.rates} rates with a {self.priors.kind} prior")
         self.priors.load_state_dict(state)
         self._coder = None
 

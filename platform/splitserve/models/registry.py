@@ -53,9 +53,11 @@ def list_codecs() -> list[str]:
     return sorted(_FAMILIES)
 
 
-def build_codec(name: str, rates: int = 1, **cfg):
+def build_codec(name: str, rates: int = 1, prior: str = "per-rate", **cfg):
     """Build a :class:`~splitserve.models.codec.FeatureCodec` of family ``name``, coding at
-    ``rates`` rates (any family: the gains and priors sit around its transform)."""
+    ``rates`` rates (any family: the gains and priors sit around its transform) with a prior per
+    rate or, ``prior="shared"``, one prior every rate reads at its own step (see
+    :mod:`~splitserve.models.priors`). A codec's ``config`` names both, so it rebuilds the same."""
     _discover()
     try:
         builder = _FAMILIES[name]
@@ -65,4 +67,4 @@ def build_codec(name: str, rates: int = 1, **cfg):
         codec = builder(**cfg)
     except TypeError as e:
         raise SplitserveError(f"bad config for codec family {name!r}: {e}") from None
-    return codec if rates == 1 else codec.set_rates(rates)
+    return codec if rates == 1 and prior == "per-rate" else codec.set_rates(rates, prior=prior)

@@ -46,7 +46,7 @@ class CodedObjective(PerStepRate, Objective):
         super().__init__()
         self.codec = codec
         freeze(codec.encoder)
-        freeze(codec.priors)  # every rate's prior
+        freeze(codec.priors)  # every rate's prior, or the shared one and its tables
         for p in codec.prior_parameters():  # the gains too
             p.requires_grad_(False)
         if not train_decoder:
