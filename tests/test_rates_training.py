@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from splitserve.bundle import load_codec, read_manifest
+from splitserve.cli import main
 
 from .test_training import FAST, _codec_tensors, run, scenes  # noqa: F401 (scenes is a fixture)
 
@@ -69,6 +70,29 @@ def test_distill_betas_writes_k_rates_at_increasing_bytes(vr_bundle):
         k = int(r["rate_index"])
         assert r[f"rate_r{k}"] == r["rate"] and r[f"bpp_r{k}"] == r["bpp"]
         assert not any(f"rate_r{j}" in r for j in range(3) if j != k)
+
+
+def test_distill_prior_shared_trains_one_density_for_every_rate(teacher, scenes, tmp_path):
+    """``--prior shared``: the same run with one prior that every rate reads at its own step. The
+    manifest names the variant, the bundle rebuilds it (same fingerprint), and its rates code at
+    increasing bytes through the same coder."""
+    out = tmp_path / "es-vr3-shared"
+    run("distill", "--teacher", teacher, "--data", scenes, *VR, "--prior", "shared", "--out", out)
+    manifest = read_manifest(out)
+    assert manifest.codec.config["rates"] == 3 and manifest.codec.config["prior"] == "shared"
+    codec = load_codec(out)
+    assert type(codec.priors).__name__ == "SharedPrior" and codec.fingerprint() == manifest.fingerprint
+    sizes = [r.bytes_per_image for r in manifest.rates]
+    assert sizes[0] < sizes[1] < sizes[2], sizes
+    assert "--prior shared" in manifest.provenance["command"]
+
+
+@pytest.mark.parametrize("command, rate", [(["distill"], "--beta"), (["train", "--joint"], "--lmbda")])
+def test_prior_shared_needs_several_rates(teacher, scenes, tmp_path, capsys, command, rate):
+    code = main([*command, "--teacher", str(teacher), "--data", str(scenes), rate, "0.1", "--prior", "shared",
+                 "--out", str(tmp_path / "out")])
+    assert code == 2
+    assert f"--prior shared needs {rate}s: a single-rate codec has one prior" in capsys.readouterr().err
 
 
 def test_manifest_rates_are_what_evaluate_measures(vr_bundle, scenes):

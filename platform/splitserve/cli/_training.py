@@ -55,8 +55,8 @@ def pairs_option(flag: str, metavar: str, help: str) -> Opt:
 
 
 def rate_options(name: str, loss: str) -> list[Opt]:
-    """``--NAME W`` (one rate) or ``--NAMEs W1,W2,…`` (a variable-rate codec) and ``--default-rate``;
-    ``loss`` says where the weight enters the loss."""
+    """``--NAME W`` (one rate) or ``--NAMEs W1,W2,…`` (a variable-rate codec), ``--default-rate`` and
+    ``--prior`` (a variable-rate codec's rate model); ``loss`` says where the weight enters the loss."""
     return [
         opt(f"--{name}", type=float, default=None, metavar="W", help=f"rate weight: {loss} (one rate)",
             replaces=(f"{name}s",)),
@@ -66,6 +66,12 @@ def rate_options(name: str, loss: str) -> list[Opt]:
                  f"(--seed, step) and its rate term weighted by that rate's {name}; give --{name} or --{name}s"),
         opt("--default-rate", type=int, default=None, metavar="K",
             help="the rate a device codes at unless told otherwise (default: the highest, the largest payload)"),
+        # default None, not "per-rate": a checkpoint's signature from before --prior existed still matches
+        opt("--prior", default=None, choices=("per-rate", "shared"),
+            help=f"with --{name}s, the rate model: per-rate (the default) gives each rate a factorized prior of its "
+                 "own; shared gives the codec one factorized prior over the un-gained latent, which rate k reads "
+                 "with the quantisation step 1/gain_k (its coding tables are cut from that one density; the "
+                 "payloads, coder and gateway are the same)"),
     ]
 
 

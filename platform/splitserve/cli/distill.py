@@ -9,7 +9,8 @@ OPTIONS, register = training_command(
     "Train encoder + prior + decoder so the decoded feature and the teacher's frozen layer2..4 outputs match "
     "the teacher's (MSE) at rate weight --beta; write a bundle that serves the teacher's head. With several "
     "teachers the loss is their --teacher-weight-ed sum and the bundle carries every teacher's head. With "
-    "--betas, one codec codes at every rate (a gain and a prior per rate), one rate per batch.",
+    "--betas, one codec codes at every rate (a gain and a prior per rate, or one shared prior with --prior "
+    "shared), one rate per batch.",
     "splitserve.training.distill:run_distill",
     [
         *codec_options("entropic_student"),

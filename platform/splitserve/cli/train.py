@@ -8,7 +8,8 @@ OPTIONS, register = training_command(
     "train", "Single-stage codec + classifier training (Duan & Zhu): --joint or --cls-fixed.",
     "Train a codec and a classifier in one stage: loss = lmbda*bpp + MSE(features) + 0.5*(KL + CE). "
     "--joint trains the classifier too, --cls-fixed keeps the teacher's. Further --teacher TASK=DIR add their "
-    "features to the MSE; --lmbdas trains one codec for every rate, one rate per batch.",
+    "features to the MSE; --lmbdas trains one codec for every rate, one rate per batch (a prior per rate, or "
+    "one shared prior with --prior shared).",
     "splitserve.training.joint:run_train",
     [
         opt("--mode", default=None, choices=("joint", "cls-fixed"), group="mode", help="same as --joint / --cls-fixed"),

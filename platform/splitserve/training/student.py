@@ -38,6 +38,9 @@ class StudentStage(Stage):
         self.rate_weights = rate_weights(getattr(cfg, self.rate_flag), getattr(cfg, f"{self.rate_flag}s", None),
                                          self.rate_flag)
         self.default_rate = default_rate(getattr(cfg, "default_rate", None), len(self.rate_weights))
+        self.prior = getattr(cfg, "prior", None) or "per-rate"
+        if self.prior != "per-rate" and len(self.rate_weights) == 1:
+            raise SplitserveError(f"--prior {self.prior} needs --{self.rate_flag}s: a single-rate codec has one prior")
         self.plugins = common.registry()
         self.teachers = load_teachers(cfg.teacher, self.plugins)
         self.weights = teacher_weights(getattr(cfg, "teacher_weight", None), self.teachers, self.plugins)
@@ -53,7 +56,7 @@ class StudentStage(Stage):
         """A fresh codec of the asked family (seeded) and the data under the run's preprocessing
         (the teacher's unless overridden)."""
         torch.manual_seed(self.cfg.seed)
-        codec = codec_for(self.cfg, self.teacher.arch, rates=len(self.rate_weights))
+        codec = codec_for(self.cfg, self.teacher.arch, rates=len(self.rate_weights), prior=self.prior)
         return codec, common.task_data(data_plugin, self.cfg, self.teacher.preprocessing, codec)
 
     def save(self, plan: Plan, head: nn.Module, head_config: dict, metrics: dict[str, float],
@@ -113,16 +116,17 @@ def default_rate(value: int | None, rates: int) -> int:
     return int(value)
 
 
-def codec_for(cfg: SimpleNamespace, arch: str, rates: int = 1) -> FeatureCodec:
+def codec_for(cfg: SimpleNamespace, arch: str, rates: int = 1, prior: str = "per-rate") -> FeatureCodec:
     """The codec a training command asked for: ``--encoder`` family, its output channels adapted to
     the teacher's backbone, plus ``--blocks`` / ``--latent-channels`` / ``--codec-option K=V``
-    (whatever the family's builder accepts; it names what it does not), coding at ``rates`` rates."""
+    (whatever the family's builder accepts; it names what it does not), coding at ``rates`` rates
+    with the rate model ``prior`` (``--prior``)."""
     config: dict = {"feature_channels": FEATURE_CHANNELS[arch], **dict(cfg.codec_option or {})}
     if cfg.blocks is not None:
         config["blocks"] = cfg.blocks
     if cfg.latent_channels is not None:
         config["latent_channels"] = cfg.latent_channels
-    return build_codec(cfg.encoder, rates=rates, **config)
+    return build_codec(cfg.encoder, rates=rates, **{"prior": prior, **config})
 
 
 def teacher_specs(value: Any) -> list[tuple[str | None, Path]]:
