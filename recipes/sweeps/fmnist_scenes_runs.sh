@@ -76,11 +76,13 @@ joint_trunk() {  # a copy of bundle $1 ($1-joint) whose three heads share one la
     segmentation.aspp_channels=64 segmentation.output_stride=8 "segmentation.atrous_rates=[1,2,3]" "${COMMON[@]}"
 }
 rac_vr() {  # RAC with $1 residual blocks, variable-rate over the λ list $2 (joint, one run); $3 = multi:
-  # distilled from all three task teachers
-  local B=$W/rac$1-vr TEACH=("$T")
+  # distilled from all three task teachers; $4 = shared: one prior read at each rate's step (--prior shared)
+  # instead of one prior per rate
+  local B=$W/rac$1-vr TEACH=("$T") PRIOR=()
   [ "${3:-}" != multi ] || { B=$B-mt; TEACH=("${TEACHERS[@]}"); }
+  [ "${4:-}" != shared ] || { B=$B-sp; PRIOR=(--prior shared); }
   test -f "$B/manifest.json" || "$P" train --recipe "$R/fmnist_scenes_rac_joint.yaml" --mode joint \
-    --teacher "${TEACH[@]}" --data "$D" --blocks "$1" --lmbdas "$2" --out "$B" "${COMMON[@]}"
+    --teacher "${TEACH[@]}" --data "$D" --blocks "$1" --lmbdas "$2" --out "$B" "${PRIOR[@]}" "${COMMON[@]}"
 }
 rac() {  # RAC with $1 residual blocks at λ $2, $3 = joint or cls-fixed, for $4 epochs if given (the
   # recipe's 9 = Entropic Student's 5 + 4 otherwise)
@@ -130,7 +132,7 @@ teacher seg
 #    λ distilled from all three teachers, with the three server-side layouts: (c) one trunk fine-tuned
 #    on all three losses, shared; (b) the frozen classification trunk, shared; (a) own trunks. Then the
 #    same encoder distilled from the classification teacher alone (the multi-task Δ), and RAC N = 8
-#    trained once per λ with the same recipe (the variable-rate cost).
+#    trained once per λ with the same recipe (the variable-rate cost), and with one shared prior.
 rac_vr 8 "$VR_LMBDAS" multi
 joint_trunk "$W/rac8-vr-mt"
 shared_heads "$W/rac8-vr-mt"
@@ -138,6 +140,7 @@ own_heads "$W/rac8-vr-mt" teacher
 rac_vr 8 "$VR_LMBDAS"
 shared_heads "$W/rac8-vr"
 for lmbda in ${VR_LMBDAS//,/ }; do rac 8 "$lmbda" joint; done
+rac_vr 8 "$VR_LMBDAS" "" shared  # the rate model: one shared prior against one prior per rate (rac8-vr)
 # 3. Entropic Student distilled from the classification teacher alone against one distilled from all
 #    three, same β, heads on the frozen shared trunk; and stage 2 as the reference trains it (the task
 #    teacher's head, layer2 distilled, then the task loss) against our one-stage direct recipe.
