@@ -141,6 +141,7 @@ rac_vr 8 "$VR_LMBDAS"
 shared_heads "$W/rac8-vr"
 for lmbda in ${VR_LMBDAS//,/ }; do rac 8 "$lmbda" joint; done
 rac_vr 8 "$VR_LMBDAS" "" shared  # the rate model: one shared prior against one prior per rate (rac8-vr)
+shared_heads "$W/rac8-vr-sp"
 # 3. Entropic Student distilled from the classification teacher alone against one distilled from all
 #    three, same β, heads on the frozen shared trunk; and stage 2 as the reference trains it (the task
 #    teacher's head, layer2 distilled, then the task loss) against our one-stage direct recipe.
