@@ -466,6 +466,29 @@ def test_study_writes_consistent_outputs(study, scenes):
 
 
 @pytest.mark.slow
+def test_study_times_one_request_for_every_task_of_each_multi_task_bundle(study):
+    from splitserve.bundle import bundle_bytes, read_manifest
+
+    root, doc = study["root"], study["doc"]
+    requests = doc["summary"]["requests"]
+    assert [(r["method"], r["setting"], r["tasks"]) for r in requests] == [
+        ("ES", "es0", ["classification", "detection", "segmentation"]), ("ES", "es1", ["classification", "segmentation"])]
+    for r in requests:
+        path = root / r["setting"]
+        listed = ["manifest.json", *(e.path for e in read_manifest(path).files.values()),
+                  *(t.file.path for t in read_manifest(path).tasks.values())]
+        assert r["bundle_bytes"] == sum((path / f).stat().st_size for f in listed)
+        (path / "stray.pt").write_bytes(b"x" * 1000)  # a file beside the bundle is not part of it
+        assert bundle_bytes(path) == r["bundle_bytes"]
+        (path / "stray.pt").unlink()
+        assert set(r["separate_ms"]) == set(r["tasks"]) and r["server_ms"] > 0
+        assert r["trunks"] == {t: "own" for t in r["tasks"]}  # untrained bundles: a trunk per head
+    report = (study["out"] / "report.md").read_text()
+    assert "## One request for every task" in report
+    assert f"| ES | es1 | classification own, segmentation own | {requests[1]['server_ms']:.2f} |" in report
+
+
+@pytest.mark.slow
 def test_study_rates_are_real_bytes(study, scenes):
     from splitserve.edge import EdgeEncoder
     from splitserve.evaluation.imagecodec import ImageCodec

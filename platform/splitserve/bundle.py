@@ -123,6 +123,15 @@ def read_manifest(path: str | Path) -> Manifest:
     return manifest
 
 
+def bundle_bytes(path: str | Path, manifest: Manifest | None = None) -> int:
+    """Bytes on disk of what the bundle is: ``manifest.json`` and every file it lists (a run's
+    checkpoints or markers beside them do not count), the size a deployment ships."""
+    root = Path(path)
+    manifest = manifest or read_manifest(root)
+    entries = [*manifest.files.values(), *(t.file for t in manifest.tasks.values())]
+    return (root / "manifest.json").stat().st_size + sum((root / e.path).stat().st_size for e in entries)
+
+
 def _read_tensors(root: Path, entry: FileEntry, what: str) -> dict[str, torch.Tensor]:
     fpath = (root / entry.path).resolve()
     if root.resolve() not in fpath.parents:

@@ -115,10 +115,10 @@ def upgrade(args) -> int:
 
 
 def pack(args) -> int:
-    from ..bundle import pack_bundle
+    from ..bundle import bundle_bytes, pack_bundle
 
     manifest = pack_bundle(args.path, args.out, half_encoder=args.fp16_encoder)
-    size = sum(f.stat().st_size for f in Path(args.out).rglob("*") if f.is_file())
+    size = bundle_bytes(args.out, manifest)
     print(f"wrote {args.out}: {size:,} bytes ({size / 2**20:.1f} MiB), fingerprint {manifest.fingerprint[:16]} "
           f"({'new: measure it again' if args.fp16_encoder else 'unchanged'})")
     return 0

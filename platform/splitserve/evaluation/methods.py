@@ -145,16 +145,16 @@ class BundlePoint:
         encoded = [self.encode([item.path]) for item in items]
         return rate_of([e.num_bytes for e in encoded], [e.input_hw for e in encoded])
 
-    def _job(self, task: str, data: bytes):
+    def _job(self, tasks: Sequence[str], data: bytes):
         from ..gateway.runtime import Job
 
         payload, metas = self.runtime.parse_payload(data)
-        return Job(plugins=[self.runtime.registry.get(task)], payload=payload, metas=metas)
+        return Job(plugins=[self.runtime.registry.get(t) for t in tasks], payload=payload, metas=metas)
 
     def answer(self, task: str, payloads: Sequence[bytes]) -> list:
         """The gateway runtime's answers for ``task`` to payloads this bundle's edge made (one batch)."""
         answers = []
-        for result in self.runtime.run([self._job(task, data) for data in payloads]):  # decode once, heads
+        for result in self.runtime.run([self._job([task], data) for data in payloads]):  # decode once, heads
             if isinstance(result, Exception):
                 raise SplitserveError(f"{self.path}: the runtime refused its own payload: {result}")
             answers.append(result[0][task])
@@ -192,7 +192,17 @@ class BundlePoint:
     def server_ms(self, task: str, sample: Image.Image, threads: int, repeat: int) -> float:
         """Gateway time of one image: parse + entropy decode + decoder + the task's head."""
         data = self.encode([sample]).data
-        return latency_ms(lambda: self.runtime.run([self._job(task, data)]), threads, repeat)
+        return latency_ms(lambda: self.runtime.run([self._job([task], data)]), threads, repeat)
+
+    def request_ms(self, sample: Image.Image, threads: int, repeat: int) -> float:
+        """Gateway time of one image asking for every task of this point in one request (one parse,
+        entropy decode and decoder pass, then each head): what a multi-task request costs the server."""
+        job = self._job(self.tasks, self.encode([sample]).data)
+        result = self.runtime.run([job])[0]
+        if isinstance(result, Exception) or set(result[0]) != set(self.tasks):
+            raise SplitserveError(f"{self.path}: a request for {', '.join(self.tasks)} was not answered on every "
+                                  f"task: {result}")
+        return latency_ms(lambda: self.runtime.run([job]), threads, repeat)
 
 
 @dataclass

@@ -192,6 +192,7 @@ def _md_report(study, sweep, plots: dict[str, dict[str, str]]) -> str:
                 L.append(f"| {name} | " + " | ".join(cells) + " |")
             L.append("| **wins** | " + " | ".join(f"**{v['winner'] or '—'}**" for v in links.values()) + " |")
         L.append("")
+    L += _requests_section(study.summary.get("requests", []))
     L += _variable_rate_section(study.summary.get("variable_rate", []))
     cx = study.summary["complexity"]
     if cx:
@@ -215,6 +216,25 @@ def _md_report(study, sweep, plots: dict[str, dict[str, str]]) -> str:
     if study.notes:
         L += ["## Notes", ""] + [f"- {n}" for n in study.notes] + [""]
     return "\n".join(L)
+
+
+def _requests_section(requests: list[dict[str, Any]]) -> list[str]:
+    """Every multi-task bundle answering one image on all its tasks: one request against one per task."""
+    if not requests:
+        return []
+    L = ["## One request for every task", "",
+         "Server time of one image (batch 1) asking for all of a bundle's tasks in one request (one parse, "
+         "entropy decode and decoder pass, then each head on its trunk), against one request per task; "
+         "and what the bundle weighs on disk (manifest and the files it lists, as trained: float32).", "",
+         "| method | bundle | trunks | one request (ms) | one per task (ms) | bundle MB |",
+         "|---|---|---|---:|---|---:|"]
+    for r in requests:
+        trunks = ", ".join(f"{t} {k}" for t, k in r["trunks"].items())
+        separate = " + ".join(f"{v:.2f}" for v in r["separate_ms"].values()) + \
+            f" = {sum(r['separate_ms'].values()):.2f}"
+        L.append(f"| {r['method']} | {r['setting']} | {trunks} | {r['server_ms']:.2f} | {separate} | "
+                 f"{r['bundle_bytes'] / 1e6:.2f} |")
+    return L + [""]
 
 
 def _variable_rate_section(pairs: list[dict[str, Any]]) -> list[str]:

@@ -135,6 +135,7 @@ def evaluate(sweep: Sweep, out: Path, *, progress: bool = True) -> Study:
     bundle_points: dict[str, list] = {}
     codec_points: dict[str, list] = {}
     training: dict[str, list[dict[str, Any]]] = {}  # bundle method → each bundle's training seconds
+    requests: list[dict[str, Any]] = []  # one request for every task of a multi-task bundle
     for method in sweep.methods:
         mtasks = _method_tasks(method, tasks, registry)
         with step(method.name):
@@ -157,6 +158,8 @@ def evaluate(sweep: Sweep, out: Path, *, progress: bool = True) -> Study:
                             server = bp.server_ms(t, samples[t], **kw)
                             points.append(_point(method, bp.setting, t, data[t], m, acc, dev, server, bp.path,
                                                  bp.rate))
+                    if all(r["source"] != str(bundle.path) for r in requests):  # once per bundle
+                        requests.extend(_request(method.name, bundle, device_sample, registry, kw))
                 else:
                     codec = input_codec(method.kind, setting)
                     if method.kind == "compressai":
@@ -173,6 +176,7 @@ def evaluate(sweep: Sweep, out: Path, *, progress: bool = True) -> Study:
 
     with step("summaries"):
         summary = summarize(points, sweep, reference, training)
+        summary["requests"] = requests
 
     bitmaps: list[dict[str, Any]] = []
     if sweep.bitmap_images:
@@ -206,6 +210,25 @@ def _method_tasks(method, tasks: list[str], registry) -> list[str]:
         raise SweepError(f"methods ({method.name}).tasks: {', '.join(sorted(set(wanted) - set(tasks)))} "
                          f"is not a task of this sweep ({', '.join(tasks)})")
     return [t for t in tasks if t in wanted]
+
+
+def _request(method: str, bundle, sample, registry, kw: dict[str, int]) -> list[dict[str, Any]]:
+    """A multi-task bundle (all its heads, also those the sweep does not score on it) answering one
+    image on every task in one request, at its default rate, against one request per task: the
+    server's time and the bundle's size, which is where sharing one trunk or giving each head its
+    own shows (issue 21 §3)."""
+    from ..bundle import bundle_bytes
+    from .methods import BundlePoint
+
+    tasks = list(bundle.manifest.tasks)
+    if len(tasks) < 2:
+        return []
+    full = bundle if bundle.tasks == tasks else BundlePoint(bundle.path, tasks, registry)
+    return [{"method": method, "setting": full.setting, "source": str(full.path), "tasks": tasks,
+             "trunks": {t: e.trunk for t, e in full.manifest.tasks.items()},
+             "server_ms": full.request_ms(sample, **kw),
+             "separate_ms": {t: full.server_ms(t, sample, **kw) for t in tasks},  # one request per task
+             "bundle_bytes": bundle_bytes(full.path, full.manifest)}]
 
 
 def _point(method, setting: str, task: str, data, m, acc: float, dev: dict, server: float, source,
