@@ -60,7 +60,7 @@ class TextureCodec(Objective):
 DATA = photo_crops(IMAGES)
 
 
-def fit(workdir, *, max_steps=None, resume=False, refuse_restart=False, seed=1):
+def fit(workdir, *, max_steps=None, resume=False, refuse_restart=False, seed=1, validate=None):
     torch.manual_seed(0)
     objective = TextureCodec()
     main, aux = split_codec_params(objective)
@@ -69,7 +69,8 @@ def fit(workdir, *, max_steps=None, resume=False, refuse_restart=False, seed=1):
     config = EngineConfig(workdir=workdir, epochs=EPOCHS, batch_size=BATCH, num_workers=0, seed=seed,
                           max_steps=max_steps, checkpoint_every=1, resume=resume, progress=False, tensorboard=False,
                           refuse_restart=refuse_restart)
-    result = Engine(config, DistInfo(), "texture").fit(objective, optimizers, schedulers, DATA, default_collate)
+    result = Engine(config, DistInfo(), "texture").fit(objective, optimizers, schedulers, DATA, default_collate,
+                                                       validate)
     return result, {k: v.detach().clone() for k, v in objective.state_dict().items()}
 
 
@@ -106,6 +107,25 @@ def test_resume_from_a_good_checkpoint_is_exact(tmp_path, reference, capsys):
     assert_same(weights, reference)
     _, at_step_8 = fit(tmp_path / "short", max_steps=8)
     assert any(not torch.equal(weights[k], at_step_8[k]) for k in weights), "the resumed run trained on"
+
+
+def test_validation_time_is_kept_apart_from_training_time_over_a_resume(tmp_path):
+    """``seconds`` (what provenance calls ``train_seconds``) leaves validation out, ``val_seconds``
+    counts it, and both carry over a resume: a variable-rate run validates every rate, which must
+    not count as training when its time is compared with single-rate runs'."""
+    import time
+
+    def validate():
+        time.sleep(0.3)
+        return {"x": 1.0}
+
+    began = time.perf_counter()
+    first, _ = fit(tmp_path, max_steps=8, validate=validate)  # epochs 1 and 2 validated (steps 6 and 12 > 8: one)
+    result, _ = fit(tmp_path, resume=True, validate=validate)  # then epochs 2 and 3
+    wall = time.perf_counter() - began
+    assert first.val_seconds == pytest.approx(0.3, abs=0.1)
+    assert result.status == "done" and result.val_seconds == pytest.approx(3 * 0.3, abs=0.15)
+    assert result.seconds > 0 and result.seconds + result.val_seconds <= wall
 
 
 def test_truncated_last_checkpoint_resumes_from_previous(tmp_path, reference, capsys):

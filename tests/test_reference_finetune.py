@@ -75,6 +75,35 @@ def test_the_feature_step_lowers_the_feature_loss_on_the_recipes_layers(setup, s
     assert (bundle / "decoder.safetensors").read_bytes() == decoder  # the classification head reads it too
 
 
+def test_a_resume_skips_the_finished_feature_step_and_provenance_times_both_steps(setup, scenes):
+    """The feature step's checkpoint stays until the whole command is done, so a ``--resume`` after
+    the second step stopped does not train the first again; ``train_seconds`` (what the study's
+    training-time comparison reads) sums both steps' training, validation apart (``val_seconds``)."""
+    import torch
+
+    bundle = copy_bundle(setup, "resume")
+    runs = bundle.parent / "resume.runs"
+    features, second = runs / "finetune-detection-features", runs / "finetune-detection"
+    finetune_det(bundle, setup["t_det"], scenes, "--feature-epochs", "4", "--epochs", "2", "--max-steps", "1")
+    assert (features / "checkpoint" / "last.pt").is_file()  # kept: the command is not done
+    trained = [r for r in map(json.loads, (features / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
+    finetune_det(bundle, setup["t_det"], scenes, "--feature-epochs", "4", "--epochs", "2", "--resume",
+                 "--keep-checkpoint")
+    again = [r for r in map(json.loads, (features / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
+    assert again == trained  # not one more feature step
+    spent = {}
+    for step in (features, second):
+        ck = torch.load(step / "checkpoint" / "last.pt", weights_only=True)
+        spent[step.name] = (ck["seconds"] - ck["val_seconds"], ck["val_seconds"])
+        assert ck["val_seconds"] > 0
+    prov = json.loads((bundle / "manifest.json").read_text())["tasks"]["detection"]["provenance"]
+    # each step's checkpoint was written before its last save and its outputs, which train_seconds also counts
+    assert sum(t for t, _ in spent.values()) <= prov["train_seconds"] <= sum(t for t, _ in spent.values()) + 10
+    assert prov["val_seconds"] == pytest.approx(sum(v for _, v in spent.values()), abs=0.15)
+    finetune_det(bundle, setup["t_det"], scenes, "--feature-epochs", "4", "--epochs", "2", "--resume")  # no training
+    assert not list(runs.rglob("*.pt"))  # the command is done: neither step's checkpoint is left
+
+
 def test_segmentation_follows_its_recipe(setup, scenes):
     """The plugin's recipe reaches the second step: SGD at 0.0025 with the poly 0.9 schedule, per step."""
     teacher = setup["root"] / "t-seg"

@@ -92,6 +92,7 @@ class CheckpointStore:
                 "batch": batch,
                 "global_step": state.global_step,
                 "seconds": state.elapsed(),
+                "val_seconds": state.val_seconds,
                 "model": {k: v.detach().cpu() for k, v in state.objective.checkpoint_state().items()},
                 "optimizers": {k: o.state_dict() for k, o in state.optimizers.items()},
                 "schedulers": [s.scheduler.state_dict() for s in state.schedulers],
@@ -141,6 +142,7 @@ class CheckpointStore:
         state.scaler.load_state_dict(saved["scaler"])
         state.global_step = saved["global_step"]
         state.seconds, state.started = float(saved.get("seconds", 0.0)), time.perf_counter()
+        state.val_seconds = float(saved.get("val_seconds", 0.0))
         state.history, state.best = saved["history"], saved["best"]
         self._restore_rng(saved)
         if saved.get("world_size") != self.info.world_size and self.info.is_main:

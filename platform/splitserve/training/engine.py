@@ -79,7 +79,8 @@ class FitResult:
     history: list[dict[str, Any]]
     best: dict[str, Any] | None
     signum: int | None = None
-    seconds: float = 0.0  # wall time spent in fit, summed over the run's resumes
+    seconds: float = 0.0  # wall time spent training in fit (validation not counted), summed over resumes
+    val_seconds: float = 0.0  # wall time spent validating, summed over resumes
 
 
 @dataclass
@@ -96,6 +97,7 @@ class TrainState:
     best: dict[str, Any] | None = None
     seconds: float = 0.0  # wall time in fit before this process (from the checkpoint) ...
     started: float = field(default_factory=time.perf_counter)  # ... and when this process began fitting
+    val_seconds: float = 0.0  # of all that, the time spent validating (over every resume)
 
     def elapsed(self) -> float:
         """Training wall time so far, over every resume: what a checkpoint stores as ``seconds``."""
@@ -210,7 +212,9 @@ class Engine:
                             s.scheduler.step()
                     metrics: dict[str, float] = {}
                     if validate is not None and info.is_main:
+                        began = time.perf_counter()
                         metrics = validate()
+                        state.val_seconds += time.perf_counter() - began
                         record = {"kind": "val", "epoch": epoch + 1, "global_step": state.global_step, **metrics}
                         state.history.append({"epoch": epoch + 1, "global_step": state.global_step, "metrics": metrics})
                         log.write(record)
@@ -242,7 +246,8 @@ class Engine:
         dist_utils.barrier(info)
         if status == "interrupted" and info.is_main:
             report_stopped(self.name, signum, state.global_step, self.checkpoints.dir)
-        return FitResult(status, epoch, state.global_step, state.history, state.best, signum, state.elapsed())
+        return FitResult(status, epoch, state.global_step, state.history, state.best, signum,
+                         state.elapsed() - state.val_seconds, state.val_seconds)
 
     def final_metrics(self, result: FitResult, validate: Callable[[], dict[str, float]]) -> dict[str, float]:
         """The metrics of the weights a command writes (rank 0): the last validation's when it saw

@@ -123,6 +123,7 @@ def step_options(cfg: SimpleNamespace, recipe: ReferenceRecipe) -> tuple[SimpleN
     workdir = Path(cfg.workdir) if cfg.workdir else None
     first = SimpleNamespace(**{**vars(cfg), "optimizer": "adam", "lr": recipe.feature_lr, "scheduler": "none",
                                "weight_decay": 0.0, "max_steps": None, "init": "teacher",
+                               "keep_checkpoint": True,  # until the second step is done: a resume skips it
                                "epochs": recipe.feature_epochs if cfg.feature_epochs is None else cfg.feature_epochs,
                                "workdir": workdir / "features" if workdir else None})
     wanted = {"epochs": recipe.epochs, "optimizer": recipe.optimizer, "lr": recipe.lr, "scheduler": recipe.scheduler}
@@ -136,6 +137,11 @@ def run_reference(cfg: SimpleNamespace) -> int:
     recipe = common.training_plugin(common.registry(), cfg.task, "finetune").reference_finetune
     first_cfg, second_cfg = step_options(cfg, recipe)
     first = FeatureStage(first_cfg, recipe)
-    first.run()  # raises Stopped when interrupted
+    first.run()  # raises Stopped when interrupted; resumed, it loads its finished checkpoint and returns
     state = {k: v.detach().cpu().clone() for k, v in first.objective.export_state().items()}
-    return FinetuneStage(second_cfg, start=(state, f"then {', '.join(recipe.layers)} distilled toward it")).run()
+    second = FinetuneStage(second_cfg, start=(state, f"then {', '.join(recipe.layers)} distilled toward it"))
+    second.earlier_seconds = (first.result.seconds, first.result.val_seconds)
+    code = second.run()
+    if second.result.status == "done" and first.info.is_main and not cfg.keep_checkpoint:
+        first.engine.checkpoints.clear()  # the command is done (not stopped early): the first step's goes too
+    return code

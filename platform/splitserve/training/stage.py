@@ -58,6 +58,11 @@ class Stage(ABC):
 
     def __init__(self, cfg: SimpleNamespace):
         self.cfg = cfg
+        # (training, validation) seconds of the steps this command ran before this one (the
+        # reference procedure's feature step), so provenance times the whole command
+        self.earlier_seconds = (0.0, 0.0)
+        self.engine: Engine | None = None  # set by run()
+        self.result: FitResult | None = None  # set by run()
 
     @abstractmethod
     def default_workdir(self) -> Path:
@@ -91,6 +96,7 @@ class Stage(ABC):
             optimizers, schedulers = build_optimizers(plan.params, cfg, len(plan.data.train_set), info.world_size)
             result = engine.fit(plan.objective, optimizers, schedulers, plan.data.train_set, plan.collate,
                                 plan.validate if plan.validate_epochs else None, plan.best_metric)
+            self.engine, self.result = engine, result
             if result.status == "interrupted":  # a checkpoint was saved; the CLI exits 128 + signal
                 raise Stopped(result.signum or signal.SIGTERM)
             if not info.is_main:  # only rank 0 writes outputs
@@ -110,7 +116,8 @@ class Stage(ABC):
         return default_provenance(stage=plan.title, **command, data=str(data.root), train_images=len(data.train_set),
                                   val_images=len(data.val_set), epochs=cfg.epochs, steps=result.global_step,
                                   seed=cfg.seed, stopped_early=result.status == "max_steps",
-                                  train_seconds=round(result.seconds, 1), **plan.provenance)
+                                  train_seconds=round(result.seconds + self.earlier_seconds[0], 1),
+                                  val_seconds=round(result.val_seconds + self.earlier_seconds[1], 1), **plan.provenance)
 
 
 @contextmanager
