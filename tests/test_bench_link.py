@@ -158,6 +158,19 @@ def test_with_an_exact_prediction_the_adaptive_device_is_never_over_budget(coded
             assert f.rate == 0 and f.bytes == sizes[0][f.index] > f.budget
 
 
+@pytest.mark.parametrize("predictor", ["ewma", "oracle"])
+def test_a_deadline_spent_before_sending_sends_rate_0_late(coded, predictor):
+    """Device and server time alone exceed the deadline (budget ≤ 0 bytes): every frame goes at
+    rate 0 and is late; the run does not fail."""
+    policy = coded.adaptive(repeat=1)
+    policy.encode_ms, policy.server_ms = 40.0, 30.0
+    trace = make_trace("lte-m", 0, 60_000.0)
+    frames = simulate(trace, [250.0 * i for i in range(len(coded.inputs))], 50.0, policy, predictor=predictor)
+    assert len(frames) == len(coded.inputs)
+    for f in frames:
+        assert f.budget <= 0 and f.rate == 0 and f.bytes == len(coded.payloads[0][f.index]) and not f.on_time, f
+
+
 @pytest.mark.slow
 def test_bench_link_command_writes_its_section_and_plot(vr_bundle_dir, tmp_path, capsys):
     from splitserve.cli import main

@@ -22,7 +22,7 @@ from splitserve.export import export_edge
 from splitserve.gateway.process import GatewayProcess
 from splitserve_edge import cli as edge_cli
 from splitserve_edge.payload import MAGIC, Payload
-from splitserve_edge.rates import BudgetError, RateCoder, RateTables, is_rate_index
+from splitserve_edge.rates import BudgetError, CoderError, RateCoder, RateTables, is_rate_index
 from splitserve_edge.runtime import EdgeModel
 
 from .helpers import informative_bundle
@@ -168,6 +168,10 @@ def test_rate_out_of_range_names_the_range(edge, photos):
         edge.encode(photos[:1], rate=1, max_bytes=10_000)
     with pytest.raises(SplitserveError, match="positive"):
         edge.encode(photos[:1], max_bytes=0)
+    y = np.zeros((1, 8, 2, 2), np.float32)
+    for rate in (RATES, -1):  # the coder itself, a public API: the same message, never an IndexError or rate 3
+        with pytest.raises(CoderError, match=r"outside this codec's rates 0\.\.3"):
+            edge.codec.coder.encode(y, rate)
 
 
 # -- the torch-free client -------------------------------------------------------------------------

@@ -40,8 +40,9 @@ def codec():
     torch.manual_seed(3)
     codec = build_codec("entropic_student", feature_channels=64, rates=RATES, prior="shared").eval()
     with torch.no_grad():
-        codec.log_gain.add_(0.1 * torch.randn_like(codec.log_gain))
-        codec.log_inverse_gain.copy_(-codec.log_gain)
+        for gain, inverse in zip(codec.gains, codec.inverse_gains):
+            gain.add_(0.1 * torch.randn_like(gain))
+            inverse.copy_(-gain)
         codec.encoder[-1].weight.mul_(40.0)
         y = codec.encoder(photos_tensor())
     density = codec.priors.density
@@ -163,7 +164,7 @@ def test_shared_prior_users_bitmaps_finetune_and_bench(codec):
     fresh = build_codec("rac", blocks=0, feature_channels=64, rates=3, prior="shared")
     CodedObjective(fresh, train_decoder=False)
     assert not any(p.requires_grad for p in fresh.prior_parameters()) and not fresh.priors.training
-    assert {"priors.density.quantiles", "log_gain"} <= {n for n, p in fresh.named_parameters() if not p.requires_grad}
+    assert {"priors.density.quantiles", "gains.0", "inverse_gains.2"} <= {n for n, p in fresh.named_parameters() if not p.requires_grad}
 
     bench = realistic_codec("rac", {"blocks": 0}, photos_tensor(), 64, rates=3, prior="shared")
     assert isinstance(bench.priors, SharedPrior)

@@ -203,3 +203,39 @@ def test_rates_after_training_are_measured_unpadded(scenes, tmp_path):
     assert (det["bytes"], det["payload_bpp"]) == (manifest.metrics["bytes"], manifest.metrics["payload_bpp"])
     # the four shapes give four input sizes, so a val batch of 8 was padded
     assert len({manifest.policy.input_size(h, w) for h, w in [(64, 64), (64, 96), (96, 64), (48, 80)]}) == 4
+
+
+def test_a_step_at_one_rate_leaves_every_other_rates_gains_alone():
+    """Each rate's gains are their own parameters, as its prior is: after a step at rate 0, a step
+    at rate 1 moves rate 1's gains and not rate 0's (a shared (K, C) parameter would get a zero
+    gradient there and still move on Adam's momentum)."""
+    from splitserve.models import build_codec
+    from splitserve.training.optim import split_codec_params
+
+    torch.manual_seed(0)
+    codec = build_codec("rac", blocks=0, feature_channels=64, rates=3)
+    main_params, _ = split_codec_params(codec)
+    opt = torch.optim.Adam(main_params, lr=1e-2)
+    x = torch.randn(2, 3, 64, 64)
+    snapshots = []
+    for rate in (0, 1):
+        opt.zero_grad(set_to_none=True)
+        out = codec(x, rate)
+        (out.bits() + out.features.square().mean()).backward()
+        opt.step()
+        snapshots.append(codec.log_gain.detach().clone())
+    assert torch.equal(snapshots[1][0], snapshots[0][0])  # rate 0 untouched by the step at rate 1
+    assert not torch.equal(snapshots[1][1], snapshots[0][1])  # rate 1 trained
+    assert torch.equal(snapshots[1][2], snapshots[0][2])  # rate 2 never drawn
+
+
+def test_gains_of_the_wrong_shape_are_refused_not_broadcast():
+    from splitserve.models import build_codec
+
+    codec = build_codec("rac", blocks=0, feature_channels=64, rates=3)
+    for key in ("log_gain", "log_inverse_gain"):
+        state = codec.prior_state()
+        state[key] = state[key][0]  # (C,): copy_ would fill every rate's row with it
+        with pytest.raises(RuntimeError, match=rf"{key} has shape \(\d+,\), expected \(3, \d+\)"):
+            codec.load_prior_state(state)
+    codec.load_prior_state(codec.prior_state())  # the right shapes load

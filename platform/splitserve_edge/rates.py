@@ -158,6 +158,7 @@ class RateCoder:
         per_image = [rates] * len(y) if isinstance(rates, (int, np.integer)) else list(rates)
         if len(per_image) != len(y):
             raise CoderError(f"{len(per_image)} rate indices for {len(y)} images")
+        per_image = [self.check_rate(r) for r in per_image]  # before any index: -1 is not the last rate
         return [self.coders[r].encode(self.symbols(yi, r)) for yi, r in zip(y, per_image)]
 
     def within(self, y: np.ndarray, budgets: Sequence[int]) -> tuple[list[int], list[bytes]]:

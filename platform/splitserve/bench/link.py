@@ -272,6 +272,8 @@ class Coded:
 
         def search(i: int, budget: int) -> tuple[int, int]:
             x, s = self.inputs[i]
+            if budget < 1:  # the deadline is spent before the first byte could go: no payload fits
+                return 0, len(self.payloads[0][i])
             try:
                 encoded = encode_within(edge, x, s, budget)
             except BudgetError:  # not even rate 0 fits: send rate 0 anyway (it is likely late)

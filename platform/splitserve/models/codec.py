@@ -109,9 +109,11 @@ class FeatureCodec(nn.Module):
             self.priors.cdfs(k).register_load_state_dict_pre_hook(self._tables_changed)
         if rates > 1:
             # log-gains spread the quantisation step over 4x (2x either side of 1) before training
+            # one Parameter per rate, like the priors: a step at rate k leaves every other rate's
+            # gains and optimizer state alone (a zero gradient would still move them on momentum)
             spread = torch.linspace(-math.log(2.0), math.log(2.0), rates)[:, None].repeat(1, c)
-            self.log_gain = nn.Parameter(spread.clone())
-            self.log_inverse_gain = nn.Parameter(-spread.clone())
+            self.gains = nn.ParameterList([nn.Parameter(row.clone()) for row in spread])
+            self.inverse_gains = nn.ParameterList([nn.Parameter(-row.clone()) for row in spread])
         self._coder: RateCoder | None = None
         return self
 
@@ -128,11 +130,21 @@ class FeatureCodec(nn.Module):
             raise AttributeError("a variable-rate codec has one prior per rate: use codec.priors[rate]")
         return self.priors[0]
 
+    @property
+    def log_gain(self) -> Tensor:
+        """(K, C): every rate's device-side log-gains, row k for rate k."""
+        return torch.stack(tuple(self.gains))
+
+    @property
+    def log_inverse_gain(self) -> Tensor:
+        """(K, C): every rate's server-side log inverse gains."""
+        return torch.stack(tuple(self.inverse_gains))
+
     def prior_parameters(self) -> list[nn.Parameter]:
         """The priors' and gains' parameters (frozen with the encoder when heads are fine-tuned)."""
         params = list(self.priors.parameters())
         if self.rates > 1:
-            params += [self.log_gain, self.log_inverse_gain]
+            params += [*self.gains, *self.inverse_gains]
         return params
 
     def check_rate(self, rate: int) -> int:
@@ -142,10 +154,10 @@ class FeatureCodec(nn.Module):
 
     def gain(self, rate: int) -> Tensor | None:
         """Rate ``rate``'s device-side gain (C, 1, 1), or None for a single-rate codec."""
-        return None if self.rates == 1 else self.log_gain[self.check_rate(rate)].exp().reshape(-1, 1, 1)
+        return None if self.rates == 1 else self.gains[self.check_rate(rate)].exp().reshape(-1, 1, 1)
 
     def inverse_gain(self, rate: int) -> Tensor | None:
-        return None if self.rates == 1 else self.log_inverse_gain[self.check_rate(rate)].exp().reshape(-1, 1, 1)
+        return None if self.rates == 1 else self.inverse_gains[self.check_rate(rate)].exp().reshape(-1, 1, 1)
 
     # -- training path ---------------------------------------------------------------------
     def forward(self, x: Tensor, rate: int = 0) -> CodecOutput:
@@ -328,9 +340,14 @@ class FeatureCodec(nn.Module):
         missing = {"log_gain", "log_inverse_gain"} - set(tensors)
         if missing:
             raise RuntimeError(f"missing gains: {', '.join(sorted(missing))}")
+        shape = (self.rates, self.latent_channels)
         with torch.no_grad():
-            self.log_gain.copy_(tensors["log_gain"])
-            self.log_inverse_gain.copy_(tensors["log_inverse_gain"])
+            for key, params in (("log_gain", self.gains), ("log_inverse_gain", self.inverse_gains)):
+                if tuple(tensors[key].shape) != shape:  # copy_ would broadcast a (C,) or (1, C) silently
+                    raise RuntimeError(f"{key} has shape {tuple(tensors[key].shape)}, expected {shape} "
+                                       f"({self.rates} rates × {self.latent_channels} channels)")
+                for param, row in zip(params, tensors[key]):
+                    param.copy_(row)
         if set(state) != set(self.priors.state_dict()):
             raise RuntimeError(f"prior tensors do not fit {self.rates} rates with a {self.priors.kind} prior")
         self.priors.load_state_dict(state)
