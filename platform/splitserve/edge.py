@@ -12,9 +12,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from splitserve_edge.packing import Packer, image_names
-from splitserve_edge.payload import Encoded, Payload
+from splitserve_edge.payload import Encoded
 from splitserve_edge.preprocessing import ImageLike
 from torch import Tensor
 
@@ -22,17 +23,7 @@ from .bundle import EDGE_PARTS, Manifest, load_codec, read_manifest
 from .models import FeatureCodec
 from .preprocess import Preprocessing
 
-__all__ = ["EdgeEncoder", "Encoded", "ImageLike", "pack"]
-
-
-def pack(codec: FeatureCodec, strings: Sequence[bytes], latent_hw: tuple[int, int],
-         original_sizes: Sequence[tuple[int, int]], fingerprint: bytes | None = None,
-         rates: Sequence[int] | None = None) -> Payload:
-    """The payload a device sends for ``codec.compress`` output (image i coded at ``rates[i]``,
-    default rate 0): the devices' own container code, so rates measured in training are exactly
-    what devices pay."""
-    return Packer(codec.coder, fingerprint if fingerprint is not None else codec.fingerprint(),
-                  codec.latent_channels).pack(strings, latent_hw, original_sizes, rates)
+__all__ = ["EdgeEncoder", "Encoded", "ImageLike"]
 
 
 class EdgeEncoder:
@@ -74,8 +65,16 @@ class EdgeEncoder:
                       max_bytes: int | None = None, names: Sequence[str] | None = None) -> Encoded:
         """Entropy-code an already normalised batch (B, 3, H, W) (rate choice: see :meth:`encode`)."""
         y = self.codec.encoder(x).float().cpu().numpy()
+        return self.encode_latent(y, original_sizes, (int(x.shape[-2]), int(x.shape[-1])), rate=rate,
+                                  max_bytes=max_bytes, names=names)
+
+    def encode_latent(self, y: np.ndarray, original_sizes: Sequence[tuple[int, int]], input_hw: tuple[int, int], *,
+                      rate: int | None = None, max_bytes: int | None = None,
+                      names: Sequence[str] | None = None) -> Encoded:
+        """Entropy-code the transform's output ``y`` (B, C, h, w) of a (B, 3, *input_hw) batch: every
+        rate codes the same latent, so a device (or a rate measurement) runs the transform once."""
         payload = self.packer.encode(y, original_sizes, rate=rate, max_bytes=max_bytes, names=names)
-        return Encoded(payload.to_bytes(), payload, (int(x.shape[-2]), int(x.shape[-1])))
+        return Encoded(payload.to_bytes(), payload, input_hw)
 
     def encode(self, images: Sequence[ImageLike] | ImageLike, *, rate: int | None = None,
                max_bytes: int | None = None, names: Sequence[str] | None = None) -> Encoded:

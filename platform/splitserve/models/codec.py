@@ -166,7 +166,12 @@ class FeatureCodec(nn.Module):
         The entropy model runs in float32 even under autocast: its likelihoods are differences of
         sigmoids that underflow in half precision, which would corrupt the rate term.
         """
-        y = self.encoder(x)
+        y_hat, likelihoods = self.through_prior(self.encoder(x), rate)
+        return CodecOutput(self.decoder(y_hat), likelihoods)
+
+    def through_prior(self, y: Tensor, rate: int = 0) -> tuple[Tensor, Tensor]:
+        """The transform's output ``y`` at rate ``rate``: its gain, the prior (noise while training,
+        rounding in eval), the inverse gain; returns (ŷ, the prior's likelihoods of the gained latent)."""
         with _fp32(y.device):
             y = y.float()
             gain = self.gain(rate)
@@ -176,7 +181,7 @@ class FeatureCodec(nn.Module):
             inverse = self.inverse_gain(rate)
             if inverse is not None:
                 y_hat = y_hat * inverse
-        return CodecOutput(self.decoder(y_hat), likelihoods)
+        return y_hat, likelihoods
 
     def aux_loss(self) -> Tensor:
         """The priors' quantile losses, in float32; optimise them every step so update() builds good CDFs."""

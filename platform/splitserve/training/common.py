@@ -185,12 +185,14 @@ def measure_rate(codec: FeatureCodec, policy: Preprocessing, plugin: TrainingHoo
     for x, sizes in single_images(plugin, dataset, edge):
         x = x.to(device)
         input_hws.append((int(x.shape[-2]), int(x.shape[-1])))
+        y = c.encoder(x)  # once: every rate codes this latent, as on the device
+        latent = y.float().cpu().numpy()
         for k in range(c.rates):
-            encoded = edge.encode_tensor(x, sizes, rate=k)
+            encoded = edge.encode_latent(latent, sizes, input_hws[-1], rate=k)
             payload_bytes[k].append(encoded.num_bytes)
             coded[k].append(len(encoded.payload.strings[0]))
             if estimate:
-                estimated[k].append(float(c(x, k).bits()) / 8)
+                estimated[k].append(float(-torch.log2(c.through_prior(y, k)[1]).sum()) / 8)
     if not input_hws:
         raise DataError("no validation images to measure the rate on")
     out = []

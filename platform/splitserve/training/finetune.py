@@ -13,7 +13,6 @@ teacher's output for knowledge distillation where the plugin defines one (classi
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -29,7 +28,7 @@ from ..models.backbone import SharedTrunk, attach_trunk, own_state, tail_path
 from ..plugins import TaskBatch, TaskPlugin
 from . import common
 from .objective import Objective, freeze
-from .rates import PerStepRate, is_per_rate, per_rate
+from .rates import PerStepRate, every_rate, is_per_rate, per_rate
 from .stage import Plan, Stage, bundle_workdir
 from .teacher import Teacher, evaluate, load_teacher
 
@@ -255,20 +254,6 @@ def initial_head(plugin: TaskPlugin, bundle: Path, manifest, teacher: Teacher | 
     elif teacher is not None:
         common.load_matching(head.tail, teacher.head.tail.state_dict())
     return head, config, source, fresh
-
-
-def every_rate(codec: FeatureCodec, default_rate: int, evaluate: Callable[[Callable], dict[str, float]],
-               metric: str) -> dict[str, float]:
-    """``evaluate(features)`` on the real coding path at every rate of ``codec``: a single rate's
-    metrics as they are; a variable-rate codec's per rate (``KEY_rK``), the default rate's under
-    the plain keys and the mean over the rates of ``metric`` as ``METRIC_mean`` (what selects the
-    best epoch: the heads serve every rate)."""
-    per = [{k: float(v) for k, v in evaluate(common.coded_features(codec, rate)).items()}
-           for rate in range(codec.rates)]
-    out = per_rate(per, default_rate)
-    if codec.rates > 1:
-        out[f"{metric}_mean"] = sum(m[metric] for m in per) / len(per)
-    return out
 
 
 def selection_metric(metric: str, rates: int) -> str:

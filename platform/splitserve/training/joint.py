@@ -28,7 +28,7 @@ from . import common
 from .distill import TAIL_STAGES, feature_distance
 from .objective import Objective, freeze
 from .optim import decayed_weights, split_codec_params
-from .rates import PerStepRate, per_rate, rate_logs
+from .rates import PerStepRate, every_rate, rate_logs
 from .stage import Plan
 from .student import StudentStage
 
@@ -144,15 +144,11 @@ class TrainStage(StudentStage):
             objective.eval()
             codec = objective.codec
             try:
-                rates = common.measure_rate(codec, data.policy, plugin, data.val_set, info.device)
-                per = []
-                for rate, measured in enumerate(rates):
-                    metrics = plugin.evaluate(objective.head, common.coded_features(codec, rate), val_loader,
-                                              dataset=data.val_set)
-                    per.append({**{k: float(v) for k, v in metrics.items()}, **measured})
+                measured = common.measure_rate(codec, data.policy, plugin, data.val_set, info.device)
+                return every_rate(codec, self.default_rate, lambda features: plugin.evaluate(
+                    objective.head, features, val_loader, dataset=data.val_set), measured=measured)
             finally:
                 objective.train()
-            return per_rate(per, self.default_rate)
 
         return Plan(f"train {cfg.mode}", f"train (Duan & Zhu single stage, {cfg.mode})", objective,
                     {"main": main, "aux": aux}, data, plugin.collate, validate,

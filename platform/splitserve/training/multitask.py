@@ -38,10 +38,10 @@ from ..errors import BundleError, PluginError, SplitserveError
 from ..models.backbone import SharedTrunk, attach_trunk
 from ..plugins import TaskBatch, TrainingHooks
 from . import common
-from .finetune import CodedObjective, best_epoch, every_rate, initial_head, open_bundle, selection_metric
+from .finetune import CodedObjective, best_epoch, initial_head, open_bundle, selection_metric
 from .objective import freeze
 from .options import options_dict
-from .rates import is_per_rate, per_rate
+from .rates import every_rate, is_per_rate, per_rate
 from .stage import Plan, Stage, bundle_workdir
 from .student import load_teachers
 from .teacher import Teacher, evaluate

@@ -15,7 +15,7 @@ Rate 0 is the smallest payload: the weights are sorted so that rate 0 has the la
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -100,6 +100,23 @@ def per_rate(metrics: Sequence[dict[str, float]], default_rate: int) -> dict[str
     out = dict(metrics[default_rate])
     for k, values in enumerate(metrics):
         out.update({f"{key}_r{k}": v for key, v in values.items()})
+    return out
+
+
+def every_rate(codec, default_rate: int, evaluate: Callable[[Callable], dict[str, float]],
+               metric: str | None = None, measured: Sequence[dict[str, float]] | None = None) -> dict[str, float]:
+    """``evaluate(features)`` on the real coding path at every rate of ``codec`` (with what each rate
+    was ``measured`` to cost merged in), as :func:`per_rate` gives them; with ``metric``, also the
+    mean over the rates of ``metric`` as ``METRIC_mean`` (what selects the best epoch when the heads
+    serve every rate)."""
+    from .common import coded_features
+
+    per = [{k: float(v) for k, v in evaluate(coded_features(codec, rate)).items()} for rate in range(codec.rates)]
+    for metrics, cost in zip(per, measured or ()):
+        metrics.update(cost)
+    out = per_rate(per, default_rate)
+    if metric is not None and codec.rates > 1:
+        out[f"{metric}_mean"] = sum(m[metric] for m in per) / len(per)
     return out
 
 
