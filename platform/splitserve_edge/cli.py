@@ -43,8 +43,8 @@ def add_rate_options(parser: argparse.ArgumentParser) -> None:
                             "default: the bundle's default rate)")
     group.add_argument("--max-bytes", type=_count(1), metavar="B",
                        help="code each image at the highest rate whose payload, sent alone (header, bitstream, "
-                            "CRC), has at most B bytes; the encoder runs once. An error names the smallest size "
-                            "when no rate fits")
+                            "CRC), has at most B bytes (a binary search: payloads grow with the rate index); the "
+                            "encoder runs once. An error names the smallest size when no rate fits")
 
 
 def _parser() -> argparse.ArgumentParser:
