@@ -101,11 +101,16 @@ def test_infer_rate_options_on_a_single_rate_bundle(gateway, bundle, photos, sin
     text = capsys.readouterr().out
     for path in photos[:4]:
         assert f"{path} (" in text and "sent at rate 0 in " in text.split(f"{path} (")[1].splitlines()[0]
-    first = next(i for i, n in enumerate(alone) if n > min(alone) - 1)  # the first image that cannot fit
+    assert main(["infer", *photos[:4], "--url", gateway.url, "--bundle", str(bundle), "--tasks", "cls",
+                 "--max-bytes", str(max(alone)), "--json"]) == 0
+    results = json.loads(capsys.readouterr().out)["results"]
+    assert_same_answers(results, singles[:4])  # the answers of the payloads sent without a budget
+    assert [r["sent"]["rate"] for r in results] == [0] * 4
+    # photo 0 is the first whose smallest payload exceeds min(alone) - 1 bytes (every photo's does)
     for args, message in ((["--rate", "1"], "rate 1 is outside this bundle's rates 0..0"),
                           (["--max-bytes", str(min(alone) - 1)],
-                           f"{photos[first]}: no rate fits {min(alone) - 1} bytes; its smallest payload is "
-                           f"{alone[first]} bytes")):
+                           f"{photos[0]}: no rate fits {min(alone) - 1} bytes; its smallest payload is "
+                           f"{alone[0]} bytes")):
         assert main(["infer", *photos[:4], "--url", gateway.url, "--bundle", str(bundle), *args]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err

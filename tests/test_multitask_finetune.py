@@ -84,6 +84,23 @@ def test_the_bundle_serves_three_tasks_from_that_trunk(bundles):
     assert seg.tail.layer3[0].conv1.stride == (1, 1) != trunk.layer3[0].conv1.stride
 
 
+def test_a_task_weight_scales_that_tasks_loss_terms(bundles, scenes, tmp_path):
+    """Same start, seed and data: with ``--task-weight cls=2`` the first step's classification term
+    is twice the unweighted run's, the other tasks' are the same (logged before any update)."""
+    weighted = tmp_path / "weighted"
+    shutil.copytree(bundles["start"], weighted)
+    run("finetune", "--bundle", weighted, "--data", scenes, *TASKS, "--task-weight", "cls=2", "--max-steps", "1")
+
+    def first_step(bundle: Path) -> dict:
+        log = bundle.parent / f"{bundle.name}.runs" / "finetune-classification+detection+segmentation"
+        return next(r for r in map(json.loads, (log / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train")
+
+    plain, doubled = first_step(bundles["trained"]), first_step(weighted)
+    assert doubled["classification/ce"] == pytest.approx(2 * plain["classification/ce"], rel=1e-5)
+    assert doubled["segmentation/ce"] == pytest.approx(plain["segmentation/ce"], rel=1e-5)
+    assert doubled["detection/classification"] == pytest.approx(plain["detection/classification"], rel=1e-5)
+
+
 def test_task_names_and_options_are_checked(bundles, scenes, tmp_path, capsys):
     bundle = tmp_path / "b"
     shutil.copytree(bundles["start"], bundle)

@@ -114,8 +114,13 @@ def test_study_compares_the_curve_with_the_separate_bundles(vr_study):
 def test_bundle_measure_writes_every_rate_as_evaluate_measures_it(vr_study, vr_bundle_dir, scenes, tmp_path):
     from splitserve.bundle import load_codec, read_manifest
 
+    from splitserve.bundle import write_manifest
+
     bundle = tmp_path / vr_bundle_dir.name
     shutil.copytree(vr_bundle_dir, bundle)
+    manifest = read_manifest(bundle)
+    manifest.default_rate = 2  # not rate 0, so "the default rate" and "rate 0" differ
+    write_manifest(bundle, manifest)
     before = read_manifest(bundle)
     assert main(["bundle", "measure", str(bundle), "--data", str(scenes), "--limit", str(LIMIT), "--no-progress"]) == 0
     after = read_manifest(bundle)
@@ -124,10 +129,12 @@ def test_bundle_measure_writes_every_rate_as_evaluate_measures_it(vr_study, vr_b
     for k, entry in enumerate(after.rates):
         assert entry.bytes_per_image == pytest.approx(points[k]["bytes_per_image"], abs=1e-9), k
         assert entry.bpp == pytest.approx(points[k]["bpp"], abs=1e-12), k
-    default = points[after.default_rate]  # the task metrics: the rate a device codes at unless told otherwise
+    assert after.default_rate == 2
+    default = points[2]  # the task metrics: the rate a device codes at unless told otherwise
     assert after.tasks["classification"].metrics["top1"] == pytest.approx(default["accuracy"])
-    assert after.metrics["bytes"] == pytest.approx(after.rates[after.default_rate].bytes_per_image)
-    assert "at rate 0" in after.provenance["measured"]
+    assert after.metrics["bytes"] == pytest.approx(default["bytes_per_image"])
+    assert after.metrics["bytes"] != pytest.approx(points[0]["bytes_per_image"])
+    assert "at rate 2" in after.provenance["measured"]
     assert after.files == before.files and after.fingerprint == before.fingerprint
     load_codec(bundle)
 
