@@ -489,6 +489,32 @@ def test_study_times_one_request_for_every_task_of_each_multi_task_bundle(study)
 
 
 @pytest.mark.slow
+def test_one_request_times_a_parse_a_decode_and_every_head_per_run(study, scenes):
+    """What ``request_ms`` times is what a gateway does for a 3-task request each time: parse the
+    bytes, entropy-decode and run the decoder once, then each head (as ``server_ms`` does per task)."""
+    from splitserve.evaluation.methods import BundlePoint
+    from splitserve.plugins import PluginRegistry
+    from splitserve.preprocess import load_image
+
+    tasks = ["classification", "detection", "segmentation"]
+    point = BundlePoint(study["root"] / "es0", tasks, PluginRegistry.discover())
+    runtime, calls = point.runtime, {"parse": 0, "decoder": 0}
+    parse = runtime.parse_payload
+
+    def counted(data):
+        calls["parse"] += 1
+        return parse(data)
+
+    runtime.parse_payload = counted
+    runtime.features.codec.decoder.register_forward_hook(lambda *_: calls.__setitem__("decoder", calls["decoder"] + 1))
+    for task in tasks:  # each head's own layer2..4 (untrained bundles: a trunk per head)
+        runtime.heads.heads[task].tail.register_forward_hook(lambda *_, t=task: calls.__setitem__(t, calls.get(t, 0) + 1))
+    sample = load_image(_items(scenes, "classification").items[0].path)
+    assert point.request_ms(sample, threads=1, repeat=3) > 0
+    assert calls["parse"] >= 4 and all(calls.get(k) == calls["parse"] for k in ("decoder", *tasks)), calls
+
+
+@pytest.mark.slow
 def test_study_rates_are_real_bytes(study, scenes):
     from splitserve.edge import EdgeEncoder
     from splitserve.evaluation.imagecodec import ImageCodec
@@ -663,3 +689,5 @@ def test_split_option_evaluates_the_split_it_names(tmp_path):
         doc = json.loads((out / "points.json").read_text())
         assert doc["split"] == split and [p["images"] for p in doc["points"]] == [images]
         assert f"split `{split}`" in (out / "report.md").read_text()
+    code = main(["evaluate", str(sweep), "--out", str(tmp_path / "empty"), "--split", " "])
+    assert code == 2 and not (tmp_path / "empty").exists()  # an empty split name: one line, nothing measured

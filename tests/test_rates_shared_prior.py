@@ -120,6 +120,23 @@ def test_shared_prior_tables_charge_what_the_density_models_at_every_rate(codec)
         assert (coded >= charged - 1).all() and (coded <= charged * 1.005 + 64).all(), (rate, coded, charged)
 
 
+def test_at_unit_gain_the_tables_are_compressais_own(codec):
+    """With g_k = 1 a rate's tables are exactly what CompressAI's ``EntropyBottleneck.update`` builds
+    for the one density (offset, 16-bit CDF and its lengths): the derivation generalises CompressAI's,
+    it does not approximate it."""
+    import copy
+
+    shared = copy.deepcopy(codec.priors)
+    shared.update(torch.ones(RATES, codec.latent_channels), force=True)
+    reference = copy.deepcopy(codec.priors.density)
+    reference.update(force=True)
+    for k in range(RATES):
+        table = shared.cdfs(k)
+        assert torch.equal(table._offset, reference._offset), k
+        assert torch.equal(table._cdf_length, reference._cdf_length), k
+        assert torch.equal(table._quantized_cdf, reference._quantized_cdf), k
+
+
 def test_shared_prior_bundle_round_trips(tmp_path):
     """A shared-prior bundle rebuilds the shared codec from its manifest: the same fingerprint, prior
     file and payloads after a load and a second save; read as per-rate, its prior file is refused."""

@@ -128,8 +128,16 @@ def bundle_bytes(path: str | Path, manifest: Manifest | None = None) -> int:
     checkpoints or markers beside them do not count), the size a deployment ships."""
     root = Path(path)
     manifest = manifest or read_manifest(root)
-    entries = [*manifest.files.values(), *(t.file for t in manifest.tasks.values())]
-    return (root / "manifest.json").stat().st_size + sum((root / e.path).stat().st_size for e in entries)
+    files = {"manifest.json", *(e.path for e in manifest.files.values()), *(t.file.path for t in manifest.tasks.values())}
+    total = 0
+    for rel in files:  # each file once, as it lies on disk
+        fpath = (root / rel).resolve()
+        if root.resolve() not in fpath.parents:
+            raise BundleError(f"{root}: path {rel!r} escapes the bundle directory")
+        if not fpath.is_file():
+            raise BundleError(f"{root}: {rel} is missing")
+        total += fpath.stat().st_size
+    return total
 
 
 def _read_tensors(root: Path, entry: FileEntry, what: str) -> dict[str, torch.Tensor]:

@@ -77,7 +77,9 @@ def run(args) -> int:
             raise SplitserveError("give a sweep file (or --curves)")
         return 0
     sweep = load_sweep(args.sweep)
-    if args.split:
+    if args.split is not None:
+        if not args.split.strip():
+            raise SplitserveError("--split: expected a split name such as val_seen, got an empty one")
         sweep.split = args.split
     if args.check:
         n = sum(len(m.points) for m in sweep.methods)

@@ -197,12 +197,12 @@ class BundlePoint:
     def request_ms(self, sample: Image.Image, threads: int, repeat: int) -> float:
         """Gateway time of one image asking for every task of this point in one request (one parse,
         entropy decode and decoder pass, then each head): what a multi-task request costs the server."""
-        job = self._job(self.tasks, self.encode([sample]).data)
-        result = self.runtime.run([job])[0]
+        data = self.encode([sample]).data
+        result = self.runtime.run([self._job(self.tasks, data)])[0]
         if isinstance(result, Exception) or set(result[0]) != set(self.tasks):
             raise SplitserveError(f"{self.path}: a request for {', '.join(self.tasks)} was not answered on every "
                                   f"task: {result}")
-        return latency_ms(lambda: self.runtime.run([job]), threads, repeat)
+        return latency_ms(lambda: self.runtime.run([self._job(self.tasks, data)]), threads, repeat)
 
 
 @dataclass

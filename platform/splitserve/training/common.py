@@ -163,7 +163,7 @@ def measure_rate(codec: FeatureCodec, policy: Preprocessing, plugin: TrainingHoo
     """What ``codec`` costs on ``dataset``'s images at each of its rates, measured as ``platform
     evaluate`` measures a bundle: every image alone, at its own (unpadded) input size, made from its
     file by the device's preprocessing and coded by the device's encoder into a one-image payload
-    (:meth:`splitserve.edge.EdgeEncoder.encode_tensor`), and evaluation's own
+    (the transform once, then :meth:`splitserve.edge.EdgeEncoder.encode_latent` at each rate), and evaluation's own
     :func:`~splitserve.evaluation.methods.rate_of` for the bytes and bpp per image. Images come from
     their files where the plugin lists them (:meth:`~splitserve.plugins.EvaluationHooks.eval_samples`),
     else from the dataset's items one at a time.

@@ -6,8 +6,9 @@ head's outputs of the layers the plugin's :class:`~splitserve.plugins.ReferenceR
 the teacher's on the teacher's own stem (Adam), with encoder and prior frozen; then train with the
 task loss at the recipe's small learning rate. The decoder trains in both steps only when the
 bundle has no other head: one decoder feeds every head. The recipe is the plugin's, so this module
-names no task. Each step is a :class:`~splitserve.training.stage.Stage` with its own work dir; a
-``--resume`` after the first step finished reruns that short step (deterministic on CPU).
+names no task. Each step is a :class:`~splitserve.training.stage.Stage` with its own work dir; the
+first step's checkpoint stays until the whole command is done, so a ``--resume`` after it finished
+loads it instead of training it again, and the head's provenance times both steps.
 """
 
 from __future__ import annotations
