@@ -137,6 +137,18 @@ def test_at_unit_gain_the_tables_are_compressais_own(codec):
         assert torch.equal(table._quantized_cdf, reference._quantized_cdf), k
 
 
+def test_a_codec_that_has_coded_copies_and_its_copy_codes_the_same_bytes(codec):
+    """The rate measurement deep-copies the codec being trained; once it has coded, it holds an
+    entropy coder (constriction's models cannot be copied): a copy leaves it out and rebuilds it."""
+    import copy
+
+    x = photos_tensor()
+    strings = codec.compress(x, 1)  # builds the coder
+    twin = copy.deepcopy(codec)
+    assert codec._coder is not None and twin._coder is None
+    assert twin.compress(x, 1) == strings
+
+
 def test_shared_prior_bundle_round_trips(tmp_path):
     """A shared-prior bundle rebuilds the shared codec from its manifest: the same fingerprint, prior
     file and payloads after a load and a second save; read as per-rate, its prior file is refused."""

@@ -223,6 +223,11 @@ class FeatureCodec(nn.Module):
             gains = self.log_gain.detach().float().exp().cpu().numpy()
         return RateTables(tuple(self.coding_tables(k) for k in range(self.rates)), gains)
 
+    def __getstate__(self) -> dict:
+        """Copies (``copy.deepcopy``, as the rate measurement makes) leave the coder out: its
+        constriction models cannot be copied, and it is rebuilt from the tables on first use."""
+        return {**super().__getstate__(), "_coder": None}
+
     @property
     def coder(self) -> RateCoder:
         if self._coder is None:
