@@ -131,11 +131,11 @@ def test_teachers_must_share_a_backbone_and_a_task_each(teachers, scenes, tmp_pa
 @pytest.fixture(scope="module")
 def joint(teachers, scenes) -> Path:
     """Duan & Zhu's single stage from the classification teacher and a segmentation teacher of weight
-    0.5, with a two-rate codec."""
+    0.5, with a two-rate codec whose entropy model has its own optimizer (``--prior-lr``)."""
     out = teachers["root"] / "joint"
     run("train", "--joint", "--encoder", "rac", "--blocks", "0", "--teacher", f"classification={teachers['cls']}",
         "--teacher", f"seg={teachers['seg']}", "--teacher-weight", "seg=0.5", "--lmbdas", "0.5,2", "--data", scenes,
-        "--out", out, *TINY)
+        "--out", out, "--prior-lr", "0.002", "--keep-checkpoint", *TINY)
     return out
 
 
@@ -155,6 +155,9 @@ def test_joint_training_learns_from_every_teacher(joint, teachers):
         mse = r["mse_layer1"] + r["mse_layer2"] + r["mse_layer3"] + r["mse_layer4"]
         assert r["feature_mse_segmentation"] > 0
         assert r["feature_mse"] == pytest.approx(mse + 0.5 * r["feature_mse_segmentation"], rel=1e-5)
+        # the rate not drawn fits its prior to the step's latent, and that is part of the loss
+        assert r["prior_fit"] > 0
+        assert r["loss"] == pytest.approx(r["rate"] + r["feature_mse"] + r["ce"] + r["kd"] + r["prior_fit"], rel=1e-5)
     # the classifier trained; the segmentation teacher's head is carried as it is
     teacher_seg = load_file(teachers["seg"] / "head.safetensors")
     seg = load_file(joint / manifest.tasks["segmentation"].file.path)
@@ -162,6 +165,28 @@ def test_joint_training_learns_from_every_teacher(joint, teachers):
     teacher_cls = load_file(teachers["cls"] / "head.safetensors")
     cls = load_file(joint / manifest.tasks["classification"].file.path)
     assert any(not torch.equal(cls[k], teacher_cls[k]) for k in cls)
+
+
+def test_prior_lr_trains_the_entropy_model_on_its_own_adam(joint):
+    """``--prior-lr``: the run's checkpoint has a ``prior`` Adam at that rate, on the main schedule,
+    holding every prior's density and both rates' gains, and ``main`` none of them."""
+    from splitserve.models import build_codec
+    from splitserve.training.optim import entropy_model_params
+
+    ckpt = torch.load(joint.parent / "joint.runs" / "train" / "checkpoint" / "last.pt", weights_only=False)
+    opts = ckpt["optimizers"]
+    assert set(opts) == {"main", "aux", "prior"}
+    codec = build_codec("rac", blocks=0, rates=2)
+    entropy = entropy_model_params(codec)
+    (group,) = opts["prior"]["param_groups"]
+    assert len(group["params"]) == len(entropy)
+    assert group["initial_lr"] == 0.002 and group["lr"] < 0.002  # the cosine schedule ran over it
+    # both rates' densities stepped at every step (the rate not drawn fits its prior too); a gain
+    # steps only when its rate is drawn
+    densities = sum(p.numel() for name, p in codec.named_parameters() if name.startswith("priors.")
+                    and not name.endswith("quantiles"))
+    stepped = [s for s in opts["prior"]["state"].values() if s["step"] == 2]
+    assert sum(s["exp_avg"].numel() for s in stepped) >= densities
 
 
 def test_the_joint_bundle_serves_both_heads(joint, scenes):

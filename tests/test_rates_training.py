@@ -70,6 +70,8 @@ def test_distill_betas_writes_k_rates_at_increasing_bytes(vr_bundle):
         k = int(r["rate_index"])
         assert r[f"rate_r{k}"] == r["rate"] and r[f"bpp_r{k}"] == r["bpp"]
         assert not any(f"rate_r{j}" in r for j in range(3) if j != k)
+        # the two rates not drawn fit their priors to the step's latent, and that is part of the loss
+        assert r["prior_fit"] > 0 and r["loss"] == pytest.approx(r["distill"] + r["rate"] + r["prior_fit"], rel=1e-5)
 
 
 def test_distill_prior_shared_trains_one_density_for_every_rate(teacher, scenes, tmp_path):
@@ -77,7 +79,8 @@ def test_distill_prior_shared_trains_one_density_for_every_rate(teacher, scenes,
     manifest names the variant, the bundle rebuilds it (same fingerprint), and its rates code at
     increasing bytes through the same coder."""
     out = tmp_path / "es-vr3-shared"
-    run("distill", "--teacher", teacher, "--data", scenes, *VR, "--prior", "shared", "--out", out)
+    run("distill", "--teacher", teacher, "--data", scenes, *VR, "--prior", "shared", "--out", out,
+        "--prior-lr", "0.002", "--keep-checkpoint")
     manifest = read_manifest(out)
     assert manifest.codec.config["rates"] == 3 and manifest.codec.config["prior"] == "shared"
     codec = load_codec(out)
@@ -85,6 +88,13 @@ def test_distill_prior_shared_trains_one_density_for_every_rate(teacher, scenes,
     sizes = [r.bytes_per_image for r in manifest.rates]
     assert sizes[0] < sizes[1] < sizes[2], sizes
     assert "--prior shared" in manifest.provenance["command"]
+    # one density learns at every step already: nothing else to fit
+    assert not any("prior_fit" in r for r in records(out.parent / f"{out.name}.runs" / "distill" / "metrics.jsonl"))
+    # --prior-lr: the density and the gains on their own Adam, the encoder and decoder not
+    opts = torch.load(out.parent / f"{out.name}.runs" / "distill" / "checkpoint" / "last.pt", weights_only=False)["optimizers"]
+    (group,) = opts["prior"]["param_groups"]
+    assert group["initial_lr"] == 0.002 and len(group["params"]) == len(codec.priors.density.matrices) * 2 + len(
+        codec.priors.density.factors) + 2 * 3  # matrices, biases, factors; 3 gains and 3 inverse gains
 
 
 @pytest.mark.parametrize("command, rate", [(["distill"], "--beta"), (["train", "--joint"], "--lmbda")])
@@ -227,6 +237,64 @@ def test_a_step_at_one_rate_leaves_every_other_rates_gains_alone():
     assert torch.equal(snapshots[1][0], snapshots[0][0])  # rate 0 untouched by the step at rate 1
     assert not torch.equal(snapshots[1][1], snapshots[0][1])  # rate 1 trained
     assert torch.equal(snapshots[1][2], snapshots[0][2])  # rate 2 never drawn
+
+
+def test_a_step_fits_every_other_rates_prior_to_its_latent_and_moves_nothing_else_for_it():
+    """A step codes at one rate; ``fit_priors`` gives every other rate's prior the likelihoods of the
+    same latent at that rate's own gain (what a step drawn at that rate would charge), and their
+    bits reach only those priors' densities: not the transform, not a gain, not the drawn rate's prior."""
+    from splitserve.models import build_codec
+
+    torch.manual_seed(0)
+    codec = build_codec("rac", blocks=0, feature_channels=64, rates=3).train()
+    x = torch.randn(2, 3, 64, 64)
+    out = codec(x, 0)
+    torch.manual_seed(1)
+    fits = codec.fit_priors(out.latent, 0)
+    assert sorted(fits) == [1, 2]
+    torch.manual_seed(1)  # the same noise: rate 1's own training path gives the same likelihoods
+    _, own = codec.through_prior(out.latent.detach(), 1)
+    torch.testing.assert_close(fits[1], own)
+    sum(-torch.log2(lik).sum() for lik in fits.values()).backward()
+    for name, p in codec.named_parameters():
+        moved = p.grad is not None and bool(p.grad.abs().sum() > 0)
+        assert moved == (name.startswith(("priors.1.", "priors.2.")) and not name.endswith("quantiles")), name
+    assert codec.eval().fit_priors(out.latent, 0) == {}  # nothing to fit outside training
+    assert build_codec("rac", blocks=0, rates=3, prior="shared").fit_priors(out.latent, 0) == {}  # one density
+    assert build_codec("rac", blocks=0).fit_priors(out.latent, 0) == {}  # one rate
+
+
+def test_prior_lr_gives_the_entropy_model_its_own_adam_and_leaves_the_rest_where_it_was():
+    from types import SimpleNamespace
+
+    from splitserve.models import build_codec
+    from splitserve.training.optim import build_optimizers, split_codec_params, with_prior_optimizer
+
+    codec = build_codec("rac", blocks=0, rates=3)
+    head = torch.nn.Linear(4, 2)
+    codec_params, aux = split_codec_params(codec)
+    params = {"main": [{"params": codec_params, "weight_decay": 0.0}, head.weight, head.bias], "aux": aux}
+    assert with_prior_optimizer(params, codec, None) is params
+    split = with_prior_optimizer(params, codec, 1e-3)
+    entropy = {name for name, p in codec.named_parameters() if any(p is q for q in split["prior"])}
+    assert entropy == {name for name, _ in codec.named_parameters()
+                       if name.startswith(("priors.", "gains.", "inverse_gains.")) and not name.endswith("quantiles")}
+    assert any(n.startswith("gains.") for n in entropy) and any(n.startswith("inverse_gains.") for n in entropy)
+    main = [p for g in split["main"] for p in (g["params"] if isinstance(g, dict) else [g])]
+    every = main + split["aux"] + split["prior"]
+    assert len({id(p) for p in every}) == len(every) == len(list(codec.parameters())) + 2  # each once, none lost
+    cfg = SimpleNamespace(optimizer="sgd", lr=0.01, momentum=0.9, weight_decay=1e-4, aux_lr=1e-3, prior_lr=1e-3,
+                          scheduler="cosine", epochs=2, min_lr_ratio=0.01, batch_size=4)
+    optimizers, schedulers = build_optimizers(split, cfg, num_items=8, world_size=1)
+    assert isinstance(optimizers["prior"], torch.optim.Adam) and optimizers["prior"].param_groups[0]["lr"] == 1e-3
+    assert isinstance(optimizers["main"], torch.optim.SGD) and len(schedulers) == 2
+    for _ in range(4):  # to the end of the cosine schedule: both fall to min_lr_ratio of their start
+        for o in optimizers.values():
+            o.step()  # no gradients: nothing moves
+        for s in schedulers:
+            s.scheduler.step()
+    assert optimizers["main"].param_groups[0]["lr"] == pytest.approx(1e-4)
+    assert optimizers["prior"].param_groups[0]["lr"] == pytest.approx(1e-5)
 
 
 def test_gains_of_the_wrong_shape_are_refused_not_broadcast():

@@ -55,8 +55,9 @@ def pairs_option(flag: str, metavar: str, help: str) -> Opt:
 
 
 def rate_options(name: str, loss: str) -> list[Opt]:
-    """``--NAME W`` (one rate) or ``--NAMEs W1,W2,…`` (a variable-rate codec), ``--default-rate`` and
-    ``--prior`` (a variable-rate codec's rate model); ``loss`` says where the weight enters the loss."""
+    """``--NAME W`` (one rate) or ``--NAMEs W1,W2,…`` (a variable-rate codec), ``--default-rate``,
+    ``--prior`` (a variable-rate codec's rate model) and the entropy model's optimizers (``--aux-lr``,
+    ``--prior-lr``); ``loss`` says where the weight enters the loss."""
     return [
         opt(f"--{name}", type=float, default=None, metavar="W", help=f"rate weight: {loss} (one rate)",
             replaces=(f"{name}s",)),
@@ -72,6 +73,10 @@ def rate_options(name: str, loss: str) -> list[Opt]:
                  "own; shared gives the codec one factorized prior over the un-gained latent, which rate k reads "
                  "with the quantisation step 1/gain_k (its coding tables are cut from that one density; the "
                  "payloads, coder and gateway are the same)"),
+        opt("--aux-lr", type=float, default=1e-3, help="learning rate of the prior's quantile (aux) optimizer"),
+        opt("--prior-lr", type=float, default=None, metavar="LR",
+            help="train the entropy model (every prior's density; the gains of several rates) with an Adam of its "
+                 "own at LR, on the main schedule (default: with the rest, on --optimizer)"),
     ]
 
 

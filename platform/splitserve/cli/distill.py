@@ -20,7 +20,6 @@ OPTIONS, register = training_command(
         opt("--out", type=Path, required=True, metavar="DIR", help="bundle directory to write"),
         opt("--task-data-format", default="auto", metavar="TASK",
             help="which task's data loader reads --data (auto: the teacher's task)"),
-        opt("--aux-lr", type=float, default=1e-3, help="learning rate of the prior's quantile (aux) optimizer"),
     ],
     epochs=10, batch_size=64, optimizer="adam", lr=1e-3, scheduler="multistep", milestones=[5, 8], gamma=0.1,
 )

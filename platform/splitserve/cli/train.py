@@ -24,7 +24,6 @@ OPTIONS, register = training_command(
         *rate_options("lmbda", "loss = lmbda * bpp + MSE + 0.5 (KL + CE)"),
         opt("--out", type=Path, required=True, metavar="DIR", help="bundle directory to write"),
         opt("--temperature", type=float, default=1.0, help="distillation temperature"),
-        opt("--aux-lr", type=float, default=1e-3, help="learning rate of the prior's quantile (aux) optimizer"),
     ],
     **SGD_COSINE, epochs=20, batch_size=384, min_lr_ratio=0.01,
 )

@@ -31,10 +31,12 @@ from splitserve_edge.payload import bits_per_pixel
 
 @dataclass(frozen=True)
 class CodecOutput:
-    """Training-path output: the rebuilt feature and the prior's likelihoods of the noisy latent."""
+    """Training-path output: the rebuilt feature, the prior's likelihoods of the noisy latent, and the
+    transform's un-gained output (what every other rate's prior is fitted to, :meth:`FeatureCodec.fit_priors`)."""
 
     features: Tensor
     likelihoods: Tensor
+    latent: Tensor | None = None
 
     def bits(self) -> Tensor:
         """Total information content in bits (the rate term), summed over the batch."""
@@ -166,8 +168,9 @@ class FeatureCodec(nn.Module):
         The entropy model runs in float32 even under autocast: its likelihoods are differences of
         sigmoids that underflow in half precision, which would corrupt the rate term.
         """
-        y_hat, likelihoods = self.through_prior(self.encoder(x), rate)
-        return CodecOutput(self.decoder(y_hat), likelihoods)
+        y = self.encoder(x)
+        y_hat, likelihoods = self.through_prior(y, rate)
+        return CodecOutput(self.decoder(y_hat), likelihoods, y)
 
     def through_prior(self, y: Tensor, rate: int = 0) -> tuple[Tensor, Tensor]:
         """The transform's output ``y`` at rate ``rate``: its gain, the prior (noise while training,
@@ -182,6 +185,27 @@ class FeatureCodec(nn.Module):
             if inverse is not None:
                 y_hat = y_hat * inverse
         return y_hat, likelihoods
+
+    def fit_priors(self, y: Tensor, rate: int) -> dict[int, Tensor]:
+        """Every other rate's likelihoods of this step's latent ``y`` (noisy, at its gain), with ``y``
+        and the gains detached, so that only those rates' densities learn from them.
+
+        A training step codes its batch at one drawn rate; with one prior per rate, only that rate's
+        density would learn, from 1/K of the steps, and lag behind the latent the transform learns
+        (measured on a six-rate run: after 3 of 9 epochs the priors charged 2.6-3.3x the empirical
+        entropy of the rounded latent). Weighted as the drawn rate's term is, these fit every
+        density every step and move neither the transform nor the gains. Empty for a single-rate
+        codec and a shared prior, whose one density learns at every step already.
+        """
+        if self.rates == 1 or self.priors.kind != "per-rate" or not self.training:
+            return {}
+        out = {}
+        with _fp32(y.device):
+            y = y.detach().float()
+            for k in range(self.rates):
+                if k != rate:
+                    _, out[k] = self.priors(y * self.gain(k).detach(), k, None)
+        return out
 
     def aux_loss(self) -> Tensor:
         """The priors' quantile losses, in float32; optimise them every step so update() builds good CDFs."""

@@ -27,11 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models import FeatureCodec
+from ..models import CodecOutput, FeatureCodec
 from ..plugins import TaskBatch
 from . import common
 from .objective import Objective, freeze
-from .optim import split_codec_params
+from .optim import split_codec_params, with_prior_optimizer
 from .rates import PerStepRate, per_rate, rate_logs
 from .sampling import move_to
 from .stage import Plan
@@ -90,7 +90,7 @@ class DistillObjective(PerStepRate, Objective):
         logs = {"bpp": bpp, "mse_h": mse_h, **rate_logs(rate, self.codec.rates, term, bpp)}
         if len(per_teacher) > 1:
             logs.update({f"distill_{n}": d.detach() for n, d in zip(self.names, per_teacher)})
-        return {"distill": distortion, "rate": term}, logs
+        return {"distill": distortion, "rate": term, **self.prior_fit(out, self.betas, CodecOutput.bits_per_image)}, logs
 
     def forward(self, batch: TaskBatch):
         losses, logs = self.terms(batch.images)
@@ -148,6 +148,7 @@ class DistillStage(StudentStage):
         objective = DistillObjective(codec, [(t.stem, t.head.tail) for t in teachers], self.weights,
                                      self.rate_weights, names=[t.task for t in teachers], seed=cfg.seed)
         main, aux = split_codec_params(objective.codec)
+        params = with_prior_optimizer({"main": main, "aux": aux}, objective.codec, cfg.prior_lr)
         val_loader = common.eval_loader(data_plugin, data.val_set, cfg)
         head = teacher.head.to(info.device) if data_plugin is plugin else None  # the task metric needs its data
 
@@ -155,7 +156,7 @@ class DistillStage(StudentStage):
             return validate_distill(objective, val_loader, info.device, data, data_plugin, plugin, head,
                                     self.default_rate)
 
-        return Plan("distill", "distill (Entropic Student stage 1)", objective, {"main": main, "aux": aux}, data,
+        return Plan("distill", "distill (Entropic Student stage 1)", objective, params, data,
                     data_plugin.collate, validate,
                     provenance={"teacher": str(teacher.path), "teacher_task": teacher.task, **self.rate_provenance(),
                                 "teachers": [{"task": t.task, "path": str(t.path), "weight": w}

@@ -27,7 +27,7 @@ from ..plugins import TaskBatch, TaskPlugin
 from . import common
 from .distill import TAIL_STAGES, feature_distance
 from .objective import Objective, freeze
-from .optim import decayed_weights, split_codec_params
+from .optim import decayed_weights, split_codec_params, with_prior_optimizer
 from .rates import PerStepRate, every_rate, rate_logs
 from .stage import Plan
 from .student import StudentStage
@@ -83,6 +83,7 @@ class JointObjective(PerStepRate, Objective):
             "rate": term,
             "feature_mse": feature,
             **task,
+            **self.prior_fit(out, self.lmbdas, lambda o: o.bpp(images.shape[-2:])),
             "prior_aux": self.codec.aux_loss(),
         }
         return losses, {**logs, **rate_logs(rate, self.codec.rates, term, bpp)}
@@ -150,8 +151,9 @@ class TrainStage(StudentStage):
             finally:
                 objective.train()
 
+        params = with_prior_optimizer({"main": main, "aux": aux}, objective.codec, cfg.prior_lr)
         return Plan(f"train {cfg.mode}", f"train (Duan & Zhu single stage, {cfg.mode})", objective,
-                    {"main": main, "aux": aux}, data, plugin.collate, validate,
+                    params, data, plugin.collate, validate,
                     provenance={"teacher": str(teacher.path), **self.rate_provenance(),
                                 "teachers": [{"task": t.task, "path": str(t.path), "weight": w}
                                              for t, w in zip(self.teachers, self.weights)]})

@@ -16,6 +16,7 @@ Rate 0 is the smallest payload: the weights are sorted so that rate 0 has the la
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import torch
 
@@ -80,6 +81,16 @@ class PerStepRate:
 
     def begin_step(self, step: int) -> None:
         self.rate = self.draw.at(step)
+
+    def prior_fit(self, out, weights: Sequence[float], measure: Callable) -> dict[str, torch.Tensor]:
+        """``{"prior_fit": Σ_k w_k · measure(rate k's likelihoods)}`` over the rates this step did not
+        draw (:meth:`~splitserve.models.codec.FeatureCodec.fit_priors`: the latent and gains
+        detached), with ``measure`` and ``weights`` those of the drawn rate's term, so each density
+        learns every step as if its rate were drawn; ``{}`` when there is nothing to fit."""
+        fits = self.codec.fit_priors(out.latent, self.rate)
+        if not fits:
+            return {}
+        return {"prior_fit": sum(weights[k] * measure(replace(out, likelihoods=lik)) for k, lik in fits.items())}
 
 
 def rate_logs(rate: int, rates: int, term: torch.Tensor, bpp: torch.Tensor) -> dict[str, torch.Tensor]:
