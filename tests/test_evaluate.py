@@ -290,13 +290,17 @@ def test_train_image_codec_resumes_and_codes_real_bytes(scenes, tmp_path):
     out, work = tmp_path / "codec", tmp_path / "work"
     common = ["train-image-codec", "--arch", "mbt2018-mean", "--data", str(scenes), "--out", str(out), "--channels",
               "8,8", "--lmbda", "0.01", "--batch-size", "4", "--num-workers", "0", "--val-limit", "2", "--workdir",
-              str(work), "--no-progress", "--epochs", "2"]
+              str(work), "--no-progress", "--epochs", "2", "--prior-lr", "0.01"]
     assert main([*common, "--max-steps", "1"]) == 0
     assert main([*common, "--max-steps", "3"]) == 2  # a checkpoint exists: resume must be asked for
     assert main([*common, "--max-steps", "3", "--resume"]) == 0
     state = torch.load(work / "checkpoint" / "last.pt", weights_only=True)
     # 16 train images (8 ImageFolder + 8 COCO scenes), 4 per batch: step 3 is batch 3 of the first epoch
     assert (int(state["global_step"]), int(state["epoch"]), int(state["batch"])) == (3, 0, 3)
+    # --prior-lr: the z bottleneck's density (5 matrices, 5 biases, 4 factors) on its own Adam, resumed with it
+    (group,) = state["optimizers"]["prior"]["param_groups"]
+    assert group["lr"] == 0.01 and len(group["params"]) == 14
+    assert all(int(s["step"]) == 3 for s in state["optimizers"]["prior"]["state"].values())
     meta = json.loads((out / "codec.json").read_text())
     assert meta["architecture"] == "mbt2018-mean" and meta["provenance"]["steps"] == 3
     assert meta["metrics"]["images"] == 2 and meta["metrics"]["bpp"] > 0

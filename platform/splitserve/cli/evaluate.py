@@ -47,6 +47,9 @@ def register(sub) -> None:
     t.add_argument("--batch-size", type=int, default=16)
     t.add_argument("--lr", type=float, default=1e-4)
     t.add_argument("--aux-lr", type=float, default=1e-3)
+    t.add_argument("--prior-lr", type=float, default=None, metavar="LR",
+                   help="the entropy bottleneck's density on an Adam of its own at LR, on the lr schedule "
+                        "(default: with the rest, at --lr)")
     t.add_argument("--lr-drop", type=int, nargs="*", default=[], metavar="EPOCH", help="epochs at which lr ×0.1")
     t.add_argument("--train-limit", type=int, default=None)
     t.add_argument("--val-limit", type=int, default=200)
@@ -116,7 +119,7 @@ def train_image_codec(args) -> int:
     policy = Preprocessing.from_spec(args.preprocessing) if args.preprocessing else Preprocessing.fixed(args.image_size, args.image_size)
     out = train(args.arch, args.data, args.out, quality=args.quality, channels=channels, lmbda=args.lmbda,
                 preprocessing=policy, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
-                lr=args.lr, aux_lr=args.aux_lr, lr_drop=tuple(args.lr_drop), train_limit=args.train_limit,
+                lr=args.lr, aux_lr=args.aux_lr, prior_lr=args.prior_lr, lr_drop=tuple(args.lr_drop), train_limit=args.train_limit,
                 val_limit=args.val_limit, workdir=args.workdir, resume=args.resume,
                 checkpoint_every=args.checkpoint_every, num_workers=args.num_workers, seed=args.seed,
                 progress=not args.no_progress)

@@ -43,7 +43,7 @@ from ..errors import PayloadError, SplitserveError
 from ..preprocess import Preprocessing, load_image
 from ..training.common import TaskData
 from ..training.objective import Objective
-from ..training.optim import split_codec_params
+from ..training.optim import split_codec_params, with_prior_optimizer
 from ..training.stage import Plan, Stage
 
 FORMAT = "splitserve-image-codec"
@@ -310,6 +310,7 @@ def train_image_codec(
     batch_size: int = 16,
     lr: float = 1e-4,
     aux_lr: float = 1e-3,
+    prior_lr: float | None = None,
     lr_drop: tuple[int, ...] = (),
     clip: float = 1.0,
     train_limit: int | None = None,
@@ -323,7 +324,8 @@ def train_image_codec(
     progress: bool = True,
 ) -> Path:
     """Train a CompressAI image codec with λ·255²·MSE + bpp (Adam; the entropy bottleneck's
-    quantiles by a second Adam on its aux loss every step) and write the codec directory ``out``.
+    quantiles by a second Adam on its aux loss every step; with ``prior_lr`` its density on a third
+    Adam at that rate, as ``--prior-lr`` does for feature codecs) and write the codec directory ``out``.
 
     The run is a training :class:`~splitserve.training.stage.Stage` like ``platform distill``:
     checkpoints in ``WORKDIR/checkpoint/`` (every ``checkpoint_every`` steps, at every epoch end, on
@@ -347,6 +349,7 @@ def train_image_codec(
         # the training options every stage reads: Adam, ×0.1 at the lr_drop epochs, on the CPU
         epochs=epochs, max_steps=max_steps, batch_size=batch_size, optimizer="adam", lr=lr, weight_decay=0.0,
         scheduler="multistep", milestones=list(lr_drop), gamma=0.1, aux_lr=aux_lr,
+        prior_lr=prior_lr,
         clip_grad=clip if clip > 0 else None, workdir=workdir, resume=resume, keep_checkpoint=False,
         checkpoint_every=checkpoint_every, log_every=log_every, num_workers=num_workers, seed=seed,
         progress=progress, tensorboard=False, amp="off", device="cpu")
@@ -383,6 +386,7 @@ class ImageCodecStage(Stage):
         return {"architecture": cfg.architecture, "N": cfg.channels[0], "M": cfg.channels[1], "lambda": cfg.lmbda,
                 "preprocessing": cfg.policy.to_dict(), "epochs": cfg.epochs, "batch_size": cfg.batch_size,
                 "lr": cfg.lr, "aux_lr": cfg.aux_lr, "lr_drop": cfg.milestones,
+                **({"prior_lr": cfg.prior_lr} if cfg.prior_lr else {}),  # absent: as before the option existed
                 "train_images": len(self.train_files), "seed": cfg.seed}
 
     def plan(self) -> Plan:
@@ -408,11 +412,13 @@ class ImageCodecStage(Stage):
             self.codec.model.update(force=True)
             return measure(self.codec, self.val_files, cfg.policy, cfg.progress) if self.val_files else {}
 
-        provenance = {"batch_size": cfg.batch_size, "lr": cfg.lr, "aux_lr": cfg.aux_lr, "lr_drop": cfg.milestones,
+        provenance = {"batch_size": cfg.batch_size, "lr": cfg.lr, "aux_lr": cfg.aux_lr, "prior_lr": cfg.prior_lr,
+                      "lr_drop": cfg.milestones,
                       "loss": "lambda*255^2*MSE + bpp (CompressAI)"}
         data = TaskData(cfg.policy, _Images(self.train_files, cfg.policy, train=True), self.val_files, cfg.data, {})
         return Plan("train-image-codec", f"train-image-codec ({cfg.architecture})", objective,
-                    {"main": main, "aux": aux}, data, torch.utils.data.default_collate, validate,
+                    with_prior_optimizer({"main": main, "aux": aux}, objective.model, cfg.prior_lr), data,
+                    torch.utils.data.default_collate, validate,
                     validate_epochs=False, provenance=provenance)
 
     def write(self, plan, result, metrics, provenance) -> None:  # the caller reports what was written

@@ -7,6 +7,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from types import SimpleNamespace
 
 import torch
+from compressai.entropy_models import EntropyBottleneck
 from torch import nn
 
 from ..errors import SplitserveError
@@ -24,10 +25,14 @@ def split_codec_params(codec: nn.Module, prefix: str = "") -> tuple[list[nn.Para
 
 
 def entropy_model_params(codec: nn.Module) -> list[nn.Parameter]:
-    """The codec's trainable entropy-model parameters besides the quantiles: every prior's density
-    and the gains of a variable-rate codec (device and server side)."""
-    return [p for name, p in codec.named_parameters() if p.requires_grad and not name.endswith("quantiles")
-            and name.split(".", 1)[0] in ("priors", "gains", "inverse_gains")]
+    """The codec's trainable entropy-model parameters besides the quantiles: the density of every
+    ``EntropyBottleneck`` in it (a feature codec's priors, a CompressAI image codec's bottleneck) and
+    the gains of a variable-rate feature codec (device and server side)."""
+    params = [p for m in codec.modules() if isinstance(m, EntropyBottleneck)
+              for name, p in m.named_parameters() if name != "quantiles"]
+    for name in ("gains", "inverse_gains"):
+        params += list(getattr(codec, name, None) or [])
+    return [p for p in params if p.requires_grad]
 
 
 def with_prior_optimizer(params: dict[str, list], codec: nn.Module, prior_lr: float | None) -> dict[str, list]:
