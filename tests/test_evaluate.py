@@ -300,7 +300,8 @@ def test_train_image_codec_resumes_and_codes_real_bytes(scenes, tmp_path):
     # --prior-lr: the z bottleneck's density (5 matrices, 5 biases, 4 factors) on its own Adam, resumed with it
     (group,) = state["optimizers"]["prior"]["param_groups"]
     assert group["lr"] == 0.01 and len(group["params"]) == 14
-    assert all(int(s["step"]) == 3 for s in state["optimizers"]["prior"]["state"].values())
+    prior_state = state["optimizers"]["prior"]["state"]
+    assert len(prior_state) == 14 and all(int(s["step"]) == 3 for s in prior_state.values())
     meta = json.loads((out / "codec.json").read_text())
     assert meta["architecture"] == "mbt2018-mean" and meta["provenance"]["steps"] == 3
     assert meta["metrics"]["images"] == 2 and meta["metrics"]["bpp"] > 0

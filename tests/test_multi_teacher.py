@@ -169,7 +169,8 @@ def test_joint_training_learns_from_every_teacher(joint, teachers):
 
 def test_prior_lr_trains_the_entropy_model_on_its_own_adam(joint):
     """``--prior-lr``: the run's checkpoint has a ``prior`` Adam at that rate, on the main schedule,
-    holding every prior's density and both rates' gains, and ``main`` none of them."""
+    holding every prior's density and both rates' gains (that ``main`` then holds none of them is
+    test_rates_training's), and the provenance says so."""
     from splitserve.models import build_codec
     from splitserve.training.optim import entropy_model_params
 
@@ -180,7 +181,12 @@ def test_prior_lr_trains_the_entropy_model_on_its_own_adam(joint):
     entropy = entropy_model_params(codec)
     (group,) = opts["prior"]["param_groups"]
     assert len(group["params"]) == len(entropy)
-    assert group["initial_lr"] == 0.002 and group["lr"] < 0.002  # the cosine schedule ran over it
+    # the cosine schedule ran over it: 2 steps of 2, down to --min-lr-ratio (0.01) as main's lr (0.01)
+    assert group["initial_lr"] == 0.002 and group["lr"] == pytest.approx(0.002 * 0.01)
+    assert opts["main"]["param_groups"][0]["lr"] == pytest.approx(0.01 * 0.01)
+    from splitserve.bundle import read_manifest
+
+    assert read_manifest(joint).provenance["prior_lr"] == 0.002
     # both rates' densities stepped at every step (the rate not drawn fits its prior too); a gain
     # steps only when its rate is drawn
     densities = sum(p.numel() for name, p in codec.named_parameters() if name.startswith("priors.")

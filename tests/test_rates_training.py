@@ -91,10 +91,14 @@ def test_distill_prior_shared_trains_one_density_for_every_rate(teacher, scenes,
     # one density learns at every step already: nothing else to fit
     assert not any("prior_fit" in r for r in records(out.parent / f"{out.name}.runs" / "distill" / "metrics.jsonl"))
     # --prior-lr: the density and the gains on their own Adam, the encoder and decoder not
-    opts = torch.load(out.parent / f"{out.name}.runs" / "distill" / "checkpoint" / "last.pt", weights_only=False)["optimizers"]
+    ckpt = out.parent / f"{out.name}.runs" / "distill" / "checkpoint" / "last.pt"
+    opts = torch.load(ckpt, weights_only=False)["optimizers"]
     (group,) = opts["prior"]["param_groups"]
-    assert group["initial_lr"] == 0.002 and len(group["params"]) == len(codec.priors.density.matrices) * 2 + len(
-        codec.priors.density.factors) + 2 * 3  # matrices, biases, factors; 3 gains and 3 inverse gains
+    density = codec.priors.density
+    # matrices, biases, factors; 3 gains and 3 inverse gains
+    assert group["initial_lr"] == 0.002
+    assert len(group["params"]) == 2 * len(density.matrices) + len(density.factors) + 2 * 3
+    assert manifest.provenance["prior_lr"] == 0.002  # set in the command here, but a recipe may set it unseen
 
 
 @pytest.mark.parametrize("command, rate", [(["distill"], "--beta"), (["train", "--joint"], "--lmbda")])
@@ -103,6 +107,14 @@ def test_prior_shared_needs_several_rates(teacher, scenes, tmp_path, capsys, com
                  "--out", str(tmp_path / "out")])
     assert code == 2
     assert f"--prior shared needs {rate}s: a single-rate codec has one prior" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command, rate", [(["distill"], "--betas"), (["train", "--joint"], "--lmbdas")])
+def test_prior_lr_must_be_positive(teacher, scenes, tmp_path, capsys, command, rate):
+    code = main([*command, "--teacher", str(teacher), "--data", str(scenes), rate, "0.1,1", "--prior-lr", "0",
+                 "--out", str(tmp_path / "out"), *FAST])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.endswith("--prior-lr must be > 0, got 0.0") and len(err.splitlines()) == 1, err
 
 
 def test_manifest_rates_are_what_evaluate_measures(vr_bundle, scenes):

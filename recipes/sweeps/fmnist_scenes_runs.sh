@@ -92,11 +92,10 @@ rac() {  # RAC with $1 residual blocks at λ $2, $3 = joint or cls-fixed, for $4
   test -f "$B/manifest.json" || "$P" train --recipe "$R/fmnist_scenes_rac_joint.yaml" --mode "$3" --teacher "$T" \
     --data "$D" --blocks "$1" --lmbda "$2" --out "$B" "${E[@]}" "${COMMON[@]}"
 }
-image_codec() {  # CompressAI architecture $1 at quality $2 (its N, M and λ), 2 epochs, lr 5e-4 then 5e-5;
-  # its entropy bottleneck's density on Adam 1e-2, as the feature codecs' recipes train theirs
+image_codec() {  # CompressAI architecture $1 at quality $2 (its N, M and λ), 2 epochs, lr 5e-4 then 5e-5
   local B=$W/$1-q$2
   test -f "$B/codec.json" || "$P" train-image-codec --arch "$1" --quality "$2" --data "$D" --out "$B" \
-    --epochs 2 --lr 5e-4 --lr-drop 1 --prior-lr 1e-2 "${COMMON[@]}"
+    --epochs 2 --lr 5e-4 --lr-drop 1 "${COMMON[@]}"
 }
 
 default_bundle() {  # the shipped bundle (before packing): bundle $1 with its detection and segmentation heads

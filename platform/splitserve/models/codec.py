@@ -194,8 +194,8 @@ class FeatureCodec(nn.Module):
         density would learn, from 1/K of the steps, and lag behind the latent the transform learns
         (measured on a six-rate run: after 3 of 9 epochs the priors charged 2.6-3.3x the empirical
         entropy of the rounded latent). Weighted as the drawn rate's term is, these fit every
-        density every step and move neither the transform nor the gains. Empty for a single-rate
-        codec and a shared prior, whose one density learns at every step already.
+        density every step and move neither the transform nor the gains. Empty in eval mode, for a
+        single-rate codec and for a shared prior, whose one density learns at every step already.
         """
         if self.rates == 1 or self.priors.kind != "per-rate" or not self.training:
             return {}

@@ -90,7 +90,8 @@ class DistillObjective(PerStepRate, Objective):
         logs = {"bpp": bpp, "mse_h": mse_h, **rate_logs(rate, self.codec.rates, term, bpp)}
         if len(per_teacher) > 1:
             logs.update({f"distill_{n}": d.detach() for n, d in zip(self.names, per_teacher)})
-        return {"distill": distortion, "rate": term, **self.prior_fit(out, self.betas, CodecOutput.bits_per_image)}, logs
+        fit = self.prior_fit(out, rate, self.betas, CodecOutput.bits_per_image)
+        return {"distill": distortion, "rate": term, **fit}, logs
 
     def forward(self, batch: TaskBatch):
         losses, logs = self.terms(batch.images)

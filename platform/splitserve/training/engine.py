@@ -299,11 +299,12 @@ class Engine:
                 for opt in optimizers.values():
                     opt.zero_grad(set_to_none=True)
                 scaler.scale(total).backward()
-                if cfg.clip_grad and "main" in optimizers:
-                    # Only the task/codec gradients: the prior's quantile (aux) optimizer is its own
-                    # problem, and clipping both together would couple them through one norm.
-                    scaler.unscale_(optimizers["main"])
-                    torch.nn.utils.clip_grad_norm_(_params_of(optimizers["main"]), cfg.clip_grad)
+                for name in ("main", "prior") if cfg.clip_grad else ():
+                    # Each of the task/codec and the entropy model's gradients to its own norm (one
+                    # norm would couple them); the prior's quantile (aux) optimizer is its own problem.
+                    if name in optimizers:
+                        scaler.unscale_(optimizers[name])
+                        torch.nn.utils.clip_grad_norm_(_params_of(optimizers[name]), cfg.clip_grad)
                 for opt in optimizers.values():
                     scaler.step(opt)
                 scaler.update()

@@ -83,7 +83,7 @@ class JointObjective(PerStepRate, Objective):
             "rate": term,
             "feature_mse": feature,
             **task,
-            **self.prior_fit(out, self.lmbdas, lambda o: o.bpp(images.shape[-2:])),
+            **self.prior_fit(out, rate, self.lmbdas, lambda o: o.bpp(images.shape[-2:])),
             "prior_aux": self.codec.aux_loss(),
         }
         return losses, {**logs, **rate_logs(rate, self.codec.rates, term, bpp)}

@@ -30,7 +30,7 @@ class Objective(nn.Module):
 
     frozen: tuple[str, ...] = ()
     aux_terms: tuple[str, ...] = ("prior_aux",)
-    # parameters that may get no gradient in a step (a variable-rate codec's other rates' priors):
+    # parameters that may get no gradient in a step (a variable-rate codec's other rates' gains):
     # DistributedDataParallel must then look for them
     unused_parameters: bool = False
 

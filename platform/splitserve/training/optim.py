@@ -11,6 +11,7 @@ from compressai.entropy_models import EntropyBottleneck
 from torch import nn
 
 from ..errors import SplitserveError
+from ..models import FeatureCodec
 from .engine import ScheduledLR
 
 
@@ -27,26 +28,33 @@ def split_codec_params(codec: nn.Module, prefix: str = "") -> tuple[list[nn.Para
 def entropy_model_params(codec: nn.Module) -> list[nn.Parameter]:
     """The codec's trainable entropy-model parameters besides the quantiles: the density of every
     ``EntropyBottleneck`` in it (a feature codec's priors, a CompressAI image codec's bottleneck) and
-    the gains of a variable-rate feature codec (device and server side)."""
-    params = [p for m in codec.modules() if isinstance(m, EntropyBottleneck)
-              for name, p in m.named_parameters() if name != "quantiles"]
-    for name in ("gains", "inverse_gains"):
-        params += list(getattr(codec, name, None) or [])
-    return [p for p in params if p.requires_grad]
+    a variable-rate feature codec's gains and inverse gains (the server's undo of the gains, which
+    must keep pace with them)."""
+    if isinstance(codec, FeatureCodec):
+        params = codec.prior_parameters()
+    else:
+        params = [p for m in codec.modules() if isinstance(m, EntropyBottleneck) for p in m.parameters()]
+    quantiles = {id(m.quantiles) for m in codec.modules() if isinstance(m, EntropyBottleneck)}
+    return [p for p in params if p.requires_grad and id(p) not in quantiles]
 
 
 def with_prior_optimizer(params: dict[str, list], codec: nn.Module, prior_lr: float | None) -> dict[str, list]:
     """``params`` with the codec's entropy model (:func:`entropy_model_params`) moved out of ``main``
     into a ``prior`` optimizer when ``--prior-lr`` is set (else unchanged).
 
-    Why: a density and a gain learn from the rate term alone, whose gradient is a few bits per
-    latent value spread over the image's pixels; under the task's SGD that moves them slowly (a
-    single-rate run here charged twice the latent's entropy after 9 epochs, and a six-rate run's
-    gains moved 0.04 in 3 epochs), and Adam's steps do not depend on that scale.
+    Why: a density learns from the rate term alone, whose gradient is a few bits per latent value
+    spread over the image's pixels; under the task's SGD that moves it slowly (a single-rate run
+    here charged twice the latent's entropy after 9 epochs, and a six-rate run's gains moved 0.04
+    in 3 epochs), and Adam's steps do not depend on that scale. Only parameters ``main`` holds move.
     """
-    if not prior_lr:
+    if prior_lr is None:
         return params
-    prior = entropy_model_params(codec)
+    if not prior_lr > 0:
+        raise SplitserveError(f"--prior-lr must be > 0, got {prior_lr}")
+    held = {id(p) for g in params["main"] for p in (g["params"] if isinstance(g, dict) else [g])}
+    prior = [p for p in entropy_model_params(codec) if id(p) in held]
+    if not prior:
+        raise SplitserveError("--prior-lr: this codec has no trainable entropy model to give its own optimizer")
     ids = {id(p) for p in prior}
     main = []
     for group in params["main"]:

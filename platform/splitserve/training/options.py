@@ -345,7 +345,9 @@ def training_options(**defaults: Any) -> list[Opt]:
         opt("--step-size", type=int, default=d["step_size"], help="step: epochs between lr drops"),
         opt("--min-lr-ratio", type=float, default=d["min_lr_ratio"], help="cosine: final lr as a fraction of --lr"),
         opt("--poly-power", type=float, default=0.9, help="poly: the schedule's power"),
-        opt("--clip-grad", type=float, default=None, help="clip the norm of the main optimizer's gradients to this value (the prior's aux optimizer is never clipped)"),
+        opt("--clip-grad", type=float, default=None,
+            help="clip the norm of the main optimizer's gradients (and, apart, the --prior-lr optimizer's) to this "
+                 "value (the prior's aux optimizer is never clipped)"),
         opt("--image-size", type=int, nargs="+", default=None, metavar="PX",
             help="fixed input size (images squashed to it): one side or H W; shorthand for --preprocessing fixed:HxW"),
         opt("--preprocessing", default=None, metavar="SPEC",

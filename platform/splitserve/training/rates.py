@@ -67,7 +67,7 @@ class PerStepRate:
     def draw_rates(self, rates: int, seed: int, weights: float | Sequence[float] | None = None) -> list[float]:
         """Draw one of ``rates`` rates per step (:class:`RateDraw` with ``seed``). ``weights``, the
         rate term's weight or one per rate (rate 0 first), come back as one per rate; an objective
-        with a rate term trains the priors, and a step trains only its rate's, so DDP must look for
+        with a rate term trains the gains, and a step trains only its rate's, so DDP must look for
         parameters without a gradient."""
         self.draw = RateDraw(rates, seed)
         self.rate = 0
@@ -82,12 +82,14 @@ class PerStepRate:
     def begin_step(self, step: int) -> None:
         self.rate = self.draw.at(step)
 
-    def prior_fit(self, out, weights: Sequence[float], measure: Callable) -> dict[str, torch.Tensor]:
-        """``{"prior_fit": Σ_k w_k · measure(rate k's likelihoods)}`` over the rates this step did not
-        draw (:meth:`~splitserve.models.codec.FeatureCodec.fit_priors`: the latent and gains
-        detached), with ``measure`` and ``weights`` those of the drawn rate's term, so each density
-        learns every step as if its rate were drawn; ``{}`` when there is nothing to fit."""
-        fits = self.codec.fit_priors(out.latent, self.rate)
+    def prior_fit(self, out, rate: int, weights: Sequence[float], measure: Callable) -> dict[str, torch.Tensor]:
+        """``{"prior_fit": Σ_k w_k · measure(rate k's likelihoods)}`` over the rates other than ``rate``,
+        the one ``out`` was coded at (:meth:`~splitserve.models.codec.FeatureCodec.fit_priors`: the
+        latent and gains detached), with ``measure`` and ``weights`` those of the coded rate's term,
+        so each density learns every step as if its rate were drawn; ``{}`` when there is nothing to
+        fit (one rate, a shared prior, eval mode). It counts in the logged ``loss``, which is what
+        the main and prior optimizers minimise."""
+        fits = self.codec.fit_priors(out.latent, rate)
         if not fits:
             return {}
         return {"prior_fit": sum(weights[k] * measure(replace(out, likelihoods=lik)) for k, lik in fits.items())}

@@ -40,7 +40,8 @@ class Plan:
     name: str  # the run's name: log prefix, and the command a checkpoint belongs to
     title: str  # the provenance's "stage"
     objective: Objective
-    params: Mapping[str, Sequence[nn.Parameter]]  # "main" (--optimizer, --lr, --scheduler); "aux": a prior's quantiles
+    # "main" (--optimizer, --lr, --scheduler); "aux": a prior's quantiles; "prior": the entropy model (--prior-lr)
+    params: Mapping[str, Sequence[nn.Parameter]]
     data: TaskData
     collate: Callable[[list], Any]
     validate: Callable[[], dict[str, float]]

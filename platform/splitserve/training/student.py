@@ -100,11 +100,15 @@ class StudentStage(Stage):
         return line
 
     def rate_provenance(self) -> dict[str, Any]:
-        """``beta: B`` (one rate), or ``betas: [...]`` (rate 0 first) and the default rate."""
+        """``beta: B`` (one rate), or ``betas: [...]`` (rate 0 first) and the default rate; and
+        ``prior_lr`` when the entropy model had its own optimizer (a recipe may set it unseen in
+        the command line)."""
         name, weights = self.rate_flag, self.rate_weights
+        prior_lr = getattr(self.cfg, "prior_lr", None)
+        out = {"prior_lr": prior_lr} if prior_lr is not None else {}
         if len(weights) == 1:
-            return {name: weights[0]}
-        return {f"{name}s": list(weights), "default_rate": self.default_rate}
+            return {name: weights[0], **out}
+        return {f"{name}s": list(weights), "default_rate": self.default_rate, **out}
 
 
 def default_rate(value: int | None, rates: int) -> int:
