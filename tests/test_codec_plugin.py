@@ -69,7 +69,8 @@ def test_entry_point_family_distils_serves_and_encodes(env, tmp_path):
          "--out", str(teacher), "--image-size", "32", *FAST)
     assert "tiny" in _checked(listing.result(600)).stdout
     _run(env, "-m", "splitserve", "distill", "--encoder", "tiny", "--codec-option", "latent_channels=6",
-         "--teacher", str(teacher), "--data", str(data), "--beta", "0.01", "--out", str(bundle), *FAST)
+         "--teacher", str(teacher), "--data", str(data), "--beta", "0.01", "--out", str(bundle), *FAST,
+         "--refit-steps", "0")
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["codec"] == {"family": "tiny", "config": {"latent_channels": 6, "feature_channels": 64}}
 

@@ -12,11 +12,12 @@ import torch
 
 from splitserve.cli import main
 
-from .test_training import FAST, _codec_tensors, run, scenes  # noqa: F401 (scenes is a fixture)
+from .test_training import FAST, NO_REFIT, _codec_tensors, run, scenes  # noqa: F401 (scenes is a fixture)
 
 pytestmark = pytest.mark.slow
 
-TINY = ["--train-limit", "8", "--val-limit", "4", "--epochs", "1", *FAST, "--batch-size", "4", "--log-every", "1"]
+TINY = ["--train-limit", "8", "--val-limit", "4", "--epochs", "1", *FAST, "--batch-size", "4", "--log-every", "1",
+        *NO_REFIT]
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from PIL import Image
 from splitserve.bundle import load_codec, read_manifest
 from splitserve.cli import main
 
-from .test_training import FAST, _codec_tensors, run, scenes  # noqa: F401 (scenes is a fixture)
+from .test_training import FAST, NO_REFIT, _codec_tensors, run, scenes  # noqa: F401 (scenes is a fixture)
 
 pytestmark = pytest.mark.slow
 
@@ -218,7 +218,7 @@ def test_rates_after_training_are_measured_unpadded(scenes, tmp_path):
         "--epochs", "0", *FAST)
     bundle = tmp_path / "bundle"
     run("distill", "--teacher", tmp_path / "det", "--data", coco, "--beta", "0.1", "--out", bundle, "--epochs", "1",
-        "--train-limit", "4", *policy, *FAST, "--batch-size", "4")
+        "--train-limit", "4", *policy, *FAST, "--batch-size", "4", *NO_REFIT)
     manifest = read_manifest(bundle)
     det = measure_bundle(bundle, coco, progress=False).tasks["detection"]
     assert det["images"] == 8
@@ -319,3 +319,4 @@ def test_gains_of_the_wrong_shape_are_refused_not_broadcast():
         with pytest.raises(RuntimeError, match=rf"{key} has shape \(\d+,\), expected \(3, \d+\)"):
             codec.load_prior_state(state)
     codec.load_prior_state(codec.prior_state())  # the right shapes load
+

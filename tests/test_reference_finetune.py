@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from splitserve.cli import main
 
-from .test_training import FAST, run, scenes  # noqa: F401 (scenes is a fixture)
+from .test_training import FAST, NO_REFIT, run, scenes  # noqa: F401 (scenes is a fixture)
 
 pytestmark = pytest.mark.slow
 
@@ -28,7 +28,7 @@ def setup(scenes, tmp_path_factory) -> dict[str, Path]:
     run("teacher", "--task", "cls", "--data", scenes, "--out", root / "t-cls", *small)
     run("teacher", "--task", "det", "--data", scenes, "--out", root / "t-det", "--seed", "1", *small)
     run("distill", "--teacher", root / "t-cls", "--data", scenes, "--beta", "0.1", "--out", root / "bundle",
-        "--epochs", "1", *TINY)
+        "--epochs", "1", *TINY, *NO_REFIT)
     return {"root": root, "t_det": root / "t-det", "t_cls": root / "t-cls", "bundle": root / "bundle"}
 
 

@@ -74,6 +74,10 @@ def rate_options(name: str, loss: str) -> list[Opt]:
                  "with the quantisation step 1/gain_k (its coding tables are cut from that one density; the "
                  "payloads, coder and gateway are the same)"),
         opt("--aux-lr", type=float, default=1e-3, help="learning rate of the prior's quantile (aux) optimizer"),
+        opt("--refit-steps", type=int, default=300, metavar="N",
+            help="after training, fit every prior's density (then its quantiles) to the trained transform's latent "
+                 "on 1,024 training images for N Adam steps each (at most 10 passes over them), the transform "
+                 "frozen, before the bundle is measured and written (0: keep the priors as trained)"),
         opt("--prior-lr", type=float, default=None, metavar="LR",
             help="train the entropy model (every prior's density; the gains of several rates) with an Adam of its "
                  "own at LR, on the main schedule (default: with the rest, on --optimizer)"),

@@ -158,7 +158,7 @@ class DistillStage(StudentStage):
                                     self.default_rate)
 
         return Plan("distill", "distill (Entropic Student stage 1)", objective, params, data,
-                    data_plugin.collate, validate,
+                    data_plugin.collate, validate, finish=self.refit(objective.codec, data, data_plugin.collate),
                     provenance={"teacher": str(teacher.path), "teacher_task": teacher.task, **self.rate_provenance(),
                                 "teachers": [{"task": t.task, "path": str(t.path), "weight": w}
                                              for t, w in zip(teachers, self.weights)]})

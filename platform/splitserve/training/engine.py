@@ -249,11 +249,13 @@ class Engine:
         return FitResult(status, epoch, state.global_step, state.history, state.best, signum,
                          state.elapsed() - state.val_seconds, state.val_seconds)
 
-    def final_metrics(self, result: FitResult, validate: Callable[[], dict[str, float]]) -> dict[str, float]:
+    def final_metrics(self, result: FitResult, validate: Callable[[], dict[str, float]],
+                      fresh: bool = False) -> dict[str, float]:
         """The metrics of the weights a command writes (rank 0): the last validation's when it saw
-        them (it ran at the last step), else a new validation, logged like the others."""
+        them (it ran at the last step and nothing changed them since: not ``fresh``), else a new
+        validation, logged like the others."""
         last = result.history[-1] if result.history else None
-        if last is not None and last["global_step"] == result.global_step:
+        if not fresh and last is not None and last["global_step"] == result.global_step:
             return dict(last["metrics"])
         metrics = validate()
         if self.log is not None:

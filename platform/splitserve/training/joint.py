@@ -153,7 +153,7 @@ class TrainStage(StudentStage):
 
         params = with_prior_optimizer({"main": main, "aux": aux}, objective.codec, cfg.prior_lr)
         return Plan(f"train {cfg.mode}", f"train (Duan & Zhu single stage, {cfg.mode})", objective,
-                    params, data, plugin.collate, validate,
+                    params, data, plugin.collate, validate, finish=self.refit(objective.codec, data, plugin.collate),
                     provenance={"teacher": str(teacher.path), **self.rate_provenance(),
                                 "teachers": [{"task": t.task, "path": str(t.path), "weight": w}
                                              for t, w in zip(self.teachers, self.weights)]})

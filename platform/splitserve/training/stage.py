@@ -48,6 +48,9 @@ class Plan:
     best_metric: str | None = None  # remember the best epoch's Objective.export_state() by this metric
     validate_epochs: bool = True  # validate after every epoch (False: only the weights written)
     provenance: dict[str, Any] = field(default_factory=dict)  # the stage's own provenance entries
+    # after training, before the final metrics (rank 0): a change to the weights that is not training,
+    # e.g. refitting the entropy model; returns provenance entries, and the final metrics are measured anew
+    finish: Callable[[], dict[str, Any]] | None = None
 
 
 class Stage(ABC):
@@ -102,8 +105,9 @@ class Stage(ABC):
                 raise Stopped(result.signum or signal.SIGTERM)
             if not info.is_main:  # only rank 0 writes outputs
                 return 0
-            metrics = engine.final_metrics(result, plan.validate)
-            line = self.write(plan, result, metrics, self.provenance(plan, result))
+            finished = plan.finish() if plan.finish is not None else {}
+            metrics = engine.final_metrics(result, plan.validate, fresh=bool(finished))
+            line = self.write(plan, result, metrics, {**self.provenance(plan, result), **finished})
             if line:
                 print(line, flush=True)
             engine.outputs_written(result)
@@ -149,6 +153,7 @@ def engine_config(cfg: SimpleNamespace, workdir: Path, signature: Mapping[str, A
 _RESUME_FREE = {
     "resume", "max_steps", "num_workers", "progress", "tensorboard", "log_every", "checkpoint_every", "device",
     "workdir", "keep_checkpoint", "val_batch_size", "recipe", "command", "command_line", "given",
+    "refit_steps",  # after training: a run may resume with another
 }
 
 

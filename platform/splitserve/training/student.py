@@ -7,7 +7,7 @@ the run uses and whose task metric it reports."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -22,6 +22,7 @@ from ..models.backbone import FEATURE_CHANNELS
 from ..plugins import TrainingHooks
 from . import common
 from .rates import rate_entries, rate_weights
+from .refit import refit_entropy_model
 from .stage import Plan, Stage, bundle_workdir
 from .teacher import Teacher, load_teacher
 
@@ -58,6 +59,28 @@ class StudentStage(Stage):
         torch.manual_seed(self.cfg.seed)
         codec = codec_for(self.cfg, self.teacher.arch, rates=len(self.rate_weights), prior=self.prior)
         return codec, common.task_data(data_plugin, self.cfg, self.teacher.preprocessing, codec)
+
+    def refit(self, codec: FeatureCodec, data: common.TaskData, collate) -> Callable[[], dict[str, Any]] | None:
+        """The plan's ``finish``: refit the trained codec's entropy model (``--refit-steps``,
+        :func:`~splitserve.training.refit.refit_entropy_model`) on training images in a seeded order."""
+        steps = getattr(self.cfg, "refit_steps", 0)
+        if steps < 0:
+            raise SplitserveError(f"--refit-steps must be >= 0, got {steps}")
+        if not steps:
+            return None
+
+        def finish() -> dict[str, Any]:
+            batches = torch.utils.data.DataLoader(data.train_set, batch_size=self.cfg.batch_size, shuffle=True,
+                                                  collate_fn=collate,
+                                                  generator=torch.Generator().manual_seed(self.cfg.seed))
+            fit = refit_entropy_model(codec, batches, steps=steps, seed=self.cfg.seed, device=self.info.device)
+            if not fit:
+                return {}
+            self.note(f"[{self.command}] refitted the entropy model on {fit['images']} training images: "
+                      f"{fit['bits_before'] / 8:.1f} -> {fit['bits_after'] / 8:.1f} bytes per image as charged")
+            return {"prior_refit": fit}
+
+        return finish
 
     def save(self, plan: Plan, head: nn.Module, head_config: dict, metrics: dict[str, float],
              provenance: dict[str, Any], head_keys: tuple[str, ...], bundle_keys: tuple[str, ...],
