@@ -19,7 +19,6 @@ from compressai.entropy_models import EntropyBottleneck
 from torch import Tensor
 
 from ..models import FeatureCodec
-from .optim import entropy_model_params
 from .sampling import move_to
 
 DENSITY_LR = 1e-2  # a density fitted to a fixed latent reaches its entropy in ~50 Adam steps at 1e-2
@@ -75,8 +74,7 @@ def _refit(codec: FeatureCodec, latents: list[Tensor], steps: int) -> dict[str, 
     steps = min(steps, PASSES * len(latents))
     if steps < 1:
         return {}
-    gains = {id(g) for g in (*codec.gains, *codec.inverse_gains)} if codec.rates > 1 else set()
-    densities = [p for p in entropy_model_params(codec) if id(p) not in gains]
+    densities = [p for name, p in codec.priors.named_parameters() if not name.endswith("quantiles")]
     with torch.no_grad():
         before = sum(float(_bits(codec, y)) for y in latents) / len(latents)
     for params, loss_of, lr in ((densities, lambda y: _bits(codec, y), DENSITY_LR),
