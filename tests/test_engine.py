@@ -248,3 +248,20 @@ def test_the_checksum_covers_every_value():
                     {**content, "history": [{"epoch": 1, "top1": 50.5}]},
                     {**content, "scheduler": {"milestones": {2: 2}, "flag": False}}):
         assert content_digest(changed) != digest
+
+
+def test_clip_each_clips_main_and_prior_each_to_its_own_norm_and_leaves_aux():
+    """``--clip-grad`` bounds each of the task/codec and the entropy model's steps on its own: a
+    large prior gradient must not shrink the main one (as one joint norm would), and the quantiles'
+    aux gradient is not clipped."""
+    from splitserve.training.engine import clip_each
+
+    main, prior, aux = (nn.Parameter(torch.zeros(4)) for _ in range(3))
+    main.grad = torch.tensor([0.3, 0.4, 0.0, 0.0])  # norm 0.5, under the bound: untouched
+    prior.grad = torch.tensor([6.0, 8.0, 0.0, 0.0])  # norm 10: scaled to norm 1
+    aux.grad = torch.tensor([30.0, 40.0, 0.0, 0.0])  # norm 50: aux is never clipped
+    optimizers = {name: torch.optim.SGD([p], lr=0.1) for name, p in (("main", main), ("prior", prior), ("aux", aux))}
+    clip_each(optimizers, torch.amp.GradScaler("cuda", enabled=False), 1.0)
+    torch.testing.assert_close(main.grad, torch.tensor([0.3, 0.4, 0.0, 0.0]))
+    torch.testing.assert_close(prior.grad, torch.tensor([0.6, 0.8, 0.0, 0.0]), rtol=0, atol=1e-5)
+    torch.testing.assert_close(aux.grad, torch.tensor([30.0, 40.0, 0.0, 0.0]))

@@ -301,12 +301,8 @@ class Engine:
                 for opt in optimizers.values():
                     opt.zero_grad(set_to_none=True)
                 scaler.scale(total).backward()
-                for name in ("main", "prior") if cfg.clip_grad else ():
-                    # Each of the task/codec and the entropy model's gradients to its own norm (one
-                    # norm would couple them); the prior's quantile (aux) optimizer is its own problem.
-                    if name in optimizers:
-                        scaler.unscale_(optimizers[name])
-                        torch.nn.utils.clip_grad_norm_(_params_of(optimizers[name]), cfg.clip_grad)
+                if cfg.clip_grad:
+                    clip_each(optimizers, scaler, cfg.clip_grad)
                 for opt in optimizers.values():
                     scaler.step(opt)
                 scaler.update()
@@ -368,3 +364,13 @@ class Engine:
 
 def _params_of(optimizer: torch.optim.Optimizer) -> list[Tensor]:
     return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def clip_each(optimizers: dict[str, torch.optim.Optimizer], scaler, max_norm: float) -> None:
+    """Clip the task/codec (``main``) and the entropy model's (``prior``) gradients each to its own
+    norm: one norm over both would let the larger scale the other's step. The quantiles' ``aux``
+    optimizer is its own problem and is not clipped."""
+    for name in ("main", "prior"):
+        if name in optimizers:
+            scaler.unscale_(optimizers[name])
+            torch.nn.utils.clip_grad_norm_(_params_of(optimizers[name]), max_norm)
