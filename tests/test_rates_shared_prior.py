@@ -198,7 +198,7 @@ def test_shared_prior_users_bitmaps_finetune_and_bench(codec):
     bench = realistic_codec("rac", {"blocks": 0}, photos_tensor(), 64, rates=3, prior="shared")
     assert isinstance(bench.priors, SharedPrior)
     with torch.no_grad():  # the one density models the un-gained latent: its median is the latent's
-        latent_mean = bench.encoder(photos_tensor()).mean((0, 2, 3))
-    torch.testing.assert_close(bench.priors.density.quantiles[:, 0, 1].detach(), latent_mean)
+        latent_mean = bench.encoder(photos_tensor()).mean((0, 2, 3))  # (up to ±4.4 apart from 0, the unfitted median)
+    torch.testing.assert_close(bench.priors.density.quantiles[:, 0, 1].detach(), latent_mean, rtol=0, atol=0.15)
     sizes = [sum(map(len, bench.compress(photos_tensor(), rate)[0])) for rate in range(3)]
     assert sizes[0] < sizes[1] < sizes[2], sizes

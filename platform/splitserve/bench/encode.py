@@ -33,6 +33,7 @@ from splitserve_edge.rates import RateCoder
 from splitserve_edge.runtime import EdgeModel
 
 from ..models import FeatureCodec, build_codec
+from ..training.refit import fit_entropy_model
 from .timing import median_ms
 
 FAMILIES = {"Entropic Student": ("entropic_student", {}), "RAC N=0": ("rac", {"blocks": 0}),
@@ -51,25 +52,10 @@ def realistic_codec(family: str, cfg: dict, x: torch.Tensor, feature_channels: i
         y = codec.encoder(x)
         last.weight.mul_(2.0 / max(float(y.std()), 1e-6))
         y = codec.encoder(x)
-    for eb, rate in codec.priors.densities():  # rate None: the shared prior, over the un-gained latent
-        gain = None if rate is None else codec.gain(rate)
-        latent = (y if gain is None else y * gain).detach()
-        # the density learns the latent's distribution (so the bytes are its entropy and grow with
-        # the gain, as a trained codec's do), then the quantiles the tables are cut from
-        eb.train()
-        density = [p for name, p in eb.named_parameters() if name != "quantiles"]
-        for params, loss_of, lr, steps in ((density, lambda: -torch.log2(eb(latent)[1]).mean(), 0.05, 100),
-                                           ([eb.quantiles], eb.loss, 0.1, 300)):
-            opt = torch.optim.Adam(params, lr=lr)
-            for _ in range(steps):
-                loss = loss_of()
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-        with torch.no_grad():  # the medians follow the latent
-            eb.quantiles[:, :, 1] = latent.mean(dim=(0, 2, 3)).reshape(-1, 1)
+    # each density learns the latent's distribution (so the bytes are its entropy and grow with the
+    # gain, as a trained codec's do), then the quantiles the tables are cut from: the refit's fit
+    fit_entropy_model(codec, [y.detach()], steps=300, passes=300)
     codec.eval()
-    codec.update(force=True)
     return codec
 
 

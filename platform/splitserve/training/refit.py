@@ -63,15 +63,19 @@ def refit_entropy_model(codec: FeatureCodec, batches: Iterable, *, images: int =
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)  # the images' augmentation and the training noise, so the fit, are the same on every run
     try:
-        return _refit(codec, _latents(codec, batches, images, device), steps)
+        return fit_entropy_model(codec, _latents(codec, batches, images, device), steps)
     finally:
         torch.random.set_rng_state(generator_state)
         for p in codec.prior_parameters():
             p.grad = None
 
 
-def _refit(codec: FeatureCodec, latents: list[Tensor], steps: int) -> dict[str, float]:
-    steps = min(steps, PASSES * len(latents))
+def fit_entropy_model(codec: FeatureCodec, latents: list[Tensor], steps: int,
+                      passes: int = PASSES) -> dict[str, float]:
+    """Fit every density to the transform outputs ``latents`` (one per Adam step, cycling, at most
+    ``passes`` passes), then the quantiles, then rebuild the tables: the refit's work, also how the
+    encode benchmark gives an untrained codec the priors a trained one would have."""
+    steps = min(steps, passes * len(latents))
     if steps < 1:
         return {}
     densities = [p for name, p in codec.priors.named_parameters() if not name.endswith("quantiles")]
