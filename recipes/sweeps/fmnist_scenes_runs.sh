@@ -130,16 +130,18 @@ teacher det
 teacher seg
 # 2. One encoder for every task and every rate (issues 21 §3 and 24): RAC N = 8 variable-rate over six
 #    λ distilled from all three teachers, with the three server-side layouts: (c) one trunk fine-tuned
-#    on all three losses, shared; (b) the frozen classification trunk, shared; (a) own trunks. Then the
-#    same encoder distilled from the classification teacher alone (the multi-task Δ), and RAC N = 8
-#    trained once per λ with the same recipe (the variable-rate cost), and with one shared prior.
+#    on all three losses, shared; (b) the frozen classification trunk, shared; (a) own trunks. Then RAC
+#    N = 8 trained once per λ with the same recipe (the variable-rate cost; the four that span the
+#    range first, as they decide whether the default is variable-rate), the same variable-rate encoder
+#    distilled from the classification teacher alone (the multi-task Δ), and one with a shared prior.
 rac_vr 8 "$VR_LMBDAS" multi
 joint_trunk "$W/rac8-vr-mt"
 shared_heads "$W/rac8-vr-mt"
 own_heads "$W/rac8-vr-mt" teacher
+for lmbda in 3.84 0.96 0.48 0.24; do rac 8 "$lmbda" joint; done
 rac_vr 8 "$VR_LMBDAS"
 shared_heads "$W/rac8-vr"
-for lmbda in ${VR_LMBDAS//,/ }; do rac 8 "$lmbda" joint; done
+for lmbda in ${VR_LMBDAS//,/ }; do rac 8 "$lmbda" joint; done  # the other two λ
 rac_vr 8 "$VR_LMBDAS" "" shared  # the rate model: one shared prior against one prior per rate (rac8-vr)
 shared_heads "$W/rac8-vr-sp"
 # 3. Entropic Student distilled from the classification teacher alone against one distilled from all
