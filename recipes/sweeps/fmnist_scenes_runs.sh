@@ -6,7 +6,8 @@
 #   fmnist_scenes_runs.sh WORKDIR study     # every other run of the study, those that decide the default first
 #                                           # (make study runs default first)
 # PLATFORM=path/to/platform; DEFAULT_LMBDA (0.96) is the default bundle's rate point (RAC N = 8); VR_LMBDAS
-# (3.84,…,0.24) the variable-rate runs' six rates, each also trained alone for the comparison.
+# (3.84,…,0.24) the variable-rate runs' six rates, each also trained alone for the comparison (SPAN_LMBDAS,
+# four of them that span the range, first).
 set -euo pipefail
 W=${1:?usage: fmnist_scenes_runs.sh WORKDIR default|study}
 WHAT=${2:?usage: fmnist_scenes_runs.sh WORKDIR default|study}
@@ -16,6 +17,7 @@ D=$W/fm64
 T=$W/teacher-cls
 LMBDA=${DEFAULT_LMBDA:-0.96}
 VR_LMBDAS=${VR_LMBDAS:-3.84,1.92,0.96,0.64,0.48,0.24}  # the variable-rate runs' six rates
+SPAN_LMBDAS=${SPAN_LMBDAS:-3.84,0.96,0.48,0.24}  # four of them spanning the range, trained alone first
 TEACHERS=("classification=$T" "detection=$W/teacher-det" "segmentation=$W/teacher-seg")
 COMMON=(--no-progress --resume)
 DET=(--head-config fpn_channels=64)
@@ -138,7 +140,7 @@ rac_vr 8 "$VR_LMBDAS" multi
 joint_trunk "$W/rac8-vr-mt"
 shared_heads "$W/rac8-vr-mt"
 own_heads "$W/rac8-vr-mt" teacher
-for lmbda in 3.84 0.96 0.48 0.24; do rac 8 "$lmbda" joint; done
+for lmbda in ${SPAN_LMBDAS//,/ }; do rac 8 "$lmbda" joint; done
 rac_vr 8 "$VR_LMBDAS"
 shared_heads "$W/rac8-vr"
 for lmbda in ${VR_LMBDAS//,/ }; do rac 8 "$lmbda" joint; done  # the other two λ
