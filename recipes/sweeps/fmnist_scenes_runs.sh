@@ -5,12 +5,13 @@
 #   fmnist_scenes_runs.sh WORKDIR default   # the default bundle's runs (make default-bundle, which then packs it)
 #   fmnist_scenes_runs.sh WORKDIR study     # every other run of the study, those that decide the default first
 #                                           # (make study runs default first)
+#   fmnist_scenes_runs.sh WORKDIR extra     # the study, then the same comparisons on Entropic Student, RAC N = 0
 # PLATFORM=path/to/platform; DEFAULT_LMBDA (0.96) is the default bundle's rate point (RAC N = 8); VR_LMBDAS
 # (3.84,…,0.24) the variable-rate runs' six rates, each also trained alone for the comparison (SPAN_LMBDAS,
 # four of them that span the range, first).
 set -euo pipefail
-W=${1:?usage: fmnist_scenes_runs.sh WORKDIR default|study}
-WHAT=${2:?usage: fmnist_scenes_runs.sh WORKDIR default|study}
+W=${1:?usage: fmnist_scenes_runs.sh WORKDIR default|study|extra}
+WHAT=${2:?usage: fmnist_scenes_runs.sh WORKDIR default|study|extra}
 P=${PLATFORM:-platform}
 R=$(cd "$(dirname "$0")/.." && pwd)
 D=$W/fm64
@@ -120,8 +121,8 @@ case $WHAT in
     shared_heads "$W/rac8-l$LMBDA"
     default_bundle "$W/rac8-l$LMBDA"
     exit 0 ;;
-  study) ;;
-  *) echo "fmnist_scenes_runs.sh: choose default or study, not $WHAT" >&2; exit 2 ;;
+  study|extra) ;;
+  *) echo "fmnist_scenes_runs.sh: choose default, study or extra, not $WHAT" >&2; exit 2 ;;
 esac
 
 # The study on fmnist-scenes v2 (val: photographs no training scene uses), the runs that decide the
@@ -132,32 +133,34 @@ teacher det
 teacher seg
 # 2. One encoder for every task and every rate (issues 21 §3 and 24): RAC N = 8 variable-rate over six
 #    λ distilled from all three teachers, with the three server-side layouts: (c) one trunk fine-tuned
-#    on all three losses, shared; (b) the frozen classification trunk, shared; (a) own trunks. Then RAC
-#    N = 8 trained once per λ with the same recipe (the variable-rate cost; the four that span the
-#    range first, as they decide whether the default is variable-rate), the same variable-rate encoder
-#    distilled from the classification teacher alone (the multi-task Δ), and one with a shared prior.
+#    on all three losses, shared; (b) the frozen classification trunk, shared; (a) own trunks from the
+#    task teachers, trained as the reference does and by our one-stage recipe. Then RAC N = 8 trained
+#    alone at the four λ that span the range (the variable-rate cost: they decide whether the default
+#    is variable-rate), and the same variable-rate encoder distilled from the classification teacher
+#    alone (the multi-task Δ).
 rac_vr 8 "$VR_LMBDAS" multi
 joint_trunk "$W/rac8-vr-mt"
 shared_heads "$W/rac8-vr-mt"
 own_heads "$W/rac8-vr-mt" teacher
+own_heads "$W/rac8-vr-mt" direct  # stage 2 as the reference trains it against our one-stage recipe
 for lmbda in ${SPAN_LMBDAS//,/ }; do rac 8 "$lmbda" joint; done
 rac_vr 8 "$VR_LMBDAS"
 shared_heads "$W/rac8-vr"
-for lmbda in ${VR_LMBDAS//,/ }; do rac 8 "$lmbda" joint; done  # the other two λ
-rac_vr 8 "$VR_LMBDAS" "" shared  # the rate model: one shared prior against one prior per rate (rac8-vr)
-shared_heads "$W/rac8-vr-sp"
-# 3. Entropic Student distilled from the classification teacher alone against one distilled from all
-#    three, same β, heads on the frozen shared trunk; and stage 2 as the reference trains it (the task
-#    teacher's head, layer2 distilled, then the task loss) against our one-stage direct recipe.
-for beta in 0.32 0.08; do es "$beta"; es "$beta" "" multi; done
-for beta in 0.32 0.08; do shared_heads "$W/es-b$beta"; shared_heads "$W/es-b$beta-mt"; done
+# 3. The other curves: Entropic Student at four rates (classification), the learned image codecs;
+#    the rate model (one shared prior against one prior per rate, rac8-vr); the other two λ alone.
+for beta in 0.32 0.16 0.08 0.02; do es "$beta"; done
+for q in 1 2 3 5; do image_codec bmshj2018-factorized "$q"; done
+for q in 1 2 3 5; do image_codec mbt2018-mean "$q"; done
+rac_vr 8 "$VR_LMBDAS" "" shared
+for lmbda in ${VR_LMBDAS//,/ }; do rac 8 "$lmbda" joint; done
+[ "$WHAT" = extra ] || { echo "study runs done in $W"; exit 0; }
+# 4. Extras (fmnist_scenes_runs.sh WORKDIR extra, after the study): the same comparisons on Entropic
+#    Student (distilled from the classification teacher alone against all three, heads on the frozen
+#    shared trunk, own trunks, joint trunk), and RAC N = 0.
+for beta in 0.32 0.08; do es "$beta" "" multi; shared_heads "$W/es-b$beta"; shared_heads "$W/es-b$beta-mt"; done
 own_heads "$W/es-b0.32" teacher
 own_heads "$W/es-b0.32" direct
 own_heads "$W/es-b0.32-mt" teacher
 joint_trunk "$W/es-b0.32-mt"
-# 4. The rest of the curves: Entropic Student at four rates, the learned image codecs, RAC N = 0.
-for beta in 0.16 0.02; do es "$beta"; done
-for q in 1 2 3 5; do image_codec bmshj2018-factorized "$q"; done
-for q in 1 2 3 5; do image_codec mbt2018-mean "$q"; done
 for lmbda in 1.92 0.96 0.64 0.48; do rac 0 "$lmbda" joint; done
-echo "study runs done in $W"
+echo "study and extra runs done in $W"
