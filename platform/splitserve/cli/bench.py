@@ -28,7 +28,9 @@ def register(sub) -> None:
                     "Device-side encoding: eager, ExecuTorch, ONNX Runtime, torch-free; both coders.",
                     "Entropic Student and RAC N=0/4/8 at batch 1, one thread and all threads, model input to payload "
                     "bytes with eager PyTorch, ExecuTorch (the .pte of `platform export`, when installed), ONNX "
-                    "Runtime and the torch-free client; the old and new entropy coders; installed sizes.", group="bench")
+                    "Runtime and the torch-free client; the old and new entropy coders; what a --max-bytes budget "
+                    "search costs over coding at one fixed rate (a 6-rate codec, ONNX Runtime, one thread); "
+                    "installed sizes.", group="bench")
     c.add_argument("--repeat", type=int, default=20, help="timed runs per measurement (default %(default)s)")
     c.add_argument("--size", type=int, default=224, help="input side (default %(default)s)")
     c.add_argument("--edge-venv", type=Path, metavar="DIR", help="a venv with the edge client, to report its size")
