@@ -15,10 +15,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-from compressai.entropy_models import EntropyBottleneck
 from torch import Tensor
 
 from ..models import FeatureCodec
+from .optim import split_codec_params
 from .sampling import move_to
 
 DENSITY_LR = 1e-2  # a density fitted to a fixed latent reaches its entropy in ~50 Adam steps at 1e-2
@@ -78,11 +78,11 @@ def fit_entropy_model(codec: FeatureCodec, latents: list[Tensor], steps: int,
     steps = min(steps, passes * len(latents))
     if steps < 1:
         return {}
-    densities = [p for name, p in codec.priors.named_parameters() if not name.endswith("quantiles")]
+    densities, quantiles = split_codec_params(codec.priors)
     with torch.no_grad():
         before = sum(float(_bits(codec, y)) for y in latents) / len(latents)
     for params, loss_of, lr in ((densities, lambda y: _bits(codec, y), DENSITY_LR),
-                                (_quantiles(codec), lambda y: codec.aux_loss(), QUANTILE_LR)):
+                                (quantiles, lambda y: codec.aux_loss(), QUANTILE_LR)):
         opt = torch.optim.Adam(params, lr=lr)
         for step in range(steps):
             loss = loss_of(latents[step % len(latents)])
@@ -93,7 +93,3 @@ def fit_entropy_model(codec: FeatureCodec, latents: list[Tensor], steps: int,
         after = sum(float(_bits(codec, y)) for y in latents) / len(latents)
     codec.update(force=True)
     return {"bits_before": before, "bits_after": after, "images": sum(y.shape[0] for y in latents), "steps": steps}
-
-
-def _quantiles(codec: FeatureCodec) -> list[Tensor]:
-    return [m.quantiles for m in codec.priors.modules() if isinstance(m, EntropyBottleneck)]
