@@ -1,5 +1,6 @@
 """`platform --help` and `platform COMMAND --help` import neither torch nor compressai (together
-8–9 s here): printing help must not load a model stack. Each in a fresh interpreter, as users run it."""
+8–9 s here): printing help must not load a model stack, and neither may a bad image file or an
+unreachable gateway before they are reported. Each in a fresh interpreter, as users run it."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import argparse
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -15,9 +17,8 @@ HEAVY = ("torch", "compressai", "torchvision", "onnxruntime", "executorch")
 PROBE = """
 import json, sys
 from splitserve.cli import main
-code = "returned instead of exiting"
 try:
-    main(sys.argv[1:])
+    code = main(sys.argv[1:])
 except SystemExit as e:
     code = e.code
 print(json.dumps({"code": code, "loaded": [m for m in %r if m in sys.modules]}))
@@ -40,22 +41,23 @@ def commands() -> list[tuple[str, ...]]:
     return [(), *_commands(build_parser())]
 
 
+def run_probe(argv: list[str]) -> tuple[dict, str, str]:
+    """``platform ARGV`` in a fresh interpreter: its exit code and the heavy modules it loaded, its
+    output before that line, and its stderr."""
+    proc = subprocess.run([sys.executable, "-c", PROBE, *argv], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    *out, last = proc.stdout.strip().splitlines()
+    return json.loads(last), "\n".join(out), proc.stderr
+
+
 def probe(command: tuple[str, ...]) -> list[str]:
     """``platform COMMAND --help`` in a fresh interpreter: checks the help, returns the heavy modules it loaded."""
-    proc = subprocess.run([sys.executable, "-c", PROBE, *command, "--help"], capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    *help_text, last = proc.stdout.strip().splitlines()
-    result = json.loads(last)
+    result, help_text, _ = run_probe([*command, "--help"])
     assert result["code"] == 0, (command, result)
-    assert "\n".join(help_text).startswith("usage: platform" + "".join(f" {c}" for c in command))
+    assert help_text.startswith("usage: platform" + "".join(f" {c}" for c in command))
     return result["loaded"]
 
 
-# Until cli/_training.py stops building `--encoder` choices from the codec registry at import time
-# (importing it loads torch + compressai, and argparse lists choices to print help), every help
-# imports them: building the parser imports distill.py and train.py. The fix (a `type=` check in
-# place of `choices=`) is in the issue 22 item 4 report; strict, so this marker must go with it.
 def test_help_imports_no_model_stack():
     """Every command and sub-command; the top level first: it builds every command's parser, so
     when it loads the stack, so does every command (no need to wait for each to say so)."""
@@ -67,3 +69,20 @@ def test_help_imports_no_model_stack():
             if not command:
                 break
     assert loaded == {}
+
+
+SAMPLE = Path(__file__).resolve().parents[1] / "examples" / "images" / "bag.jpg"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["encode", "missing.jpg", "-o", "out.bin"], "missing.jpg: no such file"),
+    (["infer", "missing.jpg", "--url", "http://127.0.0.1:9"], "missing.jpg: no such file"),
+    (["infer", str(SAMPLE), "--url", "http://127.0.0.1:9"], "cannot reach"),
+], ids=["encode-missing-image", "infer-missing-image", "infer-unreachable-gateway"])
+def test_bad_input_is_reported_before_the_model_stack_loads(argv, message, tmp_path, monkeypatch):
+    """A user's mistake answers at once: the image is read and the gateway asked before torch loads."""
+    monkeypatch.chdir(tmp_path)
+    result, _, stderr = run_probe(argv)
+    assert result == {"code": 2, "loaded": []}, stderr
+    assert len(stderr.strip().splitlines()) == 1 and message in stderr
+    assert not (tmp_path / "out.bin").exists()

@@ -89,9 +89,13 @@ def full_masks(answer: dict) -> list[Any]:
             for r in answer["results"]]
 
 
-def _mismatch(server: str, local: str) -> SplitserveError:
-    return SplitserveError(f"server encoder fingerprint {server[:16]}… differs from the local bundle's "
-                           f"{local[:16]}…; encode with the bundle the server serves")
+def check_fingerprint(encoder_info: dict, fingerprint: str) -> dict:
+    """Raise unless ``GET /v1/encoder`` (``encoder_info``) names the encoder + prior of ``fingerprint``."""
+    server = encoder_info["fingerprint"]
+    if server != fingerprint:
+        raise SplitserveError(f"server encoder fingerprint {server[:16]}… differs from the local bundle's "
+                              f"{fingerprint[:16]}…; encode with the bundle the server serves")
+    return encoder_info
 
 
 class _Base:
@@ -151,10 +155,7 @@ class Client(_Base):
     def check_encoder(self, fingerprint: str) -> dict:
         """Raise unless the server decodes with the same encoder + prior as ``fingerprint``; returns
         ``GET /v1/encoder`` (its ``max_images``, when stated, bounds one request)."""
-        info = self.encoder()
-        if info["fingerprint"] != fingerprint:
-            raise _mismatch(info["fingerprint"], fingerprint)
-        return info
+        return check_fingerprint(self.encoder(), fingerprint)
 
     def infer_all(self, items: Sequence[T], encode: Callable[[Sequence[T]], bytes],
                   tasks: str | list[str] | None = None, **kw) -> dict:
@@ -209,10 +210,7 @@ class AsyncClient(_Base):
             return False
 
     async def check_encoder(self, fingerprint: str) -> dict:
-        info = await self.encoder()
-        if info["fingerprint"] != fingerprint:
-            raise _mismatch(info["fingerprint"], fingerprint)
-        return info
+        return check_fingerprint(await self.encoder(), fingerprint)
 
     async def infer_all(self, items: Sequence[T], encode: Callable[[Sequence[T]], bytes],
                         tasks: str | list[str] | None = None, *, max_images: int | None = None,

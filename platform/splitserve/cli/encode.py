@@ -21,11 +21,13 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    from splitserve_edge.preprocessing import load_image  # numpy + Pillow: a bad file fails before torch loads
+
+    images = [load_image(path) for path in args.images]
+
     from ..defaults import resolve_bundle
     from ..edge import EdgeEncoder
-    from ..preprocess import load_image
 
-    images = [load_image(path) for path in args.images]  # fail on a bad file before loading models
     encoder = EdgeEncoder.from_bundle(resolve_bundle(args.bundle))
     encoded = encoder.encode(images, rate=args.rate, max_bytes=args.max_bytes, names=args.images)
     Path(args.output).write_bytes(encoded.data)

@@ -36,9 +36,10 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    from splitserve_edge.preprocessing import load_image  # numpy + Pillow: a bad file fails before torch loads
+
     from ..client import Client, full_masks
     from ..errors import SplitserveError
-    from ..preprocess import load_image
 
     if args.offload and (args.rate is not None or args.max_bytes is not None):
         raise SplitserveError("--offload sends the image files: --rate and --max-bytes apply to local encoding")
@@ -63,14 +64,17 @@ def run(args) -> int:
 def send_encoded(client, args, images: list) -> dict:
     """Encode like a device (at --rate, within --max-bytes, or at the bundle's default rate) and send;
     each result of the answer gets ``sent``: the rate and bytes its image went at."""
-    from ..client import stated_max_images
+    from ..client import check_fingerprint, stated_max_images
+
+    info = client.encoder()  # an unreachable gateway fails in one line before the models load
+
     from ..defaults import resolve_bundle
     from ..edge import EdgeEncoder
 
     encoder = EdgeEncoder.from_bundle(resolve_bundle(args.bundle))
     if args.rate is not None:
-        encoder.packer.check_rate(args.rate)  # out of range: one line before any request
-    info = client.check_encoder(encoder.fingerprint)
+        encoder.packer.check_rate(args.rate)  # out of range: one line before any image is sent
+    check_fingerprint(info, encoder.fingerprint)
     sent: dict[int, dict] = {}
 
     def encode(chunk: list[int]) -> bytes:
