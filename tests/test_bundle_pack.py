@@ -91,3 +91,34 @@ def test_an_fp16_encoder_is_a_new_code_that_verifies(bundle_dir, tmp_path, capsy
     answers = [_classify(_runtime(bundle_dir), old), _classify(packed, new)]
     assert answers[0].top[0].index == answers[1].top[0].index
     assert abs(answers[0].top[0].probability - answers[1].top[0].probability) < 2e-2
+
+
+def test_pack_sets_the_default_rate_and_drops_the_metrics_measured_at_the_old_one(vr_bundle_dir, tmp_path, capsys):
+    """--default-rate K: the copy's devices code at rate K unless they choose; its code is the same;
+    the metrics of the old default are gone (to be measured again); a K outside the rates is one line."""
+    import json
+    import shutil
+
+    vr = tmp_path / "vr"
+    shutil.copytree(vr_bundle_dir, vr)
+    raw = json.loads((vr / "manifest.json").read_text())
+    raw["default_rate"], raw["metrics"] = 2, {"bytes": 120.0}
+    raw["tasks"]["classification"]["metrics"] = {"top1": 50.0}
+    (vr / "manifest.json").write_text(json.dumps(raw))
+    src = read_manifest(vr)
+    out = tmp_path / "packed"
+    assert main(["bundle", "pack", str(vr), str(out), "--default-rate", "1"]) == 0
+    assert "default rate 1" in capsys.readouterr().out
+    dst = read_manifest(out)
+    assert (dst.default_rate, dst.fingerprint) == (1, src.fingerprint)
+    assert dst.metrics == {} and all(t.metrics == {} for t in dst.tasks.values())
+    image = texture("coffee", (64, 64))
+    assert EdgeEncoder.from_bundle(out).encode([image]).rates == (1,)
+    assert EdgeEncoder.from_bundle(vr).encode([image]).rates == (2,)
+    assert main(["bundle", "pack", str(vr), str(tmp_path / "same"), "--default-rate", "2"]) == 0
+    assert read_manifest(tmp_path / "same").tasks["classification"].metrics == {"top1": 50.0}  # still true
+
+    assert main(["bundle", "pack", str(vr), str(tmp_path / "bad"), "--default-rate", "4"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--default-rate 4 is outside the bundle's rates 0..3" in err
+    assert not (tmp_path / "bad").exists()

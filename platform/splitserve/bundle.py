@@ -395,7 +395,8 @@ def upgrade_bundle(path: str | Path) -> Manifest:
     return read_manifest(root)
 
 
-def pack_bundle(src: str | Path, dst: str | Path, *, half: bool = True, half_encoder: bool = False) -> Manifest:
+def pack_bundle(src: str | Path, dst: str | Path, *, half: bool = True, half_encoder: bool = False,
+                default_rate: int | None = None) -> Manifest:
     """Copy a bundle (the files its manifest lists, nothing else) with the server-side weights
     (decoder, trunk, heads) stored in float16.
 
@@ -407,12 +408,22 @@ def pack_bundle(src: str | Path, dst: str | Path, *, half: bool = True, half_enc
     download for a device, but a new encoder, so a new fingerprint, latents that differ in a few
     rounding-edge values, and metrics to measure again (``platform bundle measure``). The prior's
     coding tables always stay exact.
+
+    ``default_rate`` sets a variable-rate bundle's default rate: what is shipped is chosen after its
+    rates are measured, not when training starts. The metrics measured at the old default go with it.
     """
     from safetensors.torch import load_file
 
     src, dst = Path(src), Path(dst)
     manifest = read_manifest(src)
     codec = load_codec(src, manifest=manifest)  # verify before copying
+    if default_rate is not None and default_rate != manifest.default_rate:
+        if not 0 <= default_rate < codec.rates:
+            raise SplitserveError(f"--default-rate {default_rate} is outside the bundle's rates 0..{codec.rates - 1}")
+        manifest.default_rate = default_rate
+        manifest.metrics = {}  # they were measured at the old default rate
+        for task in manifest.tasks.values():
+            task.metrics = {}
     if half_encoder:
         with torch.no_grad():
             for t in codec.encoder.state_dict().values():

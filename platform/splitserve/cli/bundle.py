@@ -36,6 +36,9 @@ def register(sub) -> None:
     k.add_argument("--fp16-encoder", action="store_true",
                    help="store the encoder in float16 too (half the device download; a new fingerprint and "
                         "slightly different latents, so measure the packed bundle again: `bundle measure`)")
+    k.add_argument("--default-rate", type=int, default=None, metavar="K",
+                   help="a variable-rate bundle's default rate in the copy (what a device codes at unless it "
+                        "chooses); the metrics measured at the old default are dropped: `bundle measure` the copy")
 
     m = add_command(bsub, "measure", measure,
                     "Score every head through the served path and write the metrics into the manifest.",
@@ -117,10 +120,11 @@ def upgrade(args) -> int:
 def pack(args) -> int:
     from ..bundle import bundle_bytes, pack_bundle
 
-    manifest = pack_bundle(args.path, args.out, half_encoder=args.fp16_encoder)
+    manifest = pack_bundle(args.path, args.out, half_encoder=args.fp16_encoder, default_rate=args.default_rate)
     size = bundle_bytes(args.out, manifest)
     print(f"wrote {args.out}: {size:,} bytes ({size / 2**20:.1f} MiB), fingerprint {manifest.fingerprint[:16]} "
-          f"({'new: measure it again' if args.fp16_encoder else 'unchanged'})")
+          f"({'new: measure it again' if args.fp16_encoder else 'unchanged'})"
+          + (f", default rate {manifest.default_rate}" if args.default_rate is not None else ""))
     return 0
 
 
