@@ -135,20 +135,21 @@ esac
 teacher det
 teacher seg
 # 2. One encoder for every task and every rate (issues 21 §3 and 24): RAC N = 8 variable-rate over seven
-#    λ distilled from all three teachers, with the three server-side layouts: (c) one trunk fine-tuned
-#    on all three losses, shared; (b) the frozen classification trunk, shared; (a) own trunks from the
-#    task teachers, trained as the reference does and by our one-stage recipe. Then RAC N = 8 trained
-#    alone at the four λ that span the range (the variable-rate cost: they decide whether the default
-#    is variable-rate), and the same variable-rate encoder distilled from the classification teacher
-#    alone (the multi-task Δ).
+#    λ distilled from all three teachers, with the two server-side layouts a default under 30 MB can
+#    have: (c) one trunk fine-tuned on all three losses, shared; (b) the frozen classification trunk,
+#    shared. Then RAC N = 8 trained alone at the four λ that span the range (the variable-rate cost:
+#    they decide whether the default is variable-rate), and the same variable-rate encoder distilled
+#    from the classification teacher alone (the multi-task Δ). Last, layout (a): own trunks from the
+#    task teachers (three ResNet-18 trunks: ~66 MB in float16, so never the default), trained as the
+#    reference does and by our one-stage recipe.
 rac_vr 8 "$VR_LMBDAS" multi
 joint_trunk "$W/rac8-vr-mt"
 shared_heads "$W/rac8-vr-mt"
-own_heads "$W/rac8-vr-mt" teacher
-own_heads "$W/rac8-vr-mt" direct  # stage 2 as the reference trains it against our one-stage recipe
 for lmbda in ${SPAN_LMBDAS//,/ }; do rac 8 "$lmbda" joint; done
 rac_vr 8 "$VR_LMBDAS"
 shared_heads "$W/rac8-vr"
+own_heads "$W/rac8-vr-mt" teacher
+own_heads "$W/rac8-vr-mt" direct  # stage 2 as the reference trains it against our one-stage recipe
 # 3. The other curves: Entropic Student at four rates (classification), the learned image codecs;
 #    the rate model (one shared prior against one prior per rate, rac8-vr); the other two λ alone.
 for beta in 0.32 0.16 0.08 0.02; do es "$beta"; done
