@@ -60,21 +60,22 @@ test: install-test fmnist
 bench: install
 	$(BIN)/platform bench serve --output docs/benchmarks.md
 
-# The default bundle, from scratch: data, teacher, RAC N = 8 trained jointly with the classification
-# head at λ $(DEFAULT_LMBDA), then that head's layer2..4 become the shared trunk, detection and
-# segmentation heads (narrow FPN/ASPP; DeepLabv3 dilated to output stride 8) are trained on it (the
-# shipped copy's detection and segmentation heads for 12 epochs instead of 4), and
-# the bundle is packed in float16 (encoder included: under 30 MB) into the package and measured there
-# on the 2,000 val scenes, through the served path, for its manifest's metrics.
+# The default bundle, from scratch: data, the three task teachers, RAC N = 8 variable-rate over seven λ
+# (one encoder, every rate) distilled from all three teachers, then one layer2..4 trunk shared by the
+# three heads (narrow FPN/ASPP; DeepLabv3 dilated to output stride 8) fine-tuned on all three tasks'
+# losses for 12 epochs; the bundle is packed in float16 (encoder included: under 30 MB) into the
+# package with default rate $(DEFAULT_RATE), and measured there on the 2,000 val scenes, through the
+# served path, for its manifest's metrics.
 # recipes/sweeps/fmnist_scenes_runs.sh holds every training step; each resumes (--resume) where an
 # interrupted run stopped; outputs live in $(DEFAULT_WORK).
 # Times on a 2-core AVX512-BF16 EPYC: docs/benchmarks/fmnist-scenes.md.
 DEFAULT_WORK ?= runs/default
-DEFAULT_LMBDA ?= 0.96
-RUNS := PLATFORM=$(BIN)/platform DEFAULT_LMBDA=$(DEFAULT_LMBDA) bash recipes/sweeps/fmnist_scenes_runs.sh $(DEFAULT_WORK)
+DEFAULT_RATE ?= 1  # the highest rate whose val payloads stay within 200 bytes per image (~160 B)
+RUNS := PLATFORM=$(BIN)/platform bash recipes/sweeps/fmnist_scenes_runs.sh $(DEFAULT_WORK)
 default-bundle: install fmnist wallpapers
 	$(RUNS) default
-	$(BIN)/platform bundle pack $(DEFAULT_WORK)/default-rac8-l$(DEFAULT_LMBDA) platform/splitserve/assets/default-bundle --fp16-encoder
+	$(BIN)/platform bundle pack $(DEFAULT_WORK)/default-rac8-vr-mt platform/splitserve/assets/default-bundle \
+		--fp16-encoder --default-rate $(DEFAULT_RATE)
 	$(BIN)/platform bundle measure platform/splitserve/assets/default-bundle --data $(DEFAULT_WORK)/fm64 --no-progress
 
 # The study in docs/benchmarks/fmnist-scenes.md: the default bundle's runs, every other rate point,

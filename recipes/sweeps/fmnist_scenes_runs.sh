@@ -6,9 +6,8 @@
 #   fmnist_scenes_runs.sh WORKDIR study     # every other run of the study, those that decide the default first
 #                                           # (make study runs default first)
 #   fmnist_scenes_runs.sh WORKDIR extra     # the study, then the same comparisons on Entropic Student, RAC N = 0
-# PLATFORM=path/to/platform; DEFAULT_LMBDA (0.96) is the default bundle's rate point (RAC N = 8); VR_LMBDAS
-# (1.92,…,0.03) the variable-rate runs' seven rates, each also trained alone for the comparison (SPAN_LMBDAS,
-# four of them that span the range, first).
+# PLATFORM=path/to/platform; VR_LMBDAS (1.92,…,0.03) the variable-rate runs' seven rates (the default's
+# too), each also trained alone for the comparison (SPAN_LMBDAS, four of them that span the range, first).
 set -euo pipefail
 W=${1:?usage: fmnist_scenes_runs.sh WORKDIR default|study|extra}
 WHAT=${2:?usage: fmnist_scenes_runs.sh WORKDIR default|study|extra}
@@ -16,7 +15,6 @@ P=${PLATFORM:-platform}
 R=$(cd "$(dirname "$0")/.." && pwd)
 D=$W/fm64
 T=$W/teacher-cls
-LMBDA=${DEFAULT_LMBDA:-0.96}
 # The variable-rate runs' seven rates, a factor 2 apart. With the entropy model refitted after training
 # (--refit-steps) six λ from 3.84 to 0.24 coded at 63-175 B per image, 2.8x (rac8-vr-mt-narrow in the
 # study's notes): the top rates' bytes had been the priors' excess, not information.
@@ -73,13 +71,15 @@ own_heads() {  # a copy of bundle $1 whose detection and segmentation heads each
   once "$B/.own-det" "$P" "${S[@]}" --task detection --teacher "$W/teacher-det" "${det[@]}"
   once "$B/.own-seg" "$P" "${S[@]}" --task segmentation --teacher "$W/teacher-seg" "${seg[@]}"
 }
-joint_trunk() {  # a copy of bundle $1 ($1-joint) whose three heads share one layer2..4 fine-tuned on all
-  # three tasks' losses at once (finetune --tasks; narrow FPN and ASPP as the shared heads)
-  local B=$1-joint
+joint_trunk() {  # a copy of bundle $1 (into $2, default $1-joint) whose three heads share one layer2..4
+  # fine-tuned on all three tasks' losses at once (finetune --tasks; narrow FPN and ASPP as the shared
+  # heads); further arguments go to finetune (the recipe: 4 epochs, lr ÷10 after 3)
+  local B=${2:-$1-joint}
   test -d "$B" || { cp -r "$1" "$B.tmp" && mv "$B.tmp" "$B"; }
   once "$B/.joint" "$P" finetune --recipe "$R/fmnist_scenes_finetune.yaml" --bundle "$B" --data "$D" \
     --tasks cls,det,seg --teacher "${TEACHERS[@]}" --head-config detection.fpn_channels=64 \
-    segmentation.aspp_channels=64 segmentation.output_stride=8 "segmentation.atrous_rates=[1,2,3]" "${COMMON[@]}"
+    segmentation.aspp_channels=64 segmentation.output_stride=8 "segmentation.atrous_rates=[1,2,3]" "${@:3}" \
+    "${COMMON[@]}"
 }
 rac_vr() {  # RAC with $1 residual blocks, variable-rate over the λ list $2 (joint, one run); $3 = multi:
   # distilled from all three task teachers; $4 = shared: one prior read at each rate's step (--prior shared)
@@ -104,25 +104,18 @@ image_codec() {  # CompressAI architecture $1 at quality $2 (its N, M and λ), 2
     --epochs 2 --lr 5e-4 --lr-drop 1 "${COMMON[@]}"
 }
 
-default_bundle() {  # the shipped bundle (before packing): bundle $1 with its detection and segmentation heads
-  # trained for 12 epochs (lr ÷10 after 9) instead of 4; the study's 4-epoch shared-trunk heads were still
-  # rising when they stopped
-  local B=$W/default-rac8-l$LMBDA
-  local S=(finetune --recipe "$R/fmnist_scenes_finetune.yaml" --bundle "$B" --teacher "$T" --data "$D" "${COMMON[@]}"
-    --shared-trunk --from-scratch --epochs 12 --step-size 9)
-  test -d "$B" || { cp -r "$1" "$B.tmp" && mv "$B.tmp" "$B"; }
-  once "$B/.det12" "$P" "${S[@]}" --task detection "${DET[@]}"
-  once "$B/.seg12" "$P" "${S[@]}" --task segmentation "${SEG[@]}"
-}
-
-# Both: the data and the classification teacher.
+# Both: the data and the three task teachers (every detection/segmentation figure is read against
+# them, and the multi-task encoders distil from all three).
 test -d "$D" || "$P" data fmnist-scenes --out "$D" --train 20000 --val 2000 --val-seen 2000 --size 64 --backgrounds photos
 teacher cls
+teacher det
+teacher seg
 case $WHAT in
-  default)  # the default bundle: RAC N = 8 at λ $LMBDA with all three heads
-    rac 8 "$LMBDA" joint
-    shared_heads "$W/rac8-l$LMBDA"
-    default_bundle "$W/rac8-l$LMBDA"
+  default)  # the default bundle (before packing): RAC N = 8 variable-rate over seven λ, distilled from
+    # all three teachers, whose three heads share one trunk fine-tuned on all three losses (the study's
+    # joint trunk) for 12 epochs, lr ÷10 after 9, where the study's has 4
+    rac_vr 8 "$VR_LMBDAS" multi
+    joint_trunk "$W/rac8-vr-mt" "$W/default-rac8-vr-mt" --epochs 12 --step-size 9
     exit 0 ;;
   study|extra) ;;
   *) echo "fmnist_scenes_runs.sh: choose default, study or extra, not $WHAT" >&2; exit 2 ;;
@@ -130,11 +123,7 @@ esac
 
 # The study on fmnist-scenes v2 (val: photographs no training scene uses), the runs that decide the
 # default first: what one encoder for every task and every rate costs.
-# 1. The task teachers: every detection/segmentation figure is read against them, and the multi-task
-#    encoder distils from them.
-teacher det
-teacher seg
-# 2. One encoder for every task and every rate (issues 21 §3 and 24): RAC N = 8 variable-rate over seven
+# 1. One encoder for every task and every rate (issues 21 §3 and 24): RAC N = 8 variable-rate over seven
 #    λ distilled from all three teachers, with the two server-side layouts a default under 30 MB can
 #    have: (c) one trunk fine-tuned on all three losses, shared; (b) the frozen classification trunk,
 #    shared. Then RAC N = 8 trained alone at the four λ that span the range (the variable-rate cost:
@@ -150,7 +139,7 @@ rac_vr 8 "$VR_LMBDAS"
 shared_heads "$W/rac8-vr"
 own_heads "$W/rac8-vr-mt" teacher
 own_heads "$W/rac8-vr-mt" direct  # stage 2 as the reference trains it against our one-stage recipe
-# 3. The other curves: Entropic Student at four rates (classification), the learned image codecs;
+# 2. The other curves: Entropic Student at four rates (classification), the learned image codecs;
 #    the rate model (one shared prior against one prior per rate, rac8-vr); the other two λ alone.
 for beta in 0.32 0.16 0.08 0.02; do es "$beta"; done
 for q in 1 2 3 5; do image_codec bmshj2018-factorized "$q"; done
@@ -158,7 +147,7 @@ for q in 1 2 3 5; do image_codec mbt2018-mean "$q"; done
 rac_vr 8 "$VR_LMBDAS" "" shared
 for lmbda in ${VR_LMBDAS//,/ }; do rac 8 "$lmbda" joint; done
 [ "$WHAT" = extra ] || { echo "study runs done in $W"; exit 0; }
-# 4. Extras (fmnist_scenes_runs.sh WORKDIR extra, after the study): the same comparisons on Entropic
+# 3. Extras (fmnist_scenes_runs.sh WORKDIR extra, after the study): the same comparisons on Entropic
 #    Student (distilled from the classification teacher alone against all three, heads on the frozen
 #    shared trunk, own trunks, joint trunk), and RAC N = 0.
 for beta in 0.32 0.08; do es "$beta" "" multi; shared_heads "$W/es-b$beta"; shared_heads "$W/es-b$beta-mt"; done
