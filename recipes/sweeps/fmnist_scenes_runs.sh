@@ -139,6 +139,11 @@ rac_vr 8 "$VR_LMBDAS"
 shared_heads "$W/rac8-vr"
 own_heads "$W/rac8-vr-mt" teacher
 own_heads "$W/rac8-vr-mt" direct  # stage 2 as the reference trains it against our one-stage recipe
+# The shipped default before v2 (single-rate, trained on v1's 15 backgrounds), from git history: the
+# sweep's "before" row, measured on v2's two vals like every other point.
+test -d "$W/default-v1" || { mkdir -p "$W/default-v1.tmp" && git -C "$R/.." archive 25a7192 \
+  platform/splitserve/assets/default-bundle | tar -x -C "$W/default-v1.tmp" --strip-components=4 \
+  && mv "$W/default-v1.tmp" "$W/default-v1"; }
 # 2. The other curves: Entropic Student at four rates (classification), the learned image codecs;
 #    the rate model (one shared prior against one prior per rate, rac8-vr); the other two λ alone.
 for beta in 0.32 0.16 0.08 0.02; do es "$beta"; done
