@@ -1,6 +1,7 @@
 """`platform --help` and `platform COMMAND --help` import neither torch nor compressai (together
 8–9 s here): printing help must not load a model stack, and neither may a bad image file or an
-unreachable gateway before they are reported. Each in a fresh interpreter, as users run it."""
+unreachable gateway before they are reported; and a reader that leaves the pipe early (`| head`)
+gets no traceback. Each in a fresh interpreter, as users run it."""
 
 from __future__ import annotations
 
@@ -86,3 +87,18 @@ def test_bad_input_is_reported_before_the_model_stack_loads(argv, message, tmp_p
     assert result == {"code": 2, "loaded": []}, stderr
     assert len(stderr.strip().splitlines()) == 1 and message in stderr
     assert not (tmp_path / "out.bin").exists()
+
+
+
+
+def test_a_reader_that_leaves_the_pipe_early_gets_no_traceback(bundle_dir):
+    """`platform bundle inspect DIR | head -1`: the reader closes the pipe before the output is
+    written; the command stops quietly with 128 + SIGPIPE, as Unix tools do, not with a traceback."""
+    import signal
+
+    proc = subprocess.Popen([sys.executable, "-m", "splitserve", "bundle", "inspect", str(bundle_dir)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # before the child (a fresh interpreter that loads torch) has written anything
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=120) == 128 + signal.SIGPIPE, stderr
+    assert stderr == ""
