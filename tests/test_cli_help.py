@@ -89,8 +89,6 @@ def test_bad_input_is_reported_before_the_model_stack_loads(argv, message, tmp_p
     assert not (tmp_path / "out.bin").exists()
 
 
-
-
 def test_a_reader_that_leaves_the_pipe_early_gets_no_traceback(bundle_dir):
     """`platform bundle inspect DIR | head -1`: the reader closes the pipe before the output is
     written; the command stops quietly with 128 + SIGPIPE, as Unix tools do, not with a traceback."""
