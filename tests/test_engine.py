@@ -7,6 +7,7 @@ the checkpoint was written by the previous format. The SIGKILL tests are in test
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -61,6 +62,7 @@ DATA = photo_crops(IMAGES)
 
 
 def fit(workdir, *, max_steps=None, resume=False, refuse_restart=False, seed=1, validate=None):
+    """``validate``, if given, is called with the objective being trained."""
     torch.manual_seed(0)
     objective = TextureCodec()
     main, aux = split_codec_params(objective)
@@ -70,7 +72,7 @@ def fit(workdir, *, max_steps=None, resume=False, refuse_restart=False, seed=1, 
                           max_steps=max_steps, checkpoint_every=1, resume=resume, progress=False, tensorboard=False,
                           refuse_restart=refuse_restart)
     result = Engine(config, DistInfo(), "texture").fit(objective, optimizers, schedulers, DATA, default_collate,
-                                                       validate)
+                                                       validate and (lambda: validate(objective)))
     return result, {k: v.detach().clone() for k, v in objective.state_dict().items()}
 
 
@@ -115,7 +117,7 @@ def test_validation_time_is_kept_apart_from_training_time_over_a_resume(tmp_path
     not count as training when its time is compared with single-rate runs'."""
     import time
 
-    def validate():
+    def validate(_):
         time.sleep(0.3)
         return {"x": 1.0}
 
@@ -126,6 +128,43 @@ def test_validation_time_is_kept_apart_from_training_time_over_a_resume(tmp_path
     assert first.val_seconds == pytest.approx(0.3, abs=0.1)
     assert result.status == "done" and result.val_seconds == pytest.approx(3 * 0.3, abs=0.15)
     assert result.seconds > 0 and result.seconds + result.val_seconds <= wall
+
+
+def classifier_sum(objective) -> dict[str, float]:
+    """A validation whose value depends on the weights, so two histories can be compared."""
+    return {"w": float(objective.classifier.weight.detach().sum())}
+
+
+def test_a_stop_signal_ends_a_validation_at_once_and_the_resumed_run_validates_that_epoch(tmp_path, reference,
+                                                                                           capsys):
+    """A SIGTERM or Ctrl-C during a validation (minutes for a variable-rate, multi-task run, longer
+    than a grace period) stops the run at once with a checkpoint; the resumed run validates that
+    epoch before it trains on, and ends as an uninterrupted one: same weights, same history."""
+    import signal
+    import time
+
+    straight, _ = fit(tmp_path / "straight", validate=classifier_sum)
+    calls = []
+
+    def validate_signalled_in_epoch_2(objective):
+        calls.append(len(calls) + 1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(60)  # the rest of a long validation: the signal must end it
+            calls.append("finished")
+        return classifier_sum(objective)
+
+    stopped, _ = fit(tmp_path / "run", validate=validate_signalled_in_epoch_2)
+    assert calls == [1, 2] and stopped.status == "interrupted" and stopped.epoch == 2
+    assert [h["epoch"] for h in stopped.history] == [1]
+    assert "stopping this validation" in capsys.readouterr().err
+    result, weights = fit(tmp_path / "run", resume=True, validate=classifier_sum)
+    assert result.status == "done"
+    assert [(h["epoch"], h["global_step"], h["metrics"]) for h in result.history] == \
+        [(h["epoch"], h["global_step"], h["metrics"]) for h in straight.history]
+    assert_same(weights, reference)
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in logged if r["kind"] == "val"] == [1, 2, 3]
 
 
 def test_truncated_last_checkpoint_resumes_from_previous(tmp_path, reference, capsys):

@@ -12,7 +12,8 @@ A command builds an :class:`~splitserve.training.objective.Objective` (an ``nn.M
   synchronised); each rank reads its own shard of a seeded permutation; rank 0 logs, validates
   and saves; ranks meet at barriers.
 - **Checkpoints**: every ``checkpoint_every`` steps, at each epoch end, on SIGTERM/SIGINT (the
-  handler only sets a flag; the loop saves after the current step and returns), and at
+  handler only sets a flag; the loop saves after the current step and returns; a signal during a
+  validation ends it at once, and the resumed run validates that epoch first), and at
   ``max_steps``; written so that a kill at any instant leaves a good one (:mod:`.checkpoint`);
   ``resume`` continues exactly (an interrupted-and-resumed CPU run ends with bit-identical weights).
 - **Mixed precision**: bf16/fp16 autocast on CUDA (GradScaler for fp16), bf16 on CPU when asked.
@@ -40,7 +41,7 @@ from .distributed import DistInfo
 from .logs import MetricsLog
 from .objective import Objective, TrainingError
 from .sampling import EpochBatches, SeededItems, batch_images, mix_seed, move_to
-from .stopping import StopFlag, StopSafeLoader, report_stopped
+from .stopping import StopFlag, StopRequested, StopSafeLoader, report_stopped
 
 __all__ = ["Engine", "EngineConfig", "FitResult", "ScheduledLR", "TrainState"]
 
@@ -186,61 +187,53 @@ class Engine:
 
         data = SeededItems(train_set, cfg.seed)
         status, signum = "done", None
+        # an epoch-end checkpoint whose epoch has no validation: a stop signal cut it short
+        pending_validation = (resumed and validate is not None and start_batch == 0 and start_epoch > 0
+                              and (not state.history or state.history[-1]["epoch"] < start_epoch))
         epoch = start_epoch
         with StopFlag() as stop:
             try:
-                for epoch in range(start_epoch, cfg.epochs):
-                    first = start_batch if epoch == start_epoch else 0
-                    sampler = EpochBatches(len(train_set), cfg.batch_size, seed=cfg.seed, epoch=epoch, rank=info.rank,
-                                           world=info.world_size, start=first)
-                    if sampler.total == 0:
-                        raise TrainingError("the training set is empty")
-                    loader = StopSafeLoader(
-                        data, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers,
-                        pin_memory=info.device.type == "cuda",
-                        generator=torch.Generator().manual_seed(mix_seed(cfg.seed, epoch, 0xD1)),
-                        persistent_workers=False,
-                    )
-                    objective.train()
-                    outcome = self._run_epoch(state, loader, sampler, epoch, first, log, stop)
-                    if outcome != "continue":
-                        status = outcome
-                        signum = stop.signum
-                        break
-                    for s in state.schedulers:
-                        if s.interval == "epoch":
-                            s.scheduler.step()
-                    metrics: dict[str, float] = {}
-                    if validate is not None and info.is_main:
-                        began = time.perf_counter()
-                        metrics = validate()
-                        state.val_seconds += time.perf_counter() - began
-                        record = {"kind": "val", "epoch": epoch + 1, "global_step": state.global_step, **metrics}
-                        state.history.append({"epoch": epoch + 1, "global_step": state.global_step, "metrics": metrics})
-                        log.write(record)
-                        if best_metric is not None and best_metric in metrics and (
-                            state.best is None or metrics[best_metric] > state.best["value"]
-                        ):
-                            exported = objective.export_state()
-                            state.best = {
-                                "value": float(metrics[best_metric]),
-                                "epoch": epoch + 1,
-                                "metrics": dict(metrics),
-                                "state": {k: v.detach().cpu().clone() for k, v in exported.items()} if exported else None,
-                            }
-                        self._epoch_line(epoch, metrics, state.best, best_metric)
-                    self.checkpoints.save(state, epoch + 1, 0)
-                    log.write_csv()
+                if pending_validation:  # a stop signal cut the last epoch's validation short: do it now
+                    if info.is_main and self._validate(state, start_epoch - 1, validate, best_metric, log, stop):
+                        self.checkpoints.save(state, start_epoch, 0)
                     if dist_utils.any_true(info, stop.set):
                         status, signum = "interrupted", stop.signum
-                        epoch += 1
-                        break
-                    if cfg.max_steps is not None and state.global_step >= cfg.max_steps and epoch + 1 < cfg.epochs:
-                        status = "max_steps"
-                        epoch += 1
-                        break
-                else:
-                    epoch = cfg.epochs
+                if status == "done":
+                    for epoch in range(start_epoch, cfg.epochs):
+                        first = start_batch if epoch == start_epoch else 0
+                        sampler = EpochBatches(len(train_set), cfg.batch_size, seed=cfg.seed, epoch=epoch,
+                                               rank=info.rank, world=info.world_size, start=first)
+                        if sampler.total == 0:
+                            raise TrainingError("the training set is empty")
+                        loader = StopSafeLoader(
+                            data, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers,
+                            pin_memory=info.device.type == "cuda",
+                            generator=torch.Generator().manual_seed(mix_seed(cfg.seed, epoch, 0xD1)),
+                            persistent_workers=False,
+                        )
+                        objective.train()
+                        outcome = self._run_epoch(state, loader, sampler, epoch, first, log, stop)
+                        if outcome != "continue":
+                            status = outcome
+                            signum = stop.signum
+                            break
+                        for s in state.schedulers:
+                            if s.interval == "epoch":
+                                s.scheduler.step()
+                        if validate is not None and info.is_main:
+                            self._validate(state, epoch, validate, best_metric, log, stop)
+                        self.checkpoints.save(state, epoch + 1, 0)
+                        log.write_csv()
+                        if dist_utils.any_true(info, stop.set):
+                            status, signum = "interrupted", stop.signum
+                            epoch += 1
+                            break
+                        if cfg.max_steps is not None and state.global_step >= cfg.max_steps and epoch + 1 < cfg.epochs:
+                            status = "max_steps"
+                            epoch += 1
+                            break
+                    else:
+                        epoch = cfg.epochs
             finally:
                 log.close()
         dist_utils.barrier(info)
@@ -248,6 +241,34 @@ class Engine:
             report_stopped(self.name, signum, state.global_step, self.checkpoints.dir)
         return FitResult(status, epoch, state.global_step, state.history, state.best, signum,
                          state.elapsed() - state.val_seconds, state.val_seconds)
+
+    def _validate(self, state: TrainState, epoch: int, validate: Callable[[], dict[str, float]],
+                  best_metric: str | None, log: MetricsLog, stop: StopFlag) -> bool:
+        """Validate after epoch ``epoch`` (0-based): log it, keep the best weights so far. False when a
+        stop signal cut it short: nothing is recorded, so a resume from the epoch-end checkpoint
+        validates that epoch before it trains on."""
+        began = time.perf_counter()
+        try:
+            with stop.interrupting():
+                metrics = validate()
+        except StopRequested:
+            return False
+        finally:
+            state.val_seconds += time.perf_counter() - began
+        log.write({"kind": "val", "epoch": epoch + 1, "global_step": state.global_step, **metrics})
+        state.history.append({"epoch": epoch + 1, "global_step": state.global_step, "metrics": metrics})
+        if best_metric is not None and best_metric in metrics and (
+            state.best is None or metrics[best_metric] > state.best["value"]
+        ):
+            exported = state.objective.export_state()
+            state.best = {
+                "value": float(metrics[best_metric]),
+                "epoch": epoch + 1,
+                "metrics": dict(metrics),
+                "state": {k: v.detach().cpu().clone() for k, v in exported.items()} if exported else None,
+            }
+        self._epoch_line(epoch, metrics, state.best, best_metric)
+        return True
 
     def final_metrics(self, result: FitResult, validate: Callable[[], dict[str, float]],
                       fresh: bool = False) -> dict[str, float]:

@@ -1,9 +1,11 @@
 """Stopping a training run cleanly: SIGTERM (a timeout, systemd, `kill -- -PGID`) and Ctrl-C set a flag
-that the loop checks after each step, so it checkpoints before it exits; DataLoader workers leave
-those signals to the main process instead of dying under the loader."""
+that the loop checks after each step, so it checkpoints before it exits; a validation, which a
+resumed run can redo, is cut short instead of waited for; DataLoader workers leave those signals to
+the main process instead of dying under the loader."""
 
 from __future__ import annotations
 
+import contextlib
 import random
 import signal
 import sys
@@ -52,12 +54,18 @@ class StopSafeLoader(DataLoader):
             signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
+class StopRequested(Exception):
+    """A stop signal ended work that a resumed run redoes (a validation) rather than wait for it."""
+
+
 class StopFlag:
-    """SIGTERM/SIGINT set a flag that the loop checks after each step; a second SIGINT aborts."""
+    """SIGTERM/SIGINT set a flag that the loop checks after each step; a second SIGINT aborts.
+    Inside :meth:`interrupting` the signal also raises :class:`StopRequested` at once."""
 
     def __init__(self):
         self.signum: int | None = None
         self._old: dict[int, Any] = {}
+        self._interrupting = False
 
     def __enter__(self) -> "StopFlag":
         if threading.current_thread() is threading.main_thread():
@@ -69,8 +77,26 @@ class StopFlag:
         if self.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signum = signum
+        if self._interrupting:
+            self._interrupting = False
+            print(f"\nreceived {signal.Signals(signum).name}: stopping this validation and saving a checkpoint "
+                  "(a resumed run validates this epoch first)", file=sys.stderr, flush=True)
+            raise StopRequested
         print(f"\nreceived {signal.Signals(signum).name}: saving a checkpoint after this step "
               "(Ctrl-C again to abort without saving)", file=sys.stderr, flush=True)
+
+    @contextlib.contextmanager
+    def interrupting(self):
+        """A block that a stop signal ends at once with :class:`StopRequested`: a validation of a
+        variable-rate, multi-task run takes minutes, longer than a SIGTERM's grace period, and a
+        resumed run can redo it from the checkpoint."""
+        if self.set:
+            raise StopRequested
+        self._interrupting = True
+        try:
+            yield
+        finally:
+            self._interrupting = False
 
     def __exit__(self, *exc) -> None:
         for sig, old in self._old.items():
