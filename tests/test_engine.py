@@ -149,8 +149,11 @@ def test_a_stop_signal_ends_a_validation_at_once_and_the_resumed_run_validates_t
     def validate_signalled_in_epoch_2(objective):
         calls.append(len(calls) + 1)
         if len(calls) == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(60)  # the rest of a long validation: the signal must end it
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(60)  # the rest of a long validation: the signal must end it
+            except Exception:  # ... even through evaluation code that catches broadly
+                pass
             calls.append("finished")
         return classifier_sum(objective)
 

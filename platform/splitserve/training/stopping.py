@@ -54,8 +54,9 @@ class StopSafeLoader(DataLoader):
             signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
-class StopRequested(Exception):
-    """A stop signal ended work that a resumed run redoes (a validation) rather than wait for it."""
+class StopRequested(BaseException):
+    """A stop signal ended work that a resumed run redoes (a validation) rather than wait for it.
+    A BaseException, as KeyboardInterrupt is, so that no ``except Exception`` on the way swallows it."""
 
 
 class StopFlag:
