@@ -8,6 +8,7 @@ import csv
 import io
 import json
 import math
+import pathlib
 
 import numpy as np
 import pytest
@@ -243,25 +244,31 @@ def test_learning_curves_from_metrics_logs(tmp_path):
     assert main(["evaluate", "--curves", f"x={tmp_path}", "--out", str(out)]) == 2  # no metrics.jsonl there
 
 
-def test_committed_study_is_its_sweeps_output():
-    """docs/benchmarks/fmnist-scenes/points.json came from recipes/sweeps/fmnist_scenes.yaml as committed:
-    the same methods and points, in order, and the same tasks (re-run `platform evaluate` after editing it)."""
-    from pathlib import Path
+_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
+
+@pytest.mark.parametrize("points", sorted(_ROOT.glob("docs/benchmarks/**/points.json")),
+                         ids=lambda p: str(p.relative_to(_ROOT)))
+def test_committed_study_is_its_sweeps_output(points):
+    """Every committed report's points.json came from the sweep file it names, as committed: the same
+    methods and points, in order, and the same tasks (re-run `platform evaluate` after editing it)."""
     from splitserve.evaluation.sweep import load_sweep
 
-    root = Path(__file__).resolve().parents[1]
-    sweep = load_sweep(root / "recipes/sweeps/fmnist_scenes.yaml", check_paths=False)
-    doc = json.loads((root / "docs/benchmarks/fmnist-scenes/points.json").read_text())
-    assert doc["sweep"] == "recipes/sweeps/fmnist_scenes.yaml"
+    doc = json.loads(points.read_text())
+    sweep = load_sweep(_ROOT / doc["sweep"], check_paths=False)
     assert sorted(doc["reference"]) == sorted(sweep.teachers)
-    listed = [(m.name, p.name if isinstance(p, Path) else f"q{p}") for m in sweep.methods for p in m.points]
+    listed = [(m.name, p.name if isinstance(p, pathlib.Path) else f"q{p}") for m in sweep.methods for p in m.points]
     # a variable-rate bundle is one point per rate, "NAME rK"
     measured = list(dict.fromkeys((p["method"], p["setting"] if p.get("rate") is None else
                                    p["setting"].rsplit(" r", 1)[0]) for p in doc["points"]))
     assert measured == listed
     compared = [(c["method"], c["against"]) for c in doc["summary"]["tasks"]["classification"].get("comparisons", [])]
     assert compared == sweep.comparisons
+
+
+def test_the_committed_reports_are_found():
+    assert "docs/benchmarks/fmnist-scenes/points.json" in [
+        str(p.relative_to(_ROOT)) for p in _ROOT.glob("docs/benchmarks/**/points.json")]
 
 
 # -- CompressAI image codecs -------------------------------------------------------------------
