@@ -7,7 +7,8 @@
 #                                           # (make study runs default first)
 #   fmnist_scenes_runs.sh WORKDIR extra     # the study, then the same comparisons on Entropic Student, RAC N = 0
 # PLATFORM=path/to/platform; VR_LMBDAS (1.92,…,0.03) the variable-rate runs' seven rates (the default's
-# too), each also trained alone for the comparison (SPAN_LMBDAS, four of them that span the range, first).
+# too); the study trains four of them that span the range alone for the comparison (SPAN_LMBDAS), extra
+# the other three.
 set -euo pipefail
 W=${1:?usage: fmnist_scenes_runs.sh WORKDIR default|study|extra}
 WHAT=${2:?usage: fmnist_scenes_runs.sh WORKDIR default|study|extra}
@@ -145,16 +146,17 @@ test -d "$W/default-v1" || { mkdir -p "$W/default-v1.tmp" && git -C "$R/.." arch
   platform/splitserve/assets/default-bundle | tar -x -C "$W/default-v1.tmp" --strip-components=4 \
   && mv "$W/default-v1.tmp" "$W/default-v1"; }
 # 2. The other curves: Entropic Student at four rates (classification), the learned image codecs;
-#    the rate model (one shared prior against one prior per rate, rac8-vr); the other two λ alone.
+#    the rate model (one shared prior against one prior per rate, rac8-vr).
 for beta in 0.32 0.16 0.08 0.02; do es "$beta"; done
 for q in 1 2 3 5; do image_codec bmshj2018-factorized "$q"; done
 for q in 1 2 3 5; do image_codec mbt2018-mean "$q"; done
 rac_vr 8 "$VR_LMBDAS" "" shared
-for lmbda in ${VR_LMBDAS//,/ }; do rac 8 "$lmbda" joint; done
 [ "$WHAT" = extra ] || { echo "study runs done in $W"; exit 0; }
-# 3. Extras (fmnist_scenes_runs.sh WORKDIR extra, after the study): the same comparisons on Entropic
+# 3. Extras (fmnist_scenes_runs.sh WORKDIR extra, after the study): the other three λ alone (~40 min
+#    each here: the four that span the range decide the comparison); the same comparisons on Entropic
 #    Student (distilled from the classification teacher alone against all three, heads on the frozen
 #    shared trunk, own trunks, joint trunk), and RAC N = 0.
+for lmbda in ${VR_LMBDAS//,/ }; do rac 8 "$lmbda" joint; done
 for beta in 0.32 0.08; do es "$beta" "" multi; shared_heads "$W/es-b$beta"; shared_heads "$W/es-b$beta-mt"; done
 own_heads "$W/es-b0.32" teacher
 own_heads "$W/es-b0.32" direct
