@@ -23,6 +23,11 @@ VR_LMBDAS=${VR_LMBDAS:-1.92,0.96,0.48,0.24,0.12,0.06,0.03}
 SPAN_LMBDAS=${SPAN_LMBDAS:-1.92,0.48,0.12,0.03}  # four of them spanning the range, trained alone first
 TEACHERS=("classification=$T" "detection=$W/teacher-det" "segmentation=$W/teacher-seg")
 COMMON=(--no-progress --resume)
+# Every run but the teachers validates each epoch on a fixed 1,000 of the 2,000 val scenes (the study's
+# own subset size): a variable-rate run validates every rate, each task, every epoch (seven rates, three
+# tasks: ~6 min here on all 2,000), and these figures only draw the learning curves and pick the best
+# epoch; the study and `bundle measure` measure the bundles themselves.
+RUN=("${COMMON[@]}" --val-limit 1000)
 DET=(--head-config fpn_channels=64)
 SEG=(--head-config aspp_channels=64 output_stride=8 "atrous_rates=[1,2,3]")
 
@@ -46,13 +51,13 @@ es() {  # Entropic Student at β $1: stage 1, then stage 2 (classification, deco
   [ "${2:-}" != long ] || { B=$B-e18; E1=(--epochs 10 --milestones 8); E2=(--epochs 8 --step-size 6); }
   [ "${3:-}" != multi ] || { B=$B-mt; TEACH=("${TEACHERS[@]}"); }
   test -f "$B/manifest.json" || "$P" distill --recipe "$R/fmnist_scenes_distill.yaml" --teacher "${TEACH[@]}" \
-    --data "$D" --beta "$1" --out "$B" "${E1[@]}" "${COMMON[@]}"
+    --data "$D" --beta "$1" --out "$B" "${E1[@]}" "${RUN[@]}"
   once "$B/.cls" "$P" finetune --recipe "$R/fmnist_scenes_finetune.yaml" --bundle "$B" --teacher "$T" --data "$D" \
-    "${E2[@]}" "${COMMON[@]}"
+    "${E2[@]}" "${RUN[@]}"
 }
 shared_heads() {  # bundle $1 (ES or RAC): the classification head's layer2..4 become the shared trunk; detection
   # (narrow FPN) and segmentation (narrow ASPP, output stride 8) heads are trained on it
-  local B=$1 S=(finetune --recipe "$R/fmnist_scenes_finetune.yaml" --bundle "$1" --teacher "$T" --data "$D" "${COMMON[@]}")
+  local B=$1 S=(finetune --recipe "$R/fmnist_scenes_finetune.yaml" --bundle "$1" --teacher "$T" --data "$D" "${RUN[@]}")
   once "$B/.trunk" "$P" "${S[@]}" --shared-trunk --epochs 0 --workdir "$B.runs/shared-trunk"
   once "$B/.det" "$P" "${S[@]}" --task detection --shared-trunk "${DET[@]}"
   once "$B/.seg" "$P" "${S[@]}" --task segmentation --shared-trunk "${SEG[@]}"
@@ -67,7 +72,7 @@ own_heads() {  # a copy of bundle $1 whose detection and segmentation heads each
     direct) B=$1-direct; init=(--from-teacher --procedure direct); det=(); seg=() ;;
   esac
   local S=(finetune --recipe "$R/fmnist_scenes_finetune.yaml" --bundle "$B" --data "$D" --freeze-decoder "${init[@]}"
-    "${COMMON[@]}")
+    "${RUN[@]}")
   test -d "$B" || { cp -r "$1" "$B.tmp" && mv "$B.tmp" "$B"; }
   once "$B/.own-det" "$P" "${S[@]}" --task detection --teacher "$W/teacher-det" "${det[@]}"
   once "$B/.own-seg" "$P" "${S[@]}" --task segmentation --teacher "$W/teacher-seg" "${seg[@]}"
@@ -80,7 +85,7 @@ joint_trunk() {  # a copy of bundle $1 (into $2, default $1-joint) whose three h
   once "$B/.joint" "$P" finetune --recipe "$R/fmnist_scenes_finetune.yaml" --bundle "$B" --data "$D" \
     --tasks cls,det,seg --teacher "${TEACHERS[@]}" --head-config detection.fpn_channels=64 \
     segmentation.aspp_channels=64 segmentation.output_stride=8 "segmentation.atrous_rates=[1,2,3]" "${@:3}" \
-    "${COMMON[@]}"
+    "${RUN[@]}"
 }
 rac_vr() {  # RAC with $1 residual blocks, variable-rate over the λ list $2 (joint, one run); $3 = multi:
   # distilled from all three task teachers; $4 = shared: one prior read at each rate's step (--prior shared)
@@ -89,7 +94,7 @@ rac_vr() {  # RAC with $1 residual blocks, variable-rate over the λ list $2 (jo
   [ "${3:-}" != multi ] || { B=$B-mt; TEACH=("${TEACHERS[@]}"); }
   [ "${4:-}" != shared ] || { B=$B-sp; PRIOR=(--prior shared); }
   test -f "$B/manifest.json" || "$P" train --recipe "$R/fmnist_scenes_rac_joint.yaml" --mode joint \
-    --teacher "${TEACH[@]}" --data "$D" --blocks "$1" --lmbdas "$2" --out "$B" "${PRIOR[@]}" "${COMMON[@]}"
+    --teacher "${TEACH[@]}" --data "$D" --blocks "$1" --lmbdas "$2" --out "$B" "${PRIOR[@]}" "${RUN[@]}"
 }
 rac() {  # RAC with $1 residual blocks at λ $2, $3 = joint or cls-fixed, for $4 epochs if given (the
   # recipe's 9 = Entropic Student's 5 + 4 otherwise)
@@ -97,7 +102,7 @@ rac() {  # RAC with $1 residual blocks at λ $2, $3 = joint or cls-fixed, for $4
   [ "$3" = joint ] || B=$B-clsfixed
   [ -z "${4:-}" ] || { B=$B-e$4; E=(--epochs "$4"); }
   test -f "$B/manifest.json" || "$P" train --recipe "$R/fmnist_scenes_rac_joint.yaml" --mode "$3" --teacher "$T" \
-    --data "$D" --blocks "$1" --lmbda "$2" --out "$B" "${E[@]}" "${COMMON[@]}"
+    --data "$D" --blocks "$1" --lmbda "$2" --out "$B" "${E[@]}" "${RUN[@]}"
 }
 image_codec() {  # CompressAI architecture $1 at quality $2 (its N, M and λ), 2 epochs, lr 5e-4 then 5e-5
   local B=$W/$1-q$2
