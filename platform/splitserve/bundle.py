@@ -123,14 +123,17 @@ def read_manifest(path: str | Path) -> Manifest:
     return manifest
 
 
+def bundle_files(manifest: Manifest) -> set[str]:
+    """What a bundle is, relative to its directory: ``manifest.json`` and every file it lists (a
+    run's checkpoints or markers beside them are not part of it)."""
+    return {"manifest.json", *(e.path for e in manifest.files.values()), *(t.file.path for t in manifest.tasks.values())}
+
+
 def bundle_bytes(path: str | Path, manifest: Manifest | None = None) -> int:
-    """Bytes on disk of what the bundle is: ``manifest.json`` and every file it lists (a run's
-    checkpoints or markers beside them do not count), the size a deployment ships."""
+    """Bytes on disk of :func:`bundle_files`, the size a deployment ships."""
     root = Path(path)
-    manifest = manifest or read_manifest(root)
-    files = {"manifest.json", *(e.path for e in manifest.files.values()), *(t.file.path for t in manifest.tasks.values())}
     total = 0
-    for rel in files:  # each file once, as it lies on disk
+    for rel in bundle_files(manifest or read_manifest(root)):  # each file once, as it lies on disk
         fpath = (root / rel).resolve()
         if root.resolve() not in fpath.parents:
             raise BundleError(f"{root}: path {rel!r} escapes the bundle directory")
