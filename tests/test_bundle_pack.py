@@ -122,3 +122,102 @@ def test_pack_sets_the_default_rate_and_drops_the_metrics_measured_at_the_old_on
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--default-rate 4 is outside the bundle's rates 0..3" in err
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.fixture(scope="module")
+def shared_bundle(bundle_dir, tmp_path_factory):
+    """``bundle_dir`` with classification and detection on one shared trunk (the classification
+    head's layer2..4) and segmentation on its own: both ways a head is stored."""
+    from splitserve.bundle import load_codec, load_head, save_bundle
+
+    manifest = read_manifest(bundle_dir)
+    registry = PluginRegistry.discover()
+    heads = {}
+    for task, entry in manifest.tasks.items():
+        plugin = registry.get(task)
+        config = plugin.resolve_config(manifest.backbone, entry.config)
+        heads[task] = (load_head(bundle_dir, task, plugin.build_head(manifest.backbone, config), manifest), config)
+    out = tmp_path_factory.mktemp("pack") / "shared"
+    save_bundle(out, load_codec(bundle_dir, manifest=manifest), backbone=manifest.backbone,
+                preprocessing=manifest.policy, heads=heads, trunk=heads["classification"][0].tail,
+                shared_tasks=["classification", "detection"])
+    return out
+
+
+def test_int8_stores_trunk_and_heads_in_a_quarter_and_loads_them_within_half_a_step(shared_bundle, tmp_path, capsys):
+    """--int8: the trunk's and heads' conv/linear weights are int8 with a float32 scale per output
+    channel, the rest float16, the device side exact; loading gives every weight back within half
+    its channel's step, and the answers stay those of the float32 bundle."""
+    from splitserve import int8
+    from splitserve.bundle import load_trunk
+
+    out = tmp_path / "int8"
+    assert main(["bundle", "pack", str(shared_bundle), str(out), "--int8"]) == 0
+    assert "(unchanged)" in capsys.readouterr().out
+    src, dst = read_manifest(shared_bundle), read_manifest(out)
+    assert dst.fingerprint == src.fingerprint
+    assert [dst.files[p].sha256 for p in ("encoder", "prior")] == [src.files[p].sha256 for p in ("encoder", "prior")]
+    assert {k: e.storage for k, e in dst.files.items()} == {"encoder": "float", "prior": "float", "decoder": "float",
+                                                            "trunk": "int8"}
+    assert {t.file.storage for t in dst.tasks.values()} == {"int8"}
+    stored = load_file(str(out / dst.files["trunk"].path))
+    weights = [k for k in stored if k.endswith(".weight") and stored[k].dim() >= 2]
+    assert weights and all(stored[k].dtype == torch.int8 for k in weights)
+    assert {stored[k + int8.SCALE_SUFFIX].dtype for k in weights} == {torch.float32}
+    assert all((stored[k].flatten(1).abs().amax(1) == 127).all() for k in weights)  # each channel's full range
+    assert {t.dtype for k, t in stored.items() if t.is_floating_point() and not k.endswith(int8.SCALE_SUFFIX)} \
+        == {torch.float16}
+    size = lambda b, rel: (b / rel).stat().st_size  # noqa: E731
+    assert size(out, dst.files["trunk"].path) < 0.27 * size(shared_bundle, src.files["trunk"].path)
+    for task in dst.tasks.values():
+        assert size(out, task.file.path) < 0.3 * size(shared_bundle, task.file.path)
+
+    before, after = load_trunk(shared_bundle).tail.state_dict(), load_trunk(out).tail.state_dict()
+    for name in weights:
+        w, step = before[name], stored[name + int8.SCALE_SUFFIX].view(-1, *[1] * (before[name].dim() - 1))
+        assert after[name].dtype == torch.float32
+        assert ((after[name] - w).abs() <= step / 2 + 1e-6).all(), name
+        assert not torch.equal(after[name], w)  # rounded, not copied
+    image = texture("coffee", (90, 70))
+    data = EdgeEncoder.from_bundle(shared_bundle).encode([image]).data
+    assert EdgeEncoder.from_bundle(out).encode([image]).data == data
+    answers = [_classify(_runtime(b), data) for b in (shared_bundle, out)]
+    assert [t.index for t in answers[0].top] == [t.index for t in answers[1].top]
+    assert [t.probability for t in answers[1].top] == pytest.approx([t.probability for t in answers[0].top], abs=1e-2)
+
+    again = tmp_path / "again"  # packing a packed bundle keeps int8 as int8 (not int8 read as float)
+    assert main(["bundle", "pack", str(out), str(again), "--int8"]) == 0
+    assert torch.equal(load_trunk(again).tail.state_dict()[weights[0]], after[weights[0]])
+
+
+@pytest.mark.parametrize("forge, reason", [
+    (lambda t, k: t.pop(k + ".int8_scale"), "has no scale"),
+    (lambda t, k: t.__setitem__(k + ".int8_scale", t[k + ".int8_scale"][1:]), "do not fit"),
+    (lambda t, k: t.__setitem__(k + ".int8_scale", t[k + ".int8_scale"].double()), "do not fit"),
+    (lambda t, k: t.__setitem__(k + ".int8_scale", torch.full_like(t[k + ".int8_scale"], float("nan"))),
+     "not finite"),
+    (lambda t, k: t.__setitem__(k, t[k].float()), "not int8"),
+    (lambda t, k: t.__setitem__("ghost.int8_scale", torch.ones(3)), "has no int8 weight"),
+])
+def test_forged_int8_storage_is_refused_with_its_reason(shared_bundle, tmp_path, forge, reason):
+    """A bundle from elsewhere whose int8 file does not fit its scales is a BundleError, not a
+    trunk of garbage weights (the file's hash in the manifest is the forger's own)."""
+    import hashlib
+
+    from safetensors.torch import save_file
+
+    from splitserve.bundle import load_trunk, write_manifest
+    from splitserve.errors import BundleError
+
+    out = tmp_path / "int8"
+    assert main(["bundle", "pack", str(shared_bundle), str(out), "--int8"]) == 0
+    manifest = read_manifest(out)
+    path = out / manifest.files["trunk"].path
+    tensors = load_file(str(path))
+    key = next(k for k in tensors if k.endswith(".weight") and tensors[k].dtype == torch.int8)
+    forge(tensors, key)
+    save_file(tensors, str(path))
+    manifest.files["trunk"].sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
+    write_manifest(out, manifest)
+    with pytest.raises(BundleError, match=f"trunk weights trunk.safetensors are not valid int8 storage: .*{reason}"):
+        load_trunk(out)

@@ -24,7 +24,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 from torch import nn
 
-from . import __version__
+from . import __version__, int8
 from .descriptor import read_descriptor
 from .errors import BundleError, SplitserveError
 from .models import FeatureCodec, build_codec
@@ -41,6 +41,9 @@ class FileEntry(BaseModel):
     path: str
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     parameters: int = Field(ge=0)
+    storage: Literal["float", "int8"] = Field(
+        "float", description="float: as the tensors are stored (float32 or float16); int8: conv/linear weights "
+                             "in int8 with a float32 scale per output channel (bundle pack --int8)")
 
 
 class CodecSpec(BaseModel):
@@ -157,9 +160,15 @@ def _read_tensors(root: Path, entry: FileEntry, what: str) -> dict[str, torch.Te
             f"(sha256 {digest[:12]}…, manifest says {entry.sha256[:12]}…)"
         )
     try:
-        return load_safetensors(data)
+        tensors = load_safetensors(data)
     except Exception as e:  # SafetensorError, or a header that does not decode at all
         raise BundleError(f"{root}: {what} weights {entry.path} are not a valid safetensors file ({e})") from None
+    if entry.storage == "int8":
+        try:
+            tensors = int8.dequantize(tensors)
+        except ValueError as e:
+            raise BundleError(f"{root}: {what} weights {entry.path} are not valid int8 storage: {e}") from None
+    return tensors
 
 
 def _load_into(module: nn.Module, tensors: Mapping[str, torch.Tensor], what: str, root: Path) -> None:
@@ -398,7 +407,7 @@ def upgrade_bundle(path: str | Path) -> Manifest:
     return read_manifest(root)
 
 
-def pack_bundle(src: str | Path, dst: str | Path, *, half: bool = True, half_encoder: bool = False,
+def pack_bundle(src: str | Path, dst: str | Path, *, half_encoder: bool = False, int8_server: bool = False,
                 default_rate: int | None = None) -> Manifest:
     """Copy a bundle (the files its manifest lists, nothing else) with the server-side weights
     (decoder, trunk, heads) stored in float16.
@@ -412,11 +421,14 @@ def pack_bundle(src: str | Path, dst: str | Path, *, half: bool = True, half_enc
     rounding-edge values, and metrics to measure again (``platform bundle measure``). The prior's
     coding tables always stay exact.
 
+    ``int8_server`` stores the trunk's and heads' conv and linear weights in int8, one scale per
+    output channel (:mod:`splitserve.int8`): a quarter of float32, for a bundle whose trunks and
+    heads do not fit its budget in float16. The decoder, which every head reads through, stays
+    float16. Measure the copy again.
+
     ``default_rate`` sets a variable-rate bundle's default rate: what is shipped is chosen after its
     rates are measured, not when training starts. The metrics measured at the old default go with it.
     """
-    from safetensors.torch import load_file
-
     src, dst = Path(src), Path(dst)
     manifest = read_manifest(src)
     codec = load_codec(src, manifest=manifest)  # verify before copying
@@ -433,21 +445,31 @@ def pack_bundle(src: str | Path, dst: str | Path, *, half: bool = True, half_enc
                 if t.is_floating_point():
                     t.copy_(t.half().float())  # what loading the float16 file will give
         manifest.fingerprint = codec.fingerprint()
+    # how each file the manifest lists is stored: "half", "int8", or None (copied byte for byte)
+    server = "int8" if int8_server else "half"
+    plan = [(entry, "half" if half_encoder and k == "encoder" else None) for k, entry in manifest.files.items()
+            if k in EDGE_PARTS]
+    plan += [(entry, server if k == "trunk" else "half") for k, entry in manifest.files.items() if k not in EDGE_PARTS]
+    plan += [(t.file, server) for t in manifest.tasks.values()]
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent if dst.parent.exists() else None))
     try:
-        edge = [(entry, half_encoder and k == "encoder") for k, entry in manifest.files.items() if k in EDGE_PARTS]
-        server = [(entry, half) for k, entry in manifest.files.items() if k not in EDGE_PARTS]
-        server += [(t.file, half) for t in manifest.tasks.values()]
-        for entry, to_half in edge + server:  # what the manifest lists, nothing else
+        for entry, how in plan:  # what the manifest lists, nothing else
             path = tmp / entry.path
             path.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src / entry.path, path)
-            if to_half:
-                tensors = {k: (v.half() if v.is_floating_point() else v) for k, v in load_file(str(path)).items()}
-                save_file(tensors, str(path))
-                entry.sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
-        stored = "encoder, decoder, trunk and heads in float16" if half_encoder else "server-side weights in float16"
-        manifest.provenance = {**manifest.provenance, "packed": stored if half else "copy"}
+            if how is None:
+                shutil.copyfile(src / entry.path, path)
+                continue
+            tensors = _read_tensors(src, entry, entry.path)  # verified, and float if it was stored in int8
+            if how == "int8":
+                tensors = int8.quantize(tensors)
+            save_file({k: v.half() if v.is_floating_point() and not k.endswith(int8.SCALE_SUFFIX) else v
+                       for k, v in tensors.items()}, str(path))
+            entry.sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
+            entry.storage = "int8" if how == "int8" else "float"
+        halved = ["encoder"] * half_encoder + ["decoder"] + ["trunk", "heads"] * (not int8_server)
+        stored = " and ".join([", ".join(halved[:-1]), halved[-1]] if len(halved) > 1 else halved) + " in float16"
+        stored += "; trunk and heads in int8" if int8_server else ""
+        manifest.provenance = {**manifest.provenance, "packed": stored}
         write_manifest(tmp, manifest)
         load_codec(tmp)  # the packed bundle verifies: hashes and (new) fingerprint
         for path in [tmp, *tmp.rglob("*")]:  # mkdtemp and safetensors make owner-only files; a bundle is shared

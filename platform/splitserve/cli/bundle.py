@@ -29,13 +29,18 @@ def register(sub) -> None:
     c.add_argument("--tasks", default=None, help="comma-separated tasks (default: every installed plugin)")
     c.add_argument("--seed", type=int, default=0)
 
-    k = add_command(bsub, "pack", pack, "Copy a bundle with decoder, trunk and heads in float16 (encoder and prior exact).",
+    k = add_command(bsub, "pack", pack,
+                    "Copy a bundle with decoder, trunk and heads in float16 or int8 (encoder and prior exact).",
                     group="bundle")
     k.add_argument("path", metavar="DIR")
     k.add_argument("out", metavar="OUT")
     k.add_argument("--fp16-encoder", action="store_true",
                    help="store the encoder in float16 too (half the device download; a new fingerprint and "
                         "slightly different latents, so measure the packed bundle again: `bundle measure`)")
+    k.add_argument("--int8", action="store_true",
+                   help="store the trunk's and heads' conv and linear weights in int8, one scale per output "
+                        "channel (a quarter of float32; loaded back to float32; the code is unchanged, the "
+                        "answers round differently: `bundle measure` the copy)")
     k.add_argument("--default-rate", type=int, default=None, metavar="K",
                    help="a variable-rate bundle's default rate in the copy (what a device codes at unless it "
                         "chooses); the metrics measured at the old default are dropped: `bundle measure` the copy")
@@ -120,7 +125,8 @@ def upgrade(args) -> int:
 def pack(args) -> int:
     from ..bundle import bundle_bytes, pack_bundle
 
-    manifest = pack_bundle(args.path, args.out, half_encoder=args.fp16_encoder, default_rate=args.default_rate)
+    manifest = pack_bundle(args.path, args.out, half_encoder=args.fp16_encoder, int8_server=args.int8,
+                           default_rate=args.default_rate)
     size = bundle_bytes(args.out, manifest)
     print(f"wrote {args.out}: {size:,} bytes ({size / 2**20:.1f} MiB), fingerprint {manifest.fingerprint[:16]} "
           f"({'new: measure it again' if args.fp16_encoder else 'unchanged'})"
