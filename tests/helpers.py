@@ -18,6 +18,18 @@ from splitserve.plugins import PluginRegistry
 from .conftest import texture
 
 
+def bundle_heads(bundle: Path) -> dict[str, tuple[torch.nn.Module, dict]]:
+    """Every head of an own-trunk bundle with its config, as ``save_bundle(heads=...)`` takes them."""
+    manifest = read_manifest(bundle)
+    registry = PluginRegistry.discover()
+    heads = {}
+    for task, entry in manifest.tasks.items():
+        plugin = registry.get(task)
+        config = plugin.resolve_config(manifest.backbone, entry.config)
+        heads[task] = (load_head(bundle, task, plugin.build_head(manifest.backbone, config), manifest), config)
+    return heads
+
+
 def informative(bundle: Path) -> None:
     """Scale the untrained encoder's output so latents depend on the image (at initialisation they
     all round to zero, and then no test could tell one image's answer from another's)."""
@@ -27,13 +39,7 @@ def informative(bundle: Path) -> None:
     codec = load_codec(bundle, manifest=manifest)
     with torch.no_grad():
         codec.encoder[-1].weight.mul_(60.0)
-    registry = PluginRegistry.discover()
-    heads = {}
-    for task, entry in manifest.tasks.items():
-        plugin = registry.get(task)
-        config = plugin.resolve_config(manifest.backbone, entry.config)
-        heads[task] = (load_head(bundle, task, plugin.build_head(manifest.backbone, config), manifest), config)
-    save_bundle(bundle, codec, backbone=manifest.backbone, preprocessing=manifest.policy, heads=heads,
+    save_bundle(bundle, codec, backbone=manifest.backbone, preprocessing=manifest.policy, heads=bundle_heads(bundle),
                 rates=manifest.rates, default_rate=manifest.default_rate)
     edge = EdgeEncoder.from_bundle(bundle)
     x, _ = edge.preprocess([texture("brick", (90, 70)), texture("grass", (90, 70))])

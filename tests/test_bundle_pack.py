@@ -128,15 +128,12 @@ def test_pack_sets_the_default_rate_and_drops_the_metrics_measured_at_the_old_on
 def shared_bundle(bundle_dir, tmp_path_factory):
     """``bundle_dir`` with classification and detection on one shared trunk (the classification
     head's layer2..4) and segmentation on its own: both ways a head is stored."""
-    from splitserve.bundle import load_codec, load_head, save_bundle
+    from splitserve.bundle import load_codec, save_bundle
+
+    from .helpers import bundle_heads
 
     manifest = read_manifest(bundle_dir)
-    registry = PluginRegistry.discover()
-    heads = {}
-    for task, entry in manifest.tasks.items():
-        plugin = registry.get(task)
-        config = plugin.resolve_config(manifest.backbone, entry.config)
-        heads[task] = (load_head(bundle_dir, task, plugin.build_head(manifest.backbone, config), manifest), config)
+    heads = bundle_heads(bundle_dir)
     out = tmp_path_factory.mktemp("pack") / "shared"
     save_bundle(out, load_codec(bundle_dir, manifest=manifest), backbone=manifest.backbone,
                 preprocessing=manifest.policy, heads=heads, trunk=heads["classification"][0].tail,
