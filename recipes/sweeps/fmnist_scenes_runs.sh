@@ -30,6 +30,9 @@ COMMON=(--no-progress --resume)
 RUN=("${COMMON[@]}" --val-limit 1000)
 DET=(--head-config fpn_channels=64)
 SEG=(--head-config aspp_channels=64 output_stride=8 "atrous_rates=[1,2,3]")
+# the same narrow FPN and ASPP (DeepLabv3 dilated to output stride 8) for heads trained together (--tasks)
+NARROW=(--head-config detection.fpn_channels=64 segmentation.aspp_channels=64 segmentation.output_stride=8
+  "segmentation.atrous_rates=[1,2,3]")
 
 once() {  # once MARKER COMMAND…: run COMMAND unless MARKER exists, then create it
   local marker=$1; shift
@@ -77,15 +80,13 @@ own_heads() {  # a copy of bundle $1 whose detection and segmentation heads each
   once "$B/.own-det" "$P" "${S[@]}" --task detection --teacher "$W/teacher-det" "${det[@]}"
   once "$B/.own-seg" "$P" "${S[@]}" --task segmentation --teacher "$W/teacher-seg" "${seg[@]}"
 }
-joint_trunk() {  # a copy of bundle $1 (into $2, default $1-joint) whose three heads share one layer2..4
-  # fine-tuned on all three tasks' losses at once (finetune --tasks; narrow FPN and ASPP as the shared
-  # heads); further arguments go to finetune (the recipe: 4 epochs, lr ÷10 after 3)
-  local B=${2:-$1-joint}
+joint_trunk() {  # a copy of bundle $1 (into $2) whose heads for the tasks $3 share one layer2..4
+  # fine-tuned on all their losses at once (finetune --tasks; the trunk starts from the bundle's, else
+  # from the first task's head); further arguments go to finetune (the recipe: 4 epochs, lr ÷10 after 3)
+  local B=$2
   test -d "$B" || { cp -r "$1" "$B.tmp" && mv "$B.tmp" "$B"; }
   once "$B/.joint" "$P" finetune --recipe "$R/fmnist_scenes_finetune.yaml" --bundle "$B" --data "$D" \
-    --tasks cls,det,seg --teacher "${TEACHERS[@]}" --head-config detection.fpn_channels=64 \
-    segmentation.aspp_channels=64 segmentation.output_stride=8 "segmentation.atrous_rates=[1,2,3]" "${@:3}" \
-    "${RUN[@]}"
+    --tasks "$3" --teacher "${TEACHERS[@]}" "${@:4}" "${RUN[@]}"
 }
 rac_vr() {  # RAC with $1 residual blocks, variable-rate over the λ list $2 (joint, one run); $3 = multi:
   # distilled from all three task teachers; $4 = shared: one prior read at each rate's step (--prior shared)
@@ -121,7 +122,7 @@ case $WHAT in
     # all three teachers, whose three heads share one trunk fine-tuned on all three losses (the study's
     # joint trunk) for 12 epochs, lr ÷10 after 9, where the study's has 4
     rac_vr 8 "$VR_LMBDAS" multi
-    joint_trunk "$W/rac8-vr-mt" "$W/default-rac8-vr-mt" --epochs 12 --step-size 9
+    joint_trunk "$W/rac8-vr-mt" "$W/default-rac8-vr-mt" cls,det,seg "${NARROW[@]}" --epochs 12 --step-size 9
     exit 0 ;;
   study|extra) ;;
   *) echo "fmnist_scenes_runs.sh: choose default, study or extra, not $WHAT" >&2; exit 2 ;;
@@ -130,20 +131,27 @@ esac
 # The study on fmnist-scenes v2 (val: photographs no training scene uses), the runs that decide the
 # default first: what one encoder for every task and every rate costs.
 # 1. One encoder for every task and every rate (issues 21 §3 and 24): RAC N = 8 variable-rate over seven
-#    λ distilled from all three teachers, with the two server-side layouts a default under 30 MB can
-#    have: (c) one trunk fine-tuned on all three losses, shared; (b) the frozen classification trunk,
-#    shared. Then RAC N = 8 trained alone at the four λ that span the range (the variable-rate cost:
-#    they decide whether the default is variable-rate), and the same variable-rate encoder distilled
-#    from the classification teacher alone (the multi-task Δ). Last, layout (a): own trunks from the
-#    task teachers (three ResNet-18 trunks: ~66 MB in float16, so never the default), trained as the
-#    reference does and by our one-stage recipe.
+#    λ distilled from all three teachers, with the server-side layouts: (a) own trunks from the task
+#    teachers, trained as the reference does (three ResNet-18 trunks, ~66 MB in float16: never the
+#    default, but what the others are measured against, and where (c) from the teachers' heads starts);
+#    (c) one trunk fine-tuned on all three losses, shared, with narrow heads and with the teachers'
+#    heads; (b) the frozen classification trunk, shared. Then RAC N = 8 trained alone at the four λ
+#    that span the range (the variable-rate cost: they decide whether the default is variable-rate),
+#    and the same variable-rate encoder distilled from the classification teacher alone (the
+#    multi-task Δ); last, (a) by our one-stage recipe.
 rac_vr 8 "$VR_LMBDAS" multi
-joint_trunk "$W/rac8-vr-mt"
+own_heads "$W/rac8-vr-mt" teacher
+joint_trunk "$W/rac8-vr-mt" "$W/rac8-vr-mt-joint" cls,det,seg "${NARROW[@]}"
+# (c) from the teachers' heads: the trunk starts from the reference-trained detection head's layer2..4
+# (detection is the head that needs the most training from scratch: 5 mAP after the 4 epochs of the
+# narrow joint trunk in session 7, against the teacher's 23.5) and every head keeps its teacher's width,
+# started from its teacher-started head; lr 1e-3, every head starts trained. A full-width RetinaNet
+# head is ~8 M weights, so this layout fits 30 MB only in int8 (bundle pack --int8).
+joint_trunk "$W/rac8-vr-mt-tinit" "$W/rac8-vr-mt-tinit-joint" det,cls,seg --lr 0.001
 shared_heads "$W/rac8-vr-mt"
 for lmbda in ${SPAN_LMBDAS//,/ }; do rac 8 "$lmbda" joint; done
 rac_vr 8 "$VR_LMBDAS"
 shared_heads "$W/rac8-vr"
-own_heads "$W/rac8-vr-mt" teacher
 own_heads "$W/rac8-vr-mt" direct  # stage 2 as the reference trains it against our one-stage recipe
 # The shipped default before v2 (single-rate, trained on v1's 15 backgrounds), from git history: the
 # sweep's "before" row, measured on v2's two vals like every other point.
@@ -166,6 +174,6 @@ for beta in 0.32 0.08; do es "$beta" "" multi; shared_heads "$W/es-b$beta"; shar
 own_heads "$W/es-b0.32" teacher
 own_heads "$W/es-b0.32" direct
 own_heads "$W/es-b0.32-mt" teacher
-joint_trunk "$W/es-b0.32-mt"
+joint_trunk "$W/es-b0.32-mt" "$W/es-b0.32-mt-joint" cls,det,seg "${NARROW[@]}"
 for lmbda in 1.92 0.96 0.64 0.48; do rac 0 "$lmbda" joint; done
 echo "study and extra runs done in $W"
