@@ -157,6 +157,8 @@ def test_int8_stores_trunk_and_heads_in_a_quarter_and_loads_them_within_half_a_s
     assert {k: e.storage for k, e in dst.files.items()} == {"encoder": "float", "prior": "float", "decoder": "float",
                                                             "trunk": "int8"}
     assert {t.file.storage for t in dst.tasks.values()} == {"int8"}
+    assert main(["bundle", "inspect", str(out)]) == 0
+    assert "stored int8  trunk, classification head, detection head, segmentation head" in capsys.readouterr().out
     stored = load_file(str(out / dst.files["trunk"].path))
     weights = [k for k in stored if k.endswith(".weight") and stored[k].dim() >= 2]
     assert weights and all(stored[k].dtype == torch.int8 for k in weights)

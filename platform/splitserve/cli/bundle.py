@@ -97,6 +97,10 @@ def inspect(args) -> int:
     for name, task in manifest.tasks.items():
         metrics = ", ".join(f"{k} {v:.2f}" for k, v in task.metrics.items()) or "no metrics"
         print(f"  {name:<14}{task.file.parameters:>12,} parameters  {metrics}")
+    int8 = [k for k, e in manifest.files.items() if e.storage == "int8"]
+    int8 += [f"{k} head" for k, t in manifest.tasks.items() if t.file.storage == "int8"]
+    if int8:
+        print(f"stored int8  {', '.join(int8)} (bundle pack --int8)")
     for key, value in manifest.provenance.items():
         print(f"provenance   {key}: {value}")
     return 0
