@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import venv
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -45,8 +46,10 @@ def photos(tmp_path_factory) -> list[Path]:
 @pytest.fixture(scope="module")
 def onnx_dir(bundle, photos, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("export") / "onnx"
-    assert main(["export", "--bundle", str(bundle), "--format", "onnx", "--out", str(out),
-                 "--images", *map(str, photos)]) == 0
+    with warnings.catch_warnings():  # PyTorch's TorchScript-based ONNX exporter is deprecated and says so
+        warnings.simplefilter("error", DeprecationWarning)
+        assert main(["export", "--bundle", str(bundle), "--format", "onnx", "--out", str(out),
+                     "--images", *map(str, photos)]) == 0
     return out
 
 
@@ -54,7 +57,30 @@ def test_export_writes_portable_files_and_checks_latents(onnx_dir, bundle, capsy
     meta = json.loads((onnx_dir / "edge.json").read_text())
     assert meta["encoder"]["format"] == "onnx" and (onnx_dir / "encoder.onnx").is_file()
     assert meta["fingerprint"] == json.loads((bundle / "manifest.json").read_text())["fingerprint"]
-    assert not list(onnx_dir.glob("*.pt")) and not list(onnx_dir.glob("*.pkl"))  # no pickles
+    assert sorted(p.name for p in onnx_dir.iterdir()) == ["coding.safetensors", "edge.json", "encoder.onnx"]
+
+
+def test_the_onnx_graph_takes_any_batch_and_size(onnx_dir, bundle):
+    """torch.export's graph, opset 18: batch, height and width stay symbolic, so one file encodes
+    any image count at any size a preprocessing policy gives, as PyTorch's encoder does."""
+    import onnx
+    import onnxruntime as ort
+    import torch
+
+    from splitserve.bundle import load_codec
+
+    model = onnx.load(str(onnx_dir / "encoder.onnx"))
+    dims = [d.dim_param or d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["batch", 3, "height", "width"]
+    assert {o.domain: o.version for o in model.opset_import}[""] == 18
+    session = ort.InferenceSession(str(onnx_dir / "encoder.onnx"), providers=["CPUExecutionProvider"])
+    encoder = load_codec(bundle).encoder
+    for shape in ((1, 3, 96, 128), (3, 3, 64, 192)):
+        x = torch.rand(*shape, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            expected = encoder(x).numpy()
+        (latent,) = session.run(None, {"image": x.numpy()})
+        assert latent.shape == expected.shape and np.abs(latent - expected).max() < 1e-4
 
 
 def test_single_rate_export_is_what_it_was(onnx_dir, bundle, photos, tmp_path):

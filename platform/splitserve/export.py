@@ -37,7 +37,7 @@ from .errors import SplitserveError
 from .preprocess import Preprocessing, load_image, to_input
 
 FORMATS = {"onnx": "encoder.onnx", "pte": "encoder.pte"}
-ONNX_OPSET = 17
+ONNX_OPSET = 18  # the lowest the torch.export-based exporter writes
 # executorch 1.5.1's metadata asks for numpy>=2, which compressai 1.2.8 cannot load, so pip cannot
 # resolve it beside splitserve; installed without its dependencies it exports and runs here.
 EXECUTORCH_INSTALL = "install the pte extra, then `pip install --no-deps executorch==1.5.1` (docs/edge.md)"
@@ -106,13 +106,11 @@ def write_encoder(encoder: nn.Module, fmt: str, policy: Preprocessing, path: Pat
     encoder = exportable(encoder)
     example = torch.zeros(1, 3, *policy.nominal_size)
     with torch.no_grad():
-        if fmt == "onnx":
-            torch.onnx.export(
-                encoder, example, str(path), input_names=["image"], output_names=["latent"],
-                dynamic_axes={"image": {0: "batch", 2: "height", 3: "width"},
-                              "latent": {0: "batch", 2: "latent_height", 3: "latent_width"}},
-                opset_version=ONNX_OPSET, dynamo=False,
-            )
+        if fmt == "onnx":  # torch.export's graph, translated by onnxscript (PyTorch's supported exporter)
+            sizes = {0: torch.export.Dim("batch"), 2: torch.export.Dim("height"), 3: torch.export.Dim("width")}
+            torch.onnx.export(encoder, (example,), str(path), input_names=["image"], output_names=["latent"],
+                              dynamic_shapes=(sizes,), opset_version=ONNX_OPSET, dynamo=True, external_data=False,
+                              verbose=False)
             return
         try:
             from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
