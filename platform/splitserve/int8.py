@@ -28,7 +28,8 @@ def _quantizable(name: str, t: torch.Tensor) -> bool:
 
 
 def quantize(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Symmetric per-output-channel int8 of every conv/linear weight; the rest unchanged."""
+    """Symmetric int8 of every conv/linear weight, one scale per slice of its first dimension (the
+    output channel of a conv or linear layer); the rest unchanged."""
     out: dict[str, torch.Tensor] = {}
     for name, t in tensors.items():
         if name.endswith(SCALE_SUFFIX):
