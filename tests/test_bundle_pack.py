@@ -189,6 +189,13 @@ def test_int8_stores_trunk_and_heads_in_a_quarter_and_loads_them_within_half_a_s
     assert torch.equal(load_trunk(again).tail.state_dict()[weights[0]], after[weights[0]])
 
 
+@pytest.fixture(scope="module")
+def int8_bundle(shared_bundle, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pack") / "int8"
+    assert main(["bundle", "pack", str(shared_bundle), str(out), "--int8"]) == 0
+    return out
+
+
 @pytest.mark.parametrize("forge, reason", [
     (lambda t, k: t.pop(k + ".int8_scale"), "has no scale"),
     (lambda t, k: t.__setitem__(k + ".int8_scale", t[k + ".int8_scale"][1:]), "do not fit"),
@@ -197,11 +204,12 @@ def test_int8_stores_trunk_and_heads_in_a_quarter_and_loads_them_within_half_a_s
      "not finite"),
     (lambda t, k: t.__setitem__(k, t[k].float()), "not int8"),
     (lambda t, k: t.__setitem__("ghost.int8_scale", torch.ones(3)), "has no int8 weight"),
-])
-def test_forged_int8_storage_is_refused_with_its_reason(shared_bundle, tmp_path, forge, reason):
+], ids=["no scale", "short scale", "float64 scale", "nan scale", "float weight", "stray scale"])
+def test_forged_int8_storage_is_refused_with_its_reason(int8_bundle, tmp_path, forge, reason):
     """A bundle from elsewhere whose int8 file does not fit its scales is a BundleError, not a
     trunk of garbage weights (the file's hash in the manifest is the forger's own)."""
     import hashlib
+    import shutil
 
     from safetensors.torch import save_file
 
@@ -209,7 +217,7 @@ def test_forged_int8_storage_is_refused_with_its_reason(shared_bundle, tmp_path,
     from splitserve.errors import BundleError
 
     out = tmp_path / "int8"
-    assert main(["bundle", "pack", str(shared_bundle), str(out), "--int8"]) == 0
+    shutil.copytree(int8_bundle, out)
     manifest = read_manifest(out)
     path = out / manifest.files["trunk"].path
     tensors = load_file(str(path))
