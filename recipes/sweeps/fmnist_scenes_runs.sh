@@ -138,7 +138,8 @@ esac
 #    heads; (b) the frozen classification trunk, shared. Then RAC N = 8 trained alone at the four λ
 #    that span the range (the variable-rate cost: they decide whether the default is variable-rate),
 #    and the same variable-rate encoder distilled from the classification teacher alone (the
-#    multi-task Δ); last, (a) by our one-stage recipe.
+#    multi-task Δ), each with heads on the frozen classification trunk; last, (a) by our one-stage
+#    recipe.
 rac_vr 8 "$VR_LMBDAS" multi
 own_heads "$W/rac8-vr-mt" teacher
 joint_trunk "$W/rac8-vr-mt" "$W/rac8-vr-mt-joint" cls,det,seg "${NARROW[@]}"
@@ -152,6 +153,9 @@ shared_heads "$W/rac8-vr-mt"
 for lmbda in ${SPAN_LMBDAS//,/ }; do rac 8 "$lmbda" joint; done
 rac_vr 8 "$VR_LMBDAS"
 shared_heads "$W/rac8-vr"
+# the same heads on each single-rate bundle, so the variable-rate cost is measured on detection and
+# segmentation too (issue 24: heads that serve every rate against heads trained for one)
+for lmbda in ${SPAN_LMBDAS//,/ }; do shared_heads "$W/rac8-l$lmbda"; done
 own_heads "$W/rac8-vr-mt" direct  # stage 2 as the reference trains it against our one-stage recipe
 # The shipped default before v2 (single-rate, trained on v1's 15 backgrounds), from git history: the
 # sweep's "before" row, measured on v2's two vals like every other point.
