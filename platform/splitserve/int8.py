@@ -27,6 +27,11 @@ def _quantizable(name: str, t: torch.Tensor) -> bool:
     return t.is_floating_point() and t.dim() >= 2 and name.endswith(".weight")
 
 
+def _per_channel(scale: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``scale`` (one value per output channel) shaped to broadcast over ``weight``."""
+    return scale.view(-1, *[1] * (weight.dim() - 1))
+
+
 def quantize(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Symmetric int8 of every conv/linear weight, one scale per slice of its first dimension (the
     output channel of a conv or linear layer); the rest unchanged."""
@@ -40,7 +45,7 @@ def quantize(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         w = t.detach().float()
         peak = w.flatten(1).abs().amax(dim=1)
         scale = torch.where(peak > 0, peak / 127.0, torch.ones_like(peak))
-        out[name] = torch.round(w / scale.view(-1, *[1] * (w.dim() - 1))).clamp_(-127, 127).to(torch.int8)
+        out[name] = torch.round(w / _per_channel(scale, w)).clamp_(-127, 127).to(torch.int8)
         out[name + SCALE_SUFFIX] = scale
     return out
 
@@ -66,5 +71,5 @@ def dequantize(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
                              f"({scale.dtype}) do not fit: one float32 per output channel expected")
         if not torch.isfinite(scale).all():
             raise ValueError(f"the scale of {name!r} is not finite")
-        out[name] = t.float() * scale.view(-1, *[1] * (t.dim() - 1))
+        out[name] = t.float() * _per_channel(scale, t)
     return out
