@@ -61,21 +61,22 @@ bench: install
 	$(BIN)/platform bench serve --output docs/benchmarks.md
 
 # The default bundle, from scratch: data, the three task teachers, RAC N = 8 variable-rate over seven λ
-# (one encoder, every rate) distilled from all three teachers, then one layer2..4 trunk shared by the
-# three heads (narrow FPN/ASPP; DeepLabv3 dilated to output stride 8) fine-tuned on all three tasks'
-# losses for 12 epochs; the bundle is packed in float16 (encoder included: under 30 MB) into the
-# package with default rate $(DEFAULT_RATE), and measured there on the 2,000 val scenes, through the
-# served path, for its manifest's metrics.
+# (one encoder, every rate) distilled from all three teachers; detection and segmentation heads started
+# from their teachers and trained as the Entropic Student reference does; then one layer2..4 trunk shared
+# by the three full-width heads, fine-tuned on all three tasks' losses for 4 epochs. The bundle is packed
+# into the package with the trunk and heads in int8 and the encoder in float16 (under 30 MB), default
+# rate $(DEFAULT_RATE), and measured there on the 2,000 val scenes, through the served path, for its
+# manifest's metrics.
 # recipes/sweeps/fmnist_scenes_runs.sh holds every training step; each resumes (--resume) where an
 # interrupted run stopped; outputs live in $(DEFAULT_WORK).
-# Times on a 2-core AVX512-BF16 EPYC: docs/benchmarks/fmnist-scenes.md.
+# Times on a 2-core AVX512-BF16 EPYC: docs/benchmarks/fmnist-scenes-v2.md.
 DEFAULT_WORK ?= runs/default
 DEFAULT_RATE ?= 1  # the highest rate whose val payloads stay within 200 bytes per image (~160 B)
 RUNS := PLATFORM=$(BIN)/platform bash recipes/sweeps/fmnist_scenes_runs.sh $(DEFAULT_WORK)
 default-bundle: install fmnist wallpapers
 	$(RUNS) default
-	$(BIN)/platform bundle pack $(DEFAULT_WORK)/default-rac8-vr-mt platform/splitserve/assets/default-bundle \
-		--fp16-encoder --default-rate $(DEFAULT_RATE)
+	$(BIN)/platform bundle pack $(DEFAULT_WORK)/rac8-vr-mt-tinit-joint platform/splitserve/assets/default-bundle \
+		--fp16-encoder --int8 --default-rate $(DEFAULT_RATE)
 	$(BIN)/platform bundle measure platform/splitserve/assets/default-bundle --data $(DEFAULT_WORK)/fm64 --no-progress
 
 # The v2 study (docs/benchmarks/fmnist-scenes-v2/): the default bundle's runs, every other rate point,
