@@ -244,6 +244,23 @@ def test_learning_curves_from_metrics_logs(tmp_path):
     assert main(["evaluate", "--curves", f"x={tmp_path}", "--out", str(out)]) == 2  # no metrics.jsonl there
 
 
+def test_learning_curves_read_a_joint_runs_metric_under_its_task():
+    """A run that trains several heads logs detection/mAP: --metric mAP plots it beside a detection
+    run's mAP; a name two tasks share is refused rather than picked at random."""
+    from splitserve.errors import SplitserveError
+    from splitserve.evaluation.report import val_series
+
+    rows = [{"kind": "train", "epoch": 1, "loss": 2.0},
+            {"kind": "val", "epoch": 1, "detection/mAP": 19.3, "classification/top1": 79.9, "a/x": 1, "b/x": 2},
+            {"kind": "val", "epoch": 2, "detection/mAP": 20.1, "classification/top1": 80.4, "a/x": 1, "b/x": 2}]
+    assert val_series(rows, "mAP") == ([1, 2], [19.3, 20.1])
+    assert val_series(rows, "detection/mAP") == ([1, 2], [19.3, 20.1])
+    assert val_series([{"kind": "val", "epoch": 3, "mAP": 5.0, "x/mAP": 9.0}], "mAP") == ([3], [5.0])
+    assert val_series(rows, "mIoU") == ([], [])
+    with pytest.raises(SplitserveError, match="ambiguous.*a/x, b/x"):
+        val_series(rows, "x")
+
+
 _ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 

@@ -24,7 +24,7 @@ def register(sub) -> None:
     p.add_argument("--curves", nargs="+", metavar="LABEL=WORKDIR",
                    help="also plot the learning curves of these runs (their metrics.jsonl) to "
                         "OUT/learning_curves.png (learning_curves_METRIC.png for a --metric other than top1)")
-    p.add_argument("--metric", default="top1", help="validation metric of --curves, e.g. mAP or mIoU (default %(default)s)")
+    p.add_argument("--metric", default="top1", help="validation metric of --curves, e.g. mAP or mIoU (default %(default)s); a run that trains several heads logs detection/mAP, which mAP finds")
 
     t = add_command(sub, "train-image-codec", train_image_codec,
                     "Train a CompressAI image codec (factorized prior / mean-scale hyperprior) as a baseline.",

@@ -15,6 +15,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 
+from ..errors import SplitserveError  # noqa: E402
+
 
 def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_").lower()
@@ -283,15 +285,29 @@ def write_outputs(out: Path, study, sweep) -> dict[str, dict[str, str]]:
     return plots
 
 
+def val_series(records: list[dict], metric: str) -> tuple[list[int], list[float]]:
+    """Epochs and values of ``metric`` in a run's validation records. A run that trains several
+    heads logs each head's metric under its task's name (``detection/mAP``): there ``metric`` is the
+    one key that ends in ``/metric``, so one plot can put single-task and joint runs side by side."""
+    val = [r for r in records if r.get("kind") == "val"]
+    keys = {k for r in val for k in r}
+    if metric not in keys:
+        named = sorted(k for k in keys if k.endswith("/" + metric))
+        if len(named) > 1:
+            raise SplitserveError(f"metric {metric!r} is ambiguous in this run: {', '.join(named)}; name one")
+        metric = named[0] if named else metric
+    val = [r for r in val if metric in r]
+    return [r["epoch"] for r in val], [r[metric] for r in val]
+
+
 def plot_learning_curves(runs: dict[str, Path], out: Path, metric: str = "top1") -> Path:
     """Validation ``metric`` per epoch (and the training loss) of each run's ``metrics.jsonl``."""
     fig, (ax_val, ax_loss) = plt.subplots(1, 2, figsize=(12, 3.8))
     for i, (label, workdir) in enumerate(runs.items()):
         look = style(i)
         records = [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines() if line.strip()]
-        val = [r for r in records if r.get("kind") == "val" and metric in r]
         train = [r for r in records if r.get("kind") == "train" and "loss" in r]
-        ax_val.plot([r["epoch"] for r in val], [r[metric] for r in val], ms=4, label=label, **look)
+        ax_val.plot(*val_series(records, metric), ms=4, label=label, **look)
         ax_loss.plot([r["global_step"] for r in train], [r["loss"] for r in train], alpha=0.7, color=look["color"],
                      ls=look["ls"])
     ax_val.set_xlabel("epoch")
