@@ -73,7 +73,7 @@ def test_a_tiny_run_against_a_hand_computation(tmp_path):
                    "metric_on_time": 100.0, "metric_in_time": 25.0, "rates": {0: 4}}
 
 
-def test_the_adaptive_budget_uses_only_the_past(tmp_path):
+def test_the_ewma_budget_uses_only_the_past(tmp_path):
     """The same link; rates cost 20, 40, 80 bytes; the predictor starts at the floor, 4 bits/ms.
 
     frame 0 (t 0): budget ⌊4 · (55 − 10) / 8⌋ = 22 → rate 0, sent 10–30 (8 bits/ms observed);
@@ -91,7 +91,7 @@ def test_the_adaptive_budget_uses_only_the_past(tmp_path):
         return (fits[-1], cost[fits[-1]]) if fits else (0, cost[0])
 
     adaptive = Policy("adaptive", 10.0, 5.0, search, adaptive=True)
-    frames = simulate(trace, [0.0, 100.0, 200.0, 300.0, 340.0], 60.0, adaptive)
+    frames = simulate(trace, [0.0, 100.0, 200.0, 300.0, 340.0], 60.0, adaptive, predictor="ewma")
     assert [f.budget for f in frames] == [22, 33, 39, 42, 41]
     assert [f.predicted_kbit_s for f in frames] == [4.0, 6.0, 7.0, 7.5, 7.5]
     assert [f.rate for f in frames] == [0, 0, 0, 1, 1]
@@ -100,6 +100,36 @@ def test_the_adaptive_budget_uses_only_the_past(tmp_path):
     score = _scored(tmp_path, [0] * 5)
     got = account(frames, [_answer(0)] * 4 + [_answer(2)], score)
     assert (got["metric_all"], got["metric_in_time"], got["mean_bytes"], got["rates"]) == (80.0, 80.0, 28, {0: 3, 1: 2})
+
+
+def _search(cost):
+    def search(i, budget):
+        fits = [k for k, c in enumerate(cost) if c <= budget]
+        return (fits[-1], cost[fits[-1]]) if fits else (0, cost[0])
+    return search
+
+
+def test_the_robust_budget_distrusts_a_link_that_surprised_it():
+    """Rates cost 20, 40, 80 bytes; encode 10 ms, server 5, deadline 70: 55 ms to send.
+
+    Steady 8 bits/ms, first guess the floor, 4: frame 0 budget ⌊4 · 55 / 8⌋ = 27 → rate 0. Seen
+    [8]: the guess was off by |4 − 8| / 8 = ½, so the next five frames assume 8 / 1.5 = 5.33
+    (budget 36, rate 0) although every transfer since ran at 8; once that error leaves the last
+    five, frame 6 assumes 8 (budget 55) → rate 1. An EWMA would send rate 1 from frame 2."""
+    from splitserve.bench.link import Policy, Trace, simulate
+
+    adaptive = Policy("adaptive", 10.0, 5.0, _search([20, 40, 80]), adaptive=True)
+    steady = Trace("constant", 1000.0, (8.0,), 4.0, "8 kbit/s")
+    frames = simulate(steady, [100.0 * i for i in range(7)], 70.0, adaptive)
+    assert [f.budget for f in frames] == [27, 36, 36, 36, 36, 36, 55]
+    assert [f.rate for f in frames] == [0] * 6 + [1]
+    assert [f.rate for f in simulate(steady, [100.0 * i for i in range(7)], 70.0, adaptive, predictor="ewma")][2] == 1
+    # 8 then 2 bits/ms by 100 ms slots: seen [8, 2], harmonic mean 2 / (1/8 + 1/2) = 3.2 (arithmetic: 5);
+    # frame 1's guess 8 was off by |8 − 2| / 2 = 3, so frame 2 assumes 3.2 / 4 = 0.8, budget 5: rate 0
+    swinging = Trace("swinging", 100.0, (8.0, 2.0, 8.0), 4.0, "8 / 2 kbit/s")
+    frames = simulate(swinging, [0.0, 100.0, 200.0], 70.0, adaptive)
+    assert [f.predicted_kbit_s for f in frames] == pytest.approx([4.0, 8 / 1.5, 0.8])
+    assert [f.budget for f in frames] == [27, 36, 5]
 
 
 @pytest.fixture(scope="module")

@@ -77,8 +77,10 @@ def register(sub) -> None:
     k.add_argument("--frames", type=int, default=100, help="frames, each a different val image (default %(default)s)")
     k.add_argument("--seed", type=int, default=0, help="the trace's seed (default %(default)s)")
     k.add_argument("--split", default="val")
-    k.add_argument("--predictor", choices=("ewma", "oracle"), default="ewma",
-                   help="the adaptive device's bandwidth prediction: its past transfers, or the trace itself")
+    k.add_argument("--predictor", choices=("robust", "ewma", "oracle"), default="robust",
+                   help="the adaptive device's bandwidth prediction: from its past transfers, the harmonic mean "
+                        "of the last 5 discounted by its recent error (robust, the default) or an exponentially "
+                        "weighted mean (ewma); or the trace itself (oracle)")
     k.add_argument("--repeat", type=int, default=20, help="timed runs per encode/server time (default %(default)s)")
     k.add_argument("--encode-ms", type=float, help="the device's encode time for every policy (default: measured here)")
     k.add_argument("--server-ms", type=float, help="the server's time per frame for every policy (default: measured here)")
