@@ -191,8 +191,8 @@ def simulate(trace: Trace, arrivals_ms: Sequence[float], deadline_ms: float, pol
     frames: list[Frame] = []
     estimate, observed, link_free = trace.floor_kbit_s, 0, 0.0
     seen: list[float] = []  # the throughput of each transfer observed so far, in order
-    errors: list[float] = []  # the robust predictor's relative error on each of them
-    guesses: list[float] = []  # the robust predictor's undiscounted guess for each frame
+    guesses: list[float] = []  # each frame's guess before any discount (robust: the harmonic mean)
+    errors: list[float] = []  # each observed transfer's relative error against its guess
     for i, t in enumerate(arrivals_ms):
         ready, last = t + policy.encode_ms, t + deadline_ms - policy.server_ms  # the last byte's latest time
         budget = predicted = None
