@@ -73,6 +73,14 @@ def test_a_tiny_run_against_a_hand_computation(tmp_path):
                    "metric_on_time": 100.0, "metric_in_time": 25.0, "rates": {0: 4}}
 
 
+def _search(cost):
+    """The budget search over rates costing ``cost`` bytes: the highest that fits, else rate 0."""
+    def search(i, budget):
+        fits = [k for k, c in enumerate(cost) if c <= budget]
+        return (fits[-1], cost[fits[-1]]) if fits else (0, cost[0])
+    return search
+
+
 def test_the_ewma_budget_uses_only_the_past(tmp_path):
     """The same link; rates cost 20, 40, 80 bytes; the predictor starts at the floor, 4 bits/ms.
 
@@ -84,13 +92,7 @@ def test_the_ewma_budget_uses_only_the_past(tmp_path):
     left, so its start is predicted at 340 + 80 / 7.5; ⌊7.5 · (395 − 350.67) / 8⌋ = 41 → rate 1,
     350–390, answered 395 ≤ 400."""
     trace = Trace("constant", 1000.0, (8.0,), 4.0, "8 kbit/s")
-    cost = [20, 40, 80]
-
-    def search(i, budget):
-        fits = [k for k, c in enumerate(cost) if c <= budget]
-        return (fits[-1], cost[fits[-1]]) if fits else (0, cost[0])
-
-    adaptive = Policy("adaptive", 10.0, 5.0, search, adaptive=True)
+    adaptive = Policy("adaptive", 10.0, 5.0, _search([20, 40, 80]), adaptive=True)
     frames = simulate(trace, [0.0, 100.0, 200.0, 300.0, 340.0], 60.0, adaptive, predictor="ewma")
     assert [f.budget for f in frames] == [22, 33, 39, 42, 41]
     assert [f.predicted_kbit_s for f in frames] == [4.0, 6.0, 7.0, 7.5, 7.5]
@@ -102,13 +104,6 @@ def test_the_ewma_budget_uses_only_the_past(tmp_path):
     assert (got["metric_all"], got["metric_in_time"], got["mean_bytes"], got["rates"]) == (80.0, 80.0, 28, {0: 3, 1: 2})
 
 
-def _search(cost):
-    def search(i, budget):
-        fits = [k for k, c in enumerate(cost) if c <= budget]
-        return (fits[-1], cost[fits[-1]]) if fits else (0, cost[0])
-    return search
-
-
 def test_the_robust_budget_distrusts_a_link_that_surprised_it():
     """Rates cost 20, 40, 80 bytes; encode 10 ms, server 5, deadline 70: 55 ms to send.
 
@@ -116,8 +111,6 @@ def test_the_robust_budget_distrusts_a_link_that_surprised_it():
     [8]: the guess was off by |4 − 8| / 8 = ½, so the next five frames assume 8 / 1.5 = 5.33
     (budget 36, rate 0) although every transfer since ran at 8; once that error leaves the last
     five, frame 6 assumes 8 (budget 55) → rate 1. An EWMA would send rate 1 from frame 2."""
-    from splitserve.bench.link import Policy, Trace, simulate
-
     adaptive = Policy("adaptive", 10.0, 5.0, _search([20, 40, 80]), adaptive=True)
     steady = Trace("constant", 1000.0, (8.0,), 4.0, "8 kbit/s")
     frames = simulate(steady, [100.0 * i for i in range(7)], 70.0, adaptive)

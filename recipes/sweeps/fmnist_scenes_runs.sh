@@ -139,11 +139,11 @@ esac
 #    teachers, trained as the reference does (three ResNet-18 trunks, ~66 MB in float16: never the
 #    default, but what the others are measured against, and where (c) from the teachers' heads starts);
 #    (c) one trunk fine-tuned on all three losses, shared, with the teachers' heads (the default's
-#    runs: make default-bundle ran them already) and with narrow heads; (b) the frozen classification trunk, shared. Then RAC N = 8 trained alone at the four λ
-#    that span the range (the variable-rate cost: they decide whether the default is variable-rate),
-#    and the same variable-rate encoder distilled from the classification teacher alone (the
-#    multi-task Δ), each with heads on the frozen classification trunk; last, (a) by our one-stage
-#    recipe.
+#    runs: make default-bundle ran them already) and with narrow heads; (b) the frozen classification
+#    trunk, shared. Then RAC N = 8 trained alone at the four λ that span the range (the variable-rate
+#    cost: they decide whether the default is variable-rate), and the same variable-rate encoder
+#    distilled from the classification teacher alone (the multi-task Δ), each with heads on the
+#    frozen classification trunk; last, (a) by our one-stage recipe.
 rac_vr 8 "$VR_LMBDAS" multi
 own_heads "$W/rac8-vr-mt" teacher
 joint_trunk "$W/rac8-vr-mt" "$W/rac8-vr-mt-joint" cls,det,seg "${NARROW[@]}"
