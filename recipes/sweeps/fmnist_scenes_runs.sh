@@ -137,30 +137,34 @@ esac
 # 1. One encoder for every task and every rate (issues 21 §3 and 24): RAC N = 8 variable-rate over seven
 #    λ distilled from all three teachers, with the server-side layouts: (a) own trunks from the task
 #    teachers, trained as the reference does (three ResNet-18 trunks, ~66 MB in float16: never the
-#    default, but what the others are measured against, and where (c) from the teachers' heads starts);
-#    (c) one trunk fine-tuned on all three losses, shared, with the teachers' heads (the default's
-#    runs: make default-bundle ran them already) and with narrow heads; (b) the frozen classification
-#    trunk, shared. Then RAC N = 8 trained alone at the four λ that span the range (the variable-rate
-#    cost: they decide whether the default is variable-rate), and the same variable-rate encoder
-#    distilled from the classification teacher alone (the multi-task Δ), each with heads on the
-#    frozen classification trunk; last, (a) by our one-stage recipe.
+#    default, but what the others are measured against, and where (c) starts); (c) one trunk fine-tuned
+#    on all three losses, shared, from the teachers' heads (the default's runs: make default-bundle ran
+#    them already).
 rac_vr 8 "$VR_LMBDAS" multi
 own_heads "$W/rac8-vr-mt" teacher
-joint_trunk "$W/rac8-vr-mt" "$W/rac8-vr-mt-joint" cls,det,seg "${NARROW[@]}"
 # (c) from the teachers' heads: the trunk starts from the reference-trained detection head's layer2..4
 # (detection is the head that needs the most training from scratch: 5 mAP after the 4 epochs of the
 # narrow joint trunk in session 7, against the teacher's 23.5) and every head keeps its teacher's width,
 # started from its teacher-started head; lr 1e-3, every head starts trained. A full-width RetinaNet
 # head is ~8 M weights, so this layout fits 30 MB only in int8 (bundle pack --int8). The default.
 joint_trunk "$W/rac8-vr-mt-tinit" "$W/rac8-vr-mt-tinit-joint" det,cls,seg --lr 0.001
-shared_heads "$W/rac8-vr-mt"
+# What variable rate costs (issue 24): RAC N = 8 trained alone at the four λ that span the range against
+# the same variable-rate encoder distilled from the same classification teacher alone, each with the
+# classification head trained with it (their detection and segmentation heads follow below).
 for lmbda in ${SPAN_LMBDAS//,/ }; do rac 8 "$lmbda" joint; done
 rac_vr 8 "$VR_LMBDAS"
+# What distilling three teachers buys (the multi-task Δ, issue 21 §3), and layout (b): detection and
+# segmentation heads on the frozen classification trunk of the three-teacher and of the
+# classification-only encoder.
+shared_heads "$W/rac8-vr-mt"
 shared_heads "$W/rac8-vr"
-# the same heads on each single-rate bundle, so the variable-rate cost is measured on detection and
-# segmentation too (issue 24: heads that serve every rate against heads trained for one)
+# the same heads on each single-rate bundle: the variable-rate cost on detection and segmentation
+# (issue 24: heads that serve every rate against heads trained for one)
 for lmbda in ${SPAN_LMBDAS//,/ }; do shared_heads "$W/rac8-l$lmbda"; done
-own_heads "$W/rac8-vr-mt" direct  # stage 2 as the reference trains it against our one-stage recipe
+# The other layouts: (a) by our one-stage recipe against the reference's, (c) with narrow heads from
+# scratch against (c) from the teachers' heads.
+own_heads "$W/rac8-vr-mt" direct
+joint_trunk "$W/rac8-vr-mt" "$W/rac8-vr-mt-joint" cls,det,seg "${NARROW[@]}"
 # The shipped default before v2 (single-rate, trained on v1's 15 backgrounds), from git history: the
 # sweep's "before" row, measured on v2's two vals like every other point.
 test -d "$W/default-v1" || { mkdir -p "$W/default-v1.tmp" && git -C "$R/.." archive 25a7192 \
