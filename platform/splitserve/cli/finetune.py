@@ -11,7 +11,7 @@ OPTIONS, register = training_command(
     "stay frozen, so the bundle's fingerprint and every deployed edge device stay valid. On a variable-rate "
     "bundle every batch is coded at a rate drawn per step, so the head serves every rate. --tasks trains "
     "several heads and one shared trunk together.",
-    "splitserve.training.finetune:run_finetune",
+    "splitserve.cli.finetune:run",
     [
         task_option(required=False, replaces=("tasks",)),
         opt("--tasks", type=comma_words, default=None, metavar="TASK,TASK,...", replaces=("task",),
@@ -58,3 +58,32 @@ OPTIONS, register = training_command(
     epochs=10, batch_size=128, optimizer="sgd", lr=1e-3, momentum=0.9, weight_decay=5e-4, scheduler="step",
     step_size=5, gamma=0.1,
 )
+
+
+def run(cfg) -> int:
+    """Route the options to one of the command's three procedures: several heads on one trunk
+    (``--tasks``), the task's reference recipe, or the direct stage (``--procedure``'s default is
+    settled by :func:`~splitserve.training.reference.settle_procedure`). Imports stay inside, so
+    printing help loads no training code."""
+    from ..errors import SplitserveError
+
+    if cfg.tasks:
+        if cfg.task:
+            raise SplitserveError("give --task (one head) or --tasks (several heads on one trunk), not both")
+        from ..training.multitask import run_multitask
+
+        return run_multitask(cfg)
+    if not cfg.task:
+        raise SplitserveError("missing --task (or --tasks for several heads on one shared trunk)")
+    for flag in ("task_weight", "task_data"):
+        if getattr(cfg, flag, None):
+            raise SplitserveError(f"--{flag.replace('_', '-')} goes with --tasks")
+    from ..training.reference import run_reference, settle_procedure
+    from ..training.teacher import single_teacher
+
+    cfg.teacher = single_teacher(cfg.teacher)
+    if settle_procedure(cfg) == "reference":
+        return run_reference(cfg)
+    from ..training.finetune import FinetuneStage
+
+    return FinetuneStage(cfg).run()

@@ -274,33 +274,3 @@ def best_epoch(objective: Objective, result, metrics: dict[str, float], best_met
 def reference(cfg: SimpleNamespace) -> bool:
     """Whether the run follows the task's reference recipe (see :mod:`.reference`)."""
     return getattr(cfg, "procedure", None) == "reference"
-
-
-def run_finetune(cfg: SimpleNamespace) -> int:
-    from .reference import run_reference, settle_procedure
-
-    if getattr(cfg, "tasks", None):
-        if cfg.task:
-            raise SplitserveError("give --task (one head) or --tasks (several heads on one trunk), not both")
-        from .multitask import run_multitask
-
-        return run_multitask(cfg)
-    if not cfg.task:
-        raise SplitserveError("missing --task (or --tasks for several heads on one shared trunk)")
-    for flag in ("task_weight", "task_data"):
-        if getattr(cfg, flag, None):
-            raise SplitserveError(f"--{flag.replace('_', '-')} goes with --tasks")
-    cfg.teacher = single_teacher(cfg.teacher)
-    if settle_procedure(cfg) == "reference":
-        return run_reference(cfg)
-    return FinetuneStage(cfg).run()
-
-
-def single_teacher(value: Any) -> Path | None:
-    """The one ``--teacher`` of a single-task run (``DIR`` or ``TASK=DIR``), or None."""
-    from .student import teacher_specs
-
-    specs = teacher_specs(value) if value else []
-    if len(specs) > 1:
-        raise SplitserveError("--teacher: one teacher for --task (one per task with --tasks)")
-    return specs[0][1] if specs else None

@@ -43,8 +43,7 @@ from .objective import freeze
 from .options import options_dict
 from .rates import every_rate, is_per_rate, per_rate
 from .stage import Plan, Stage, bundle_workdir
-from .student import load_teachers
-from .teacher import Teacher, evaluate
+from .teacher import Teacher, evaluate, load_teachers
 
 SELECTION = "tasks_mean"  # the validation metric that picks the best epoch
 

@@ -24,7 +24,7 @@ from . import common
 from .rates import rate_entries, rate_weights
 from .refit import refit_entropy_model
 from .stage import Plan, Stage, bundle_workdir
-from .teacher import Teacher, load_teacher
+from .teacher import Teacher, load_teachers
 
 
 class StudentStage(Stage):
@@ -154,35 +154,6 @@ def codec_for(cfg: SimpleNamespace, arch: str, rates: int = 1, prior: str = "per
     if cfg.latent_channels is not None:
         config["latent_channels"] = cfg.latent_channels
     return build_codec(cfg.encoder, rates=rates, **{"prior": prior, **config})
-
-
-def teacher_specs(value: Any) -> list[tuple[str | None, Path]]:
-    """``--teacher`` values as (task or None, directory): ``DIR`` or ``TASK=DIR`` (an existing
-    directory, or a ``=`` after a path separator, is a plain ``DIR``)."""
-    out = []
-    for item in value if isinstance(value, (list, tuple)) else [value]:
-        task, sep, path = str(item).partition("=")
-        named = bool(sep and task.strip() and "/" not in task and not Path(str(item)).exists())
-        out.append((task.strip(), Path(path)) if named else (None, Path(str(item))))
-    return out
-
-
-def load_teachers(value: Any, plugins) -> list[Teacher]:
-    """The ``--teacher`` directories through their own plugins: one per task, one backbone."""
-    teachers: list[Teacher] = []
-    for task, path in teacher_specs(value):
-        teacher = load_teacher(path, plugins)
-        if task is not None and plugins.get(task).name != teacher.task:
-            raise SplitserveError(f"--teacher {task}={path}: that directory holds a {teacher.task} teacher")
-        if any(t.task == teacher.task for t in teachers):
-            raise SplitserveError(f"--teacher {path}: a second {teacher.task} teacher; give one per task")
-        if teachers and teacher.arch != teachers[0].arch:
-            raise SplitserveError(f"--teacher {path}: backbone {teacher.arch}, but the first teacher's is "
-                                  f"{teachers[0].arch}; all teachers must share one backbone")
-        teachers.append(teacher)
-    if not teachers:
-        raise SplitserveError("missing --teacher")
-    return teachers
 
 
 def teacher_weights(value: Any, teachers: Sequence[Teacher], plugins) -> list[float]:

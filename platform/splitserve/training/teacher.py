@@ -152,6 +152,43 @@ STEM_TO_TORCHVISION = {"0.": "conv1.", "1.": "bn1.", "4.": "layer1."}
 """Our stem (conv1, bn1, relu, maxpool, layer1 in a Sequential) by torchvision ResNet names."""
 
 
+def teacher_specs(value: Any) -> list[tuple[str | None, Path]]:
+    """``--teacher`` values as (task or None, directory): ``DIR`` or ``TASK=DIR`` (an existing
+    directory, or a ``=`` after a path separator, is a plain ``DIR``)."""
+    out = []
+    for item in value if isinstance(value, (list, tuple)) else [value]:
+        task, sep, path = str(item).partition("=")
+        named = bool(sep and task.strip() and "/" not in task and not Path(str(item)).exists())
+        out.append((task.strip(), Path(path)) if named else (None, Path(str(item))))
+    return out
+
+
+def load_teachers(value: Any, plugins) -> list[Teacher]:
+    """The ``--teacher`` directories through their own plugins: one per task, one backbone."""
+    teachers: list[Teacher] = []
+    for task, path in teacher_specs(value):
+        teacher = load_teacher(path, plugins)
+        if task is not None and plugins.get(task).name != teacher.task:
+            raise SplitserveError(f"--teacher {task}={path}: that directory holds a {teacher.task} teacher")
+        if any(t.task == teacher.task for t in teachers):
+            raise SplitserveError(f"--teacher {path}: a second {teacher.task} teacher; give one per task")
+        if teachers and teacher.arch != teachers[0].arch:
+            raise SplitserveError(f"--teacher {path}: backbone {teacher.arch}, but the first teacher's is "
+                                  f"{teachers[0].arch}; all teachers must share one backbone")
+        teachers.append(teacher)
+    if not teachers:
+        raise SplitserveError("missing --teacher")
+    return teachers
+
+
+def single_teacher(value: Any) -> Path | None:
+    """The one ``--teacher`` of a single-task run (``DIR`` or ``TASK=DIR``), or None."""
+    specs = teacher_specs(value) if value else []
+    if len(specs) > 1:
+        raise SplitserveError("--teacher: one teacher for --task (one per task with --tasks)")
+    return specs[0][1] if specs else None
+
+
 def teacher_as_torchvision(path: Path) -> dict[str, Tensor]:
     """A ``platform teacher`` directory as a torchvision ResNet state dict (conv1, bn1, layer1..4), so
     a detection or segmentation teacher can start from a classification teacher, as torchvision's
