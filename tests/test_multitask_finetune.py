@@ -111,6 +111,8 @@ def test_task_names_and_options_are_checked(bundles, scenes, tmp_path, capsys):
         (["--tasks", "cls,det", "--task-weight", "seg=1"], "--task-weight segmentation: not one of --tasks"),
         (["--tasks", "cls,det", "--head-config", "fpn_channels=64"], "with --tasks, name the task: TASK.KEY=VALUE"),
         (["--task", "cls", "--task-weight", "cls=1"], "--task-weight goes with --tasks"),
+        ([], "missing --task (or --tasks"),
+        (["--task", "cls", "--teacher", "a", "b"], "--teacher: one teacher for --task"),
     ):
         capsys.readouterr()
         assert main([*base, *extra]) == 2
