@@ -220,3 +220,13 @@ def test_bench_link_command_writes_its_section_and_plot(vr_bundle_dir, tmp_path,
 def test_frame_is_on_time_up_to_float_slack():
     f = Frame(0, 0.0, 0, 10, None, None, 0.0, 1.0, 60.0 + 1e-9, 60.0)
     assert f.on_time and not Frame(0, 0.0, 0, 10, None, None, 0.0, 1.0, 60.01, 60.0).on_time
+
+
+def test_the_report_says_where_its_times_come_from():
+    from splitserve.bench.link import _times
+
+    both = _times(["encode 3 ms", "server 10 ms"])
+    assert both == "Times given, the same for every policy: encode 3 ms, server 10 ms." and "measured" not in both
+    one = _times(["server 10 ms"])
+    assert one.startswith("Server 10 ms given for every policy; the other time is a median measured here")
+    assert _times([]).startswith("Encode and server times are medians measured here at batch 1")

@@ -385,6 +385,16 @@ PREDICTION = {
 """How the report states each predictor."""
 
 
+def _times(given: Sequence[str]) -> str:
+    """Where the report's encode and server times come from: given (the same for every policy) or measured."""
+    how = "here at batch 1 (encode: the model input to payload bytes; the adaptive device's includes its budget search)"
+    if len(given) == 2:
+        return f"Times given, the same for every policy: {', '.join(given)}."
+    if given:
+        return f"{given[0].capitalize()} given for every policy; the other time is a median measured {how}."
+    return f"Encode and server times are medians measured {how}."
+
+
 def _markdown(link: Trace, main: Coded, others: Sequence[Coded], data_set, split: str, rows, deadline_ms: float,
               fps: float, predictor: str, where: str, plot, given: Sequence[str] = ()) -> str:
     metric, manifest = data_set.label, main.point.manifest
@@ -400,9 +410,8 @@ def _markdown(link: Trace, main: Coded, others: Sequence[Coded], data_set, split
          "in their container) at every rate, answered by the gateway runtime and scored by the task's plugin. "
          "The link is simulated: arithmetic on those byte counts over the trace (one payload at a time, first come "
          "first served; late frames are still sent). "
-         + (f"Times given for every policy: {', '.join(given)}; the others are " if given else "Encode and server times are ")
-         + "medians measured here at batch 1 (encode: the model input to payload bytes; the adaptive device's "
-         "includes its budget search). The adaptive device's byte budget is the predicted bandwidth × the time left for its transfer; "
+         + _times(given)
+         + " The adaptive device's byte budget is the predicted bandwidth × the time left for its transfer; "
          + PREDICTION[predictor] + " "
          + "\"In time\" counts a missed frame as a failure (the on-time answers' score × the share on time).", "",
          f"| policy | rates sent | mean bytes | encode ms | server ms | deadline misses | {metric}, all answers | "
