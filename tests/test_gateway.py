@@ -1,6 +1,7 @@
 """The gateway as users meet it: a real uvicorn process on loopback and a real httpx client."""
 
 import asyncio
+import random
 import subprocess
 import sys
 
@@ -9,7 +10,7 @@ import pytest
 
 from splitserve.client import AsyncClient, Client, ServerError
 
-from splitserve.gateway.process import GatewayProcess
+from splitserve.gateway.process import GatewayProcess, free_port
 
 from .conftest import texture
 
@@ -211,3 +212,12 @@ def test_startup_fails_clearly_for_missing_bundle(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "no such bundle directory" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_free_ports_do_not_follow_the_seeded_random_module():
+    """Training seeds ``random``: two processes on one machine that both trained with one seed (two
+    test runs, two benchmarks) must not try the same ports in the same order and meet at one."""
+    random.seed(0)
+    first = [free_port() for _ in range(3)]
+    random.seed(0)
+    assert [free_port() for _ in range(3)] != first

@@ -14,7 +14,9 @@ import time
 def free_port() -> int:
     """A free loopback port in 20000–32767: below Linux's ephemeral range and above Ray's worker
     ports (10002–19999), so no bind(0), outgoing connection or Ray worker takes it before the server binds."""
-    for port in random.sample(range(20000, 32768), 200):
+    # from the OS's entropy, not the random module, which training seeds: two processes on one machine
+    # that both trained with one seed (two test runs) would otherwise try the same ports in one order
+    for port in random.SystemRandom().sample(range(20000, 32768), 200):
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
