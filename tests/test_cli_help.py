@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from .conftest import Started
+
 HEAVY = ("torch", "compressai", "torchvision", "onnxruntime", "executorch")
 
 PROBE = """
@@ -42,18 +44,26 @@ def commands() -> list[tuple[str, ...]]:
     return [(), *_commands(build_parser())]
 
 
-def run_probe(argv: list[str]) -> tuple[dict, str, str]:
-    """``platform ARGV`` in a fresh interpreter: its exit code and the heavy modules it loaded, its
-    output before that line, and its stderr."""
-    proc = subprocess.run([sys.executable, "-c", PROBE, *argv], capture_output=True, text=True, timeout=120)
+def start_probe(argv: list[str]) -> Started:
+    """``platform ARGV`` in a fresh interpreter, started now (see :func:`read_probe`)."""
+    return Started([sys.executable, "-c", PROBE, *argv])
+
+
+def read_probe(started: Started) -> tuple[dict, str, str]:
+    """A probe's exit code and the heavy modules it loaded, its output before that line, and its stderr."""
+    proc = started.result(timeout=120)
     assert proc.returncode == 0, proc.stderr
     *out, last = proc.stdout.strip().splitlines()
     return json.loads(last), "\n".join(out), proc.stderr
 
 
-def probe(command: tuple[str, ...]) -> list[str]:
-    """``platform COMMAND --help`` in a fresh interpreter: checks the help, returns the heavy modules it loaded."""
-    result, help_text, _ = run_probe([*command, "--help"])
+def run_probe(argv: list[str]) -> tuple[dict, str, str]:
+    return read_probe(start_probe(argv))
+
+
+def help_loads(command: tuple[str, ...], started: Started) -> list[str]:
+    """Checks ``platform COMMAND --help``'s exit code and help text; returns the heavy modules it loaded."""
+    result, help_text, _ = read_probe(started)
     assert result["code"] == 0, (command, result)
     assert help_text.startswith("usage: platform" + "".join(f" {c}" for c in command))
     return result["loaded"]
@@ -61,14 +71,16 @@ def probe(command: tuple[str, ...]) -> list[str]:
 
 def test_help_imports_no_model_stack():
     """Every command and sub-command; the top level first: it builds every command's parser, so
-    when it loads the stack, so does every command (no need to wait for each to say so)."""
-    loaded = {}
-    for command in commands():
-        heavy = probe(command)
-        if heavy:
-            loaded[" ".join(command) or "platform"] = heavy
-            if not command:
-                break
+    when it loads the stack, so does every command (no need to wait for each to say so). The rest
+    run side by side (each takes a fraction of a second, most of it the interpreter's start)."""
+    top, *rest = commands()
+    assert help_loads(top, start_probe(["--help"])) == []
+    probes = [(command, start_probe([*command, "--help"])) for command in rest]
+    try:
+        loaded = {" ".join(command): heavy for command, started in probes if (heavy := help_loads(command, started))}
+    finally:
+        for _, started in probes:
+            started.stop()
     assert loaded == {}
 
 

@@ -81,16 +81,26 @@ def installed(tmp_path_factory):
 @pytest.fixture(scope="module")
 def bundles(installed, tmp_path_factory) -> Path:
     """Built in a fresh process, through real discovery: ``embed-cls`` (embedding + classification
-    heads) and ``cls-only``."""
+    heads), ``cls-only``, and ``t-emb``, an untrained teacher for the template's task."""
     out = tmp_path_factory.mktemp("plugin-bundles")
     script = textwrap.dedent("""
         import sys
         from pathlib import Path
+        import torch
         from splitserve.defaults import build_untrained_bundle
+        from splitserve.plugins import PluginRegistry
+        from splitserve.preprocess import Preprocessing
+        from splitserve.training.teacher import Teacher, save_teacher
 
         out = Path(sys.argv[1])
         build_untrained_bundle(out / "embed-cls", input_size=(64, 64), tasks=["embed", "cls"])
         build_untrained_bundle(out / "cls-only", input_size=(64, 64), tasks=["cls"])
+        plugin = PluginRegistry.discover().get("embed")
+        torch.manual_seed(0)
+        config = plugin.resolve_config("resnet18", {"dim": 32})
+        stem, head = plugin.build_teacher("resnet18", config)
+        save_teacher(out / "t-emb", Teacher(out / "t-emb", plugin.name, "resnet18", config,
+                                            Preprocessing.fixed(64, 64), stem.eval(), head.eval(), {}, {}))
     """)
     proc = run(sys.executable, "-c", script, str(out))
     assert proc.returncode == 0, proc.stderr
@@ -234,28 +244,10 @@ def test_platform_evaluate_scores_the_template_task(installed, bundles, crops, t
     plugin's own scorer; the teacher's recall@1 equals the plugin's own ``evaluate`` on those images."""
     import json
 
-    script = textwrap.dedent("""
-        import sys
-        from pathlib import Path
-        import torch
-        from splitserve.plugins import PluginRegistry
-        from splitserve.preprocess import Preprocessing
-        from splitserve.training.teacher import Teacher, save_teacher
-
-        plugin = PluginRegistry.discover().get("embed")
-        torch.manual_seed(0)
-        config = plugin.resolve_config("resnet18", {"dim": 32})
-        stem, head = plugin.build_teacher("resnet18", config)
-        path = Path(sys.argv[1])
-        save_teacher(path, Teacher(path, plugin.name, "resnet18", config, Preprocessing.fixed(64, 64), stem.eval(),
-                                   head.eval(), {}, {}))
-    """)
-    proc = run(sys.executable, "-c", script, str(tmp_path / "t-emb"))
-    assert proc.returncode == 0, proc.stderr
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text(f"""
 data: {crops}
-teachers: {{embed: t-emb}}
+teachers: {{embed: {bundles / "t-emb"}}}
 repeat: 1
 anchors: {{delta_accuracy: ES}}
 bitmaps: {{images: 1}}
@@ -279,7 +271,7 @@ methods:
 
     registry = PluginRegistry.discover()
     plugin = registry.get("embedding")
-    teacher = load_teacher(tmp_path / "t-emb", registry)
+    teacher = load_teacher(bundles / "t-emb", registry)
     val = plugin.build_dataset(crops, "val", train=False, preprocessing=teacher.preprocessing)
     theirs = plugin.evaluate(teacher.head, teacher.stem, DataLoader(val, batch_size=5, collate_fn=plugin.collate))
     assert ref["accuracy"] == pytest.approx(theirs["recall@1"], abs=1e-9)
