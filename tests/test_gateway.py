@@ -217,7 +217,11 @@ def test_startup_fails_clearly_for_missing_bundle(tmp_path):
 def test_free_ports_do_not_follow_the_seeded_random_module():
     """Training seeds ``random``: two processes on one machine that both trained with one seed (two
     test runs, two benchmarks) must not try the same ports in the same order and meet at one."""
-    random.seed(0)
-    first = [free_port() for _ in range(3)]
-    random.seed(0)
-    assert [free_port() for _ in range(3)] != first
+    state = random.getstate()
+    try:
+        random.seed(0)
+        first = [free_port() for _ in range(3)]
+        random.seed(0)
+        assert [free_port() for _ in range(3)] != first
+    finally:
+        random.setstate(state)  # the rest of the session keeps its own sequence
